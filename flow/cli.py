@@ -1,0 +1,321 @@
+"""The command line: parse arguments, call one library function, print, pick the exit code.
+
+Exit codes: 0 every item done; 1 the run finished but some items failed; 2 bad usage,
+configuration or environment (including a key the endpoint refuses); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from flow import __version__
+from flow.config import load_config
+from flow.errors import FlowError
+from flow.progress import describe, render, summarize
+from flow.report import export_results, list_failures, render_json, show_item, store_status
+from flow.run import Run, RunOptions, RunProgress, RunSummary
+from flow.simulator import SimulatorConfig, serve
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+COMMANDS = ("run", "status", "export", "failures", "show", "simulate")
+PLAIN_EVERY_S = 5.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `flow` and `python -m flow`."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] not in COMMANDS and not args_list[0].startswith("-"):
+        args_list.insert(0, "run")
+    parser = _parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as e:
+        return int(e.code or 0) and EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        return int(args.handler(args, err))
+    except FlowError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader (`| head`) went away: what it wanted was written; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flow", description="Run a YAML pipeline of prompts through an OpenAI-compatible "
+        "API, checkpointed to SQLite. `flow PIPELINE` is short for `flow run PIPELINE`.")
+    parser.add_argument("--version", action="version", version=f"flow {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run (or resume) a pipeline")
+    run.add_argument("pipeline", type=Path)
+    run.add_argument("--simulate", action="store_true",
+                     help="answer from flow's built-in simulator: no API key, no cost")
+    run.add_argument("--limit", type=_positive_int, metavar="N",
+                     help="call at most N pending items (try a pipeline on a sample)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="call again only the items that failed")
+    run.add_argument("--error-class", metavar="CLASS",
+                     help="with --retry-failed: only failures of this class")
+    _simulator_options(run, prefix="sim-")
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="counts, tokens, cost and run history")
+    status.add_argument("pipeline", type=Path)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
+    export = commands.add_parser("export", help="write results in input order")
+    export.add_argument("pipeline", type=Path)
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    export.add_argument("--format", default="jsonl", choices=("jsonl", "csv"))
+    export.add_argument("--only", choices=("done", "failed", "pending"))
+    export.add_argument("--fields", help="comma-separated input fields to include")
+    export.set_defaults(handler=_export)
+
+    failures = commands.add_parser("failures", help="failed items and why")
+    failures.add_argument("pipeline", type=Path)
+    failures.add_argument("--error-class", metavar="CLASS")
+    failures.add_argument("--limit", type=_positive_int, metavar="N")
+    failures.add_argument("--json", action="store_true")
+    failures.set_defaults(handler=_failures)
+
+    show = commands.add_parser("show", help="one item in full: input, request, response")
+    show.add_argument("pipeline", type=Path)
+    show.add_argument("item_id", metavar="ID")
+    show.set_defaults(handler=_show)
+
+    simulate = commands.add_parser("simulate", help="serve the OpenAI-compatible simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8000)
+    _simulator_options(simulate, prefix="")
+    simulate.set_defaults(handler=_simulate)
+    return parser
+
+
+def _simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    group = parser.add_argument_group("simulator" if prefix else "behaviour")
+    floats = {"latency-ms": "reply latency", "jitter-ms": "extra random latency, at most",
+              "error-rate": "share of requests answered 500",
+              "rate-limit-rate": "share answered 429 regardless of limits",
+              "drop-rate": "share whose connection is dropped",
+              "hang-rate": "share that never answer", "malformed-rate": "share with a broken body",
+              "truncate-rate": "share cut short (finish_reason length)",
+              "filter-rate": "share withheld (finish_reason content_filter)"}
+    for name, text in floats.items():
+        group.add_argument(f"--{prefix}{name}", type=_non_negative_float, default=0.0, help=text)
+    group.add_argument(f"--{prefix}rpm", type=_positive_int, help="requests per minute allowed")
+    group.add_argument(f"--{prefix}tpm", type=_positive_int, help="tokens per minute allowed")
+    group.add_argument(f"--{prefix}window", choices=("second", "minute"), default="second",
+                       help="enforce limits paced per second, or per 60 s window")
+    if not prefix:
+        group.add_argument("--api-key", help="refuse requests without this key (401)")
+        group.add_argument("--seed", type=int, help="seed for the injected faults")
+
+
+def _simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
+    def get(name: str) -> Any:
+        return getattr(args, (prefix + name).replace("-", "_"))
+
+    return SimulatorConfig(
+        latency_ms=get("latency-ms"), jitter_ms=get("jitter-ms"), rpm=get("rpm"), tpm=get("tpm"),
+        window=get("window"), error_rate=get("error-rate"),
+        rate_limit_rate=get("rate-limit-rate"), drop_rate=get("drop-rate"),
+        hang_rate=get("hang-rate"), malformed_rate=get("malformed-rate"),
+        truncate_rate=get("truncate-rate"), filter_rate=get("filter-rate"),
+        api_key=getattr(args, "api_key", None), seed=getattr(args, "seed", None))
+
+
+def _run(args: argparse.Namespace, err: Console) -> int:
+    if args.error_class and not args.retry_failed:
+        raise_usage("--error-class needs --retry-failed")
+    config = load_config(args.pipeline)
+    options = RunOptions(simulate=args.simulate, simulator=_simulator_config(args, "sim_"),
+                         limit=args.limit, retry_failed=args.retry_failed,
+                         error_class=args.error_class)
+    if args.simulate:
+        err.print("[yellow]--simulate: replies come from flow's built-in simulator, "
+                  "not from a model[/]")
+    display = _Display(err)
+    run = Run(config, options, on_progress=display.update)
+    try:
+        summary = asyncio.run(_run_with_signals(run, err))
+    finally:
+        display.close()
+    err.print(summarize(summary), highlight=False, markup=False)
+    if summary.state == "interrupted":
+        err.print("interrupted: run the same command again to resume", markup=False)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.progress.failed == 0 else EXIT_FAILED
+
+
+async def _run_with_signals(run: Run, err: Console) -> RunSummary:
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        first = run.progress.stopping is None
+        run.request_stop()
+        if first:
+            err.print(f"\nstopping: finishing {run.progress.in_flight} requests in flight "
+                      f"(up to {run.config.call.drain_s:g} s); press Ctrl-C again to stop now",
+                      markup=False)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    return await run.execute()
+
+
+class _Display:
+    """A live panel on a terminal; a plain line every few seconds elsewhere."""
+
+    def __init__(self, err: Console) -> None:
+        self._err = err
+        self._live: Live | None = None
+        self._last_line = 0.0
+        self._progress: RunProgress | None = None
+        if err.is_terminal:
+            self._live = Live(console=err, refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def update(self, progress: RunProgress) -> None:
+        self._progress = progress
+        if self._live is not None:
+            self._live.update(render(progress))
+        elif time.monotonic() - self._last_line >= PLAIN_EVERY_S:
+            self._last_line = time.monotonic()
+            self._err.print(describe(progress), markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self._live is not None:
+            if self._progress is not None:
+                self._live.update(render(self._progress))
+            self._live.stop()
+
+
+def _status(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    status = store_status(config.store)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    out = Console(highlight=False)
+    out.print(f"store {status['store']}: {status['items']:,} items")
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("status")
+    table.add_column("items", justify="right")
+    for name in ("done", "failed", "pending"):
+        table.add_row(name, f"{status[name]:,}")
+    out.print(table)
+    if status["failed_by_error_class"]:
+        errors = Table("error class", "items", header_style="bold")
+        for name, count in status["failed_by_error_class"].items():
+            errors.add_row(str(name), f"{count:,}")
+        out.print(errors)
+    tokens = status["tokens"]
+    out.print(f"tokens {tokens['prompt']:,} in / {tokens['completion']:,} out, "
+              f"cost ${status['cost_usd']:.4f}, {status['attempts']:,} attempts")
+    runs = Table("run", "started", "finished", "state", "done", "failed", "skipped", "calls",
+                 header_style="bold")
+    for run in status["runs"][-10:]:
+        runs.add_row(str(run["id"]), run["started_at"], run["finished_at"] or "-", run["state"],
+                     f"{run['items_done']:,}", f"{run['items_failed']:,}",
+                     f"{run['items_skipped']:,}", f"{run['calls_made']:,}")
+    out.print(runs)
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
+    count = export_results(config.store, args.output, sys.stdout, args.format, args.only, fields)
+    if args.output is not None:
+        err.print(f"wrote {count:,} items to {args.output}", markup=False)
+    return EXIT_OK
+
+
+def _failures(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    failures = list_failures(config.store, args.error_class, args.limit)
+    if args.json:
+        print(json.dumps(failures, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not failures:
+        err.print("no failed items", markup=False)
+        return EXIT_OK
+    table = Table("id", "row", "error class", "attempts", "error", header_style="bold")
+    for failure in failures:
+        table.add_row(str(failure["id"]), str(failure["row"]), str(failure["error_class"]),
+                      str(failure["attempts"] or 0), str(failure["error"]))
+    Console(highlight=False).print(table)
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    print(render_json(show_item(config.store, args.item_id)))
+    return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace, err: Console) -> int:
+    config = _simulator_config(args, "")
+
+    async def serve_forever() -> None:
+        try:
+            async with serve(config, port=args.port, host=args.host) as (url, _):
+                err.print(f"simulator listening on {url} (Ctrl-C to stop)", markup=False)
+                await asyncio.Event().wait()
+        except OSError as e:
+            raise FlowError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+    try:
+        asyncio.run(serve_forever())
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def raise_usage(message: str) -> None:
+    """Refuse a bad combination of options."""
+    raise FlowError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value}")
+    return value

@@ -1,0 +1,212 @@
+"""The load stage: stream rows out of a JSONL, CSV or text file, one at a time.
+
+Nothing is read ahead: `read_rows` yields each row as it is parsed, so memory stays flat
+whatever the size of the input. A malformed row is yielded with its error instead of fields;
+the caller records it as a failed item and goes on. Row numbers are the file's line numbers
+(for CSV, the line a record starts on), as a person sees them in an editor.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from flow.config import LoadConfig
+from flow.errors import RowError, SourceError
+
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class Row:
+    """One input row: its line number, its item id, and either fields or the reason it failed."""
+
+    number: int
+    item_id: str
+    fields: dict[str, Any] | None
+    error: RowError | None = None
+
+
+def read_rows(config: LoadConfig) -> Iterator[Row]:
+    """Yield every row of the input file in order; malformed rows carry a `RowError`."""
+    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "txt": _txt_rows}
+    handle = _open(config.path)
+    with handle:
+        for number, fields, error in readers[config.resolved_format](handle, config):
+            yield _identify(number, fields, error, config.id, config.path)
+
+
+def count_rows(config: LoadConfig) -> int:
+    """A fast count of the rows in the input: its lines (for CSV, less the header)."""
+    lines = 0
+    last = b"\n"
+    with _open(config.path) as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":
+        lines += 1
+    if config.resolved_format == "csv":
+        lines -= 1
+    return max(lines, 0)
+
+
+def _open(path: Path) -> IO[bytes]:
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise SourceError(f"{path}: input file not found (load.path)") from None
+    except IsADirectoryError:
+        raise SourceError(f"{path}: is a folder, expected a file (load.path)") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read input: {e.strerror or e}") from None
+
+
+_Parsed = tuple[int, dict[str, Any] | None, RowError | None]
+
+
+def _identify(
+    number: int, fields: dict[str, Any] | None, error: RowError | None, id_field: str | None,
+    path: Path,
+) -> Row:
+    if error is not None or fields is None or id_field is None:
+        return Row(number, str(number), fields, error)
+    value = fields.get(id_field)
+    if value is None or value == "" or isinstance(value, (dict, list)):
+        reason = "has no" if value is None or value == "" else "has a non-scalar"
+        return Row(number, str(number), None,
+                   RowError(f"{path.name} row {number}: {reason} id field '{id_field}' (load.id)"))
+    return Row(number, str(value), fields)
+
+
+def _lines(handle: IO[bytes], config: LoadConfig) -> Iterator[tuple[int, str | None, RowError | None]]:
+    """Decoded lines with their numbers; blank lines are skipped, bad ones carry an error."""
+    number = 0
+    limit = config.max_row_bytes
+    while True:
+        raw = handle.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := handle.readline(CHUNK_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None, RowError(
+                f"{config.path.name} row {number}: longer than {limit} bytes (load.max_row_bytes)")
+            continue
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            text = raw.decode(config.encoding)
+        except UnicodeDecodeError as e:
+            yield number, None, RowError(
+                f"{config.path.name} row {number}: not valid {config.encoding} "
+                f"(byte {e.start}); fix the file or set load.encoding")
+            continue
+        except LookupError:
+            raise SourceError(f"load.encoding: unknown encoding '{config.encoding}'") from None
+        text = text.rstrip("\r\n")
+        if text.strip():
+            yield number, text, None
+
+
+def _jsonl_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
+    for number, text, error in _lines(handle, config):
+        if text is None:
+            yield number, None, error
+            continue
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield number, None, RowError(
+                f"{config.path.name} row {number}: invalid JSON at column {e.colno}: {e.msg}")
+            continue
+        except RecursionError:
+            yield number, None, RowError(f"{config.path.name} row {number}: JSON nested too deeply")
+            continue
+        if not isinstance(fields, dict):
+            yield number, None, RowError(
+                f"{config.path.name} row {number}: expected a JSON object, "
+                f"got {type(fields).__name__}")
+            continue
+        yield number, fields, None
+
+
+def _txt_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
+    for number, text, error in _lines(handle, config):
+        yield number, ({"text": text} if text is not None else None), error
+
+
+def _csv_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
+    """CSV with a header row; a record may span lines inside quotes."""
+    lines = _RawLines(handle, config)
+    reader = csv.reader(lines)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise SourceError(f"{config.path}: cannot read the CSV header: {e}") from None
+    if lines.bad is not None:
+        raise SourceError(f"{config.path}: the CSV header is not valid {config.encoding}")
+    while True:
+        start = lines.number + 1
+        lines.bad = None
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, None, RowError(f"{config.path.name} row {start}: malformed CSV: {e}")
+            continue
+        if lines.bad is not None:
+            yield start, None, lines.bad
+        elif not any(record):
+            continue
+        elif len(record) != len(header):
+            yield start, None, RowError(
+                f"{config.path.name} row {start}: {len(record)} fields, "
+                f"the header has {len(header)}")
+        else:
+            yield start, dict(zip(header, record)), None
+
+
+class _RawLines:
+    """Feeds decoded lines to `csv.reader`, remembering the last bad line instead of raising."""
+
+    def __init__(self, handle: IO[bytes], config: LoadConfig) -> None:
+        self.handle = handle
+        self.config = config
+        self.number = 0
+        self.bad: RowError | None = None
+
+    def __iter__(self) -> _RawLines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.handle.readline(self.config.max_row_bytes + 1)
+        if not raw:
+            raise StopIteration
+        self.number += 1
+        name = self.config.path.name
+        if len(raw) > self.config.max_row_bytes and not raw.endswith(b"\n"):
+            while (rest := self.handle.readline(CHUNK_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            self.bad = RowError(f"{name} row {self.number}: longer than "
+                                f"{self.config.max_row_bytes} bytes (load.max_row_bytes)")
+            return "\n"
+        if self.number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            return raw.decode(self.config.encoding)
+        except UnicodeDecodeError as e:
+            self.bad = RowError(f"{name} row {self.number}: not valid {self.config.encoding} "
+                                f"(byte {e.start}); fix the file or set load.encoding")
+            return raw.decode(self.config.encoding, errors="replace")
+        except LookupError:
+            raise SourceError(
+                f"load.encoding: unknown encoding '{self.config.encoding}'") from None

@@ -1,0 +1,105 @@
+"""The post stage: turn a response's text into the item's output, one step after another.
+
+Built-in steps: `strip`, `lower`, `json` (parse; failure fails the item), `regex: PATTERN`
+(the first group, or the whole match), and `python: package.module:function` for a user's
+own code, which gets the value so far and returns the next one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flow.errors import ConfigError, PostError
+from flow.request import canonical_json, content_key
+
+Step = Callable[[Any], Any]
+
+
+class PostProcessor:
+    """The configured post steps, compiled once and applied to each response text."""
+
+    def __init__(self, steps: list[str | dict[str, str]], base_dir: Path) -> None:
+        self.fingerprint = content_key(steps)
+        self._steps: list[tuple[str, Step]] = [
+            _compile(step, index, base_dir) for index, step in enumerate(steps)
+        ]
+
+    def apply(self, text: str) -> Any:
+        """The output for one response text; raises `PostError` naming the failed step."""
+        value: Any = text
+        for name, step in self._steps:
+            try:
+                value = step(value)
+            except PostError as e:
+                raise PostError(f"post step {name}: {e}") from None
+            except Exception as e:  # a user's function may raise anything; it fails this item
+                raise PostError(f"post step {name}: {type(e).__name__}: {e}") from None
+        return value
+
+
+def _compile(step: str | dict[str, str], index: int, base_dir: Path) -> tuple[str, Step]:
+    if isinstance(step, str):
+        builtins: dict[str, Step] = {"strip": _strip, "lower": _lower, "json": _parse_json}
+        return step, builtins[step]
+    (kind, argument), = step.items()
+    where = f"post[{index}].{kind}"
+    if kind == "regex":
+        try:
+            pattern = re.compile(argument, re.DOTALL)
+        except re.error as e:
+            raise ConfigError(f"{where}: invalid regular expression: {e}") from None
+        return f"regex {argument!r}", lambda value: _search(pattern, value)
+    return f"python {argument}", _import_function(argument, where, base_dir)
+
+
+def _strip(value: Any) -> str:
+    return _text(value).strip()
+
+
+def _lower(value: Any) -> str:
+    return _text(value).lower()
+
+
+def _parse_json(value: Any) -> Any:
+    text = _text(value).strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, re.DOTALL)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PostError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): "
+                        f"{text[:80]!r}") from None
+
+
+def _search(pattern: re.Pattern[str], value: Any) -> str:
+    match = pattern.search(_text(value))
+    if match is None:
+        raise PostError(f"no match in {_text(value)[:80]!r}")
+    return match.group(1) if pattern.groups else match.group(0)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else canonical_json(value)
+
+
+def _import_function(target: str, where: str, base_dir: Path) -> Step:
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise ConfigError(f"{where}: expected 'package.module:function', got {target!r}")
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail to import in any way
+        raise ConfigError(f"{where}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"{where}: {module_name} has no function {function_name!r}")
+    return function  # type: ignore[no-any-return]

@@ -1,0 +1,61 @@
+"""What tokens cost: a table of list prices per model, overridable with `call.price`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flow.config import PriceConfig
+
+PRICES_TAKEN_ON = "2026-11-01"
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """US dollars per million tokens."""
+
+    input_per_1m: float
+    output_per_1m: float
+    cached_input_per_1m: float | None = None
+
+
+# OpenAI's standard (non-batch) list prices, longest prefix first wins.
+PRICES: dict[str, Price] = {
+    "gpt-4o-mini": Price(0.15, 0.60, 0.075),
+    "gpt-4o": Price(2.50, 10.00, 1.25),
+    "gpt-4.1-nano": Price(0.10, 0.40, 0.025),
+    "gpt-4.1-mini": Price(0.40, 1.60, 0.10),
+    "gpt-4.1": Price(2.00, 8.00, 0.50),
+    "gpt-5-nano": Price(0.05, 0.40, 0.005),
+    "gpt-5-mini": Price(0.25, 2.00, 0.025),
+    "gpt-5": Price(1.25, 10.00, 0.125),
+    "o4-mini": Price(1.10, 4.40, 0.275),
+    "o3-mini": Price(1.10, 4.40, 0.55),
+    "o3": Price(2.00, 8.00, 0.50),
+    "gpt-4-turbo": Price(10.00, 30.00),
+    "gpt-4": Price(30.00, 60.00),
+    "gpt-3.5-turbo": Price(0.50, 1.50),
+}
+
+
+def price_for(model: str, override: PriceConfig | None) -> Price | None:
+    """The price configured in the pipeline, else the table's entry for the model, else None."""
+    if override is not None:
+        return Price(override.input_per_1m, override.output_per_1m, override.cached_input_per_1m)
+    name = model.rsplit("/", 1)[-1].lower()
+    for prefix in sorted(PRICES, key=len, reverse=True):
+        if name.startswith(prefix):
+            return PRICES[prefix]
+    return None
+
+
+def cost_usd(price: Price | None, prompt_tokens: int, completion_tokens: int,
+             cached_tokens: int = 0) -> float | None:
+    """Dollars for one call's usage; None when the model's price is unknown."""
+    if price is None:
+        return None
+    cached = min(cached_tokens, prompt_tokens)
+    cached_rate = price.cached_input_per_1m if price.cached_input_per_1m is not None \
+        else price.input_per_1m
+    total = ((prompt_tokens - cached) * price.input_per_1m + cached * cached_rate
+             + completion_tokens * price.output_per_1m)
+    return total / 1_000_000

@@ -1,0 +1,129 @@
+"""What a run in progress looks like: a rich panel for terminals, plain lines for logs.
+
+These only build text and renderables; `flow.cli` decides where and when they are shown.
+"""
+
+from __future__ import annotations
+
+from rich.console import Group, RenderableType
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from flow.run import RunProgress, RunSummary
+
+
+def _count(value: float) -> str:
+    if value >= 1_000_000:
+        return f"{value / 1_000_000:.1f}M"
+    if value >= 10_000:
+        return f"{value / 1000:.1f}k"
+    return f"{value:,.0f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def rate_and_eta(progress: RunProgress) -> tuple[float, float | None]:
+    """Items finished by calls per second in this run, and seconds left at that rate."""
+    finished = progress.done + progress.failed
+    rate = progress.completed / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
+    left = max(0, progress.total - finished)
+    eta = left / rate if rate > 0 else None
+    return rate, eta
+
+
+def _limits(progress: RunProgress) -> str:
+    limits = progress.limits
+    if limits is None:
+        return ""
+    parts = []
+    for now, limit, unit in ((limits.requests_per_min, limits.rpm_limit, "rpm"),
+                             (limits.tokens_per_min, limits.tpm_limit, "tpm")):
+        if limit is not None:
+            parts.append(f"{_count(now)}/{_count(limit)} {unit}")
+        elif now:
+            parts.append(f"{_count(now)} {unit}")
+    if limits.paused_s > 0:
+        parts.append(f"paused {limits.paused_s:.1f}s")
+    return "  ".join(parts)
+
+
+def describe(progress: RunProgress) -> str:
+    """One plain line: counts, rate, ETA, tokens, cost, retries, 429s, failures, limits."""
+    rate, eta = rate_and_eta(progress)
+    finished = progress.done + progress.failed
+    share = f" {100 * finished / progress.total:.0f}%" if progress.total else ""
+    parts = [
+        f"{finished:,}/{progress.total:,}{share}",
+        f"{rate:.1f} items/s",
+        f"ETA {_duration(eta) if eta is not None else '-'}",
+        f"tokens {_count(progress.prompt_tokens)} in {_count(progress.completion_tokens)} out",
+        f"${progress.cost_usd:.4f}",
+        f"calls {progress.calls:,}",
+        f"retries {progress.retries:,}",
+        f"429s {progress.rate_limited:,}",
+        f"failed {progress.failed:,}",
+    ]
+    limits = _limits(progress)
+    if limits:
+        parts.append(limits)
+    if progress.stopping:
+        parts.append(f"[{progress.stopping}]")
+    return " | ".join(parts)
+
+
+def render(progress: RunProgress) -> RenderableType:
+    """The live panel for a terminal: a bar and the counters under it."""
+    finished = progress.done + progress.failed
+    rate, eta = rate_and_eta(progress)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        Text("simulated " if progress.simulated else "", style="yellow"),
+        ProgressBar(total=max(progress.total, 1), completed=finished, width=40),
+        Text(f"{finished:,}/{progress.total:,}", style="bold"),
+        Text(f"{rate:.1f}/s", style="cyan"),
+        Text(f"ETA {_duration(eta) if eta is not None else '-'}", style="magenta"),
+        Text(_duration(progress.elapsed_s), style="dim"),
+    )
+    detail = Text.assemble(
+        ("done ", "dim"), (f"{progress.done:,}", "green"),
+        ("  failed ", "dim"), (f"{progress.failed:,}", "red" if progress.failed else "dim"),
+        ("  skipped ", "dim"), (f"{progress.skipped:,}", ""),
+        ("  in flight ", "dim"), (f"{progress.in_flight}", ""),
+        ("  calls ", "dim"), (f"{progress.calls:,}", ""),
+        ("  retries ", "dim"), (f"{progress.retries:,}", ""),
+        ("  429s ", "dim"), (f"{progress.rate_limited:,}", "yellow" if progress.rate_limited else ""),
+        ("  tokens ", "dim"),
+        (f"{_count(progress.prompt_tokens)} in / {_count(progress.completion_tokens)} out", ""),
+        ("  cost ", "dim"), (f"${progress.cost_usd:.4f}", "bold"),
+    )
+    lines: list[RenderableType] = [bar, detail]
+    limits = _limits(progress)
+    if limits:
+        lines.append(Text(f"pace {limits}", style="dim"))
+    if progress.stopping:
+        lines.append(Text(f"stopping: {progress.stopping}", style="yellow"))
+    return Group(*lines)
+
+
+def summarize(summary: RunSummary) -> str:
+    """The closing report of a run."""
+    p = summary.progress
+    lines = [
+        f"{summary.state}: {p.done:,} done ({p.skipped:,} already done before), "
+        f"{p.failed:,} failed, {p.calls:,} calls, "
+        f"tokens {p.prompt_tokens:,} in / {p.completion_tokens:,} out, "
+        f"cost ${p.cost_usd:.4f}, {_duration(p.elapsed_s)} wall time",
+        f"store: {summary.store}",
+    ]
+    if p.simulated:
+        lines.append("replies were simulated by flow's built-in simulator; "
+                     "nothing was sent to a real API")
+    if summary.message and summary.state != "finished":
+        lines.append(f"note: {summary.message}")
+    return "\n".join(lines)

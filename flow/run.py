@@ -1,0 +1,409 @@
+"""One run of a pipeline: stream rows, skip what is done, call the rest, checkpoint each result.
+
+A producer reads rows in batches, renders their requests, asks the store which are already
+done and records the rest before any call is sent; a fixed pool of `concurrency` workers
+takes them from a small bounded queue (so memory does not grow with the input), calls,
+post-processes and hands each result to the store's writer.
+
+Stopping: `request_stop()` once stops feeding new items and lets calls in flight finish for
+up to `call.drain_s`; twice, or on a fatal error, stops at once. Either way every result
+already received is committed before `execute()` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flow.call import Caller, make_client
+from flow.config import PipelineConfig
+from flow.errors import ConfigError, FatalCallError, ItemError, PostError, TemplateError
+from flow.limiter import LimiterStats, RateLimiter
+from flow.load import Row, count_rows, read_rows
+from flow.post import PostProcessor
+from flow.prices import price_for
+from flow.request import RequestBuilder, content_key
+from flow.simulator import SimulatorConfig, serve
+from flow.store import CallRecord, ItemRecord, KnownCall, Store, utc_now
+
+STAGE = "call"
+BATCH_ROWS = 256
+TICK_S = 0.25
+SIMULATED_ORIGIN = "simulator"
+
+
+@dataclass
+class RunOptions:
+    """How to run, beyond the pipeline file."""
+
+    simulate: bool = False
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    limit: int | None = None
+    retry_failed: bool = False
+    error_class: str | None = None
+
+
+@dataclass
+class RunProgress:
+    """Counters of a run in progress, read by the progress display."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    to_call: int = 0
+    completed: int = 0
+    in_flight: int = 0
+    calls: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    limits: LimiterStats | None = None
+    simulated: bool = False
+    stopping: str | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+
+@dataclass
+class RunSummary:
+    """How a run ended."""
+
+    state: str
+    progress: RunProgress
+    run_id: int
+    store: str
+    message: str | None = None
+
+
+@dataclass(slots=True)
+class _Work:
+    item_id: str
+    key: str
+    request: dict[str, Any]
+
+
+ProgressHook = Callable[[RunProgress], None]
+
+
+class Run:
+    """A run of one pipeline; `await Run(...).execute()` returns its `RunSummary`."""
+
+    def __init__(self, config: PipelineConfig, options: RunOptions,
+                 on_progress: ProgressHook | None = None) -> None:
+        self.config = config
+        self.options = options
+        self.progress = RunProgress(simulated=options.simulate)
+        self._on_progress = on_progress
+        self._builder = RequestBuilder(config.call)
+        self._post = PostProcessor(config.post, config.file.parent)
+        self._stop_feeding = asyncio.Event()
+        self._abort = asyncio.Event()
+        self._fatal: FatalCallError | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._dispatched = 0
+
+    def request_stop(self) -> None:
+        """First call: finish what is in flight, start nothing new. Second call: stop now."""
+        if not self._stop_feeding.is_set():
+            self.progress.stopping = "draining"
+            self._stop_feeding.set()
+        else:
+            self.progress.stopping = "stopping"
+            self._abort.set()
+
+    async def execute(self) -> RunSummary:
+        """Run the pipeline to its end, or until stopped; commit every result received."""
+        load = self.config.load
+        self.progress.total = count_rows(load)
+        store = await Store.open(self.config.store)
+        state, message = "finished", None
+        try:
+            async with self._endpoint() as (base_url, api_key, origin):
+                client = make_client(self.config.call, base_url, api_key)
+                origin = origin or str(client.base_url).rstrip("/")
+                await store.start_run(self.config.file, origin, str(client.base_url))
+                store.totals.items_total = self.progress.total
+                limiter = RateLimiter(self.config.call.rpm, self.config.call.tpm)
+                caller = Caller(self.config.call, client, limiter, origin,
+                                price_for(self.config.call.model, self.config.call.price),
+                                api_key)
+                try:
+                    await self._run(store, caller, limiter, origin)
+                finally:
+                    await client.close()
+            if self._fatal is not None:
+                state, message = "stopped", str(self._fatal)
+            elif self._stop_feeding.is_set():
+                state = "interrupted"
+                message = self.progress.stopping
+        except BaseException as e:
+            state, message = "stopped", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self._count_into(store)
+            with contextlib.suppress(Exception):
+                await store.finish_run(state, message)
+            await store.close()
+        if self._fatal is not None:
+            raise self._fatal
+        return RunSummary(state, self.progress, store.run_id, str(self.config.store), message)
+
+    @contextlib.asynccontextmanager
+    async def _endpoint(self) -> AsyncIterator[tuple[str | None, str | None, str | None]]:
+        if self.options.simulate:
+            async with serve(self.options.simulator) as (url, _):
+                yield url, "sk-simulated", SIMULATED_ORIGIN
+            return
+        api_key = self.config.call.api_key or os.environ.get("OPENAI_API_KEY")
+        if not api_key:
+            raise ConfigError(
+                f"{self.config.file}: no API key: set OPENAI_API_KEY or call.api_key, "
+                "or add --simulate to run against the built-in simulator")
+        yield self.config.call.base_url, api_key, None
+
+    async def _run(self, store: Store, caller: Caller, limiter: RateLimiter, origin: str) -> None:
+        queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=self.config.call.concurrency)
+        self._workers = [asyncio.create_task(self._work(queue, store, caller))
+                         for _ in range(self.config.call.concurrency)]
+        ticker = asyncio.create_task(self._tick(caller, limiter))
+        producer = asyncio.create_task(self._produce(queue, store, origin))
+        try:
+            await self._until_done(producer, queue)
+        finally:
+            ticker.cancel()
+            for task in (producer, *self._workers):
+                task.cancel()
+            await asyncio.gather(producer, *self._workers, ticker, return_exceptions=True)
+            self._refresh(caller, limiter)
+
+    async def _until_done(self, producer: asyncio.Task[None],
+                          queue: asyncio.Queue[_Work | None]) -> None:
+        """Wait for the producer and workers; on a stop request drain, then cut off."""
+        stop = asyncio.create_task(self._stop_feeding.wait())
+        workers = asyncio.gather(*self._workers)
+        try:
+            await asyncio.wait({producer, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if producer.done() and producer.exception() is not None:
+                raise producer.exception()  # type: ignore[misc]
+            if self._stop_feeding.is_set():
+                producer.cancel()
+                while not queue.empty():
+                    queue.get_nowait()
+                for _ in self._workers:
+                    queue.put_nowait(None)
+                abort = asyncio.create_task(self._abort.wait())
+                await asyncio.wait({workers, abort}, timeout=self.config.call.drain_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                abort.cancel()
+            else:
+                await workers
+        finally:
+            stop.cancel()
+            workers.cancel()
+            with contextlib.suppress(BaseException):
+                await workers
+
+    async def _produce(self, queue: asyncio.Queue[_Work | None], store: Store,
+                       origin: str) -> None:
+        dedupe = self.config.load.id is not None
+        if dedupe:
+            await store.begin_seen_ids()
+        batch: list[Row] = []
+        for row in read_rows(self.config.load):
+            batch.append(row)
+            if len(batch) >= BATCH_ROWS:
+                if not await self._plan(batch, queue, store, origin, dedupe):
+                    break
+                batch = []
+        else:
+            if batch:
+                await self._plan(batch, queue, store, origin, dedupe)
+        for _ in self._workers:
+            await queue.put(None)
+
+    async def _plan(self, rows: list[Row], queue: asyncio.Queue[_Work | None], store: Store,
+                    origin: str, dedupe: bool) -> bool:
+        """Record a batch of rows, then queue those that need a call; False means stop."""
+        if self._stop_feeding.is_set():
+            return False
+        duplicates = await store.mark_seen([(r.item_id, r.number) for r in rows]) if dedupe else {}
+        records: list[ItemRecord] = []
+        work: list[tuple[ItemRecord, dict[str, Any]]] = []
+        name = self.config.load.path.name
+        for row in rows:
+            record = ItemRecord(row.item_id, row.number, None, None)
+            first_row = duplicates.get(row.item_id)
+            error: ItemError | None = row.error
+            if first_row is not None and first_row != row.number:
+                error = ItemError(f"{name} row {row.number}: duplicate id {row.item_id!r} "
+                                  f"(first at row {first_row}); ids must be unique (load.id)")
+            elif error is None and row.fields is not None:
+                record.input = json.dumps(row.fields, ensure_ascii=False)
+                try:
+                    request = self._builder.build(row.fields, f"{name} row {row.number}")
+                    record.request_key = content_key(request)
+                    work.append((record, request))
+                except TemplateError as e:
+                    error = e
+            if error is not None:
+                record.error_class = "RowError" if type(error) is ItemError else error.error_class
+                record.error = str(error)
+                self.progress.failed += 1
+            records.append(record)
+        await store.save_items(STAGE, origin, await self._changed(store, origin, records))
+        known = await store.known_calls(origin, [r.request_key for r, _ in work if r.request_key])
+        for record, request in work:
+            assert record.request_key is not None
+            action = self._decide(known.get(record.request_key))
+            if action == "skip-done":
+                self.progress.skipped += 1
+                self.progress.done += 1
+            elif action == "skip-failed":
+                self.progress.failed += 1
+            elif action == "skip-pending":
+                pass
+            elif action == "repost":
+                await self._repost(store, origin, record.request_key)
+            else:
+                if self._over_budget():
+                    return False
+                self._dispatched += 1
+                self.progress.to_call += 1
+                await queue.put(_Work(record.item_id, record.request_key, request))
+        await asyncio.sleep(0)
+        return True
+
+    async def _changed(self, store: Store, origin: str,
+                       records: list[ItemRecord]) -> list[ItemRecord]:
+        """The records that differ from what the store holds (most re-runs write nothing)."""
+        stored = await store.known_items(STAGE, [r.item_id for r in records])
+        return [r for r in records
+                if stored.get(r.item_id) != (r.row, r.request_key, origin, r.error_class, r.error)]
+
+    def _decide(self, known: KnownCall | None) -> str:
+        if self.options.retry_failed:
+            wanted = (known is not None and known.status == "failed"
+                      and self.options.error_class in (None, known.error_class))
+            if wanted:
+                return "call"
+            if known is None:
+                return "skip-pending"
+        if known is None:
+            return "call"
+        if known.has_response and known.post_key != self._post.fingerprint:
+            return "repost"
+        if known.status == "done":
+            return "skip-done"
+        return "skip-failed" if known.has_response else "call"
+
+    def _over_budget(self) -> bool:
+        limit = self.options.limit
+        if limit is not None and self._dispatched >= limit:
+            return True
+        cap = self.config.call.max_cost_usd
+        if cap is not None and self.progress.cost_usd >= cap:
+            self.progress.stopping = f"spend reached call.max_cost_usd (${cap:.2f})"
+            return True
+        return False
+
+    async def _repost(self, store: Store, origin: str, key: str) -> None:
+        """Apply changed post steps to a stored response: no call is made."""
+        stored = await store.stored_response(key, origin)
+        if stored is None:
+            return
+        raw, request = stored
+        record = CallRecord(request_key=key, origin=origin, model=request["model"],
+                            request=request, status="failed", started_at=utc_now(),
+                            finished_at=utc_now(), response=raw)
+        body = json.loads(raw)
+        text = body["choices"][0]["message"].get("content")
+        finish = body["choices"][0].get("finish_reason")
+        if isinstance(text, str) and finish not in ("length", "content_filter"):
+            self._apply_post(record, text)
+        else:
+            record.error_class = "ResponseError"
+            record.error = f"stored response is unusable (finish_reason={finish})"
+        self._finish(record, store, counted_call=False)
+
+    async def _work(self, queue: asyncio.Queue[_Work | None], store: Store,
+                    caller: Caller) -> None:
+        while (work := await queue.get()) is not None:
+            if self._abort.is_set():
+                return
+            self.progress.in_flight += 1
+            try:
+                record, reply = await caller.call(work.key, work.request)
+            except FatalCallError as e:
+                if self._fatal is None:
+                    self._fatal = e
+                self._stop_feeding.set()
+                self._abort.set()
+                return
+            finally:
+                self.progress.in_flight -= 1
+            if reply is not None:
+                self._apply_post(record, reply.text)
+            self._finish(record, store, counted_call=True)
+
+    def _apply_post(self, record: CallRecord, text: str) -> None:
+        record.post_key = self._post.fingerprint
+        try:
+            output = self._post.apply(text)
+            record.output = json.dumps(output, ensure_ascii=False)
+            record.status, record.error_class, record.error = "done", None, None
+        except PostError as e:
+            record.status, record.error_class, record.error = "failed", e.error_class, str(e)
+
+    def _finish(self, record: CallRecord, store: Store, counted_call: bool) -> None:
+        store.save_call(record)
+        progress = self.progress
+        progress.completed += 1
+        if record.status == "done":
+            progress.done += 1
+        else:
+            progress.failed += 1
+        if counted_call:
+            progress.prompt_tokens += record.prompt_tokens or 0
+            progress.completion_tokens += record.completion_tokens or 0
+            progress.cost_usd += record.cost_usd or 0.0
+
+    async def _tick(self, caller: Caller, limiter: RateLimiter) -> None:
+        while True:
+            self._refresh(caller, limiter)
+            if self._on_progress is not None:
+                self._on_progress(self.progress)
+            await asyncio.sleep(TICK_S)
+
+    def _refresh(self, caller: Caller, limiter: RateLimiter) -> None:
+        counters = caller.counters
+        self.progress.calls = counters.attempts
+        self.progress.retries = counters.retries
+        self.progress.rate_limited = counters.rate_limited
+        self.progress.limits = limiter.stats()
+
+    def _count_into(self, store: Store) -> None:
+        totals, progress = store.totals, self.progress
+        totals.items_done, totals.items_failed = progress.done, progress.failed
+        totals.items_skipped, totals.calls_made = progress.skipped, progress.calls
+        totals.prompt_tokens = progress.prompt_tokens
+        totals.completion_tokens = progress.completion_tokens
+        totals.cost_usd = progress.cost_usd
+
+
+async def run_pipeline(config: PipelineConfig, options: RunOptions,
+                       on_progress: ProgressHook | None = None) -> RunSummary:
+    """Run `config` once; see `Run`."""
+    return await Run(config, options, on_progress).execute()

@@ -1,0 +1,366 @@
+"""An OpenAI-compatible server for trying pipelines and testing flow without a key.
+
+`POST /v1/chat/completions` answers deterministically from the request (the same request
+always gets the same reply; a request that asks for JSON gets a JSON object), with `usage`
+counted by the real tokenizer, optional latency and jitter, rate limits answered the way
+OpenAI answers them (429 body, `retry-after-ms`, `x-ratelimit-*` on every response), and
+faults injected at given rates. `GET /v1/models` lists models; `GET /sim/stats` reports how
+many requests arrived, and how many times each distinct request did.
+
+A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` (any code;
+`429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
+`[sim:malformed]`, `[sim:drop]`, `[sim:hang]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import toktok
+from aiohttp import web
+
+from flow.request import content_key
+from flow.tokens import count_prompt_tokens, encoding_for_model
+
+MARKER = re.compile(r"\[sim:(status|finish)=([\w-]+)\]|\[sim:(malformed|drop|hang)\]")
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+         "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
+
+
+@dataclass
+class SimulatorConfig:
+    """How the simulator behaves; every rate is a probability per request."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    rpm: int | None = None
+    tpm: int | None = None
+    window: str = "second"
+    error_rate: float = 0.0
+    rate_limit_rate: float = 0.0
+    drop_rate: float = 0.0
+    hang_rate: float = 0.0
+    malformed_rate: float = 0.0
+    truncate_rate: float = 0.0
+    filter_rate: float = 0.0
+    hang_s: float = 3600.0
+    api_key: str | None = None
+    seed: int | None = None
+
+
+@dataclass
+class SimulatorStats:
+    """What the simulator received."""
+
+    requests: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    by_request: Counter[str] = field(default_factory=Counter)
+    tokens: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        """A summary for `GET /sim/stats`."""
+        return {"requests": self.requests, "distinct": len(self.by_request),
+                "max_per_request": max(self.by_request.values(), default=0),
+                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+                "tokens": self.tokens}
+
+
+class _Limit:
+    """One limit: a bucket refilled each second (`second`) or a fixed 60 s window (`minute`)."""
+
+    def __init__(self, per_minute: int, window: str, now: float) -> None:
+        self.per_minute = per_minute
+        self.window = window
+        self.capacity = per_minute / 60 if window == "second" else float(per_minute)
+        self.level = self.capacity
+        self.updated = now
+        self.window_start = now
+
+    def _refill(self, now: float) -> None:
+        if self.window == "second":
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.per_minute / 60)
+            self.updated = now
+        elif now - self.window_start >= 60:
+            self.window_start += 60 * ((now - self.window_start) // 60)
+            self.level = self.capacity
+
+    def try_take(self, cost: float, now: float) -> float:
+        """Take `cost` and return 0, or return the seconds until it would fit."""
+        self._refill(now)
+        if self.level >= min(cost, self.capacity):
+            self.level -= cost
+            return 0.0
+        if self.window == "second":
+            return (min(cost, self.capacity) - self.level) * 60 / self.per_minute
+        return self.window_start + 60 - now
+
+    def headers(self, kind: str, now: float) -> dict[str, str]:
+        self._refill(now)
+        if self.window == "second":
+            reset = max(0.0, (self.capacity - self.level) * 60 / self.per_minute)
+        else:
+            reset = self.window_start + 60 - now
+        return {f"x-ratelimit-limit-{kind}": str(self.per_minute),
+                f"x-ratelimit-remaining-{kind}": str(max(0, int(self.level))),
+                f"x-ratelimit-reset-{kind}": format_duration(reset)}
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's style of reset durations: `20ms`, `1.5s`, `6m0s`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s"
+
+
+class Simulator:
+    """The server's state and handlers; serve it with `serve()` or `SimulatorThread`."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.stats = SimulatorStats()
+        self._random = random.Random(config.seed)
+        now = time.monotonic()
+        self._limits = {kind: _Limit(value, config.window, now) for kind, value in
+                        (("requests", config.rpm), ("tokens", config.tpm)) if value}
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/sim/stats", self.stats_handler)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        """`GET /v1/models`."""
+        names = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-5-mini", "sim-echo"]
+        return web.json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "flow-simulator"}
+            for name in names]})
+
+    async def stats_handler(self, request: web.Request) -> web.Response:
+        """`GET /sim/stats`."""
+        return web.json_response(self.stats.as_json())
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/chat/completions`."""
+        self.stats.requests += 1
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+            messages = body["messages"]
+            model = str(body["model"])
+            if not isinstance(messages, list) or not messages:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return self._error(400, "invalid_request_error", "invalid_body",
+                               "The request body is not a valid chat completion request.")
+        self.stats.by_request[content_key(body)] += 1
+        key = self.config.api_key
+        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            return self._error(401, "invalid_request_error", "invalid_api_key",
+                               f"Incorrect API key provided: {given}. You can find your API "
+                               "key in your account settings.")
+        text = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        marker = self._marker(text)
+        delay = self.config.latency_ms + self._random.uniform(0, self.config.jitter_ms)
+        if delay:
+            await asyncio.sleep(delay / 1000)
+
+        fault = marker or self._random_fault()
+        if fault == "drop":
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        if fault == "hang":
+            await asyncio.sleep(self.config.hang_s)
+        if fault and fault.startswith("status="):
+            return self._status_fault(fault.removeprefix("status="))
+
+        prompt_tokens = count_prompt_tokens(messages, model)
+        reply, completion_tokens, finish = self._reply(body, messages, model)
+        if fault and fault.startswith("finish="):
+            finish = fault.removeprefix("finish=")
+        now = time.monotonic()
+        wait = max([limit.try_take(cost, now) for kind, limit in self._limits.items()
+                    for cost in [1 if kind == "requests" else prompt_tokens + completion_tokens]]
+                   or [0.0])
+        if wait > 0:
+            return self._rate_limited(wait, now)
+        self.stats.tokens += prompt_tokens + completion_tokens
+        if fault == "malformed":
+            return self._respond(200, '{"id": "chatcmpl-broken", "choices": [{"mess')
+        payload = {
+            "id": "chatcmpl-" + content_key(body)[7:31],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                         "message": {"role": "assistant", "content": reply, "refusal": None}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": 0}},
+            "system_fingerprint": "fp_flow_simulator",
+        }
+        return self._respond(200, json.dumps(payload))
+
+    def _marker(self, text: str) -> str | None:
+        if "[sim:" not in text:
+            return None
+        match = MARKER.search(text)
+        if match is None:
+            return None
+        kind, value, bare = match.groups()
+        return bare if bare else f"{kind}={value}"
+
+    def _random_fault(self) -> str | None:
+        config = self.config
+        roll = self._random.random()
+        for rate, fault in ((config.error_rate, "status=500"),
+                            (config.rate_limit_rate, "status=429"),
+                            (config.drop_rate, "drop"), (config.hang_rate, "hang"),
+                            (config.malformed_rate, "malformed"),
+                            (config.truncate_rate, "finish=length"),
+                            (config.filter_rate, "finish=content_filter")):
+            if roll < rate:
+                return fault
+            roll -= rate
+        return None
+
+    def _reply(self, body: dict[str, Any], messages: list[Any],
+               model: str) -> tuple[str, int, str]:
+        """A reply derived from the request alone, its token count and finish reason."""
+        digest = content_key(messages)[7:]
+        user = next((str(m.get("content", "")) for m in reversed(messages)
+                     if isinstance(m, dict) and m.get("role") == "user"), "")
+        seed = int(digest[:8], 16)
+        words = " ".join(WORDS[(seed >> (i * 3)) % len(WORDS)] for i in range(6))
+        format_type = (body.get("response_format") or {}).get("type")
+        everything = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+        if format_type in ("json_object", "json_schema") or "json" in everything.lower():
+            reply = json.dumps({"answer": f"simulated {words}", "echo": user[:200],
+                                "id": digest[:8]})
+        else:
+            reply = f"Simulated reply {digest[:8]}: {words}. You asked: {user[:200]}"
+        encoding = encoding_for_model(model)
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(cap, int) and cap > 0:
+            cut, total = toktok.truncate(reply, cap, encoding)
+            if total > cap:
+                return cut, cap, "length"
+            return reply, total, "stop"
+        return reply, toktok.batch_count([reply], encoding, threads=1)[0], "stop"
+
+    def _rate_limited(self, wait: float, now: float) -> web.Response:
+        kind = "requests"
+        message = (f"Rate limit reached for {kind}. Please try again in "
+                   f"{format_duration(wait)}.")
+        response = self._error(429, kind, "rate_limit_exceeded", message, now)
+        response.headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+        response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+        return response
+
+    def _status_fault(self, code: str) -> web.Response:
+        if code == "429-quota":
+            return self._error(429, "insufficient_quota", "insufficient_quota",
+                               "You exceeded your current quota, please check your plan.")
+        status = int(code) if code.isdigit() else 500
+        if status == 429:
+            response = self._error(429, "requests", "rate_limit_exceeded",
+                                   "Rate limit reached (injected).")
+            response.headers["retry-after-ms"] = "50"
+            return response
+        kinds = {400: "invalid_request_error", 401: "invalid_request_error",
+                 403: "permission_error", 404: "invalid_request_error"}
+        return self._error(status, kinds.get(status, "server_error"), None,
+                           f"Simulated error {status}.")
+
+    def _error(self, status: int, kind: str, code: str | None, message: str,
+               now: float | None = None) -> web.Response:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return self._respond(status, json.dumps(body), now)
+
+    def _respond(self, status: int, text: str, now: float | None = None) -> web.Response:
+        self.stats.by_status[status] += 1
+        headers = {"x-request-id": f"req_{self.stats.requests}"}
+        now = time.monotonic() if now is None else now
+        for kind, limit in self._limits.items():
+            headers.update(limit.headers(kind, now))
+        return web.Response(status=status, text=text, content_type="application/json",
+                            headers=headers)
+
+
+@asynccontextmanager
+async def serve(config: SimulatorConfig, port: int = 0,
+                host: str = "127.0.0.1") -> AsyncIterator[tuple[str, Simulator]]:
+    """Serve a simulator on this event loop; yields its `/v1` base URL and the simulator."""
+    simulator = Simulator(config)
+    runner = web.AppRunner(simulator.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    site = web.SockSite(runner, sock, shutdown_timeout=0.5)
+    await site.start()
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}/v1", simulator
+    finally:
+        await runner.cleanup()
+
+
+class SimulatorThread:
+    """A simulator on its own event loop in a background thread, for tests and benchmarks."""
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self.url = ""
+        self.simulator: Simulator | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SimulatorThread:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the simulator did not start within 10 s")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    @property
+    def stats(self) -> SimulatorStats:
+        """What the simulator has received so far."""
+        assert self.simulator is not None
+        return self.simulator.stats
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with serve(self.config) as (url, simulator):
+            self.url, self.simulator = url, simulator
+            self._ready.set()
+            await self._stop.wait()

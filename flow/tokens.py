@@ -1,0 +1,52 @@
+"""Token counts before a request is sent, with the model's own tokenizer, offline.
+
+`toktok` ships OpenAI's BPE vocabularies compiled in (ids identical to tiktoken's), so
+counting needs no download. The limiter reserves `prompt + expected completion` tokens for
+each request and corrects the reservation when the response's `usage` arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import toktok
+
+# Chat formatting adds a few tokens per message and per reply (OpenAI's cookbook counts 3 and 3).
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REPLY = 3
+DEFAULT_EXPECTED_OUTPUT_TOKENS = 256
+LEGACY_PREFIXES = ("gpt-3.5", "gpt-4-", "gpt-4", "text-embedding-3", "text-embedding-ada")
+MODERN_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
+
+
+def encoding_for_model(model: str) -> str:
+    """The BPE encoding a model uses: o200k_base for GPT-4o and later, cl100k_base before."""
+    name = model.rsplit("/", 1)[-1].lower()
+    if name.startswith(MODERN_PREFIXES):
+        return "o200k_base"
+    if name.startswith(LEGACY_PREFIXES):
+        return "cl100k_base"
+    return "o200k_base"
+
+
+def count_text_tokens(texts: list[str], model: str) -> list[int]:
+    """Token counts of several texts in the model's encoding."""
+    return list(toktok.batch_count(texts, encoding_for_model(model), threads=1))
+
+
+def count_prompt_tokens(messages: list[dict[str, Any]], model: str) -> int:
+    """Prompt tokens of a chat request, as the API will count them (within a few tokens)."""
+    texts = [str(message.get("content") or "") for message in messages]
+    content = sum(count_text_tokens(texts, model))
+    return content + TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
+
+
+def expected_output_tokens(params: dict[str, Any], configured: int | None) -> int:
+    """Completion tokens to reserve: the configured guess, else the request's own cap."""
+    if configured is not None:
+        return configured
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = params.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_EXPECTED_OUTPUT_TOKENS
