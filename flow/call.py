@@ -187,16 +187,18 @@ class Caller:
             self._limiter.settle(reservation, 0)
             log(e.status_code, "error", _status_message(e))
             raise self._classify(e) from None
-        except (openai.APITimeoutError, TimeoutError):
+        except (openai.APIConnectionError, TimeoutError) as e:
+            # the aiohttp transport reports a dropped connection as a timeout: tell them apart
             self._limiter.observe(None, reached_server=False)
-            log(None, "timeout", f"no response within {self._config.timeout_s} s")
-            raise Transient("APITimeoutError",
-                            f"no response within {self._config.timeout_s} s") from None
-        except openai.APIConnectionError as e:
-            self._limiter.observe(None, reached_server=False)
-            log(None, "connection error", str(e.__cause__ or e))
-            raise Transient("APIConnectionError",
-                            f"connection failed: {e.__cause__ or e}") from None
+            timed_out = time.monotonic() - started >= self._config.timeout_s * 0.9
+            if timed_out:
+                error_class, message = "APITimeoutError", \
+                    f"no response within {self._config.timeout_s:g} s"
+            else:
+                error_class, message = "APIConnectionError", \
+                    f"connection failed: {e.__cause__ or e or type(e).__name__}"
+            log(None, "timeout" if timed_out else "connection error", message)
+            raise Transient(error_class, message) from None
         self._limiter.observe(raw.headers)
         try:
             reply = self._read(content)

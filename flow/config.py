@@ -6,6 +6,7 @@ names the file, every offending key path and what was expected there.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -212,9 +213,11 @@ def _describe_errors(file: Path, error: ValidationError) -> str:
     for item in error.errors():
         loc = tuple(part for part in item["loc"] if not _is_union_tag(part))
         key = _key_path(loc)
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and loc:
             allowed = _allowed_keys(loc[:-1])
-            lines.append(f"{key}: unknown key; expected one of: {', '.join(allowed)}")
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            lines.append(f"{key}: unknown key; {hint}expected one of: {', '.join(allowed)}")
         elif item["type"] == "missing":
             lines.append(f"{key}: required key is missing")
         else:

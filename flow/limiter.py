@@ -66,7 +66,8 @@ class Bucket:
     def delay(self, cost: float) -> float:
         """Seconds until `cost` (at most a full bucket) is available."""
         need = min(cost, self.capacity) - self.level
-        return need / self.per_s if need > 0 else 0.0
+        # below a millionth of a unit, floating-point rounding is all that is missing
+        return need / self.per_s if need > 1e-6 else 0.0
 
 
 @dataclass(slots=True)
@@ -178,10 +179,11 @@ class RateLimiter:
             if seen > 0 and self._learn:
                 self._learned["requests"] = max(1, int(seen))
                 self._rebuild(now)
-        if now - self._slowed_at > max(pause, 1.0):
+        if now > self._slowed_at + 1.0:
+            # one cut per episode: 429s answered for requests already in flight don't compound
             self._factor = max(MIN_FACTOR, self._current_factor(now) * SLOWDOWN)
             self._slowed_factor = self._factor
-            self._slowed_at = now
+            self._slowed_at = self._paused_until
             self._rebuild(now)
         for bucket in self._buckets.values():
             if bucket is not None:
@@ -234,7 +236,7 @@ class RateLimiter:
         return len(self._sent) / span
 
     def _current_factor(self, now: float) -> float:
-        return min(1.0, self._slowed_factor + (now - self._slowed_at) * RAMP_PER_S)
+        return min(1.0, self._slowed_factor + max(0.0, now - self._slowed_at) * RAMP_PER_S)
 
     def _rescale(self, now: float) -> None:
         factor = self._current_factor(now)

@@ -336,7 +336,7 @@ class Run:
         else:
             record.error_class = "ResponseError"
             record.error = f"stored response is unusable (finish_reason={finish})"
-        self._finish(record, store, counted_call=False)
+        await self._finish(record, store, counted_call=False)
 
     async def _work(self, queue: asyncio.Queue[_Work | None], store: Store,
                     caller: Caller) -> None:
@@ -356,7 +356,7 @@ class Run:
                 self.progress.in_flight -= 1
             if reply is not None:
                 self._apply_post(record, reply.text)
-            self._finish(record, store, counted_call=True)
+            await self._finish(record, store, counted_call=True)
 
     def _apply_post(self, record: CallRecord, text: str) -> None:
         record.post_key = self._post.fingerprint
@@ -367,8 +367,8 @@ class Run:
         except PostError as e:
             record.status, record.error_class, record.error = "failed", e.error_class, str(e)
 
-    def _finish(self, record: CallRecord, store: Store, counted_call: bool) -> None:
-        store.save_call(record)
+    async def _finish(self, record: CallRecord, store: Store, counted_call: bool) -> None:
+        await store.save_call(record)
         progress = self.progress
         progress.completed += 1
         if record.status == "done":

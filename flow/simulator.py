@@ -9,7 +9,8 @@ many requests arrived, and how many times each distinct request did.
 
 A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` (any code;
 `429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
-`[sim:malformed]`, `[sim:drop]`, `[sim:hang]`.
+`[sim:malformed]`, `[sim:drop]`, `[sim:hang]`. A count makes the fault pass: `[sim:drop*2]`
+drops the first two times that request arrives and answers it normally the third time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from aiohttp import web
 from flow.request import content_key
 from flow.tokens import count_prompt_tokens, encoding_for_model
 
-MARKER = re.compile(r"\[sim:(status|finish)=([\w-]+)\]|\[sim:(malformed|drop|hang)\]")
+MARKER = re.compile(r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang))(?:\*(\d+))?\]")
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
          "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
 
@@ -69,10 +70,15 @@ class SimulatorStats:
     by_request: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
 
+    @property
+    def max_per_request(self) -> int:
+        """The most times any one request arrived."""
+        return max(self.by_request.values(), default=0)
+
     def as_json(self) -> dict[str, Any]:
         """A summary for `GET /sim/stats`."""
         return {"requests": self.requests, "distinct": len(self.by_request),
-                "max_per_request": max(self.by_request.values(), default=0),
+                "max_per_request": self.max_per_request,
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "tokens": self.tokens}
 
@@ -170,7 +176,8 @@ class Simulator:
         except (ValueError, KeyError, TypeError):
             return self._error(400, "invalid_request_error", "invalid_body",
                                "The request body is not a valid chat completion request.")
-        self.stats.by_request[content_key(body)] += 1
+        request_key = content_key(body)
+        self.stats.by_request[request_key] += 1
         key = self.config.api_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
             given = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -178,7 +185,7 @@ class Simulator:
                                f"Incorrect API key provided: {given}. You can find your API "
                                "key in your account settings.")
         text = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        marker = self._marker(text)
+        marker = self._marker(text, self.stats.by_request[request_key])
         delay = self.config.latency_ms + self._random.uniform(0, self.config.jitter_ms)
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -220,13 +227,16 @@ class Simulator:
         }
         return self._respond(200, json.dumps(payload))
 
-    def _marker(self, text: str) -> str | None:
+    def _marker(self, text: str, arrivals: int) -> str | None:
+        """The fault a prompt asks for, if it still applies to this arrival of the request."""
         if "[sim:" not in text:
             return None
         match = MARKER.search(text)
         if match is None:
             return None
-        kind, value, bare = match.groups()
+        kind, value, bare, times = match.groups()
+        if times is not None and arrivals > int(times):
+            return None
         return bare if bare else f"{kind}={value}"
 
     def _random_fault(self) -> str | None:
@@ -311,12 +321,13 @@ async def serve(config: SimulatorConfig, port: int = 0,
                 host: str = "127.0.0.1") -> AsyncIterator[tuple[str, Simulator]]:
     """Serve a simulator on this event loop; yields its `/v1` base URL and the simulator."""
     simulator = Simulator(config)
-    runner = web.AppRunner(simulator.app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(simulator.app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=0.5)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    site = web.SockSite(runner, sock, shutdown_timeout=0.5)
+    site = web.SockSite(runner, sock)
     await site.start()
     try:
         yield f"http://{host}:{sock.getsockname()[1]}/v1", simulator

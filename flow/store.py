@@ -169,10 +169,10 @@ class Store:
         self.path = path
         self._db = db
         self._lock = lock
-        self._pending: asyncio.Queue[CallRecord | None] = asyncio.Queue()
+        self._pending: asyncio.Queue[tuple[CallRecord | None, asyncio.Future[None]]] = (
+            asyncio.Queue())
         self._writer: asyncio.Task[None] | None = None
         self._failure: StoreError | None = None
-        self._flushes: list[asyncio.Future[None]] = []
         self._transaction = asyncio.Lock()
         self.run_id = 0
         self.totals = RunTotals()
@@ -292,11 +292,15 @@ class Store:
             await self._run_many("INSERT INTO seen_ids VALUES (?, ?)", new)
         return first
 
-    def save_call(self, record: CallRecord) -> None:
-        """Queue a finished call for the writer; it is committed within milliseconds."""
+    async def save_call(self, record: CallRecord) -> None:
+        """Commit a finished call; returns once it is on disk (grouped with its neighbours)."""
         if self._failure is not None:
             raise self._failure
-        self._pending.put_nowait(record)
+        done = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((record, done))
+        await done
+        if self._failure is not None:
+            raise self._failure
 
     async def flush(self) -> None:
         """Wait until every queued result is committed."""
@@ -305,8 +309,7 @@ class Store:
                 raise self._failure
             return
         done = asyncio.get_running_loop().create_future()
-        self._flushes.append(done)
-        self._pending.put_nowait(None)
+        self._pending.put_nowait((None, done))
         await done
         if self._failure is not None:
             raise self._failure
@@ -333,24 +336,21 @@ class Store:
         return self._failure
 
     async def _write_forever(self) -> None:
+        """Commit whatever has arrived since the last commit, in one transaction."""
         while True:
-            first = await self._pending.get()
-            group = [first]
+            group = [await self._pending.get()]
             while len(group) < MAX_GROUP and not self._pending.empty():
                 group.append(self._pending.get_nowait())
-            records = [record for record in group if record is not None]
-            if records:
+            records = [record for record, _ in group if record is not None]
+            if records and self._failure is None:
                 try:
                     await self._commit(records)
                 except sqlite3.Error as e:
                     self._failure = StoreError(f"{self.path}: cannot write results: {e}; "
                                                "the results committed before are safe")
-            waiters, self._flushes = self._flushes, []
-            for waiter in waiters:
+            for _, waiter in group:
                 if not waiter.done():
                     waiter.set_result(None)
-            if self._failure is not None:
-                return
 
     async def _commit(self, records: list[CallRecord]) -> None:
         calls = [(r.request_key, r.origin, r.model, json.dumps(r.request, ensure_ascii=False),
@@ -376,7 +376,8 @@ class Store:
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attempts)
                 await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
                 raise
 
     async def _run_sql(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:

@@ -1,0 +1,118 @@
+"""Shared fixtures: a simulator on loopback, pipelines in a temporary folder, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flow.cli import main
+from flow.simulator import SimulatorConfig, SimulatorThread
+
+API_KEY = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorThread]:
+    """A simulator with no latency and no faults; tests change `.config` as they need."""
+    with SimulatorThread(SimulatorConfig(seed=7)) as server:
+        yield server
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write `rows` as JSONL."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def questions(count: int) -> list[dict[str, Any]]:
+    """`count` distinct rows with an id and a question."""
+    return [{"id": f"q{i:05d}", "question": f"What is {i} plus {i}?"} for i in range(count)]
+
+
+@dataclass
+class Pipeline:
+    """A pipeline file in a temporary folder, and helpers to run flow on it."""
+
+    folder: Path
+    config: dict[str, Any]
+
+    @property
+    def file(self) -> Path:
+        return self.folder / "pipeline.yaml"
+
+    @property
+    def store(self) -> Path:
+        return self.folder / self.config["store"]
+
+    def write(self) -> Path:
+        self.file.write_text(yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8")
+        return self.file
+
+    def run(self, *args: str) -> int:
+        """`flow run` in this process; returns the exit code."""
+        self.write()
+        return main(["run", str(self.file), *args])
+
+    def cli(self, command: str, *args: str) -> int:
+        self.write()
+        return main([command, str(self.file), *args])
+
+    def export(self, capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+        capsys.readouterr()
+        assert self.cli("export") == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.store) as db:
+            return db.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Build a pipeline over `rows` against `base_url`; keys of `call`/`load` can be overridden."""
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+    def make(rows: list[dict[str, Any]] | None = None, base_url: str | None = None,
+             **overrides: Any) -> Pipeline:
+        write_rows(tmp_path / "rows.jsonl", questions(20) if rows is None else rows)
+        call: dict[str, Any] = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "system", "content": "Answer briefly."},
+                         {"role": "user", "content": "{{ question }}"}],
+            "params": {"temperature": 0},
+            "concurrency": 8,
+            "timeout_s": 5,
+            "retry": {"max_tries": 6, "max_time_s": 60},
+        }
+        if base_url:
+            call["base_url"] = base_url
+        call.update(overrides.pop("call", {}))
+        config: dict[str, Any] = {"store": "flow.db",
+                                  "load": {"path": "rows.jsonl", "id": "id",
+                                           **overrides.pop("load", {})},
+                                  "call": call, "post": overrides.pop("post", ["strip"])}
+        config.update(overrides)
+        return Pipeline(tmp_path, config)
+
+    return make
+
+
+def flow_process(pipeline: Pipeline, *args: str, env: dict[str, str] | None = None
+                 ) -> subprocess.Popen[str]:
+    """`python -m flow run` on `pipeline` in a child process."""
+    pipeline.write()
+    return subprocess.Popen(
+        [sys.executable, "-m", "flow", "run", str(pipeline.file), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OPENAI_API_KEY": API_KEY, **(env or {})})

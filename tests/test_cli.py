@@ -1,0 +1,114 @@
+"""The command line: exit codes and clear messages, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flow.cli import main
+from flow.simulator import SimulatorThread
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_missing_pipeline_file_exits_2(tmp_path: Path, capsys: Any) -> None:
+    code, _, err = run_main([str(tmp_path / "none.yaml")], capsys)
+    assert code == 2
+    assert "none.yaml: no such pipeline file" in err
+    assert "Traceback" not in err
+
+
+def test_bad_config_exits_2_with_key_path(make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline()
+    pipeline.config["call"]["concurrency"] = "many"
+    code = pipeline.run()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "call.concurrency" in err and "pipeline.yaml" in err
+
+
+def test_missing_input_file_exits_2(make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline()
+    pipeline.config["load"]["path"] = "missing.jsonl"
+    assert pipeline.run("--simulate") == 2
+    assert "missing.jsonl: input file not found (load.path)" in capsys.readouterr().err
+
+
+def test_no_api_key_says_how_to_set_one(make_pipeline: Any, capsys: Any,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = make_pipeline()
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert pipeline.run() == 2
+    err = capsys.readouterr().err
+    assert "OPENAI_API_KEY" in err and "--simulate" in err
+
+
+def test_bad_template_exits_2(make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline()
+    pipeline.config["call"]["messages"][1]["content"] = "{{ question "
+    assert pipeline.run("--simulate") == 2
+    assert "call.messages[1].content: invalid template" in capsys.readouterr().err
+
+
+def test_bad_option_exits_2(capsys: Any) -> None:
+    assert main(["run", "p.yaml", "--limit", "zero"]) == 2
+    assert main(["status"]) == 2
+
+
+def test_status_json_counts(make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = [{"id": "a", "question": "fine"}, {"id": "b", "question": "[sim:status=400]"}]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    capsys.readouterr()
+    assert pipeline.cli("status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["items"], status["done"], status["failed"], status["pending"]) == (2, 1, 1, 0)
+    assert status["failed_by_error_class"] == {"BadRequestError": 1}
+    assert status["runs"][0]["state"] == "finished"
+
+
+def test_status_before_any_run_says_so(make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline()
+    assert pipeline.cli("status") == 2
+    assert "no store yet" in capsys.readouterr().err
+
+
+def test_export_to_file_is_complete_and_in_input_order(make_pipeline: Any, simulator:
+                                                       SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    out = pipeline.folder / "out" / "results.jsonl"
+    assert pipeline.cli("export", "-o", str(out), "--fields", "question") == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"q{i:05d}" for i in range(20)]
+    assert rows[0]["question"] == "What is 0 plus 0?"
+    assert set(rows[0]) == {"id", "question", "status", "output", "error_class", "error"}
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_show_prints_request_response_and_attempts(make_pipeline: Any, simulator:
+                                                   SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    capsys.readouterr()
+    assert pipeline.cli("show", "q00002") == 0
+    item = json.loads(capsys.readouterr().out)
+    assert item["request"]["messages"][1]["content"] == "What is 2 plus 2?"
+    assert item["response"]["choices"][0]["finish_reason"] == "stop"
+    assert item["attempts"][0]["status_code"] == 200
+    assert pipeline.cli("show", "nope") == 2
+
+
+def test_console_script_and_module_agree() -> None:
+    done = subprocess.run([sys.executable, "-m", "flow", "--version"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and done.stdout.startswith("flow ")

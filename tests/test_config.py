@@ -1,0 +1,111 @@
+"""The pipeline file: every mistake gets one message naming the file, the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flow.config import load_config, parse_config
+from flow.errors import ConfigError
+
+VALID = """
+store: out/flow.db
+load: {path: rows.jsonl, id: id}
+call:
+  model: gpt-4o-mini
+  messages:
+    - {role: user, content: "{{ question }}"}
+post: [strip, json, {regex: "(\\\\d+)"}]
+"""
+
+
+def config_error(text: str, tmp_path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, tmp_path / "pipeline.yaml")
+    return str(caught.value)
+
+
+def test_valid_file_resolves_paths_against_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "pipeline.yaml").write_text(VALID)
+    config = load_config(tmp_path / "pipeline.yaml")
+    assert config.store == tmp_path / "out" / "flow.db"
+    assert config.load.path == tmp_path / "rows.jsonl"
+    assert config.load.resolved_format == "jsonl"
+    assert config.call.concurrency == 32 and config.call.retry.max_tries == 8
+    assert config.file == tmp_path / "pipeline.yaml"
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.yaml: no such pipeline file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_yaml_names_line_and_column(tmp_path: Path) -> None:
+    message = config_error("store: a.db\nload: [unclosed\n", tmp_path)
+    assert "pipeline.yaml: invalid YAML at line" in message
+
+
+def test_unknown_key_lists_the_allowed_ones(tmp_path: Path) -> None:
+    message = config_error(VALID.replace("model: gpt-4o-mini", "model: x\n  modle: y"), tmp_path)
+    assert "call.modle: unknown key" in message
+    assert "concurrency" in message and "messages" in message
+
+
+def test_wrong_type_names_the_key_path_and_value(tmp_path: Path) -> None:
+    message = config_error(VALID.replace("model: gpt-4o-mini",
+                                         "model: gpt-4o-mini\n  concurrency: lots"), tmp_path)
+    assert "call.concurrency" in message and "'lots'" in message
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    message = config_error(VALID.replace("store: out/flow.db\n", ""), tmp_path)
+    assert "store: required key is missing" in message
+
+
+def test_several_errors_are_reported_together(tmp_path: Path) -> None:
+    text = VALID.replace("model: gpt-4o-mini", "model: m\n  timeout_s: -1\n  retry: {max_tries: 0}")
+    message = config_error(text, tmp_path)
+    assert "call.timeout_s" in message and "call.retry.max_tries" in message
+
+
+def test_message_role_must_be_known(tmp_path: Path) -> None:
+    message = config_error(VALID.replace("role: user", "role: robot"), tmp_path)
+    assert "call.messages[0].role" in message
+
+
+def test_reserved_params_are_refused(tmp_path: Path) -> None:
+    text = VALID.replace("model: gpt-4o-mini", "model: m\n  params: {model: other}")
+    assert "cannot be a param" in config_error(text, tmp_path)
+
+
+def test_unknown_post_step(tmp_path: Path) -> None:
+    message = config_error(VALID.replace("[strip, json,", "[strip, jsno,"), tmp_path)
+    assert "post" in message and "unknown step 'jsno'" in message
+
+
+def test_env_vars_are_substituted_with_defaults(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOW_MODEL", "gpt-5-mini")
+    text = VALID.replace("model: gpt-4o-mini", "model: ${FLOW_MODEL}\n  concurrency: ${C:-7}\n"
+                         "  api_key: $${LITERAL}")
+    config = parse_config(text, tmp_path / "pipeline.yaml")
+    assert config.call.model == "gpt-5-mini"
+    assert config.call.concurrency == 7
+    assert config.call.api_key == "${LITERAL}"
+
+
+def test_unset_env_var_without_default_names_key_and_variable(tmp_path: Path) -> None:
+    text = VALID.replace("model: gpt-4o-mini", "model: ${FLOW_NOT_SET_ANYWHERE}")
+    message = config_error(text, tmp_path)
+    assert "call.model" in message and "FLOW_NOT_SET_ANYWHERE is not set" in message
+
+
+def test_not_a_mapping(tmp_path: Path) -> None:
+    assert "expected a mapping" in config_error("- just\n- a list\n", tmp_path)
+    assert "an empty file" in config_error("", tmp_path)
+
+
+def test_unknown_input_format(tmp_path: Path) -> None:
+    message = config_error(VALID.replace("rows.jsonl", "rows.parquet"), tmp_path)
+    assert "load.path" in message and "load.format" in message

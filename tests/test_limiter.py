@@ -1,0 +1,193 @@
+"""The rate limiter on a fake clock: no real sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flow.limiter import HEADROOM, RateLimiter, parse_duration
+
+
+class FakeClock:
+    """Time that moves only when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+        await asyncio.sleep(0)
+
+
+def limiter(clock: FakeClock, rpm: int | None = None, tpm: int | None = None,
+            learn: bool = True) -> RateLimiter:
+    return RateLimiter(rpm, tpm, clock=clock, sleep=clock.sleep, learn=learn)
+
+
+async def admit(lim: RateLimiter, count: int, tokens: int = 1) -> None:
+    for _ in range(count):
+        await lim.acquire(tokens)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("0.5", 0.5),
+    ("250ms", 0.25), ("", None), ("soon", None), ("5x", None)])
+def test_parse_duration_reads_openai_reset_values(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+async def test_rpm_paces_requests_just_under_the_limit() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=600)
+    await admit(lim, 200)
+    rate = 600 / 60 * HEADROOM
+    burst = rate  # one second's worth may go at once
+    assert clock.now == pytest.approx((200 - burst) / rate, rel=0.01)
+
+
+async def test_tpm_paces_by_estimated_tokens() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, tpm=60_000)
+    await admit(lim, 50, tokens=1000)
+    per_s = 1000 * HEADROOM
+    assert clock.now == pytest.approx((50 * 1000 - per_s) / per_s, rel=0.01)
+
+
+async def test_settle_refunds_unused_tokens() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, tpm=60_000)
+    reservations = [await lim.acquire(490) for _ in range(2)]
+    assert clock.now == 0.0
+    for reservation in reservations:
+        lim.settle(reservation, 10)
+    await admit(lim, 1, tokens=900)
+    assert clock.now == 0.0
+
+
+async def test_settle_charges_tokens_used_beyond_the_estimate() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, tpm=60_000)
+    reservation = await lim.acquire(100)
+    lim.settle(reservation, 1000)
+    await admit(lim, 1, tokens=100)
+    assert clock.now > 0.1
+
+
+async def test_headers_lower_a_configured_limit_and_set_a_missing_one() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=6000)
+    lim.observe({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "90000",
+                 "x-ratelimit-reset-requests": "100ms"})
+    assert lim.limit("requests") == 600
+    assert lim.limit("tokens") == 90000
+    lim.observe({"x-ratelimit-limit-requests": "60000"})
+    assert lim.limit("requests") == 6000
+
+
+async def test_without_limits_only_one_request_goes_until_the_server_answers() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    await lim.acquire(10)
+    second = asyncio.create_task(lim.acquire(10))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not second.done()
+    lim.observe({"x-ratelimit-limit-requests": "120"})
+    await asyncio.wait_for(second, 1)
+    assert lim.limit("requests") == 120
+
+
+async def test_a_failed_probe_lets_the_next_request_probe() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    await lim.acquire(10)
+    second = asyncio.create_task(lim.acquire(10))
+    third = asyncio.create_task(lim.acquire(10))
+    await asyncio.sleep(0)
+    lim.observe(None, reached_server=False)
+    await asyncio.wait_for(second, 1)
+    await asyncio.sleep(0)
+    assert not third.done()
+    lim.observe({})
+    await asyncio.wait_for(third, 1)
+
+
+async def test_a_429_pauses_everyone_then_resumes_slower_and_ramps_back() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=600)
+    await admit(lim, 5)
+    lim.on_rate_limited(2.0)
+    await lim.acquire(1)
+    assert clock.now >= 2.0
+    start = clock.now
+    await admit(lim, 20)
+    slowed = 20 / (clock.now - start)
+    assert slowed < 600 / 60 * HEADROOM * 0.8
+    clock.now += 60
+    start = clock.now
+    await admit(lim, 200)
+    recovered = 200 / (clock.now - start)
+    assert recovered > 600 / 60 * HEADROOM * 0.95
+
+
+async def test_after_a_pause_waiters_are_released_at_the_pace_not_at_once() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=600)
+    lim.on_rate_limited(1.0)
+    admitted: list[float] = []
+
+    async def one() -> None:
+        await lim.acquire(1)
+        admitted.append(clock.now)
+
+    await asyncio.gather(*(one() for _ in range(30)))
+    within_first_second = [t for t in admitted if t <= 1.0 + 1e-9]
+    assert len(within_first_second) <= 1
+    gaps = [b - a for a, b in zip(admitted, admitted[1:])]
+    assert min(gaps) > 0
+
+
+async def test_waiters_are_admitted_in_arrival_order() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=60)
+    order: list[int] = []
+
+    async def one(index: int) -> None:
+        await lim.acquire(1)
+        order.append(index)
+
+    tasks = []
+    for index in range(10):
+        tasks.append(asyncio.create_task(one(index)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order == list(range(10))
+
+
+async def test_a_429_with_no_known_limit_sets_one_from_the_observed_rate() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    lim.observe({})
+    for _ in range(100):
+        await lim.acquire(1)
+        clock.now += 0.01
+    lim.on_rate_limited(None)
+    learned = lim.limit("requests")
+    assert learned is not None and 3000 < learned < 7000
+
+
+async def test_stats_report_rates_against_limits() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=600, tpm=100_000)
+    for _ in range(10):
+        reservation = await lim.acquire(100)
+        lim.settle(reservation, 50)
+    clock.now = 1.0
+    stats = lim.stats()
+    assert stats.rpm_limit == 600 and stats.tpm_limit == 100_000
+    assert stats.requests_per_min == pytest.approx(600, rel=0.01)
+    assert stats.tokens_per_min == pytest.approx(30_000, rel=0.01)

@@ -1,0 +1,99 @@
+"""Reading rows: streamed, numbered by line, bad rows carry their reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flow.config import LoadConfig
+from flow.errors import SourceError
+from flow.load import count_rows, read_rows
+
+
+def rows_of(path: Path, **options: object) -> list[tuple[int, str, object, str | None]]:
+    config = LoadConfig(path=path, **options)  # type: ignore[arg-type]
+    return [(r.number, r.item_id, r.fields, str(r.error) if r.error else None)
+            for r in read_rows(config)]
+
+
+def test_jsonl_rows_are_numbered_by_line_and_blank_lines_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"a": 2}\r\n{"a": 3}')
+    assert rows_of(path) == [(1, "1", {"a": 1}, None), (3, "3", {"a": 2}, None),
+                             (4, "4", {"a": 3}, None)]
+
+
+def test_jsonl_bad_lines_fail_alone(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"a": 1}\n{bad\n"text"\n\xff\xfe\n{"a": 2}\n')
+    rows = rows_of(path)
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[1][3] is not None and "in.jsonl row 2: invalid JSON" in rows[1][3]
+    assert rows[2][3] is not None and "expected a JSON object, got str" in rows[2][3]
+    assert rows[3][3] is not None and "row 4: not valid utf-8" in rows[3][3]
+    assert rows[4][2] == {"a": 2}
+
+
+def test_id_field_names_items_and_missing_id_fails_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"key": 7}\n{"other": 1}\n{"key": [1]}\n')
+    rows = rows_of(path, id="key")
+    assert rows[0][1] == "7"
+    assert rows[1][3] is not None and "has no id field 'key'" in rows[1][3]
+    assert rows[2][3] is not None and "non-scalar id field" in rows[2][3]
+
+
+def test_csv_uses_the_header_and_keeps_quoted_newlines(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text('\ufeffid,question\nA,"two\nlines"\nB,plain\nC\n', encoding="utf-8")
+    rows = rows_of(path, id="id")
+    assert rows[0] == (2, "A", {"id": "A", "question": "two\nlines"}, None)
+    assert rows[1] == (4, "B", {"id": "B", "question": "plain"}, None)
+    assert rows[2][3] is not None and "1 fields, the header has 2" in rows[2][3]
+
+
+def test_csv_bad_bytes_fail_their_row(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"id,q\n1,ok\n2,caf\xe9\n3,fine\n")
+    rows = rows_of(path, id="id")
+    assert [r[3] is None for r in rows] == [True, False, True]
+
+
+def test_txt_gives_one_text_field_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "in.txt"
+    path.write_text("first\n\nsecond line\n")
+    assert rows_of(path) == [(1, "1", {"text": "first"}, None),
+                             (3, "3", {"text": "second line"}, None)]
+
+
+def test_huge_rows_are_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": "' + "x" * 5000 + '"}\n{"a": 1}\n')
+    rows = rows_of(path, max_row_bytes=1000)
+    assert rows[0][3] is not None and "longer than 1000 bytes" in rows[0][3]
+    assert rows[1] == (2, "2", {"a": 1}, None)
+
+
+def test_missing_input_is_a_source_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="input file not found"):
+        rows_of(tmp_path / "none.jsonl")
+
+
+def test_count_rows_counts_lines_fast(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(f'{{"i": {i}}}\n' for i in range(1234)))
+    assert count_rows(LoadConfig(path=path)) == 1234
+    csv_path = tmp_path / "in.csv"
+    csv_path.write_text("a\n1\n2")
+    assert count_rows(LoadConfig(path=csv_path)) == 2
+
+
+def test_rows_are_streamed_not_read_ahead(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n')
+    rows = read_rows(LoadConfig(path=path))
+    assert next(rows).fields == {"a": 1}
+    with path.open("a") as handle:
+        handle.write('{"a": 3}\n')
+    assert [r.fields for r in rows] == [{"a": 2}, {"a": 3}]

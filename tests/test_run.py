@@ -1,0 +1,263 @@
+"""End to end: the real openai SDK over loopback HTTP against flow's simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import time
+from typing import Any
+
+import pytest
+
+from conftest import API_KEY, Pipeline, flow_process, questions, write_rows
+from flow.simulator import SimulatorThread
+
+
+def test_run_writes_every_result_and_rerun_makes_no_calls(make_pipeline: Any, simulator:
+                                                          SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 20
+    results = pipeline.export(capsys)
+    assert [r["id"] for r in results] == [f"q{i:05d}" for i in range(20)]
+    assert all(r["status"] == "done" and r["error"] is None for r in results)
+    assert results[3]["output"].endswith("You asked: What is 3 plus 3?")
+
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 20
+    assert pipeline.query("SELECT items_skipped, calls_made FROM runs ORDER BY id DESC")[0] == (
+        20, 0)
+
+
+def test_changed_request_calls_again_only_for_that_item(make_pipeline: Any, simulator:
+                                                        SimulatorThread) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    rows = questions(20)
+    rows[5]["question"] = "What is the capital of Peru?"
+    write_rows(pipeline.folder / "rows.jsonl", rows)
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 21
+
+    pipeline.config["call"]["model"] = "gpt-4.1-mini"
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 41
+    pipeline.config["call"]["model"] = "gpt-4o-mini"
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 41
+
+
+def test_injected_500s_and_429s_end_with_every_item_done(make_pipeline: Any, simulator:
+                                                         SimulatorThread, capsys: Any) -> None:
+    simulator.config.error_rate = 0.10
+    simulator.config.rate_limit_rate = 0.05
+    pipeline = make_pipeline(rows=questions(200), base_url=simulator.url,
+                             call={"concurrency": 16, "retry": {"max_tries": 10,
+                                                                "max_time_s": 120}})
+    assert pipeline.run() == 0
+    assert {r["status"] for r in pipeline.export(capsys)} == {"done"}
+    assert simulator.stats.by_status[500] > 5
+    assert simulator.stats.by_status[429] > 2
+    attempts = pipeline.query("SELECT outcome, status_code FROM attempts WHERE outcome='error'")
+    assert len(attempts) == simulator.stats.by_status[500] + simulator.stats.by_status[429]
+
+
+def test_bad_request_fails_its_item_without_retry(make_pipeline: Any, simulator: SimulatorThread,
+                                                  capsys: Any) -> None:
+    rows = questions(10)
+    rows[4]["question"] = "[sim:status=400] a question the server refuses"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    assert results["q00004"]["status"] == "failed"
+    assert results["q00004"]["error_class"] == "BadRequestError"
+    assert "400" in results["q00004"]["error"]
+    assert sum(r["status"] == "done" for r in results.values()) == 9
+    assert simulator.stats.requests == 10
+    assert pipeline.query("SELECT attempts FROM calls WHERE status='failed'") == [(1,)]
+
+
+def test_wrong_key_stops_the_run_with_exit_2(make_pipeline: Any, simulator: SimulatorThread,
+                                             capsys: Any) -> None:
+    simulator.config.api_key = "sk-the-right-key"
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 2
+    err = capsys.readouterr().err
+    assert "401" in err and "API key" in err
+    assert API_KEY not in err
+    assert "Traceback" not in err
+    assert simulator.stats.requests <= 8
+    assert pipeline.query("SELECT COUNT(*) FROM calls") == [(0,)]
+    assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
+
+
+def test_insufficient_quota_stops_the_run(make_pipeline: Any, simulator: SimulatorThread,
+                                          capsys: Any) -> None:
+    rows = questions(5)
+    rows[0]["question"] = "[sim:status=429-quota]"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url, call={"concurrency": 1})
+    assert pipeline.run() == 2
+    assert "quota" in capsys.readouterr().err
+
+
+def test_bad_rows_fail_alone_with_their_row_number(make_pipeline: Any, simulator: SimulatorThread,
+                                                   capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    lines = [json.dumps(r).encode() for r in questions(6)]
+    lines[1] = b'{"id": "q00001", "question": "unterminated'
+    lines[2] = json.dumps({"id": "q00002", "text": "no question field"}).encode()
+    lines[3] = b'{"id": "q00003", "question": "caf\xe9 latte?"}'
+    lines[4] = b'["not", "an", "object"]'
+    (pipeline.folder / "rows.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert pipeline.run() == 1
+    results = pipeline.export(capsys)
+    by_row = {row: error for row, error in pipeline.query(
+        "SELECT row, error FROM results WHERE status='failed' ORDER BY row")}
+    assert sorted(by_row) == [2, 3, 4, 5]
+    assert "row 2: invalid JSON" in by_row[2]
+    assert "missing template field 'question'" in by_row[3]
+    assert "row 4: not valid utf-8" in by_row[4]
+    assert "expected a JSON object" in by_row[5]
+    assert [r["status"] for r in results].count("done") == 2
+    assert simulator.stats.requests == 2
+
+
+def test_duplicate_ids_fail_the_later_row(make_pipeline: Any, simulator: SimulatorThread,
+                                          capsys: Any) -> None:
+    rows = questions(5) + [{"id": "q00001", "question": "again?"}]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    (error,) = pipeline.query("SELECT error FROM results WHERE status='failed'")
+    assert "duplicate id 'q00001'" in error[0] and "row 6" in error[0]
+
+
+def test_simulated_results_never_count_for_a_real_endpoint(make_pipeline: Any, simulator:
+                                                           SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline()
+    assert pipeline.run("--simulate") == 0
+    assert "simulated" in capsys.readouterr().err
+    pipeline.config["call"]["base_url"] = simulator.url
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 20
+
+
+def test_post_failure_keeps_the_paid_response_and_edited_post_reuses_it(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url, post=["strip", "json"])
+    assert pipeline.run() == 1
+    failed = pipeline.query("SELECT error_class, response IS NOT NULL FROM calls")
+    assert set(failed) == {("PostError", 1)}
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == 20
+
+    pipeline.config["post"] = [{"regex": r"Simulated reply (\w+):"}]
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 20
+    outputs = [r["output"] for r in pipeline.export(capsys)]
+    assert all(isinstance(o, str) and len(o) == 8 for o in outputs)
+
+
+def test_hangs_time_out_and_dropped_connections_are_retried(make_pipeline: Any, simulator:
+                                                            SimulatorThread, capsys: Any) -> None:
+    rows = questions(6)
+    rows[1]["question"] = "[sim:hang]"
+    rows[2]["question"] = "[sim:drop*2] dropped twice, then answered"
+    rows[3]["question"] = "[sim:status=503*1] unavailable once"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"timeout_s": 0.5, "retry": {"max_tries": 3, "max_time_s": 30}})
+    assert pipeline.run() == 1
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    assert results["q00001"]["error_class"] == "APITimeoutError"
+    assert "gave up after 3 attempts" in results["q00001"]["error"]
+    assert sum(r["status"] == "done" for r in results.values()) == 5
+    outcomes = pipeline.query("SELECT outcome FROM attempts WHERE request_key = "
+                              "(SELECT request_key FROM items WHERE item_id='q00002') "
+                              "ORDER BY rowid")
+    assert outcomes == [("connection error",), ("connection error",), ("ok",)]
+
+
+def test_limit_calls_only_the_first_pending_items(make_pipeline: Any, simulator: SimulatorThread,
+                                                  capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run("--limit", "5") == 0
+    assert simulator.stats.requests == 5
+    assert pipeline.run("--limit", "5") == 0
+    assert simulator.stats.requests == 10
+    statuses = [r["status"] for r in pipeline.export(capsys)]
+    assert statuses == ["done"] * 10 + ["pending"] * 10
+
+
+def test_retry_failed_calls_only_failed_items(make_pipeline: Any, simulator: SimulatorThread,
+                                              capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url, post=["json"])
+    assert pipeline.run("--limit", "4") == 1
+    assert pipeline.run("--retry-failed", "--error-class", "PostError") == 1
+    assert simulator.stats.requests == 8
+    assert pipeline.query("SELECT COUNT(*) FROM results WHERE status='pending'") == [(16,)]
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_exports_every_item_exactly_once(make_pipeline: Any) -> None:
+    """2,000 items, concurrency 32, 50 ms latency: SIGKILL mid-run, resume, then nothing left."""
+    with SimulatorThread() as server:
+        server.config.latency_ms = 50
+        pipeline = make_pipeline(rows=questions(2000), base_url=server.url,
+                                 call={"concurrency": 32})
+        child = flow_process(pipeline)
+        deadline = time.monotonic() + 60
+        target = random.randint(300, 1500)
+        while server.stats.requests < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        first = server.stats.requests
+        assert 0 < first < 2000
+
+        resumed = flow_process(pipeline)
+        assert resumed.wait(120) == 0, resumed.stderr.read() if resumed.stderr else ""
+        assert server.stats.requests <= 2000 + 32
+        assert server.stats.max_per_request <= 2
+
+        export = flow_process_export(pipeline)
+        ids = [row["id"] for row in export]
+        assert len(ids) == 2000 and len(set(ids)) == 2000
+        assert all(row["status"] == "done" for row in export)
+        with sqlite3.connect(pipeline.store) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+        before = server.stats.requests
+        third = flow_process(pipeline)
+        assert third.wait(60) == 0
+        assert server.stats.requests == before
+
+
+def flow_process_export(pipeline: Pipeline) -> list[dict[str, Any]]:
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "flow", "export", str(pipeline.file)],
+                         capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.slow
+def test_sigint_drains_in_flight_requests_and_exits_130(make_pipeline: Any) -> None:
+    with SimulatorThread() as server:
+        server.config.latency_ms = 200
+        pipeline = make_pipeline(rows=questions(400), base_url=server.url,
+                                 call={"concurrency": 16})
+        child = flow_process(pipeline)
+        deadline = time.monotonic() + 30
+        while server.stats.requests < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(30) == 130
+        err = child.stderr.read() if child.stderr else ""
+        assert "run the same command again to resume" in err
+        assert "Traceback" not in err
+        sent = server.stats.requests
+        done = pipeline.query("SELECT COUNT(*) FROM calls WHERE status='done'")[0][0]
+        assert done == sent
+        assert pipeline.query("SELECT state FROM runs") == [("interrupted",)]

@@ -1,0 +1,95 @@
+"""The simulator answers like OpenAI: replies, usage, limits, headers and faults."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx2
+import pytest
+
+from flow.simulator import SimulatorConfig, SimulatorThread, format_duration
+
+
+def post(url: str, content: str, **body: object) -> httpx2.Response:
+    payload = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **body}
+    return httpx2.post(url + "/chat/completions", json=payload, timeout=10,
+                       headers={"Authorization": "Bearer sk-x"})
+
+
+def test_replies_are_deterministic_and_json_when_asked() -> None:
+    with SimulatorThread() as server:
+        first = post(server.url, "hello").json()
+        again = post(server.url, "hello").json()
+        assert first["choices"][0]["message"]["content"] == again["choices"][0]["message"][
+            "content"]
+        assert "You asked: hello" in first["choices"][0]["message"]["content"]
+        usage = first["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+        as_json = post(server.url, "x", response_format={"type": "json_object"}).json()
+        assert json.loads(as_json["choices"][0]["message"]["content"])["echo"] == "x"
+        assert server.stats.requests == 3 and server.stats.max_per_request == 2
+
+
+def test_max_tokens_cuts_the_reply_with_finish_reason_length() -> None:
+    with SimulatorThread() as server:
+        body = post(server.url, "tell me", max_tokens=3).json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 3
+
+
+def test_rate_limit_per_second_answers_429_with_openai_headers() -> None:
+    with SimulatorThread(SimulatorConfig(rpm=120)) as server:
+        statuses = [post(server.url, f"q{i}") for i in range(4)]
+        assert [r.status_code for r in statuses] == [200, 200, 429, 429]
+        limited = statuses[2]
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(limited.headers["retry-after-ms"]) > 0
+        assert limited.headers["retry-after"].isdigit()
+        ok = statuses[0]
+        assert ok.headers["x-ratelimit-limit-requests"] == "120"
+        assert "x-ratelimit-remaining-requests" in ok.headers
+        assert ok.headers["x-ratelimit-reset-requests"].endswith("s")
+        time.sleep(0.6)
+        assert post(server.url, "later").status_code == 200
+
+
+def test_rate_limit_per_minute_window_allows_a_burst_then_refuses() -> None:
+    with SimulatorThread(SimulatorConfig(rpm=5, window="minute")) as server:
+        codes = [post(server.url, f"q{i}").status_code for i in range(7)]
+        assert codes == [200] * 5 + [429] * 2
+
+
+def test_markers_inject_faults_and_counts_let_them_pass() -> None:
+    with SimulatorThread() as server:
+        assert post(server.url, "[sim:status=503*2]").status_code == 503
+        assert post(server.url, "[sim:status=503*2]").status_code == 503
+        assert post(server.url, "[sim:status=503*2]").status_code == 200
+        assert post(server.url, "[sim:status=429-quota]").json()["error"]["code"] == (
+            "insufficient_quota")
+        body = post(server.url, "[sim:finish=content_filter]").json()
+        assert body["choices"][0]["finish_reason"] == "content_filter"
+        with pytest.raises(ValueError):
+            json.loads(post(server.url, "[sim:malformed]").text)
+        with pytest.raises(httpx2.HTTPError):
+            post(server.url, "[sim:drop]")
+
+
+def test_wrong_key_gets_401() -> None:
+    with SimulatorThread(SimulatorConfig(api_key="sk-right")) as server:
+        response = post(server.url, "hi")
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_models_and_stats_endpoints() -> None:
+    with SimulatorThread() as server:
+        post(server.url, "one")
+        assert httpx2.get(server.url + "/models").json()["object"] == "list"
+        stats = httpx2.get(server.url.removesuffix("/v1") + "/sim/stats").json()
+        assert stats["requests"] == 1 and stats["by_status"] == {"200": 1}
+
+
+@pytest.mark.parametrize("seconds, text", [(0.02, "20ms"), (1.5, "1.5s"), (360, "6m0s")])
+def test_durations_are_formatted_like_openai(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
