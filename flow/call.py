@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from collections.abc import Generator
@@ -37,9 +38,18 @@ from flow.store import AttemptRecord, CallRecord, utc_now
 from flow.tokens import count_prompt_tokens, expected_output_tokens
 
 RETRY_STATUS = frozenset({408, 409, 429})
+SIMULATED_ORIGIN = "simulator"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
 FIRST_WAIT_S = 0.5
 MAX_WAIT_S = 60.0
 TIMEOUT_GRACE_S = 5.0
+
+
+def endpoint_origin(base_url: str | None, simulated: bool) -> str:
+    """The name results are stored under: the endpoint's base URL, or `simulator`."""
+    if simulated:
+        return SIMULATED_ORIGIN
+    return (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
 def make_client(config: CallConfig, base_url: str | None, api_key: str | None) -> openai.AsyncOpenAI:

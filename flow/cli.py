@@ -15,23 +15,28 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from flow import __version__
-from flow.config import load_config
+from flow.config import PipelineConfig, load_config
 from flow.errors import FlowError
-from flow.progress import describe, render, summarize
 from flow.report import export_results, list_failures, render_json, show_item, store_status
-from flow.run import Run, RunOptions, RunProgress, RunSummary
-from flow.simulator import SimulatorConfig, serve
+
+if TYPE_CHECKING:
+    from flow.run import Run, RunOptions, RunProgress, RunSummary
+    from flow.simulator import SimulatorConfig
+
+# `run`, `simulate` and `--dry-run` import the openai SDK and aiohttp inside their handlers:
+# the read commands (`status`, `export`, ...) start in a fraction of the time without them.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMMANDS = ("run", "status", "export", "failures", "show", "simulate")
 PLAIN_EVERY_S = 5.0
+FAILURES_SHOWN = 50
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="call again only the items that failed")
     run.add_argument("--error-class", metavar="CLASS",
                      help="with --retry-failed: only failures of this class")
+    run.add_argument("--dry-run", action="store_true",
+                     help="show the first requests, count what is done and left, estimate "
+                     "tokens and cost; call nothing")
     _simulator_options(run, prefix="sim-")
     run.set_defaults(handler=_run)
 
@@ -136,6 +144,8 @@ def _simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
 
 
 def _simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
+    from flow.simulator import SimulatorConfig
+
     def get(name: str) -> Any:
         return getattr(args, (prefix + name).replace("-", "_"))
 
@@ -151,10 +161,14 @@ def _simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
 def _run(args: argparse.Namespace, err: Console) -> int:
     if args.error_class and not args.retry_failed:
         raise_usage("--error-class needs --retry-failed")
+    from flow.run import Run, RunOptions
+
     config = load_config(args.pipeline)
     options = RunOptions(simulate=args.simulate, simulator=_simulator_config(args, "sim_"),
                          limit=args.limit, retry_failed=args.retry_failed,
                          error_class=args.error_class)
+    if args.dry_run:
+        return _dry_run(config, options)
     if args.simulate:
         err.print("[yellow]--simulate: replies come from flow's built-in simulator, "
                   "not from a model[/]")
@@ -164,11 +178,39 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         summary = asyncio.run(_run_with_signals(run, err))
     finally:
         display.close()
+    from flow.progress import summarize
+
     err.print(summarize(summary), highlight=False, markup=False)
     if summary.state == "interrupted":
         err.print("interrupted: run the same command again to resume", markup=False)
         return EXIT_INTERRUPTED
+    if summary.state == "stopped":
+        return EXIT_FAILED
     return EXIT_OK if summary.progress.failed == 0 else EXIT_FAILED
+
+
+def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
+    from flow.dryrun import dry_run
+    from flow.prices import PRICES_TAKEN_ON
+
+    report = asyncio.run(dry_run(config, options))
+    out = Console(highlight=False, soft_wrap=True)
+    for number, request in enumerate(report.samples, 1):
+        out.print(f"request {number}:", style="bold")
+        out.print(render_json(request), markup=False)
+    for message in report.bad_samples:
+        out.print(f"bad row: {message}", style="red", markup=False)
+    cost = report.cost_usd
+    price = ("unknown price for this model: set call.price" if cost is None
+             else f"about ${cost:.4f} at list prices of {PRICES_TAKEN_ON}")
+    out.print(f"dry run against {report.origin}: {report.rows:,} rows; "
+              f"{report.done:,} already done, {report.to_call:,} to call, "
+              f"{report.reposts:,} to post-process again, {report.failed_kept:,} failed with a "
+              f"paid response (kept), {report.bad_rows:,} bad rows", markup=False)
+    out.print(f"estimate: {report.prompt_tokens:,} prompt tokens + up to "
+              f"{report.completion_tokens:,} completion tokens ({report.model}), {price}; "
+              "nothing was called", markup=False)
+    return EXIT_OK
 
 
 async def _run_with_signals(run: Run, err: Console) -> RunSummary:
@@ -200,6 +242,8 @@ class _Display:
             self._live.start()
 
     def update(self, progress: RunProgress) -> None:
+        from flow.progress import describe, render
+
         self._progress = progress
         if self._live is not None:
             self._live.update(render(progress))
@@ -208,6 +252,8 @@ class _Display:
             self._err.print(describe(progress), markup=False, highlight=False)
 
     def close(self) -> None:
+        from flow.progress import render
+
         if self._live is not None:
             if self._progress is not None:
                 self._live.update(render(self._progress))
@@ -239,11 +285,16 @@ def _status(args: argparse.Namespace, err: Console) -> int:
     runs = Table("run", "started", "finished", "state", "done", "failed", "skipped", "calls",
                  header_style="bold")
     for run in status["runs"][-10:]:
-        runs.add_row(str(run["id"]), run["started_at"], run["finished_at"] or "-", run["state"],
+        runs.add_row(str(run["id"]), _when(run["started_at"]), _when(run["finished_at"]),
+                     run["state"],
                      f"{run['items_done']:,}", f"{run['items_failed']:,}",
                      f"{run['items_skipped']:,}", f"{run['calls_made']:,}")
     out.print(runs)
     return EXIT_OK
+
+
+def _when(stamp: str | None) -> str:
+    return stamp[:19].replace("T", " ") if stamp else "-"
 
 
 def _export(args: argparse.Namespace, err: Console) -> int:
@@ -257,18 +308,23 @@ def _export(args: argparse.Namespace, err: Console) -> int:
 
 def _failures(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
-    failures = list_failures(config.store, args.error_class, args.limit)
     if args.json:
+        failures = list_failures(config.store, args.error_class, args.limit)
         print(json.dumps(failures, indent=2, ensure_ascii=False))
         return EXIT_OK
+    shown = args.limit or FAILURES_SHOWN
+    failures = list_failures(config.store, args.error_class, shown + 1)
     if not failures:
         err.print("no failed items", markup=False)
         return EXIT_OK
     table = Table("id", "row", "error class", "attempts", "error", header_style="bold")
-    for failure in failures:
+    for failure in failures[:shown]:
         table.add_row(str(failure["id"]), str(failure["row"]), str(failure["error_class"]),
                       str(failure["attempts"] or 0), str(failure["error"]))
     Console(highlight=False).print(table)
+    if len(failures) > shown and not args.limit:
+        err.print(f"showing the first {shown}; --limit N for more, --json for all, or "
+                  "`flow export --only failed`", markup=False)
     return EXIT_OK
 
 
@@ -279,6 +335,8 @@ def _show(args: argparse.Namespace, err: Console) -> int:
 
 
 def _simulate(args: argparse.Namespace, err: Console) -> int:
+    from flow.simulator import serve
+
     config = _simulator_config(args, "")
 
     async def serve_forever() -> None:

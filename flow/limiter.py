@@ -34,6 +34,16 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+def _header_number(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 def parse_duration(text: str) -> float | None:
     """Seconds in an OpenAI reset header value such as `1s`, `6m0s`, `20ms` or `0.5`."""
     text = text.strip()
@@ -147,26 +157,29 @@ class RateLimiter:
     def observe(self, headers: Mapping[str, str] | None, reached_server: bool = True) -> None:
         """Learn limits from a response's `x-ratelimit-*` headers."""
         if headers and self._learn:
+            now = self._clock()
             changed = False
             for kind in ("requests", "tokens"):
-                value = headers.get(f"x-ratelimit-limit-{kind}")
-                if value is None:
-                    continue
-                try:
-                    limit = int(float(value))
-                except ValueError:
-                    continue
-                if limit > 0 and limit != self._learned[kind]:
-                    self._learned[kind] = limit
+                limit = _header_number(headers, f"x-ratelimit-limit-{kind}")
+                if limit is not None and limit > 0 and int(limit) != self._learned[kind]:
+                    self._learned[kind] = int(limit)
                     changed = True
+                self._hold_if_exhausted(headers, kind, now)
             if changed:
-                self._rebuild(self._clock())
+                self._rebuild(now)
         if reached_server and not self._knows_limits:
             self._knows_limits = True
             self._probe_done.set()
         elif not reached_server and self._probe_in_flight and not self._knows_limits:
             self._probe_in_flight = False
             self._probe_done.set()
+
+    def _hold_if_exhausted(self, headers: Mapping[str, str], kind: str, now: float) -> None:
+        """The server has nothing left (someone else shares the key): wait for its reset."""
+        remaining = _header_number(headers, f"x-ratelimit-remaining-{kind}")
+        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
+        if remaining is not None and remaining <= 0 and reset is not None and reset > 0:
+            self._paused_until = max(self._paused_until, now + min(reset, 60.0))
 
     def on_rate_limited(self, retry_after_s: float | None) -> None:
         """A 429: pause everyone until `retry_after_s`, drain the buckets, slow the pace."""
@@ -254,7 +267,9 @@ class RateLimiter:
             per_s = limit / 60 * HEADROOM * self._factor
             capacity = max(1.0, per_s * BURST_S)
             if old is None:
-                self._buckets[kind] = Bucket(per_s, capacity, capacity, now)
+                # start empty: a full burst on top of a steady pace just under the limit
+                # would leave the server no slack for requests that arrive bunched
+                self._buckets[kind] = Bucket(per_s, capacity, 0.0, now)
             else:
                 old.refill(now)
                 old.per_s, old.capacity = per_s, capacity

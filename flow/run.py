@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flow.call import Caller, make_client
+from flow.call import Caller, endpoint_origin, make_client
 from flow.config import PipelineConfig
 from flow.errors import ConfigError, FatalCallError, ItemError, PostError, TemplateError
 from flow.limiter import LimiterStats, RateLimiter
@@ -35,7 +35,6 @@ from flow.store import CallRecord, ItemRecord, KnownCall, Store, utc_now
 STAGE = "call"
 BATCH_ROWS = 256
 TICK_S = 0.25
-SIMULATED_ORIGIN = "simulator"
 
 
 @dataclass
@@ -98,6 +97,24 @@ class _Work:
 ProgressHook = Callable[[RunProgress], None]
 
 
+def decide(known: KnownCall | None, post_key: str, retry_failed: bool,
+           error_class: str | None) -> str:
+    """What to do with an item whose request has `known` stored: call, repost or skip."""
+    if retry_failed:
+        if known is not None and known.status == "failed" and error_class in (
+                None, known.error_class):
+            return "call"
+        if known is None:
+            return "skip-pending"
+    if known is None:
+        return "call"
+    if known.has_response and known.post_key != post_key:
+        return "repost"
+    if known.status == "done":
+        return "skip-done"
+    return "skip-failed" if known.has_response else "call"
+
+
 class Run:
     """A run of one pipeline; `await Run(...).execute()` returns its `RunSummary`."""
 
@@ -114,6 +131,8 @@ class Run:
         self._fatal: FatalCallError | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._dispatched = 0
+        self._spent_before = 0.0
+        self._over_budget_message: str | None = None
 
     def request_stop(self) -> None:
         """First call: finish what is in flight, start nothing new. Second call: stop now."""
@@ -131,11 +150,12 @@ class Run:
         store = await Store.open(self.config.store)
         state, message = "finished", None
         try:
-            async with self._endpoint() as (base_url, api_key, origin):
+            async with self._endpoint() as (base_url, api_key):
                 client = make_client(self.config.call, base_url, api_key)
-                origin = origin or str(client.base_url).rstrip("/")
+                origin = endpoint_origin(self.config.call.base_url, self.options.simulate)
                 await store.start_run(self.config.file, origin, str(client.base_url))
                 store.totals.items_total = self.progress.total
+                self._spent_before = await store.spent_usd(origin)
                 limiter = RateLimiter(self.config.call.rpm, self.config.call.tpm)
                 caller = Caller(self.config.call, client, limiter, origin,
                                 price_for(self.config.call.model, self.config.call.price),
@@ -146,6 +166,8 @@ class Run:
                     await client.close()
             if self._fatal is not None:
                 state, message = "stopped", str(self._fatal)
+            elif self._over_budget_message is not None:
+                state, message = "stopped", self._over_budget_message
             elif self._stop_feeding.is_set():
                 state = "interrupted"
                 message = self.progress.stopping
@@ -162,17 +184,17 @@ class Run:
         return RunSummary(state, self.progress, store.run_id, str(self.config.store), message)
 
     @contextlib.asynccontextmanager
-    async def _endpoint(self) -> AsyncIterator[tuple[str | None, str | None, str | None]]:
+    async def _endpoint(self) -> AsyncIterator[tuple[str | None, str | None]]:
         if self.options.simulate:
             async with serve(self.options.simulator) as (url, _):
-                yield url, "sk-simulated", SIMULATED_ORIGIN
+                yield url, "sk-simulated"
             return
         api_key = self.config.call.api_key or os.environ.get("OPENAI_API_KEY")
         if not api_key:
             raise ConfigError(
                 f"{self.config.file}: no API key: set OPENAI_API_KEY or call.api_key, "
                 "or add --simulate to run against the built-in simulator")
-        yield self.config.call.base_url, api_key, None
+        yield self.config.call.base_url, api_key
 
     async def _run(self, store: Store, caller: Caller, limiter: RateLimiter, origin: str) -> None:
         queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=self.config.call.concurrency)
@@ -267,7 +289,8 @@ class Run:
         known = await store.known_calls(origin, [r.request_key for r, _ in work if r.request_key])
         for record, request in work:
             assert record.request_key is not None
-            action = self._decide(known.get(record.request_key))
+            action = decide(known.get(record.request_key), self._post.fingerprint,
+                            self.options.retry_failed, self.options.error_class)
             if action == "skip-done":
                 self.progress.skipped += 1
                 self.progress.done += 1
@@ -293,29 +316,17 @@ class Run:
         return [r for r in records
                 if stored.get(r.item_id) != (r.row, r.request_key, origin, r.error_class, r.error)]
 
-    def _decide(self, known: KnownCall | None) -> str:
-        if self.options.retry_failed:
-            wanted = (known is not None and known.status == "failed"
-                      and self.options.error_class in (None, known.error_class))
-            if wanted:
-                return "call"
-            if known is None:
-                return "skip-pending"
-        if known is None:
-            return "call"
-        if known.has_response and known.post_key != self._post.fingerprint:
-            return "repost"
-        if known.status == "done":
-            return "skip-done"
-        return "skip-failed" if known.has_response else "call"
-
     def _over_budget(self) -> bool:
         limit = self.options.limit
         if limit is not None and self._dispatched >= limit:
             return True
         cap = self.config.call.max_cost_usd
-        if cap is not None and self.progress.cost_usd >= cap:
-            self.progress.stopping = f"spend reached call.max_cost_usd (${cap:.2f})"
+        spent = self._spent_before + self.progress.cost_usd
+        if cap is not None and spent >= cap:
+            self._over_budget_message = (
+                f"spend reached call.max_cost_usd (${spent:.4f} of ${cap:.2f}); no new "
+                "requests were started. Raise the cap and run again to go on")
+            self.progress.stopping = "budget reached"
             return True
         return False
 

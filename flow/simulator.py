@@ -186,6 +186,16 @@ class Simulator:
                                "key in your account settings.")
         text = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         marker = self._marker(text, self.stats.by_request[request_key])
+        prompt_tokens = count_prompt_tokens(messages, model)
+        reply, completion_tokens, finish = self._reply(body, messages, model)
+        # limits are checked on arrival, as OpenAI does: a 429 comes back at once
+        now = time.monotonic()
+        waits = {kind: limit.try_take(1 if kind == "requests" else
+                                      prompt_tokens + completion_tokens, now)
+                 for kind, limit in self._limits.items()}
+        if any(waits.values()):
+            kind = max(waits, key=lambda k: waits[k])
+            return self._rate_limited(kind, waits[kind], now)
         delay = self.config.latency_ms + self._random.uniform(0, self.config.jitter_ms)
         if delay:
             await asyncio.sleep(delay / 1000)
@@ -199,17 +209,8 @@ class Simulator:
             await asyncio.sleep(self.config.hang_s)
         if fault and fault.startswith("status="):
             return self._status_fault(fault.removeprefix("status="))
-
-        prompt_tokens = count_prompt_tokens(messages, model)
-        reply, completion_tokens, finish = self._reply(body, messages, model)
         if fault and fault.startswith("finish="):
             finish = fault.removeprefix("finish=")
-        now = time.monotonic()
-        wait = max([limit.try_take(cost, now) for kind, limit in self._limits.items()
-                    for cost in [1 if kind == "requests" else prompt_tokens + completion_tokens]]
-                   or [0.0])
-        if wait > 0:
-            return self._rate_limited(wait, now)
         self.stats.tokens += prompt_tokens + completion_tokens
         if fault == "malformed":
             return self._respond(200, '{"id": "chatcmpl-broken", "choices": [{"mess')
@@ -277,8 +278,7 @@ class Simulator:
             return reply, total, "stop"
         return reply, toktok.batch_count([reply], encoding, threads=1)[0], "stop"
 
-    def _rate_limited(self, wait: float, now: float) -> web.Response:
-        kind = "requests"
+    def _rate_limited(self, kind: str, wait: float, now: float) -> web.Response:
         message = (f"Rate limit reached for {kind}. Please try again in "
                    f"{format_duration(wait)}.")
         response = self._error(429, kind, "rate_limit_exceeded", message, now)

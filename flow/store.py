@@ -9,6 +9,7 @@ commit in progress (a few milliseconds), never for a batch to fill.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -165,7 +166,7 @@ def prepare_store(path: Path) -> None:
 class Store:
     """The store a run writes to; open with `await Store.open(path)`, close with `close()`."""
 
-    def __init__(self, path: Path, db: aiosqlite.Connection, lock: StoreLock) -> None:
+    def __init__(self, path: Path, db: aiosqlite.Connection, lock: StoreLock | None) -> None:
         self.path = path
         self._db = db
         self._lock = lock
@@ -179,7 +180,7 @@ class Store:
 
     @classmethod
     async def open(cls, path: Path) -> Store:
-        """Lock, migrate and connect to the store at `path`."""
+        """Lock, migrate and connect to the store at `path`, to run a pipeline."""
         lock = StoreLock(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -197,6 +198,15 @@ class Store:
         store = cls(path, db, lock)
         store._writer = asyncio.create_task(store._write_forever())
         return store
+
+    @classmethod
+    async def open_read_only(cls, path: Path) -> Store:
+        """Connect without locking or migrating, to look (a dry run, beside a live run)."""
+        try:
+            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot read the store: {e}") from None
+        return cls(path, db, None)
 
     async def start_run(self, pipeline: Path, origin: str, endpoint: str) -> int:
         """Record a new run; mark runs left `running` by a dead process as `crashed`."""
@@ -245,6 +255,12 @@ class Store:
             for key, status, has_response, post_key, error_class in rows:
                 found[key] = KnownCall(status, bool(has_response), post_key, error_class)
         return found
+
+    async def spent_usd(self, origin: str) -> float:
+        """Dollars recorded for every call made to this endpoint, in every run."""
+        rows = await self._query("SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE origin=?",
+                                 (origin,))
+        return float(rows[0][0])
 
     async def stored_response(self, key: str, origin: str) -> tuple[str, dict[str, Any]] | None:
         """The raw response body and request of a stored call, to post-process it again."""
@@ -323,12 +339,12 @@ class Store:
             if self._writer is not None:
                 self._writer.cancel()
                 await asyncio.gather(self._writer, return_exceptions=True)
-            try:
-                await self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                pass
+            if self._lock is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             await self._db.close()
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     @property
     def failure(self) -> StoreError | None:

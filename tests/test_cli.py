@@ -112,3 +112,85 @@ def test_console_script_and_module_agree() -> None:
     done = subprocess.run([sys.executable, "-m", "flow", "--version"], capture_output=True,
                           text=True)
     assert done.returncode == 0 and done.stdout.startswith("flow ")
+
+
+def test_dry_run_counts_estimates_and_calls_nothing(make_pipeline: Any, simulator:
+                                                    SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run("--limit", "5") == 0
+    runs_before = pipeline.query("SELECT COUNT(*) FROM runs")
+    capsys.readouterr()
+    assert pipeline.run("--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "20 rows; 5 already done, 15 to call" in out
+    assert '"content": "What is 5 plus 5?"' in out
+    assert "prompt tokens" in out and "$" in out and "nothing was called" in out
+    assert simulator.stats.requests == 5
+    assert pipeline.query("SELECT COUNT(*) FROM runs") == runs_before
+
+
+def test_dry_run_needs_no_key_and_no_store(make_pipeline: Any, capsys: Any,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    pipeline = make_pipeline()
+    assert pipeline.run("--dry-run") == 0
+    assert "20 to call" in capsys.readouterr().out
+    assert not pipeline.store.exists()
+
+
+def test_max_cost_stops_starting_requests_and_says_so(make_pipeline: Any, simulator:
+                                                      SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url, call={
+        "concurrency": 1, "max_cost_usd": 1.0,
+        "price": {"input_per_1m": 1_000_000, "output_per_1m": 1_000_000}})
+    assert pipeline.run() == 1
+    err = capsys.readouterr().err
+    assert "max_cost_usd" in err
+    assert 1 <= simulator.stats.requests <= 3
+    assert pipeline.run() == 1
+    assert simulator.stats.requests <= 3
+
+
+def test_failures_lists_filters_and_prints_json(make_pipeline: Any, simulator: SimulatorThread,
+                                                capsys: Any) -> None:
+    rows = [{"id": "ok", "question": "fine"},
+            {"id": "bad", "question": "[sim:status=400]"},
+            {"id": "gone", "question": "[sim:status=404]"}]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    capsys.readouterr()
+    assert pipeline.cli("failures") == 0
+    out = capsys.readouterr().out
+    assert "bad" in out and "gone" in out and "BadRequestError" in out and "NotFoundError" in out
+    assert pipeline.cli("failures", "--error-class", "NotFoundError", "--json") == 0
+    failures = json.loads(capsys.readouterr().out)
+    assert [(f["id"], f["error_class"], f["attempts"]) for f in failures] == [
+        ("gone", "NotFoundError", 1)]
+
+
+def test_export_csv_and_only_failed(make_pipeline: Any, simulator: SimulatorThread,
+                                    capsys: Any) -> None:
+    import csv
+    import io
+    rows = [{"id": "ok", "question": "fine"}, {"id": "bad", "question": "[sim:status=400]"}]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    capsys.readouterr()
+    assert pipeline.cli("export", "--format", "csv", "--fields", "question") == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["id"], r["question"], r["status"]) for r in table] == [
+        ("ok", "fine", "done"), ("bad", "[sim:status=400]", "failed")]
+    assert table[0]["output"].startswith("Simulated reply")
+    assert pipeline.cli("export", "--only", "failed") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["bad"]
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(make_pipeline: Any) -> None:
+    from conftest import flow_process
+    pipeline = make_pipeline()
+    child = flow_process(pipeline, "--simulate", "--sim-latency-ms", "20")
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 0
+    assert "items/s" in err and "ETA" in err and "\x1b[" not in err
+    assert "finished: 20 done" in err

@@ -45,8 +45,15 @@ async def test_rpm_paces_requests_just_under_the_limit() -> None:
     lim = limiter(clock, rpm=600)
     await admit(lim, 200)
     rate = 600 / 60 * HEADROOM
-    burst = rate  # one second's worth may go at once
-    assert clock.now == pytest.approx((200 - burst) / rate, rel=0.01)
+    assert clock.now == pytest.approx(200 / rate, rel=0.01)
+
+
+async def test_after_idle_one_seconds_worth_may_go_at_once() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=600)
+    clock.now = 5.0
+    await admit(lim, 9)
+    assert clock.now == 5.0
 
 
 async def test_tpm_paces_by_estimated_tokens() -> None:
@@ -54,18 +61,19 @@ async def test_tpm_paces_by_estimated_tokens() -> None:
     lim = limiter(clock, tpm=60_000)
     await admit(lim, 50, tokens=1000)
     per_s = 1000 * HEADROOM
-    assert clock.now == pytest.approx((50 * 1000 - per_s) / per_s, rel=0.01)
+    assert clock.now == pytest.approx(50 * 1000 / per_s, rel=0.01)
 
 
 async def test_settle_refunds_unused_tokens() -> None:
     clock = FakeClock()
     lim = limiter(clock, tpm=60_000)
+    clock.now = 1.0
     reservations = [await lim.acquire(490) for _ in range(2)]
-    assert clock.now == 0.0
+    assert clock.now == 1.0
     for reservation in reservations:
         lim.settle(reservation, 10)
     await admit(lim, 1, tokens=900)
-    assert clock.now == 0.0
+    assert clock.now == 1.0
 
 
 async def test_settle_charges_tokens_used_beyond_the_estimate() -> None:
@@ -191,3 +199,14 @@ async def test_stats_report_rates_against_limits() -> None:
     assert stats.rpm_limit == 600 and stats.tpm_limit == 100_000
     assert stats.requests_per_min == pytest.approx(600, rel=0.01)
     assert stats.tokens_per_min == pytest.approx(30_000, rel=0.01)
+
+
+async def test_nothing_remaining_holds_everyone_until_the_reset() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=6000)
+    clock.now = 1.0
+    lim.observe({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "0",
+                 "x-ratelimit-reset-requests": "2.5s"})
+    await lim.acquire(1)
+    assert clock.now >= 3.5
+    assert lim.rate_limited == 0

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from conftest import API_KEY, Pipeline, flow_process, questions, write_rows
-from flow.simulator import SimulatorThread
+from flow.simulator import SimulatorConfig, SimulatorThread
 
 
 def test_run_writes_every_result_and_rerun_makes_no_calls(make_pipeline: Any, simulator:
@@ -261,3 +261,35 @@ def test_sigint_drains_in_flight_requests_and_exits_130(make_pipeline: Any) -> N
         done = pipeline.query("SELECT COUNT(*) FROM calls WHERE status='done'")[0][0]
         assert done == sent
         assert pipeline.query("SELECT state FROM runs") == [("interrupted",)]
+
+
+def test_run_under_a_server_limit_learns_it_and_meets_few_429s(make_pipeline: Any,
+                                                               capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(rpm=3000, latency_ms=20)) as server:
+        pipeline = make_pipeline(rows=questions(150), base_url=server.url,
+                                 call={"concurrency": 50})
+        assert pipeline.run() == 0
+        assert {r["status"] for r in pipeline.export(capsys)} == {"done"}
+        assert server.stats.by_status[429] <= 3
+        started, finished = pipeline.query("SELECT MIN(started_at), MAX(finished_at) FROM calls")[0]
+        from datetime import datetime
+        span = (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+        assert span >= 150 / 50 * 0.9
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_store_is_refused_naming_the_process(make_pipeline: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=300)) as server:
+        pipeline = make_pipeline(rows=questions(200), base_url=server.url,
+                                 call={"concurrency": 4})
+        first = flow_process(pipeline)
+        deadline = time.monotonic() + 30
+        while server.stats.requests < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = flow_process(pipeline)
+        _, err = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert f"another flow run (pid {first.pid})" in err and "Traceback" not in err
+        first.send_signal(signal.SIGINT)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(30) == 130
