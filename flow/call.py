@@ -229,8 +229,11 @@ class Caller:
     def _read(self, content: bytes) -> Reply:
         """The text of a chat completion body, or why it cannot be used."""
         if len(content) > self._config.max_response_bytes:
+            # paid for but not kept: a stub marks it paid, so a re-run does not buy it again
+            stub = json.dumps({"flow": f"response of {len(content)} bytes not kept"})
             raise Permanent("ResponseError", f"response of {len(content)} bytes is larger than "
-                            f"call.max_response_bytes ({self._config.max_response_bytes})")
+                            f"call.max_response_bytes ({self._config.max_response_bytes})",
+                            stub, {})
         raw = content.decode("utf-8", errors="replace")
         try:
             body = json.loads(raw)

@@ -138,6 +138,9 @@ def _simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
     group.add_argument(f"--{prefix}tpm", type=_positive_int, help="tokens per minute allowed")
     group.add_argument(f"--{prefix}window", choices=("second", "minute"), default="second",
                        help="enforce limits paced per second, or per 60 s window")
+    group.add_argument(f"--{prefix}outage", action="append", default=[], type=_outage,
+                       metavar="START:END", help="answer every request 503 from START to END "
+                       "seconds after the simulator starts (repeatable)")
     if not prefix:
         group.add_argument("--api-key", help="refuse requests without this key (401)")
         group.add_argument("--seed", type=int, help="seed for the injected faults")
@@ -155,6 +158,7 @@ def _simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
         rate_limit_rate=get("rate-limit-rate"), drop_rate=get("drop-rate"),
         hang_rate=get("hang-rate"), malformed_rate=get("malformed-rate"),
         truncate_rate=get("truncate-rate"), filter_rate=get("filter-rate"),
+        outages=get("outage"),
         api_key=getattr(args, "api_key", None), seed=getattr(args, "seed", None))
 
 
@@ -367,6 +371,17 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
     return value
+
+
+def _outage(text: str) -> tuple[float, float]:
+    start, _, end = text.partition(":")
+    try:
+        window = float(start), float(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}") from None
+    if not 0 <= window[0] < window[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return window
 
 
 def _non_negative_float(text: str) -> float:

@@ -121,6 +121,10 @@ def summarize(summary: RunSummary) -> str:
         f"cost ${p.cost_usd:.4f}, {_duration(p.elapsed_s)} wall time",
         f"store: {summary.store}",
     ]
+    if p.rerendered or p.removed:
+        lines.append(f"the input or pipeline changed since the last run: {p.rerendered:,} items "
+                     f"now render a different request; {p.removed:,} items whose rows left the "
+                     "input were dropped from the results (their calls stay in the store)")
     if p.simulated:
         lines.append("replies were simulated by flow's built-in simulator; "
                      "nothing was sent to a real API")

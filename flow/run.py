@@ -58,6 +58,8 @@ class RunProgress:
     skipped: int = 0
     to_call: int = 0
     completed: int = 0
+    rerendered: int = 0
+    removed: int = 0
     in_flight: int = 0
     calls: int = 0
     retries: int = 0
@@ -213,13 +215,16 @@ class Run:
 
     async def _until_done(self, producer: asyncio.Task[None],
                           queue: asyncio.Queue[_Work | None]) -> None:
-        """Wait for the producer and workers; on a stop request drain, then cut off."""
+        """Wait for the producer and workers; on a stop request drain, then cut off.
+
+        A producer or worker that fails (the store refusing a write, say) ends the run at
+        once: the others would wait forever on a queue no one reads.
+        """
         stop = asyncio.create_task(self._stop_feeding.wait())
         workers = asyncio.gather(*self._workers)
         try:
-            await asyncio.wait({producer, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if producer.done() and producer.exception() is not None:
-                raise producer.exception()  # type: ignore[misc]
+            await asyncio.wait({producer, stop, workers}, return_when=asyncio.FIRST_COMPLETED)
+            _raise_failure(producer, workers)
             if self._stop_feeding.is_set():
                 producer.cancel()
                 while not queue.empty():
@@ -232,6 +237,7 @@ class Run:
                 abort.cancel()
             else:
                 await workers
+            _raise_failure(producer, workers)
         finally:
             stop.cancel()
             workers.cancel()
@@ -240,36 +246,40 @@ class Run:
 
     async def _produce(self, queue: asyncio.Queue[_Work | None], store: Store,
                        origin: str) -> None:
-        dedupe = self.config.load.id is not None
-        if dedupe:
-            await store.begin_seen_ids()
+        await store.begin_seen_ids()
+        complete = True
         batch: list[Row] = []
         for row in read_rows(self.config.load):
             batch.append(row)
             if len(batch) >= BATCH_ROWS:
-                if not await self._plan(batch, queue, store, origin, dedupe):
-                    break
+                complete = await self._plan(batch, queue, store, origin)
                 batch = []
-        else:
-            if batch:
-                await self._plan(batch, queue, store, origin, dedupe)
+                if not complete:
+                    break
+        if complete and batch:
+            complete = await self._plan(batch, queue, store, origin)
+        if complete:
+            # the whole input was read: items whose rows are gone leave the results
+            self.progress.removed = await store.forget_unseen(STAGE)
         for _ in self._workers:
             await queue.put(None)
 
     async def _plan(self, rows: list[Row], queue: asyncio.Queue[_Work | None], store: Store,
-                    origin: str, dedupe: bool) -> bool:
+                    origin: str) -> bool:
         """Record a batch of rows, then queue those that need a call; False means stop."""
         if self._stop_feeding.is_set():
             return False
-        duplicates = await store.mark_seen([(r.item_id, r.number) for r in rows]) if dedupe else {}
+        first_rows = await store.mark_seen([(r.item_id, r.number) for r in rows])
         records: list[ItemRecord] = []
         work: list[tuple[ItemRecord, dict[str, Any]]] = []
         name = self.config.load.path.name
         for row in rows:
             record = ItemRecord(row.item_id, row.number, None, None)
-            first_row = duplicates.get(row.item_id)
+            first_row = first_rows.get(row.item_id, row.number)
             error: ItemError | None = row.error
-            if first_row is not None and first_row != row.number:
+            if first_row != row.number:
+                # recorded under an id of its own: the first row keeps the id
+                record.item_id = f"{row.item_id}#row{row.number}"
                 error = ItemError(f"{name} row {row.number}: duplicate id {row.item_id!r} "
                                   f"(first at row {first_row}); ids must be unique (load.id)")
             elif error is None and row.fields is not None:
@@ -285,6 +295,9 @@ class Run:
                 record.error = str(error)
                 self.progress.failed += 1
             records.append(record)
+        renamed = [(r.item_id, r.row) for r in records if "#row" in r.item_id]
+        if renamed:
+            await store.mark_seen(renamed)
         await store.save_items(STAGE, origin, await self._changed(store, origin, records))
         known = await store.known_calls(origin, [r.request_key for r, _ in work if r.request_key])
         for record, request in work:
@@ -313,8 +326,16 @@ class Run:
                        records: list[ItemRecord]) -> list[ItemRecord]:
         """The records that differ from what the store holds (most re-runs write nothing)."""
         stored = await store.known_items(STAGE, [r.item_id for r in records])
-        return [r for r in records
-                if stored.get(r.item_id) != (r.row, r.request_key, origin, r.error_class, r.error)]
+        changed = []
+        for record in records:
+            before = stored.get(record.item_id)
+            if before == (record.row, record.request_key, origin, record.error_class,
+                          record.error):
+                continue
+            if before is not None and before[1] != record.request_key:
+                self.progress.rerendered += 1
+            changed.append(record)
+        return changed
 
     def _over_budget(self) -> bool:
         limit = self.options.limit
@@ -339,9 +360,11 @@ class Run:
         record = CallRecord(request_key=key, origin=origin, model=request["model"],
                             request=request, status="failed", started_at=utc_now(),
                             finished_at=utc_now(), response=raw)
-        body = json.loads(raw)
-        text = body["choices"][0]["message"].get("content")
-        finish = body["choices"][0].get("finish_reason")
+        try:
+            choice = json.loads(raw)["choices"][0]
+            text, finish = choice["message"].get("content"), choice.get("finish_reason")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            text, finish = None, "unknown"
         if isinstance(text, str) and finish not in ("length", "content_filter"):
             self._apply_post(record, text)
         else:
@@ -412,6 +435,12 @@ class Run:
         totals.prompt_tokens = progress.prompt_tokens
         totals.completion_tokens = progress.completion_tokens
         totals.cost_usd = progress.cost_usd
+
+
+def _raise_failure(*tasks: asyncio.Future[Any]) -> None:
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 async def run_pipeline(config: PipelineConfig, options: RunOptions,

@@ -9,7 +9,8 @@ many requests arrived, and how many times each distinct request did.
 
 A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` (any code;
 `429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
-`[sim:malformed]`, `[sim:drop]`, `[sim:hang]`. A count makes the fault pass: `[sim:drop*2]`
+`[sim:malformed]`, `[sim:drop]`, `[sim:hang]`, `[sim:cut]` (the body stops half-way),
+`[sim:huge]` (a 20 MB body), `[sim:finish=none]` (no finish_reason). A count makes the fault pass: `[sim:drop*2]`
 drops the first two times that request arrives and answers it normally the third time.
 """
 
@@ -35,7 +36,9 @@ from aiohttp import web
 from flow.request import content_key
 from flow.tokens import count_prompt_tokens, encoding_for_model
 
-MARKER = re.compile(r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang))(?:\*(\d+))?\]")
+MARKER = re.compile(
+    r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge))(?:\*(\d+))?\]")
+HUGE_BYTES = 20_000_000
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
          "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
 
@@ -57,6 +60,7 @@ class SimulatorConfig:
     truncate_rate: float = 0.0
     filter_rate: float = 0.0
     hang_s: float = 3600.0
+    outages: list[tuple[float, float]] = field(default_factory=list)
     api_key: str | None = None
     seed: int | None = None
 
@@ -141,6 +145,7 @@ class Simulator:
         self.stats = SimulatorStats()
         self._random = random.Random(config.seed)
         now = time.monotonic()
+        self._started = now
         self._limits = {kind: _Limit(value, config.window, now) for kind, value in
                         (("requests", config.rpm), ("tokens", config.tpm)) if value}
 
@@ -200,7 +205,7 @@ class Simulator:
         if delay:
             await asyncio.sleep(delay / 1000)
 
-        fault = marker or self._random_fault()
+        fault = marker or self._outage() or self._random_fault()
         if fault == "drop":
             if request.transport is not None:
                 request.transport.abort()
@@ -211,6 +216,9 @@ class Simulator:
             return self._status_fault(fault.removeprefix("status="))
         if fault and fault.startswith("finish="):
             finish = fault.removeprefix("finish=")
+            finish = None if finish == "none" else finish
+        if fault == "huge":
+            reply = "x" * HUGE_BYTES
         self.stats.tokens += prompt_tokens + completion_tokens
         if fault == "malformed":
             return self._respond(200, '{"id": "chatcmpl-broken", "choices": [{"mess')
@@ -226,7 +234,29 @@ class Simulator:
                       "prompt_tokens_details": {"cached_tokens": 0}},
             "system_fingerprint": "fp_flow_simulator",
         }
+        if fault == "cut":
+            return await self._cut_short(request, json.dumps(payload))
         return self._respond(200, json.dumps(payload))
+
+    async def _cut_short(self, request: web.Request, text: str) -> web.StreamResponse:
+        """Promise the whole body, send half of it, then close the connection."""
+        data = text.encode()
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": "application/json", "Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[:len(data) // 2])
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
+
+    def _outage(self) -> str | None:
+        """Every request in a configured outage window (seconds after start) gets a 503."""
+        if not self.config.outages:
+            return None
+        elapsed = time.monotonic() - self._started
+        if any(start <= elapsed < end for start, end in self.config.outages):
+            return "status=503"
+        return None
 
     def _marker(self, text: str, arrivals: int) -> str | None:
         """The fault a prompt asks for, if it still applies to this arrival of the request."""
@@ -255,7 +285,7 @@ class Simulator:
         return None
 
     def _reply(self, body: dict[str, Any], messages: list[Any],
-               model: str) -> tuple[str, int, str]:
+               model: str) -> tuple[str, int, str | None]:
         """A reply derived from the request alone, its token count and finish reason."""
         digest = content_key(messages)[7:]
         user = next((str(m.get("content", "")) for m in reversed(messages)
@@ -367,6 +397,11 @@ class SimulatorThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._main())
+        # handlers still sleeping (hangs, latency) end here, not as "destroyed but pending"
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     async def _main(self) -> None:

@@ -146,10 +146,9 @@ class StoreLock:
 def prepare_store(path: Path) -> None:
     """Create the store if needed and bring its schema up to date."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, isolation_level=None)
-    except (OSError, sqlite3.Error) as e:
-        raise StoreError(f"{path}: cannot open the store: {e}") from None
+    except sqlite3.Error as e:
+        raise store_error(path, "cannot open the store", e) from None
     try:
         db.execute("PRAGMA journal_mode=WAL")
         apply_migrations(db)
@@ -158,7 +157,7 @@ def prepare_store(path: Path) -> None:
             raise StoreError(f"{path}: written by a newer flow (migrations {', '.join(newer)}); "
                              "upgrade flow to use it")
     except sqlite3.DatabaseError as e:
-        raise StoreError(f"{path}: cannot prepare the store: {e}") from None
+        raise store_error(path, "cannot prepare the store", e) from None
     finally:
         db.close()
 
@@ -182,7 +181,11 @@ class Store:
     async def open(cls, path: Path) -> Store:
         """Lock, migrate and connect to the store at `path`, to run a pipeline."""
         lock = StoreLock(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{path.parent}: cannot create the store's folder: "
+                             f"{e.strerror or e}") from None
         lock.acquire()
         try:
             prepare_store(path)
@@ -191,7 +194,7 @@ class Store:
             await db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as e:
             lock.release()
-            raise StoreError(f"{path}: cannot open the store: {e}") from None
+            raise store_error(path, "cannot open the store", e) from None
         except BaseException:
             lock.release()
             raise
@@ -308,6 +311,13 @@ class Store:
             await self._run_many("INSERT INTO seen_ids VALUES (?, ?)", new)
         return first
 
+    async def forget_unseen(self, stage: str) -> int:
+        """Drop the items of rows this run did not read (gone from the input); calls stay."""
+        cursor = await self._run_sql(
+            "DELETE FROM items WHERE stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)",
+            (stage,))
+        return max(cursor.rowcount, 0)
+
     async def save_call(self, record: CallRecord) -> None:
         """Commit a finished call; returns once it is on disk (grouped with its neighbours)."""
         if self._failure is not None:
@@ -362,8 +372,7 @@ class Store:
                 try:
                     await self._commit(records)
                 except sqlite3.Error as e:
-                    self._failure = StoreError(f"{self.path}: cannot write results: {e}; "
-                                               "the results committed before are safe")
+                    self._failure = store_error(self.path, "cannot write results", e)
             for _, waiter in group:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -401,7 +410,7 @@ class Store:
             async with self._transaction:
                 return await self._db.execute(sql, params)
         except sqlite3.Error as e:
-            raise StoreError(f"{self.path}: {e}") from None
+            raise store_error(self.path, "cannot write", e) from None
 
     async def _run_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         async with self._transaction:
@@ -412,14 +421,32 @@ class Store:
             except sqlite3.Error as e:
                 if self._db.in_transaction:
                     await self._db.execute("ROLLBACK")
-                raise StoreError(f"{self.path}: cannot write items: {e}") from None
+                raise store_error(self.path, "cannot write items", e) from None
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         try:
             async with self._db.execute(sql, params) as cursor:
                 return list(await cursor.fetchall())
         except sqlite3.Error as e:
-            raise StoreError(f"{self.path}: {e}") from None
+            raise store_error(self.path, "cannot read", e) from None
+
+
+def store_error(path: Path, doing: str, error: sqlite3.Error) -> StoreError:
+    """A `StoreError` that says what happened to the store in words a person can act on."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        hint = ("another program (a sqlite3 shell, Datasette, a backup) has held a write lock "
+                "on it for more than 5 s; close it and run again")
+    elif "full" in text or "disk I/O error" in text:
+        hint = ("the disk is full or refused the write; free some space (or check the disk) "
+                "and run again")
+    elif "readonly" in text or "read-only" in text:
+        hint = "the store or its folder is read-only; make it writable or move `store:`"
+    elif "malformed" in text or "not a database" in text:
+        hint = "the file is not a flow store, or it is damaged"
+    else:
+        hint = text
+    return StoreError(f"{path}: {doing}: {hint}; everything committed before is safe")
 
 
 def _chunks(values: Sequence[str], size: int) -> Iterable[Sequence[str]]:

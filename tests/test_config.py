@@ -109,3 +109,35 @@ def test_not_a_mapping(tmp_path: Path) -> None:
 def test_unknown_input_format(tmp_path: Path) -> None:
     message = config_error(VALID.replace("rows.jsonl", "rows.parquet"), tmp_path)
     assert "load.path" in message and "load.format" in message
+
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+YAML_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                         st.text(max_size=30))
+YAML_VALUES = st.recursive(YAML_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4),
+    st.dictionaries(st.sampled_from(["store", "load", "call", "post", "path", "model",
+                                     "messages", "role", "content", "params", "retry",
+                                     "concurrency", "id", "regex", "python", "x"]),
+                    inner, max_size=5)), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=400))
+def test_arbitrary_text_gives_only_config_errors(text: str, tmp_path: Path) -> None:
+    try:
+        parse_config(text, tmp_path / "pipeline.yaml")
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=YAML_VALUES)
+def test_arbitrary_yaml_structures_give_only_config_errors(value: object, tmp_path: Path) -> None:
+    import yaml as pyyaml
+    try:
+        parse_config(pyyaml.safe_dump(value), tmp_path / "pipeline.yaml")
+    except ConfigError as e:
+        assert str(e).startswith(str(tmp_path / "pipeline.yaml"))

@@ -97,3 +97,28 @@ def test_rows_are_streamed_not_read_ahead(tmp_path: Path) -> None:
     with path.open("a") as handle:
         handle.write('{"a": 3}\n')
     assert [r.fields for r in rows] == [{"a": 2}, {"a": 3}]
+
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flow.errors import RowError
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600), fmt=st.sampled_from(["jsonl", "csv", "txt"]),
+       id_field=st.sampled_from([None, "id"]))
+def test_arbitrary_bytes_give_rows_or_row_errors_only(data: bytes, fmt: str, id_field: str | None,
+                                                      tmp_path: Path) -> None:
+    path = tmp_path / f"in.{fmt}"
+    path.write_bytes(data)
+    config = LoadConfig(path=path, id=id_field, max_row_bytes=200)
+    try:
+        rows = list(read_rows(config))
+    except SourceError as e:
+        assert fmt == "csv" and "header" in str(e)
+        return
+    for row in rows:
+        assert (row.fields is None) == (row.error is not None)
+        assert row.error is None or isinstance(row.error, RowError)
+    assert count_rows(config) >= 0

@@ -130,8 +130,27 @@ def test_duplicate_ids_fail_the_later_row(make_pipeline: Any, simulator: Simulat
     rows = questions(5) + [{"id": "q00001", "question": "again?"}]
     pipeline = make_pipeline(rows=rows, base_url=simulator.url)
     assert pipeline.run() == 1
-    (error,) = pipeline.query("SELECT error FROM results WHERE status='failed'")
-    assert "duplicate id 'q00001'" in error[0] and "row 6" in error[0]
+    (failed,) = pipeline.query("SELECT item_id, error FROM results WHERE status='failed'")
+    assert failed[0] == "q00001#row6"
+    assert "duplicate id 'q00001'" in failed[1] and "row 6" in failed[1]
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    assert results["q00001"]["status"] == "done"
+    assert results["q00001"]["output"].endswith("What is 1 plus 1?")
+
+
+def test_rows_removed_from_the_input_leave_the_results(make_pipeline: Any, simulator:
+                                                       SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    rows = questions(20)
+    del rows[3:6]
+    write_rows(pipeline.folder / "rows.jsonl", rows)
+    assert pipeline.run() == 0
+    assert "3 items whose rows left the input" in capsys.readouterr().err
+    ids = [r["id"] for r in pipeline.export(capsys)]
+    assert len(ids) == 17 and "q00004" not in ids
+    assert simulator.stats.requests == 20
+    assert pipeline.query("SELECT COUNT(*) FROM calls") == [(20,)]
 
 
 def test_simulated_results_never_count_for_a_real_endpoint(make_pipeline: Any, simulator:

@@ -1,0 +1,239 @@
+"""Never lose work, never leak a key: kills, signals, server faults, machine faults, secrets.
+
+Everything runs the real flow against the simulator over loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import API_KEY, Pipeline, flow_process, questions
+from flow.simulator import SimulatorConfig, SimulatorThread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_twenty_kills_at_random_moments_lose_nothing_and_pay_nothing_twice() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "crash.py"), "--kills", "20",
+                           "--items", "3000", "--concurrency", "16"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "exported 3000 once each" in done.stdout
+
+
+def started(server: SimulatorThread, count: int, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while server.stats.requests < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.stats.requests >= count
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once_keeping_what_was_received(make_pipeline: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=3000)) as server:
+        pipeline = make_pipeline(rows=questions(100), base_url=server.url,
+                                 call={"concurrency": 8, "drain_s": 60})
+        child = flow_process(pipeline)
+        started(server, 8)
+        child.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        child.send_signal(signal.SIGINT)
+        begun = time.monotonic()
+        assert child.wait(20) == 130
+        assert time.monotonic() - begun < 3
+        assert pipeline.query("SELECT state FROM runs") == [("interrupted",)]
+        with sqlite3.connect(pipeline.store) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_like_ctrl_c(make_pipeline: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=300)) as server:
+        pipeline = make_pipeline(rows=questions(300), base_url=server.url,
+                                 call={"concurrency": 8})
+        child = flow_process(pipeline)
+        started(server, 16)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(20) == 130
+        sent = server.stats.requests
+        assert pipeline.query("SELECT COUNT(*) FROM calls")[0][0] == sent
+        again = flow_process(pipeline)
+        assert again.wait(60) == 0
+        assert server.stats.requests == 300
+
+
+def test_server_faults_follow_the_documented_policy(make_pipeline: Any, simulator:
+                                                    SimulatorThread, capsys: Any) -> None:
+    asks = {
+        "malformed-once": "[sim:malformed*1] retried",
+        "cut-once": "[sim:cut*1] retried",
+        "no-finish-once": "[sim:finish=none*1] retried",
+        "malformed-always": "[sim:malformed] given up",
+        "length": "[sim:finish=length] kept",
+        "filtered": "[sim:finish=content_filter] kept",
+        "huge": "[sim:huge] bounded",
+        "forbidden": "[sim:status=403] failed at once",
+        "conflict-once": "[sim:status=409*1] retried",
+    }
+    rows = [{"id": key, "question": ask} for key, ask in asks.items()]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"retry": {"max_tries": 3, "max_time_s": 30},
+                                   "max_response_bytes": 1_000_000})
+    assert pipeline.run() == 1
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    for key in ("malformed-once", "cut-once", "no-finish-once", "conflict-once"):
+        assert results[key]["status"] == "done", results[key]
+    assert results["malformed-always"]["error_class"] == "ResponseError"
+    assert "gave up after 3 attempts" in results["malformed-always"]["error"]
+    assert "finish_reason=length" in results["length"]["error"]
+    assert "content_filter" in results["filtered"]["error"]
+    assert "larger than call.max_response_bytes" in results["huge"]["error"]
+    assert results["forbidden"]["error_class"] == "PermissionDeniedError"
+    kept = dict(pipeline.query(
+        "SELECT items.item_id, calls.response IS NOT NULL FROM items JOIN calls "
+        "ON calls.request_key = items.request_key WHERE calls.status = 'failed'"))
+    assert kept == {"length": 1, "filtered": 1, "huge": 1, "malformed-always": 0,
+                    "forbidden": 0}
+
+    before = dict(simulator.stats.by_request)
+    assert pipeline.run() == 1
+    keys = dict(pipeline.query("SELECT item_id, request_key FROM items"))
+    called_again = {item for item, key in keys.items()
+                    if simulator.stats.by_request[key] > before.get(key, 0)}
+    assert called_again == {"malformed-always", "forbidden"}
+
+
+def test_an_outage_of_503s_is_ridden_out(make_pipeline: Any, capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(outages=[(0.0, 1.5)])) as server:
+        pipeline = make_pipeline(rows=questions(40), base_url=server.url,
+                                 call={"retry": {"max_tries": 10, "max_time_s": 60}})
+        assert pipeline.run() == 0
+        assert server.stats.by_status[503] > 0
+        assert {r["status"] for r in pipeline.export(capsys)} == {"done"}
+
+
+def test_store_locked_by_another_program_ends_clearly_and_loses_nothing(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run("--limit", "5") == 0
+    holder = sqlite3.connect(pipeline.store, isolation_level=None, timeout=0)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert pipeline.run() == 2
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    err = capsys.readouterr().err
+    assert "another program" in err and "write lock" in err and "Traceback" not in err
+    assert pipeline.query("SELECT COUNT(*) FROM calls WHERE status='done'") == [(5,)]
+    assert pipeline.run() == 0
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder no one may write to: a read-only mount as root, else permissions."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                       check=True)
+        try:
+            yield folder
+        finally:
+            subprocess.run(["umount", str(folder)], check=False)
+    else:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+
+
+def test_read_only_store_folder_is_a_clear_error(make_pipeline: Any, read_only_folder: Path,
+                                                 capsys: Any) -> None:
+    pipeline = make_pipeline(store=str(read_only_folder / "flow.db"))
+    assert pipeline.run("--simulate") == 2
+    err = capsys.readouterr().err
+    assert "flow.db" in err and ("Read-only" in err or "Permission denied" in err)
+    assert "Traceback" not in err
+
+
+def test_disk_full_stops_the_run_clearly_and_the_store_stays_consistent(
+        make_pipeline: Any) -> None:
+    with SimulatorThread() as server:
+        rows = [{"id": f"q{i:05d}", "question": f"{i} " + "long question " * 10}
+                for i in range(400)]
+        pipeline = make_pipeline(rows=rows, base_url=server.url)
+        pipeline.write()
+        limit = 400_000
+
+        def tiny_disk() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        child = subprocess.run([sys.executable, "-m", "flow", "run", str(pipeline.file)],
+                               capture_output=True, text=True, preexec_fn=tiny_disk,
+                               env={**os.environ, "OPENAI_API_KEY": API_KEY}, timeout=120)
+        assert child.returncode == 2, child.stderr
+        assert "the disk is full or refused the write" in child.stderr
+        assert "everything committed before is safe" in child.stderr
+        assert "Traceback" not in child.stderr
+        with sqlite3.connect(pipeline.store) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            kept = db.execute("SELECT COUNT(*) FROM calls WHERE status='done'").fetchone()[0]
+        assert 0 < kept < 400
+        assert pipeline.run() == 0
+        assert pipeline.query("SELECT COUNT(*) FROM calls WHERE status='done'") == [(400,)]
+        assert server.stats.requests <= 400 + 8
+
+
+def every_artefact(pipeline: Pipeline, capsys: Any, outputs: list[str]) -> str:
+    texts = list(outputs)
+    for command in (("status",), ("status", "--json"), ("failures",), ("export",),
+                    ("export", "--format", "csv")):
+        pipeline.cli(*command)
+        captured = capsys.readouterr()
+        texts += [captured.out, captured.err]
+    for (item_id,) in pipeline.query("SELECT item_id FROM items"):
+        pipeline.cli("show", item_id)
+        captured = capsys.readouterr()
+        texts += [captured.out, captured.err]
+    for path in pipeline.folder.iterdir():
+        if path.is_file():
+            texts.append(path.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(texts)
+
+
+def test_the_key_appears_in_no_artefact_even_when_the_server_echoes_it(
+        make_pipeline: Any, capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(api_key="sk-the-right-one")) as server:
+        pipeline = make_pipeline(base_url=server.url)
+        assert pipeline.run() == 2
+        captured = capsys.readouterr()
+        assert "refused the API key" in captured.err
+        everything = every_artefact(pipeline, capsys, [captured.out, captured.err])
+        assert API_KEY not in everything
+
+
+def test_the_key_appears_in_no_artefact_of_a_run_with_failures(make_pipeline: Any,
+                                                                capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(api_key=API_KEY)) as server:
+        rows = questions(5) + [{"id": "bad", "question": "[sim:status=400]"}]
+        pipeline = make_pipeline(rows=rows, base_url=server.url)
+        assert pipeline.run() == 1
+        captured = capsys.readouterr()
+        everything = every_artefact(pipeline, capsys, [captured.out, captured.err])
+        assert "Simulated reply" in everything
+        assert API_KEY not in everything
