@@ -132,6 +132,9 @@ class RateLimiter:
 
     async def acquire(self, tokens: int) -> Reservation:
         """Wait until one request costing `tokens` fits both budgets, and take it."""
+        if self._is_open():
+            self._sent.append(self._clock())
+            return Reservation(tokens)
         await self._wait_for_probe()
         async with self._lock:
             while True:
@@ -214,6 +217,12 @@ class RateLimiter:
         tpm = sum(tokens for _, tokens in self._used_tokens) / span * 60
         return LimiterStats(rpm, tpm, self.limit("requests"), self.limit("tokens"),
                             max(0.0, self._paused_until - now), self.rate_limited)
+
+    def _is_open(self) -> bool:
+        """No budget, no pause, no one waiting: admit without taking the lock."""
+        return (self._knows_limits and not self._lock.locked()
+                and self._buckets["requests"] is None and self._buckets["tokens"] is None
+                and self._clock() >= self._paused_until)
 
     async def _wait_for_probe(self) -> None:
         while not self._knows_limits:

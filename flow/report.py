@@ -99,15 +99,15 @@ def show_item(path: Path, item_id: str) -> dict[str, Any]:
                                 "input": _loads(raw_input), "request_key": key}
         call = db.execute(
             "SELECT status, model, request, response, output, error_class, error, attempts, "
-            "prompt_tokens, completion_tokens, cost_usd, latency_ms, started_at, finished_at "
-            "FROM calls WHERE request_key=? AND origin=?", (key, origin)).fetchone()
+            "prompt_tokens, completion_tokens, cost_usd, latency_ms, started_at, finished_at, "
+            "run_id FROM calls WHERE request_key=? AND origin=?", (key, origin)).fetchone()
         if item_error_class is not None:
             item.update(status="failed", error_class=item_error_class, error=item_error)
         elif call is None:
             item["status"] = "pending"
         if call is not None:
             (status, model, request, response, output, error_class, error, attempts, prompt,
-             completion, cost, latency, started, finished) = call
+             completion, cost, latency, started, finished, run_id) = call
             item.setdefault("status", status)
             item.update(model=model, request=_loads(request), response=_loads(response),
                         output=_loads(output), error_class=error_class, error=error,
@@ -120,6 +120,11 @@ def show_item(path: Path, item_id: str) -> dict[str, Any]:
                     "SELECT run_id, number, started_at, latency_ms, status_code, outcome, "
                     "error, wait_s FROM attempts WHERE request_key=? AND origin=? "
                     "ORDER BY rowid", (key, origin))]
+            if not item["attempts"] and status == "done" and response is not None:
+                # done at the first attempt: the call's own row says it all
+                item["attempts"] = [{"run": run_id, "number": 1, "started_at": started,
+                                     "latency_ms": latency, "status_code": 200, "outcome": "ok",
+                                     "error": None, "wait_s": None}]
     return item
 
 

@@ -29,8 +29,12 @@ def canonical_json(value: Any) -> str:
 
 def content_key(value: Any) -> str:
     """A tagged SHA-256 of the canonical JSON of `value`."""
-    digest = hashlib.sha256(canonical_json(value).encode("utf-8", "surrogatepass")).hexdigest()
-    return HASH_PREFIX + digest
+    return key_of_json(canonical_json(value))
+
+
+def key_of_json(text: str) -> str:
+    """The content key of a value already in canonical JSON."""
+    return HASH_PREFIX + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class RequestBuilder:

@@ -28,7 +28,7 @@ from flow.limiter import LimiterStats, RateLimiter
 from flow.load import Row, count_rows, read_rows
 from flow.post import PostProcessor
 from flow.prices import price_for
-from flow.request import RequestBuilder, content_key
+from flow.request import RequestBuilder, canonical_json, key_of_json
 from flow.simulator import SimulatorConfig, serve
 from flow.store import CallRecord, ItemRecord, KnownCall, Store, utc_now
 
@@ -94,6 +94,7 @@ class _Work:
     item_id: str
     key: str
     request: dict[str, Any]
+    request_json: str
 
 
 ProgressHook = Callable[[RunProgress], None]
@@ -271,7 +272,7 @@ class Run:
             return False
         first_rows = await store.mark_seen([(r.item_id, r.number) for r in rows])
         records: list[ItemRecord] = []
-        work: list[tuple[ItemRecord, dict[str, Any]]] = []
+        work: list[tuple[ItemRecord, dict[str, Any], str]] = []
         name = self.config.load.path.name
         for row in rows:
             record = ItemRecord(row.item_id, row.number, None, None)
@@ -286,8 +287,9 @@ class Run:
                 record.input = json.dumps(row.fields, ensure_ascii=False)
                 try:
                     request = self._builder.build(row.fields, f"{name} row {row.number}")
-                    record.request_key = content_key(request)
-                    work.append((record, request))
+                    request_json = canonical_json(request)
+                    record.request_key = key_of_json(request_json)
+                    work.append((record, request, request_json))
                 except TemplateError as e:
                     error = e
             if error is not None:
@@ -299,8 +301,9 @@ class Run:
         if renamed:
             await store.mark_seen(renamed)
         await store.save_items(STAGE, origin, await self._changed(store, origin, records))
-        known = await store.known_calls(origin, [r.request_key for r, _ in work if r.request_key])
-        for record, request in work:
+        known = await store.known_calls(origin, [r.request_key for r, _, _ in work
+                                                 if r.request_key])
+        for record, request, request_json in work:
             assert record.request_key is not None
             action = decide(known.get(record.request_key), self._post.fingerprint,
                             self.options.retry_failed, self.options.error_class)
@@ -318,7 +321,7 @@ class Run:
                     return False
                 self._dispatched += 1
                 self.progress.to_call += 1
-                await queue.put(_Work(record.item_id, record.request_key, request))
+                await queue.put(_Work(record.item_id, record.request_key, request, request_json))
         await asyncio.sleep(0)
         return True
 
@@ -379,7 +382,7 @@ class Run:
                 return
             self.progress.in_flight += 1
             try:
-                record, reply = await caller.call(work.key, work.request)
+                record, reply = await caller.call(work.key, work.request, work.request_json)
             except FatalCallError as e:
                 if self._fatal is None:
                     self._fatal = e

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,9 +29,17 @@ from flow.migrations import apply_migrations, unknown_migrations
 MAX_GROUP = 2000
 
 
+_second: list[Any] = [-1, ""]
+
+
 def utc_now() -> str:
-    """The current time as ISO 8601 UTC with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The current time as ISO 8601 UTC with milliseconds (`2026-11-25T04:10:33.509Z`)."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        # formatted once a second: this runs several times per request
+        _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
 @dataclass(slots=True)
@@ -69,6 +78,7 @@ class CallRecord:
     cost_usd: float | None = None
     latency_ms: float | None = None
     attempt_log: list[AttemptRecord] = field(default_factory=list)
+    request_json: str | None = None
 
 
 @dataclass(slots=True)
@@ -378,13 +388,17 @@ class Store:
                     waiter.set_result(None)
 
     async def _commit(self, records: list[CallRecord]) -> None:
-        calls = [(r.request_key, r.origin, r.model, json.dumps(r.request, ensure_ascii=False),
+        calls = [(r.request_key, r.origin, r.model,
+                  r.request_json or json.dumps(r.request, ensure_ascii=False),
                   r.response, r.output, r.post_key, r.status, r.error_class, r.error, r.attempts,
                   r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.cost_usd, r.latency_ms,
                   r.started_at, r.finished_at, self.run_id) for r in records]
+        # a call that succeeded at its first attempt is all in its `calls` row; writing that
+        # attempt again cost a tenth of the throughput (the GIL, while binding its row)
         attempts = [(r.request_key, r.origin, self.run_id, a.number, a.started_at, a.latency_ms,
                      a.status_code, a.outcome, a.error, a.wait_s)
-                    for r in records for a in r.attempt_log]
+                    for r in records if r.status != "done" or len(r.attempt_log) > 1
+                    for a in r.attempt_log]
         async with self._transaction:
             await self._db.execute("BEGIN")
             try:
