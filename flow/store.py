@@ -27,6 +27,7 @@ from flow.errors import StoreError, StoreLockedError
 from flow.migrations import apply_migrations, unknown_migrations
 
 MAX_GROUP = 2000
+MAX_VARIABLES = 32_000  # SQLite allows 32,766 bound values per statement since 3.32
 
 
 _second: list[Any] = [-1, ""]
@@ -290,13 +291,13 @@ class Store:
         now = utc_now()
         await self._run_many(
             "INSERT INTO items (stage, item_id, row, input, request_key, origin, error_class, "
-            "error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (stage, item_id) DO UPDATE SET row=excluded.row, input=excluded.input, "
-            "request_key=excluded.request_key, origin=excluded.origin, "
-            "error_class=excluded.error_class, error=excluded.error, "
-            "updated_at=excluded.updated_at",
+            "error, updated_at) VALUES",
             [(stage, item.item_id, item.row, item.input, item.request_key, origin,
-              item.error_class, item.error, now) for item in items])
+              item.error_class, item.error, now) for item in items],
+            " ON CONFLICT (stage, item_id) DO UPDATE SET row=excluded.row, "
+            "input=excluded.input, request_key=excluded.request_key, origin=excluded.origin, "
+            "error_class=excluded.error_class, error=excluded.error, "
+            "updated_at=excluded.updated_at")
 
     async def begin_seen_ids(self) -> None:
         """Start remembering the item ids this run has read, to refuse duplicates."""
@@ -318,7 +319,7 @@ class Store:
                 first[item_id] = row
                 new.append((item_id, row))
         if new:
-            await self._run_many("INSERT INTO seen_ids VALUES (?, ?)", new)
+            await self._run_many("INSERT INTO seen_ids VALUES", new)
         return first
 
     async def forget_unseen(self, stage: str) -> int:
@@ -399,20 +400,22 @@ class Store:
                      a.status_code, a.outcome, a.error, a.wait_s)
                     for r in records if r.status != "done" or len(r.attempt_log) > 1
                     for a in r.attempt_log]
+        calls_sql = ("INSERT OR REPLACE INTO calls (request_key, origin, model, request, "
+                     "response, output, post_key, status, error_class, error, attempts, "
+                     "prompt_tokens, completion_tokens, cached_tokens, cost_usd, latency_ms, "
+                     "started_at, finished_at, run_id) VALUES")
         async with self._transaction:
+            if not attempts and len(calls) <= MAX_VARIABLES // len(calls[0]):
+                # one statement is one transaction: a single round trip to the writer thread,
+                # where BEGIN, INSERT, COMMIT took three (groups are small: 2-3 results)
+                await self._insert(calls_sql, calls)
+                return
             await self._db.execute("BEGIN")
             try:
-                await self._db.executemany(
-                        "INSERT OR REPLACE INTO calls (request_key, origin, model, request, "
-                    "response, output, post_key, status, error_class, error, attempts, "
-                    "prompt_tokens, completion_tokens, cached_tokens, cost_usd, latency_ms, "
-                    "started_at, finished_at, run_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", calls)
-                if attempts:
-                    await self._db.executemany(
-                        "INSERT INTO attempts (request_key, origin, run_id, number, started_at, "
-                        "latency_ms, status_code, outcome, error, wait_s) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attempts)
+                await self._insert(calls_sql, calls)
+                await self._insert(
+                    "INSERT INTO attempts (request_key, origin, run_id, number, started_at, "
+                    "latency_ms, status_code, outcome, error, wait_s) VALUES", attempts)
                 await self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -426,11 +429,27 @@ class Store:
         except sqlite3.Error as e:
             raise store_error(self.path, "cannot write", e) from None
 
-    async def _run_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    async def _insert(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
+        """Insert many rows with one statement per chunk.
+
+        `executemany` binds and steps row by row, taking and dropping the GIL twice a row
+        against a busy event loop; one multi-row VALUES is bound at once and stepped once.
+        """
+        if not rows:
+            return
+        width = len(rows[0])
+        size = max(1, MAX_VARIABLES // width)
+        marks = "(" + ", ".join("?" * width) + ")"
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            await self._db.execute(f"{head} {', '.join([marks] * len(chunk))}{tail}",
+                                   [value for row in chunk for value in row])
+
+    async def _run_many(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
         async with self._transaction:
             try:
                 await self._db.execute("BEGIN")
-                await self._db.executemany(sql, rows)
+                await self._insert(head, rows, tail)
                 await self._db.execute("COMMIT")
             except sqlite3.Error as e:
                 if self._db.in_transaction:
