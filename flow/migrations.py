@@ -40,6 +40,9 @@ def m001_create_runs_items_calls(db: sqlite3.Connection) -> None:
             prompt_tokens INTEGER NOT NULL DEFAULT 0,
             completion_tokens INTEGER NOT NULL DEFAULT 0,
             cost_usd REAL NOT NULL DEFAULT 0,
+            commit_groups INTEGER NOT NULL DEFAULT 0,
+            commit_wait_mean_ms REAL,
+            commit_wait_max_ms REAL,
             message TEXT
         )""")
     db.execute("""

@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +28,12 @@ from flow.limiter import LimiterStats, RateLimiter
 from flow.load import Row, count_rows, read_rows
 from flow.post import PostProcessor
 from flow.prices import price_for
-from flow.request import RequestBuilder, canonical_json, key_of_json
+from flow.request import RequestBuilder, key_of_json
 from flow.simulator import SimulatorConfig, serve
 from flow.store import CallRecord, ItemRecord, KnownCall, Store, utc_now
 
 STAGE = "call"
-BATCH_ROWS = 256
+BATCH_ROWS = 1000
 TICK_S = 0.25
 
 
@@ -87,6 +87,15 @@ class RunSummary:
     run_id: int
     store: str
     message: str | None = None
+
+
+@dataclass(slots=True)
+class _Planned:
+    row: Row
+    record: ItemRecord
+    error: ItemError | None
+    request: dict[str, Any] | None = None
+    request_json: str | None = None
 
 
 @dataclass(slots=True)
@@ -247,60 +256,83 @@ class Run:
 
     async def _produce(self, queue: asyncio.Queue[_Work | None], store: Store,
                        origin: str) -> None:
+        """Render batch N+1 while batch N's lookups run on the store's thread."""
         await store.begin_seen_ids()
         complete = True
-        batch: list[Row] = []
-        for row in read_rows(self.config.load):
-            batch.append(row)
-            if len(batch) >= BATCH_ROWS:
-                complete = await self._plan(batch, queue, store, origin)
-                batch = []
-                if not complete:
+        pending: asyncio.Task[bool] | None = None
+        try:
+            for batch in _batches(read_rows(self.config.load), BATCH_ROWS):
+                prepared = self._prepare(batch)
+                if pending is not None and not await pending:
+                    complete, pending = False, None
                     break
-        if complete and batch:
-            complete = await self._plan(batch, queue, store, origin)
+                pending = asyncio.create_task(self._plan(prepared, queue, store, origin))
+            if pending is not None:
+                complete = await pending
+                pending = None
+        finally:
+            if pending is not None:
+                pending.cancel()
         if complete:
             # the whole input was read: items whose rows are gone leave the results
             self.progress.removed = await store.forget_unseen(STAGE)
         for _ in self._workers:
             await queue.put(None)
 
-    async def _plan(self, rows: list[Row], queue: asyncio.Queue[_Work | None], store: Store,
-                    origin: str) -> bool:
+    def _prepare(self, rows: list[Row]) -> list[_Planned]:
+        """Render each row's request and key it (the CPU half of planning a batch)."""
+        name = self.config.load.path.name
+        prepared = []
+        for row in rows:
+            planned = _Planned(row, ItemRecord(row.item_id, row.number, None, None), row.error)
+            if planned.error is None and row.fields is not None:
+                try:
+                    planned.request, planned.request_json = self._builder.build_with_json(
+                        row.fields, f"{name} row {row.number}")
+                    planned.record.request_key = key_of_json(planned.request_json)
+                except TemplateError as e:
+                    planned.error = e
+            prepared.append(planned)
+        return prepared
+
+    async def _plan(self, prepared: list[_Planned], queue: asyncio.Queue[_Work | None],
+                    store: Store, origin: str) -> bool:
         """Record a batch of rows, then queue those that need a call; False means stop."""
         if self._stop_feeding.is_set():
             return False
-        first_rows = await store.mark_seen([(r.item_id, r.number) for r in rows])
+        first_rows = await store.mark_seen([(p.row.item_id, p.row.number) for p in prepared])
+        name = self.config.load.path.name
         records: list[ItemRecord] = []
         work: list[tuple[ItemRecord, dict[str, Any], str]] = []
-        name = self.config.load.path.name
-        for row in rows:
-            record = ItemRecord(row.item_id, row.number, None, None)
+        renamed = []
+        for planned in prepared:
+            row, record, error = planned.row, planned.record, planned.error
             first_row = first_rows.get(row.item_id, row.number)
-            error: ItemError | None = row.error
             if first_row != row.number:
                 # recorded under an id of its own: the first row keeps the id
                 record.item_id = f"{row.item_id}#row{row.number}"
+                record.request_key = None
+                renamed.append((record.item_id, row.number))
                 error = ItemError(f"{name} row {row.number}: duplicate id {row.item_id!r} "
                                   f"(first at row {first_row}); ids must be unique (load.id)")
-            elif error is None and row.fields is not None:
-                record.input = json.dumps(row.fields, ensure_ascii=False)
-                try:
-                    request = self._builder.build(row.fields, f"{name} row {row.number}")
-                    request_json = canonical_json(request)
-                    record.request_key = key_of_json(request_json)
-                    work.append((record, request, request_json))
-                except TemplateError as e:
-                    error = e
             if error is not None:
                 record.error_class = "RowError" if type(error) is ItemError else error.error_class
                 record.error = str(error)
                 self.progress.failed += 1
+            elif planned.request is not None and planned.request_json is not None:
+                work.append((record, planned.request, planned.request_json))
             records.append(record)
-        renamed = [(r.item_id, r.row) for r in records if "#row" in r.item_id]
         if renamed:
             await store.mark_seen(renamed)
-        await store.save_items(STAGE, origin, await self._changed(store, origin, records))
+        rows = [planned.row for planned in prepared]
+        changed = await self._changed(store, origin, records)
+        fields = {row.item_id: row.fields for row in rows}
+        for record in changed:
+            # serialized only when written: a re-run over unchanged rows writes nothing
+            row_fields = fields.get(record.item_id)
+            if row_fields is not None and record.error_class is None:
+                record.input = json.dumps(row_fields, ensure_ascii=False)
+        await store.save_items(STAGE, origin, changed)
         known = await store.known_calls(origin, [r.request_key for r, _, _ in work
                                                  if r.request_key])
         for record, request, request_json in work:
@@ -438,6 +470,17 @@ class Run:
         totals.prompt_tokens = progress.prompt_tokens
         totals.completion_tokens = progress.completion_tokens
         totals.cost_usd = progress.cost_usd
+
+
+def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    batch: list[Row] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _raise_failure(*tasks: asyncio.Future[Any]) -> None:

@@ -116,6 +116,15 @@ class RunTotals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    committed: int = 0
+    commit_groups: int = 0
+    commit_wait_total_ms: float = 0.0
+    commit_wait_max_ms: float = 0.0
+
+    @property
+    def commit_wait_mean_ms(self) -> float:
+        """Mean time a result waited in memory before it was on disk."""
+        return self.commit_wait_total_ms / self.committed if self.committed else 0.0
 
 
 class StoreLock:
@@ -180,7 +189,7 @@ class Store:
         self.path = path
         self._db = db
         self._lock = lock
-        self._pending: asyncio.Queue[tuple[CallRecord | None, asyncio.Future[None]]] = (
+        self._pending: asyncio.Queue[tuple[CallRecord | None, asyncio.Future[None], float]] = (
             asyncio.Queue())
         self._writer: asyncio.Task[None] | None = None
         self._failure: StoreError | None = None
@@ -241,15 +250,18 @@ class Store:
         await self._run_sql(
             "UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, items_done=?, "
             "items_failed=?, items_skipped=?, calls_made=?, prompt_tokens=?, "
-            "completion_tokens=?, cost_usd=? WHERE id=?",
+            "completion_tokens=?, cost_usd=?, commit_groups=?, commit_wait_mean_ms=?, "
+            "commit_wait_max_ms=? WHERE id=?",
             (utc_now(), state, message, totals.items_total, totals.items_done,
              totals.items_failed, totals.items_skipped, totals.calls_made, totals.prompt_tokens,
-             totals.completion_tokens, totals.cost_usd, self.run_id))
+             totals.completion_tokens, totals.cost_usd, totals.commit_groups,
+             round(totals.commit_wait_mean_ms, 2), round(totals.commit_wait_max_ms, 2),
+             self.run_id))
 
     async def known_items(self, stage: str, item_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         """Stored (row, request_key, origin, error_class, error) per item id, for those known."""
         found: dict[str, tuple[Any, ...]] = {}
-        for chunk in _chunks(item_ids, 900):
+        for chunk in _chunks(item_ids, 5000):
             marks = ",".join("?" * len(chunk))
             rows = await self._query(
                 f"SELECT item_id, row, request_key, origin, error_class, error FROM items "
@@ -261,7 +273,7 @@ class Store:
     async def known_calls(self, origin: str, keys: Iterable[str]) -> dict[str, KnownCall]:
         """What is stored for each of `keys` from endpoints of the given origin."""
         found: dict[str, KnownCall] = {}
-        for chunk in _chunks(list(set(keys)), 900):
+        for chunk in _chunks(list(set(keys)), 5000):
             marks = ",".join("?" * len(chunk))
             rows = await self._query(
                 f"SELECT request_key, status, response IS NOT NULL, post_key, error_class "
@@ -306,20 +318,31 @@ class Store:
         await self._run_sql("DELETE FROM seen_ids")
 
     async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]:
-        """Remember a batch of (item id, row); return the first row each id was read at."""
+        """Remember a batch of (item id, row); the first row of each id, where it has one."""
         first: dict[str, int] = {}
-        for chunk in _chunks([item_id for item_id, _ in rows], 900):
+        unique = []
+        for item_id, row in rows:
+            if item_id not in first:
+                first[item_id] = row
+                unique.append((item_id, row))
+        taken: set[str] = set()
+        size = MAX_VARIABLES // 2
+        async with self._transaction:
+            for start in range(0, len(unique), size):
+                chunk = unique[start:start + size]
+                sql = (f"INSERT INTO seen_ids VALUES {', '.join(['(?, ?)'] * len(chunk))} "
+                       "ON CONFLICT DO NOTHING RETURNING item_id")
+                try:
+                    async with self._db.execute(sql, [v for pair in chunk for v in pair]) as cur:
+                        taken.update(item_id for (item_id,) in await cur.fetchall())
+                except sqlite3.Error as e:
+                    raise store_error(self.path, "cannot write", e) from None
+        clashes = [item_id for item_id, _ in unique if item_id not in taken]
+        for chunk in _chunks(clashes, 900):
             marks = ",".join("?" * len(chunk))
             for item_id, row in await self._query(
                     f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", chunk):
                 first[item_id] = row
-        new = []
-        for item_id, row in rows:
-            if item_id not in first:
-                first[item_id] = row
-                new.append((item_id, row))
-        if new:
-            await self._run_many("INSERT INTO seen_ids VALUES", new)
         return first
 
     async def forget_unseen(self, stage: str) -> int:
@@ -334,7 +357,7 @@ class Store:
         if self._failure is not None:
             raise self._failure
         done = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((record, done))
+        self._pending.put_nowait((record, done, time.monotonic()))
         await done
         if self._failure is not None:
             raise self._failure
@@ -346,7 +369,7 @@ class Store:
                 raise self._failure
             return
         done = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((None, done))
+        self._pending.put_nowait((None, done, time.monotonic()))
         await done
         if self._failure is not None:
             raise self._failure
@@ -378,15 +401,28 @@ class Store:
             group = [await self._pending.get()]
             while len(group) < MAX_GROUP and not self._pending.empty():
                 group.append(self._pending.get_nowait())
-            records = [record for record, _ in group if record is not None]
+            records = [record for record, _, _ in group if record is not None]
             if records and self._failure is None:
                 try:
                     await self._commit(records)
                 except sqlite3.Error as e:
                     self._failure = store_error(self.path, "cannot write results", e)
-            for _, waiter in group:
+                self._time_commit(group)
+            for _, waiter, _ in group:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _time_commit(self, group: list[tuple[CallRecord | None, Any, float]]) -> None:
+        """How long results waited in memory, from arrival to being on disk."""
+        now = time.monotonic()
+        totals = self.totals
+        totals.commit_groups += 1
+        for record, _, queued in group:
+            if record is not None:
+                wait_ms = (now - queued) * 1000
+                totals.commit_wait_max_ms = max(totals.commit_wait_max_ms, wait_ms)
+                totals.commit_wait_total_ms += wait_ms
+                totals.committed += 1
 
     async def _commit(self, records: list[CallRecord]) -> None:
         calls = [(r.request_key, r.origin, r.model,

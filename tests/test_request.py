@@ -6,7 +6,7 @@ import pytest
 
 from flow.config import CallConfig
 from flow.errors import ConfigError, TemplateError
-from flow.request import HASH_PREFIX, RequestBuilder, canonical_json, content_key
+from flow.request import HASH_PREFIX, RequestBuilder, canonical_json, content_key, key_of_json
 
 
 def call(**overrides: object) -> CallConfig:
@@ -49,3 +49,37 @@ def test_content_key_ignores_key_order_and_changes_with_content() -> None:
     assert content_key(a).startswith(HASH_PREFIX)
     assert content_key(a) != content_key({**a, "temperature": 1})
     assert canonical_json({"b": 1, "a": "é"}) == '{"a":"é","b":1}'
+
+
+@pytest.mark.parametrize("template", [
+    "{{ question }}", "Q: {{question}} / {{ n }}!", "{{ n }}{{ n }}", "plain {{ flag }} end",
+    "{{ missing_in_some }}", "{{ nested }}", "{{ none }}", "{{ True }}", "{{ range }}"])
+def test_simple_placeholders_render_exactly_as_jinja(template: str) -> None:
+    fields = {"question": "why?", "n": 3, "flag": True, "nested": {"a": [1, 2]}, "none": 5,
+              "range": "r"}
+    fast = RequestBuilder(call(messages=[{"role": "user", "content": template}]))
+    slow = RequestBuilder(call(messages=[{"role": "user", "content": template + "{% if 0 %}{% endif %}"}]))
+    for row in (fields, {"question": "x"}):
+        try:
+            expected = slow.build(row, "row 1")
+        except TemplateError as e:
+            with pytest.raises(TemplateError, match="missing template field"):
+                fast.build(row, "row 1")
+            assert "missing template field" in str(e)
+            continue
+        assert fast.build(row, "row 1") == expected
+
+
+@pytest.mark.parametrize("params", [{}, {"temperature": 0, "max_tokens": 9},
+                                    {"response_format": {"type": "json_object", "b": [1, {"z": 1, "a": 2}]},
+                                     "n_logprobs": None, "stop": ["\n", "é"]}])
+def test_fast_canonical_json_equals_canonical_json(params: dict[str, object]) -> None:
+    builder = RequestBuilder(call(params=params, messages=[
+        {"role": "system", "content": "Be brief. \"quoted\" ✓"},
+        {"role": "user", "content": "{{ question }}"},
+        {"role": "assistant", "content": "{% if n %}n={{ n }}{% endif %}"}]))
+    for fields in ({"question": "why?", "n": 2}, {"question": "\u2028 \x00 é 🧠 \\", "n": 0},
+                   {"question": {"nested": True}, "n": None}):
+        request, text = builder.build_with_json(fields, "row 1")
+        assert text == canonical_json(request)
+        assert content_key(request) == key_of_json(text)

@@ -1,0 +1,224 @@
+"""Memory that does not grow with the input, and a resume that skips a million done items fast.
+
+Three measurements, each `flow run` in a fresh process against `flow simulate` in another
+(zero latency, concurrency 100), with the flow process's RSS sampled every 0.2 s:
+
+1. a 1,000,000-row input: peak RSS over the first 30 s (then Ctrl-C, drained);
+2. a whole 100,000-row run: peak RSS, and RSS when 10,000 and when 100,000 items are done;
+3. a re-run over a store where all 1,000,000 items are done: items skipped per second and
+   requests received by the server (the store is built with flow's own request builder and
+   content keys, as a finished run leaves it, to spare 15 minutes of calls).
+
+    python bench/scale.py [--only memory|full|resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from flow.config import load_config
+from flow.load import read_rows
+from flow.post import PostProcessor
+from flow.request import RequestBuilder, canonical_json, key_of_json
+from flow.store import prepare_store, utc_now
+
+TARGET_PEAK_MB = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_pipeline(folder: Path, rows: int, base: str) -> Path:
+    with (folder / "rows.jsonl").open("w") as handle:
+        for index in range(rows):
+            handle.write(json.dumps({"id": f"row-{index:07d}",
+                                     "q": f"What is {index} plus {index}?"}) + "\n")
+    config = {"store": "flow.db", "load": {"path": "rows.jsonl", "id": "id"},
+              "call": {"model": "gpt-4o-mini", "base_url": base, "api_key": "sk-bench",
+                       "messages": [{"role": "system", "content": "Answer briefly."},
+                                    {"role": "user", "content": "{{ q }}"}],
+                       "concurrency": 100},
+              "post": ["strip"]}
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Sampler(threading.Thread):
+    """RSS of a process every 0.2 s, with the store's count of results at that moment."""
+
+    def __init__(self, pid: int, store: Path) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.store = pid, store
+        self.samples: list[tuple[float, float, int]] = []
+        self.running = True
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while self.running:
+            rss = rss_mb(self.pid)
+            if rss:
+                self.samples.append((time.monotonic() - started, rss, self.done()))
+            time.sleep(0.2)
+
+    def done(self) -> int:
+        try:
+            with sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=1) as db:
+                return int(db.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    def rss_at(self, done: int) -> float:
+        return next((rss for _, rss, count in self.samples if count >= done), 0.0)
+
+
+def run_flow(pipeline: Path, stop_after_s: float | None = None) -> tuple[Sampler, float]:
+    started = time.monotonic()
+    child = subprocess.Popen([sys.executable, "-m", "flow", "run", str(pipeline)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sampler = Sampler(child.pid, pipeline.parent / "flow.db")
+    sampler.start()
+    if stop_after_s is not None:
+        try:
+            child.wait(stop_after_s)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGINT)
+    child.wait()
+    elapsed = time.monotonic() - started
+    sampler.running = False
+    sampler.join()
+    return sampler, elapsed
+
+
+def build_done_store(pipeline: Path, origin: str) -> int:
+    """The store a finished run leaves: every item's request done, keyed as flow keys it."""
+    config = load_config(pipeline)
+    builder = RequestBuilder(config.call)
+    post_key = PostProcessor(config.post, config.file.parent).fingerprint
+    prepare_store(config.store)
+    now = utc_now()
+    count = 0
+    with sqlite3.connect(config.store) as db:
+        items, calls = [], []
+        for row in read_rows(config.load):
+            assert row.fields is not None
+            request = builder.build(row.fields, "")
+            request_json = canonical_json(request)
+            key = key_of_json(request_json)
+            items.append(("call", row.item_id, row.number, json.dumps(row.fields), key, origin,
+                          None, None, now))
+            response = json.dumps({"choices": [{"message": {"content": "done"},
+                                                "finish_reason": "stop"}]})
+            calls.append((key, origin, "gpt-4o-mini", request_json, response, '"done"',
+                          post_key, "done", None, None, 1, 20, 5, 0, None, 1.0, now, now, None))
+            count += 1
+            if len(items) == 50_000:
+                _flush(db, items, calls)
+        _flush(db, items, calls)
+    return count
+
+
+def _flush(db: sqlite3.Connection, items: list, calls: list) -> None:
+    db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
+    db.executemany("INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                   "?, ?)", calls)
+    db.commit()
+    items.clear(), calls.clear()
+
+
+def server_requests(base: str) -> int:
+    stats = json.load(urllib.request.urlopen(base.removesuffix("/v1") + "/sim/stats"))
+    return int(stats["requests"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("memory", "full", "resume"))
+    args = parser.parse_args()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    server = subprocess.Popen([sys.executable, "-m", "flow", "simulate", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    try:
+        if args.only in (None, "memory"):
+            with tempfile.TemporaryDirectory() as tmp:
+                pipeline = write_pipeline(Path(tmp), 1_000_000, base)
+                sampler, _ = run_flow(pipeline, stop_after_s=30)
+                peak = max(rss for _, rss, _ in sampler.samples)
+                done = sampler.samples[-1][2]
+                print(f"1,000,000-row input, first 30 s: {done:,} items done, peak RSS "
+                      f"{peak:.0f} MB (target <= {TARGET_PEAK_MB}: "
+                      f"{'met' if peak <= TARGET_PEAK_MB else 'MISSED'})", flush=True)
+        if args.only in (None, "full"):
+            with tempfile.TemporaryDirectory() as tmp:
+                pipeline = write_pipeline(Path(tmp), 100_000, base)
+                sampler, elapsed = run_flow(pipeline)
+                peak = max(rss for _, rss, _ in sampler.samples)
+                at_10k, at_100k = sampler.rss_at(10_000), sampler.rss_at(100_000)
+                at_100k = at_100k or sampler.samples[-1][1]
+                growth = (at_100k - at_10k) / at_10k
+                with sqlite3.connect(Path(tmp) / "flow.db") as db:
+                    mean_ms, max_ms, groups = db.execute(
+                        "SELECT commit_wait_mean_ms, commit_wait_max_ms, commit_groups "
+                        "FROM runs").fetchone()
+                print(f"100,000-row run: {elapsed:.0f} s, peak RSS {peak:.0f} MB "
+                      f"(target <= {TARGET_PEAK_MB}: {'met' if peak <= TARGET_PEAK_MB else 'MISSED'}); "
+                      f"RSS at 10,000 done {at_10k:.0f} MB, at 100,000 {at_100k:.0f} MB: "
+                      f"{growth:+.1%} (target within 10%: {'met' if abs(growth) <= 0.1 else 'MISSED'})",
+                      flush=True)
+                print(f"  commits: {groups:,} groups; a result waited {mean_ms:.1f} ms on "
+                      f"average, {max_ms:.1f} ms at most, between arriving and being on disk",
+                      flush=True)
+        if args.only in (None, "resume"):
+            with tempfile.TemporaryDirectory() as tmp:
+                pipeline = write_pipeline(Path(tmp), 1_000_000, base)
+                built = build_done_store(pipeline, base)
+                before = server_requests(base)
+                sampler, elapsed = run_flow(pipeline)
+                calls = server_requests(base) - before
+                with sqlite3.connect(Path(tmp) / "flow.db") as db:
+                    skipped = db.execute("SELECT items_skipped FROM runs").fetchone()[0]
+                rate = skipped / elapsed
+                peak = max(rss for _, rss, _ in sampler.samples)
+                print(f"re-run over {built:,} done items: {skipped:,} skipped in {elapsed:.1f} s "
+                      f"= {rate:,.0f} items/s (target >= 50,000: "
+                      f"{'met' if rate >= 50_000 else 'MISSED'}), {calls} requests sent, "
+                      f"peak RSS {peak:.0f} MB", flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("OPENAI_BASE_URL", None)
+    raise SystemExit(main())
