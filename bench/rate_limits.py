@@ -121,6 +121,8 @@ def measure(scenario: Scenario) -> dict[str, Any]:
                                     ).fetchone()[0] or 0
                 attempts = [(seconds(s), code_) for s, code_ in db.execute(
                     "SELECT started_at, status_code FROM attempts")]
+                commit_mean, commit_max = db.execute(
+                    "SELECT commit_wait_mean_ms, commit_wait_max_ms FROM runs").fetchone()
     finally:
         server.terminate()
         server.wait(10)
@@ -137,7 +139,7 @@ def measure(scenario: Scenario) -> dict[str, Any]:
         "per_s": round(len(after) / max(t1 - cut, 1e-9), 1),
         "requests": requests, "429s": limited,
         "429_pct": round(100 * sum(1 for c in sent_after if c == 429) / max(len(sent_after), 1), 2),
-        "tpm_used_pct": None,
+        "tpm_used_pct": None, "commit_ms": f"{commit_mean:.1f}/{commit_max:.1f}",
     }
     if "tpm" in scenario.call:
         result["tpm_used_pct"] = round(100 * tokens / wall * 60 / scenario.call["tpm"], 1)
@@ -162,7 +164,7 @@ def main() -> int:
     parser.add_argument("--only", choices=[s.name for s in SCENARIOS])
     args = parser.parse_args()
     print(f"{'scenario':<11} {'items':>6} {'done':>6} {'failed':>6} {'wall s':>7} "
-          f"{'items/s':>8} {'requests':>9} {'429s':>5} {'429 %':>6} {'tpm used %':>10}  target")
+          f"{'items/s':>8} {'requests':>9} {'429s':>5} {'429 %':>6} {'tpm used %':>10} {'commit ms':>10}  target")
     for scenario in SCENARIOS:
         if args.only and scenario.name != args.only:
             continue
@@ -171,7 +173,7 @@ def main() -> int:
         print(f"{result['scenario']:<11} {result['items']:>6} {result['done']:>6} "
               f"{result['failed']:>6} {result['wall_s']:>7.1f} {result['per_s']:>8.1f} "
               f"{result['requests']:>9} {result['429s']:>5} {result['429_pct']:>6.2f} "
-              f"{tpm:>10}  {verdict(scenario, result)}", flush=True)
+              f"{tpm:>10} {result['commit_ms']:>10}  {verdict(scenario, result)}", flush=True)
     return 0
 
 
