@@ -19,18 +19,17 @@ import os
 import re
 import resource
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 import yaml
+from simulator_process import simulator_process
 
 BARE_SDK = textwrap.dedent("""
     import asyncio, json, resource, sys, time
@@ -59,12 +58,6 @@ BARE_SDK = textwrap.dedent("""
 WRK_SCRIPT = ('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
               'wrk.body = \'{"model": "gpt-4o-mini", "messages": [{"role": "user", '
               '"content": "What is 1 plus 1?"}]}\'\n')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def capacity(base: str, folder: Path) -> float | None:
@@ -122,25 +115,11 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=30_000)
     parser.add_argument("--concurrency", type=int, default=100)
     args = parser.parse_args()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "flow", "simulate", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(base + "/v1/models", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            served = capacity(base, folder)
-            bare = bare_sdk(base, args.items, args.concurrency)
-            flow = flow_run(base, args.items, args.concurrency, folder)
-    finally:
-        server.terminate()
-        server.wait(10)
+    with simulator_process() as base, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        served = capacity(base, folder)
+        bare = bare_sdk(base, args.items, args.concurrency)
+        flow = flow_run(base, args.items, args.concurrency, folder)
     print(f"server capacity (wrk, 64 connections): "
           f"{'wrk not installed' if served is None else f'{served:,.0f} requests/s'}")
     print(f"{'client':<28} {'requests/s':>11} {'CPU ms/request':>15} {'peak RSS MB':>12}")

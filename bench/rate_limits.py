@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from simulator_process import simulator_process
 
 LATENCY_MS = 200
 CONCURRENCY = 200
@@ -52,12 +51,6 @@ SCENARIOS = [
     Scenario("window", 8000, ["--rpm", "6000", "--window", "minute"], {"rpm": 6000},
              targets={"max_429_pct": 1}),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def prompt(index: int, long: bool) -> str:
@@ -92,19 +85,7 @@ def seconds(stamp: str) -> float:
 
 
 def measure(scenario: Scenario) -> dict[str, Any]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flow", "simulate", "--port", str(port),
-         "--latency-ms", str(LATENCY_MS), *scenario.simulator],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(base + "/v1/models", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+    with simulator_process("--latency-ms", str(LATENCY_MS), *scenario.simulator) as base:
         with tempfile.TemporaryDirectory() as tmp:
             pipeline = write_pipeline(Path(tmp), scenario, base + "/v1")
             code = subprocess.run([sys.executable, "-m", "flow", "run", str(pipeline)],
@@ -123,9 +104,6 @@ def measure(scenario: Scenario) -> dict[str, Any]:
                     "SELECT started_at, status_code FROM attempts")]
                 commit_mean, commit_max = db.execute(
                     "SELECT commit_wait_mean_ms, commit_wait_max_ms FROM runs").fetchone()
-    finally:
-        server.terminate()
-        server.wait(10)
     t0, t1 = seconds(started), seconds(finished)
     wall = t1 - t0
     cut = t0 + scenario.warmup_s

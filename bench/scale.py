@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+from simulator_process import simulator_process
 
 from flow.config import load_config
 from flow.load import read_rows
@@ -37,12 +37,6 @@ from flow.request import RequestBuilder, canonical_json, key_of_json
 from flow.store import prepare_store, utc_now
 
 TARGET_PEAK_MB = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_pipeline(folder: Path, rows: int, base: str) -> Path:
@@ -163,12 +157,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("memory", "full", "resume"))
     args = parser.parse_args()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/v1"
-    server = subprocess.Popen([sys.executable, "-m", "flow", "simulate", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.5)
-    try:
+    with simulator_process() as root:
+        base = root + "/v1"
         if args.only in (None, "memory"):
             with tempfile.TemporaryDirectory() as tmp:
                 pipeline = write_pipeline(Path(tmp), 1_000_000, base)
@@ -216,9 +206,6 @@ def main() -> int:
                       f"= {rate:,.0f} items/s (target >= 50,000: "
                       f"{'met' if rate >= 50_000 else 'MISSED'}), {calls} requests sent, "
                       f"peak RSS {peak:.0f} MB", flush=True)
-    finally:
-        server.terminate()
-        server.wait(10)
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,11 @@ def flow_process(pipeline: Pipeline, *args: str, env: dict[str, str] | None = No
         [sys.executable, "-m", "flow", "run", str(pipeline.file), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OPENAI_API_KEY": API_KEY, **(env or {})})
+
+
+def wait_for_requests(server: SimulatorThread, count: int, within_s: float = 30) -> None:
+    """Wait until the simulator has received `count` requests."""
+    deadline = time.monotonic() + within_s
+    while server.stats.requests < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.stats.requests >= count

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import API_KEY, Pipeline, flow_process, questions
+from conftest import API_KEY, Pipeline, flow_process, questions, wait_for_requests
 from flow.simulator import SimulatorConfig, SimulatorThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,20 +33,13 @@ def test_twenty_kills_at_random_moments_lose_nothing_and_pay_nothing_twice() -> 
     assert "exported 3000 once each" in done.stdout
 
 
-def started(server: SimulatorThread, count: int, within_s: float = 30) -> None:
-    deadline = time.monotonic() + within_s
-    while server.stats.requests < count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.stats.requests >= count
-
-
 @pytest.mark.slow
 def test_second_ctrl_c_stops_at_once_keeping_what_was_received(make_pipeline: Any) -> None:
     with SimulatorThread(SimulatorConfig(latency_ms=3000)) as server:
         pipeline = make_pipeline(rows=questions(100), base_url=server.url,
                                  call={"concurrency": 8, "drain_s": 60})
         child = flow_process(pipeline)
-        started(server, 8)
+        wait_for_requests(server, 8)
         child.send_signal(signal.SIGINT)
         time.sleep(0.3)
         child.send_signal(signal.SIGINT)
@@ -64,7 +57,7 @@ def test_sigterm_drains_like_ctrl_c(make_pipeline: Any) -> None:
         pipeline = make_pipeline(rows=questions(300), base_url=server.url,
                                  call={"concurrency": 8})
         child = flow_process(pipeline)
-        started(server, 16)
+        wait_for_requests(server, 16)
         child.send_signal(signal.SIGTERM)
         assert child.wait(20) == 130
         sent = server.stats.requests

@@ -7,12 +7,12 @@ import os
 import random
 import signal
 import sqlite3
-import time
 from typing import Any
 
 import pytest
 
-from conftest import API_KEY, Pipeline, flow_process, questions, write_rows
+from conftest import (API_KEY, Pipeline, flow_process, questions, wait_for_requests,
+                      write_rows)
 from flow.simulator import SimulatorConfig, SimulatorThread
 
 
@@ -226,10 +226,7 @@ def test_kill_9_then_rerun_exports_every_item_exactly_once(make_pipeline: Any) -
         pipeline = make_pipeline(rows=questions(2000), base_url=server.url,
                                  call={"concurrency": 32})
         child = flow_process(pipeline)
-        deadline = time.monotonic() + 60
-        target = random.randint(300, 1500)
-        while server.stats.requests < target and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_requests(server, random.randint(300, 1500), within_s=60)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
         first = server.stats.requests
@@ -268,9 +265,7 @@ def test_sigint_drains_in_flight_requests_and_exits_130(make_pipeline: Any) -> N
         pipeline = make_pipeline(rows=questions(400), base_url=server.url,
                                  call={"concurrency": 16})
         child = flow_process(pipeline)
-        deadline = time.monotonic() + 30
-        while server.stats.requests < 40 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_requests(server, 40)
         child.send_signal(signal.SIGINT)
         assert child.wait(30) == 130
         err = child.stderr.read() if child.stderr else ""
@@ -302,9 +297,7 @@ def test_a_second_run_on_a_live_store_is_refused_naming_the_process(make_pipelin
         pipeline = make_pipeline(rows=questions(200), base_url=server.url,
                                  call={"concurrency": 4})
         first = flow_process(pipeline)
-        deadline = time.monotonic() + 30
-        while server.stats.requests < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_requests(server, 4)
         second = flow_process(pipeline)
         _, err = second.communicate(timeout=60)
         assert second.returncode == 2
