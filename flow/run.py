@@ -233,7 +233,8 @@ class Run:
         stop = asyncio.create_task(self._stop_feeding.wait())
         workers = asyncio.gather(*self._workers)
         try:
-            await asyncio.wait({producer, stop, workers}, return_when=asyncio.FIRST_COMPLETED)
+            waited: set[asyncio.Future[Any]] = {producer, stop, workers}
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             _raise_failure(producer, workers)
             if self._stop_feeding.is_set():
                 producer.cancel()
@@ -242,7 +243,8 @@ class Run:
                 for _ in self._workers:
                     queue.put_nowait(None)
                 abort = asyncio.create_task(self._abort.wait())
-                await asyncio.wait({workers, abort}, timeout=self.config.call.drain_s,
+                draining: set[asyncio.Future[Any]] = {workers, abort}
+                await asyncio.wait(draining, timeout=self.config.call.drain_s,
                                    return_when=asyncio.FIRST_COMPLETED)
                 abort.cancel()
             else:

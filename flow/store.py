@@ -340,10 +340,10 @@ class Store:
                 except sqlite3.Error as e:
                     raise store_error(self.path, "cannot write", e) from None
         clashes = [item_id for item_id, _ in unique if item_id not in taken]
-        for chunk in _chunks(clashes, 900):
-            marks = ",".join("?" * len(chunk))
+        for names in _chunks(clashes, 900):
+            marks = ",".join("?" * len(names))
             for item_id, row in await self._query(
-                    f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", chunk):
+                    f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", names):
                 first[item_id] = row
         return first
 
