@@ -108,7 +108,6 @@ class CallCounters:
     attempts: int = 0
     retries: int = 0
     rate_limited: int = 0
-    spent_usd: float = 0.0
 
 
 class Caller:
@@ -300,8 +299,6 @@ class Caller:
         record.prompt_tokens, record.completion_tokens, record.cached_tokens = (
             prompt, completion, cached)
         record.cost_usd = cost_usd(self._price, prompt, completion, cached)
-        if record.cost_usd:
-            self.counters.spent_usd += record.cost_usd
 
     def _redact(self, text: str) -> str:
         if self._secret and len(self._secret) >= 4:

@@ -56,7 +56,6 @@ class RunProgress:
     done: int = 0
     failed: int = 0
     skipped: int = 0
-    to_call: int = 0
     completed: int = 0
     rerendered: int = 0
     removed: int = 0
@@ -354,7 +353,6 @@ class Run:
                 if self._over_budget():
                     return False
                 self._dispatched += 1
-                self.progress.to_call += 1
                 await queue.put(_Work(record.item_id, record.request_key, request, request_json))
         await asyncio.sleep(0)
         return True

@@ -392,11 +392,6 @@ class Store:
             if self._lock is not None:
                 self._lock.release()
 
-    @property
-    def failure(self) -> StoreError | None:
-        """The write error that stopped the writer, if any."""
-        return self._failure
-
     async def _write_forever(self) -> None:
         """Commit whatever has arrived since the last commit, in one transaction."""
         while True:
