@@ -164,7 +164,7 @@ def _simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
 
 def _run(args: argparse.Namespace, err: Console) -> int:
     if args.error_class and not args.retry_failed:
-        raise_usage("--error-class needs --retry-failed")
+        raise FlowError("--error-class needs --retry-failed")
     from flow.run import Run, RunOptions
 
     config = load_config(args.pipeline)
@@ -356,11 +356,6 @@ def _simulate(args: argparse.Namespace, err: Console) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
-
-
-def raise_usage(message: str) -> None:
-    """Refuse a bad combination of options."""
-    raise FlowError(message)
 
 
 def _positive_int(text: str) -> int:

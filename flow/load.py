@@ -83,34 +83,41 @@ def _identify(
     return Row(number, str(value), fields)
 
 
+def _read_line(handle: IO[bytes], number: int,
+               config: LoadConfig) -> tuple[str, RowError | None] | None:
+    """Line `number`, decoded (None at the end); one too long or not decodable carries an
+    error, with what text could be made of it. A too-long line is skipped, never held whole."""
+    limit = config.max_row_bytes
+    raw = handle.readline(limit + 1)
+    if not raw:
+        return None
+    name = config.path.name
+    if len(raw) > limit and not raw.endswith(b"\n"):
+        while (rest := handle.readline(CHUNK_BYTES)) and not rest.endswith(b"\n"):
+            pass
+        return "\n", RowError(f"{name} row {number}: longer than {limit} bytes "
+                              "(load.max_row_bytes)")
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode(config.encoding), None
+    except UnicodeDecodeError as e:
+        return raw.decode(config.encoding, errors="replace"), RowError(
+            f"{name} row {number}: not valid {config.encoding} (byte {e.start}); "
+            "fix the file or set load.encoding")
+    except LookupError:
+        raise SourceError(f"load.encoding: unknown encoding '{config.encoding}'") from None
+
+
 def _lines(handle: IO[bytes], config: LoadConfig) -> Iterator[tuple[int, str | None, RowError | None]]:
     """Decoded lines with their numbers; blank lines are skipped, bad ones carry an error."""
     number = 0
-    limit = config.max_row_bytes
-    while True:
-        raw = handle.readline(limit + 1)
-        if not raw:
-            return
+    while (line := _read_line(handle, number + 1, config)) is not None:
         number += 1
-        if len(raw) > limit and not raw.endswith(b"\n"):
-            while (rest := handle.readline(CHUNK_BYTES)) and not rest.endswith(b"\n"):
-                pass
-            yield number, None, RowError(
-                f"{config.path.name} row {number}: longer than {limit} bytes (load.max_row_bytes)")
-            continue
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            text = raw.decode(config.encoding)
-        except UnicodeDecodeError as e:
-            yield number, None, RowError(
-                f"{config.path.name} row {number}: not valid {config.encoding} "
-                f"(byte {e.start}); fix the file or set load.encoding")
-            continue
-        except LookupError:
-            raise SourceError(f"load.encoding: unknown encoding '{config.encoding}'") from None
-        text = text.rstrip("\r\n")
-        if text.strip():
+        text, error = line
+        if error is not None:
+            yield number, None, error
+        elif (text := text.rstrip("\r\n")).strip():
             yield number, text, None
 
 
@@ -188,25 +195,11 @@ class _RawLines:
         return self
 
     def __next__(self) -> str:
-        raw = self.handle.readline(self.config.max_row_bytes + 1)
-        if not raw:
+        line = _read_line(self.handle, self.number + 1, self.config)
+        if line is None:
             raise StopIteration
         self.number += 1
-        name = self.config.path.name
-        if len(raw) > self.config.max_row_bytes and not raw.endswith(b"\n"):
-            while (rest := self.handle.readline(CHUNK_BYTES)) and not rest.endswith(b"\n"):
-                pass
-            self.bad = RowError(f"{name} row {self.number}: longer than "
-                                f"{self.config.max_row_bytes} bytes (load.max_row_bytes)")
-            return "\n"
-        if self.number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            return raw.decode(self.config.encoding)
-        except UnicodeDecodeError as e:
-            self.bad = RowError(f"{name} row {self.number}: not valid {self.config.encoding} "
-                                f"(byte {e.start}); fix the file or set load.encoding")
-            return raw.decode(self.config.encoding, errors="replace")
-        except LookupError:
-            raise SourceError(
-                f"load.encoding: unknown encoding '{self.config.encoding}'") from None
+        text, error = line
+        if error is not None:
+            self.bad = error
+        return text

@@ -7,7 +7,6 @@ is writing (WAL readers never block the writer) and never change what they read.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import sqlite3
@@ -211,6 +210,4 @@ def _loads(text: str | None) -> Any:
 
 def render_json(value: Any) -> str:
     """Pretty JSON for people."""
-    buffer = io.StringIO()
-    json.dump(value, buffer, indent=2, ensure_ascii=False)
-    return buffer.getvalue()
+    return json.dumps(value, indent=2, ensure_ascii=False)

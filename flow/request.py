@@ -149,17 +149,13 @@ class _Placeholders:
                 raise TemplateError(f"{where}: call.messages[{index}].content: missing "
                                     f"template field {name!r}")
             value = fields[name]
-            out.append(value if isinstance(value, str) else _jinja_str(value))
+            out.append(value if isinstance(value, str) else str(value))
             out.append(literal)
         text = "".join(out)
         if len(text) > MAX_RENDERED_CHARS:
             raise TemplateError(f"{where}: call.messages[{index}].content renders to "
                                 f"{len(text)} characters, more than {MAX_RENDERED_CHARS}")
         return text
-
-
-def _jinja_str(value: Any) -> str:
-    return str(value)
 
 
 def _undefined_reason(error: jinja2.UndefinedError) -> str:
