@@ -51,7 +51,9 @@ def flow(*args: str) -> subprocess.Popen[bytes]:
 def committed(store: Path) -> set[str]:
     with sqlite3.connect(store) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",), "integrity_check"
-        return {key for (key,) in db.execute("SELECT request_key FROM calls WHERE status='done'")}
+        twice = db.execute("SELECT COUNT(*) - COUNT(DISTINCT request_key) FROM responses")
+        assert twice.fetchone() == (0,), "a stored reply was paid for again"
+        return {key for (key,) in db.execute("SELECT request_key FROM responses")}
 
 
 def main() -> int:

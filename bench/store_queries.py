@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from flow.store import prepare_store
+from flow.store.sqlite import prepare_store
 
 ERRORS = ("BadRequestError", "PostError", "APITimeoutError")
 

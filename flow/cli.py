@@ -165,21 +165,21 @@ def _simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
 def _run(args: argparse.Namespace, err: Console) -> int:
     if args.error_class and not args.retry_failed:
         raise FlowError("--error-class needs --retry-failed")
-    from flow.run import Run, RunOptions
+    from flow.run import RunOptions
 
     config = load_config(args.pipeline)
-    options = RunOptions(simulate=args.simulate, simulator=_simulator_config(args, "sim_"),
-                         limit=args.limit, retry_failed=args.retry_failed,
-                         error_class=args.error_class)
+    options = RunOptions(simulate=args.simulate, limit=args.limit,
+                         retry_failed=args.retry_failed, error_class=args.error_class)
     if args.dry_run:
         return _dry_run(config, options)
+    simulator = None
     if args.simulate:
+        simulator = _simulator_config(args, "sim_")
         err.print("[yellow]--simulate: replies come from flow's built-in simulator, "
                   "not from a model[/]")
     display = _Display(err)
-    run = Run(config, options, on_progress=display.update)
     try:
-        summary = asyncio.run(_run_with_signals(run, err))
+        summary = asyncio.run(_run_with_signals(config, options, simulator, display, err))
     finally:
         display.close()
     from flow.progress import summarize
@@ -208,7 +208,8 @@ def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
     price = ("unknown price for this model: set call.price" if cost is None
              else f"about ${cost:.4f} at list prices of {PRICES_TAKEN_ON}")
     out.print(f"dry run against {report.origin}: {report.rows:,} rows; "
-              f"{report.done:,} already done, {report.to_call:,} to call, "
+              f"{report.done:,} already done, {report.to_call:,} to call"
+              f"{f' ({report.shared:,} more items share those requests)' if report.shared else ''}, "
               f"{report.reposts:,} to post-process again, {report.failed_kept:,} failed with a "
               f"paid response (kept), {report.bad_rows:,} bad rows", markup=False)
     out.print(f"estimate: {report.prompt_tokens:,} prompt tokens + up to "
@@ -217,7 +218,22 @@ def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
     return EXIT_OK
 
 
-async def _run_with_signals(run: Run, err: Console) -> RunSummary:
+async def _run_with_signals(config: PipelineConfig, options: RunOptions,
+                            simulator: SimulatorConfig | None, display: _Display,
+                            err: Console) -> RunSummary:
+    """The run, on the simulator when asked; Ctrl-C and SIGTERM ask it to stop."""
+    from flow.run import Run
+
+    if simulator is None:
+        return await _signalled(Run(config, options, on_progress=display.update), err)
+    from flow.simulator import serve
+
+    async with serve(simulator) as (url, _):
+        options.base_url, options.api_key = url, "sk-simulated"
+        return await _signalled(Run(config, options, on_progress=display.update), err)
+
+
+async def _signalled(run: Run, err: Console) -> RunSummary:
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
@@ -285,7 +301,13 @@ def _status(args: argparse.Namespace, err: Console) -> int:
         out.print(errors)
     tokens = status["tokens"]
     out.print(f"tokens {tokens['prompt']:,} in / {tokens['completion']:,} out, "
-              f"cost ${status['cost_usd']:.4f}, {status['attempts']:,} attempts")
+              f"cost ${status['cost_usd']:.4f} for {status['replies_paid']:,} paid replies, "
+              f"{status['attempts']:,} attempts")
+    other = status["cost_usd"] - status["cost_of_results_usd"]
+    if round(other, 4):
+        out.print(f"  ${status['cost_of_results_usd']:.4f} bought the current results; "
+                  f"${other:.4f} paid for requests no item makes any more "
+                  "(an edited template, a reply bought again)")
     runs = Table("run", "started", "finished", "state", "done", "failed", "skipped", "calls",
                  header_style="bold")
     for run in status["runs"][-10:]:

@@ -57,6 +57,8 @@ class RetryConfig(_Strict):
 
     max_tries: int = Field(default=8, ge=1)
     max_time_s: float = Field(default=600, gt=0)
+    first_wait_s: float = Field(default=0.5, ge=0)
+    max_wait_s: float = Field(default=60, ge=0)
 
 
 class PriceConfig(_Strict):
@@ -100,6 +102,7 @@ class PipelineConfig(_Strict):
     """A whole pipeline file."""
 
     store: Path
+    store_busy_timeout_s: float = Field(default=5, ge=0)
     load: LoadConfig
     call: CallConfig
     post: list[str | dict[str, str]] = Field(default_factory=list)

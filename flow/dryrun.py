@@ -1,8 +1,8 @@
 """A dry run: what a run would send and what it would cost, calling nothing, writing nothing.
 
-Every row is read and rendered as a run would; the store (if any) is only read, so a dry run
-works beside a live run. Prompt tokens are counted exactly with the model's tokenizer;
-completion tokens are the same estimate the rate limiter reserves.
+Every row is read, rendered and planned as a run would (`flow.plan`); the store (if any) is
+only read, so a dry run works beside a live run. Prompt tokens are counted exactly with the
+model's tokenizer; completion tokens are the same estimate the rate limiter reserves.
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flow.call import endpoint_origin
 from flow.config import PipelineConfig
-from flow.errors import TemplateError
+from flow.endpoints.chat import estimate_prompt_tokens
+from flow.execute.online import endpoint_origin
 from flow.load import read_rows
+from flow.plan import STAGE, Action, Planned, decide, prepare
 from flow.post import PostProcessor
 from flow.prices import Price, cost_usd, price_for
-from flow.request import RequestBuilder, content_key
-from flow.run import BATCH_ROWS, RunOptions, decide
-from flow.store import KnownCall, Store
-from flow.tokens import count_prompt_tokens, expected_output_tokens
+from flow.render import RequestBuilder
+from flow.run import BATCH_ROWS, RunOptions
+from flow.store import Store, open_store_read_only
+from flow.tokens import expected_output_tokens
 
 SAMPLES = 3
 
@@ -30,6 +31,7 @@ class DryRunReport:
 
     rows: int = 0
     to_call: int = 0
+    shared: int = 0
     done: int = 0
     failed_kept: int = 0
     reposts: int = 0
@@ -56,55 +58,61 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
                           price=price_for(config.call.model, config.call.price),
                           origin=endpoint_origin(config.call.base_url, options.simulate))
     output_tokens = expected_output_tokens(config.call.params, config.call.expected_output_tokens)
-    store = await Store.open_read_only(config.store) if config.store.exists() else None
+    store = await open_store_read_only(config.store) if config.store.exists() else None
+    source = config.load.path.name
+    sent: set[str] = set()
     try:
-        batch: list[tuple[str, dict[str, Any]]] = []
+        batch = []
         for row in read_rows(config.load):
-            report.rows += 1
-            if row.error is not None or row.fields is None:
-                _bad(report, str(row.error))
-                continue
-            try:
-                request = builder.build(row.fields, f"{config.load.path.name} row {row.number}")
-            except TemplateError as e:
-                _bad(report, str(e))
-                continue
-            batch.append((content_key(request), request))
+            batch.append(row)
             if len(batch) >= BATCH_ROWS:
-                await _tally(report, batch, store, options, post_key, output_tokens)
+                await _tally(report, prepare(batch, builder, source), store, options,
+                             post_key, output_tokens, sent)
                 batch = []
-        await _tally(report, batch, store, options, post_key, output_tokens)
+        await _tally(report, prepare(batch, builder, source), store, options, post_key,
+                     output_tokens, sent)
     finally:
         if store is not None:
             await store.close()
     return report
 
 
-def _bad(report: DryRunReport, message: str) -> None:
-    report.bad_rows += 1
-    if len(report.bad_samples) < SAMPLES:
-        report.bad_samples.append(message)
-
-
-async def _tally(report: DryRunReport, batch: list[tuple[str, dict[str, Any]]],
-                 store: Store | None, options: RunOptions, post_key: str,
-                 output_tokens: int) -> None:
-    known: dict[str, KnownCall] = {}
-    if store is not None and batch:
-        known = await store.known_calls(report.origin, [key for key, _ in batch])
-    for key, request in batch:
-        action = decide(known.get(key), post_key, options.retry_failed, options.error_class)
-        if action == "call":
+async def _tally(report: DryRunReport, prepared: list[Planned], store: Store | None,
+                 options: RunOptions, post_key: str, output_tokens: int,
+                 sent: set[str]) -> None:
+    report.rows += len(prepared)
+    items = []
+    for planned in prepared:
+        if planned.error is not None or planned.call is None:
+            report.bad_rows += 1
+            if len(report.bad_samples) < SAMPLES:
+                report.bad_samples.append(str(planned.error))
+        else:
+            items.append(planned)
+    if store is not None and items:
+        known = await store.known(STAGE, report.origin, [
+            (p.record.item_id, p.call.key) for p in items if p.call is not None])
+        for planned in items:
+            planned.known = known[planned.record.item_id]
+    for planned in items:
+        assert planned.call is not None
+        action = decide(planned.known, planned.call.key, post_key, options.retry_failed,
+                        options.error_class)
+        if action is Action.CALL:
+            if planned.call.key in sent:
+                report.shared += 1  # the same request as another item: one call for both
+                continue
             if options.limit is not None and report.to_call >= options.limit:
                 continue
+            sent.add(planned.call.key)
             report.to_call += 1
-            report.prompt_tokens += count_prompt_tokens(request["messages"], request["model"])
+            report.prompt_tokens += estimate_prompt_tokens(planned.call.request)
             report.completion_tokens += output_tokens
             if len(report.samples) < SAMPLES:
-                report.samples.append(request)
-        elif action == "skip-done":
+                report.samples.append(planned.call.request)
+        elif action is Action.SKIP_DONE:
             report.done += 1
-        elif action == "skip-failed":
+        elif action is Action.SKIP_FAILED:
             report.failed_kept += 1
-        elif action == "repost":
+        elif action is Action.POST:
             report.reposts += 1

@@ -1,17 +1,24 @@
 """The errors flow raises, one small tree.
 
-    FlowError                 anything flow reports to a person
-    +-- ConfigError           the pipeline file or the command line is wrong (exit 2)
-    +-- SourceError           the input file cannot be read at all (exit 2)
-    +-- StoreError            the SQLite store cannot be opened or written
-    |   +-- StoreLockedError  another live run holds the store
-    +-- FatalCallError        the endpoint refuses every request: stop the run (exit 2)
-    +-- ItemError             one item failed; recorded with its reason, the run goes on
-        +-- RowError          the input row is malformed
-        +-- TemplateError     the row lacks a field a template needs
-        +-- PostError         a post step could not turn the response into output
-        +-- ResponseError     the response is unusable (empty, cut short, filtered)
+    FlowError                   anything flow reports to a person
+    +-- ConfigError             the pipeline file or the command line is wrong (exit 2)
+    +-- SourceError             the input file cannot be read at all (exit 2)
+    +-- StoreError              the store cannot be opened or written
+    |   +-- StoreLockedError    another live run holds the store
+    +-- FatalCallError          the endpoint refuses every request: stop the run (exit 2)
+    +-- RetryableError          an attempt failed; another attempt may succeed
+    |   +-- RateLimitedError    429: pause every sender; never counts toward max_tries
+    +-- ItemError               one item failed; recorded with its reason, the run goes on
+        +-- RowError            the input row is malformed
+        +-- TemplateError       the row lacks a field a template needs
+        +-- RequestError        the server refused the request (400, 403, 404, 422, ...)
+        +-- ResponseError       the reply is unusable (cut short, filtered, refused)
+        +-- PostError           a post step could not turn the reply into output
 
+Retryable or not is the branch an error sits on: `backoff` retries `RetryableError` and gives
+up on everything else. Errors of a call carry `error_class`, the name stored in the store;
+for HTTP statuses it is the name the openai SDK gives that status (`BadRequestError`,
+`InternalServerError`, ...), so `--error-class` reads the same whichever way a call failed.
 Every message says where (file, key path, row, item id) and, where it can, what to do.
 """
 
@@ -31,7 +38,7 @@ class SourceError(FlowError):
 
 
 class StoreError(FlowError):
-    """The SQLite store cannot be opened, migrated or written."""
+    """The store cannot be opened, migrated or written."""
 
 
 class StoreLockedError(StoreError):
@@ -40,6 +47,21 @@ class StoreLockedError(StoreError):
 
 class FatalCallError(FlowError):
     """The endpoint refuses every request (bad key, no quota): retrying cannot help."""
+
+
+class RetryableError(FlowError):
+    """An attempt failed in a way another attempt may fix (5xx, 408, 409, timeouts, drops)."""
+
+    def __init__(self, message: str, error_class: str, status_code: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(RetryableError):
+    """429: the server asks every sender to slow down."""
 
 
 class ItemError(FlowError):
@@ -59,9 +81,23 @@ class TemplateError(ItemError):
     """A template could not be rendered for this row."""
 
 
-class PostError(ItemError):
-    """A post step failed on the response."""
+class RequestError(ItemError):
+    """The server refused the request as it is; sending it again cannot help."""
+
+    def __init__(self, message: str, error_class: str, status_code: int) -> None:
+        super().__init__(message)
+        self._error_class = error_class
+        self.status_code = status_code
+
+    @property
+    def error_class(self) -> str:
+        """The openai SDK's name for the status (`BadRequestError`, `NotFoundError`, ...)."""
+        return self._error_class
 
 
 class ResponseError(ItemError):
-    """The response carries no usable text (cut short, filtered, malformed)."""
+    """The reply carries no usable output (cut short, filtered, refused, too large)."""
+
+
+class PostError(ItemError):
+    """A post step failed on the reply."""

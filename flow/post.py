@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flow.errors import ConfigError, PostError
-from flow.request import canonical_json, content_key
+from flow.keys import canonical_json, content_key
 
 Step = Callable[[Any], Any]
 

@@ -1,7 +1,9 @@
 """Read a store: status counts, failures, one item in full, and exports.
 
 These open the store read-only with the standard `sqlite3` module, so they work while a run
-is writing (WAL readers never block the writer) and never change what they read.
+is writing (WAL readers never block the writer) and never change what they read. They read
+only what `docs/store.md` documents (the `results` view and the tables beneath it), the
+same SQL a person would write.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ EXPORT_FORMATS = ("jsonl", "csv")
 
 
 @contextmanager
-def open_store(path: Path) -> Iterator[sqlite3.Connection]:
+def _open_read_only(path: Path) -> Iterator[sqlite3.Connection]:
     """The store at `path`, read-only; a clear error when there is none yet."""
     if not path.exists():
         raise StoreError(f"{path}: no store yet; run the pipeline first")
@@ -33,6 +35,12 @@ def open_store(path: Path) -> Iterator[sqlite3.Connection]:
     except sqlite3.Error as e:
         raise StoreError(f"{path}: cannot read the store: {e}") from None
     try:
+        db.execute("SELECT 1 FROM outputs LIMIT 1")
+    except sqlite3.Error:
+        db.close()
+        raise StoreError(f"{path}: written by an older flow; `flow run` the pipeline once "
+                         "to upgrade the store (finished items are not called again)") from None
+    try:
         yield db
     except sqlite3.Error as e:
         raise StoreError(f"{path}: cannot read the store: {e}") from None
@@ -41,8 +49,14 @@ def open_store(path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def store_status(path: Path) -> dict[str, Any]:
-    """Counts by status and error class, tokens and cost, and the history of runs."""
-    with open_store(path) as db:
+    """Counts by status and error class, tokens and cost, and the history of runs.
+
+    Money is read from `responses`, where each paid reply is counted once: the runs' cost,
+    the budget cap and the total here are the same sum. The part of it that bought the
+    current results is the sum of the `results` view's `cost_usd`; the rest paid for
+    requests no item renders any more (an edited template, a re-bought reply).
+    """
+    with _open_read_only(path) as db:
         by_status: dict[str, int] = {}
         by_error: dict[str, int] = {}
         for status, error_class, count in db.execute(
@@ -51,9 +65,11 @@ def store_status(path: Path) -> dict[str, Any]:
             if status == "failed":
                 by_error[error_class] = by_error.get(error_class, 0) + count
         by_error = dict(sorted(by_error.items(), key=lambda item: -item[1]))
-        prompt, completion, cost, calls = db.execute(
+        prompt, completion, cost, replies = db.execute(
             "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-            "COALESCE(SUM(cost_usd), 0), COALESCE(SUM(attempts), 0) FROM calls").fetchone()
+            "COALESCE(SUM(cost_usd), 0), COUNT(*) FROM responses").fetchone()
+        (results_cost,) = db.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM results").fetchone()
         runs = [dict(zip(("id", "started_at", "finished_at", "state", "origin", "items_done",
                           "items_failed", "items_skipped", "calls_made", "cost_usd"), row))
                 for row in db.execute(
@@ -63,67 +79,63 @@ def store_status(path: Path) -> dict[str, Any]:
     return {"store": str(path), "items": sum(by_status.values()), **counts,
             "failed_by_error_class": by_error,
             "tokens": {"prompt": prompt, "completion": completion},
-            "cost_usd": round(cost, 6), "attempts": calls, "runs": runs}
+            "cost_usd": round(cost, 6), "cost_of_results_usd": round(results_cost, 6),
+            "replies_paid": replies,
+            "attempts": sum(run["calls_made"] for run in runs), "runs": runs}
 
 
 def list_failures(path: Path, error_class: str | None = None,
                   limit: int | None = None) -> list[dict[str, Any]]:
     """Failed items in input order, with error class, message and attempts."""
     where = " AND error_class=?" if error_class else ""
-    sql = (
-        "SELECT item_id, row, error_class, error, attempts FROM ("
-        " SELECT items.item_id, items.row, calls.error_class, calls.error, calls.attempts"
-        " FROM calls JOIN items ON items.request_key = calls.request_key"
-        "  AND items.origin = calls.origin AND items.error_class IS NULL"
-        " WHERE calls.status = 'failed'"
-        " UNION ALL"
-        " SELECT item_id, row, error_class, error, NULL FROM items"
-        " WHERE error_class IS NOT NULL)"
-        f" WHERE 1{where} ORDER BY row" + (f" LIMIT {int(limit)}" if limit else ""))
-    with open_store(path) as db:
+    sql = ("SELECT item_id, row, error_class, error, attempts FROM results "
+           f"WHERE status = 'failed'{where} ORDER BY row" + (f" LIMIT {int(limit)}" if limit else ""))
+    with _open_read_only(path) as db:
         rows = db.execute(sql, (error_class,) if error_class else ()).fetchall()
     return [dict(zip(("id", "row", "error_class", "error", "attempts"), row)) for row in rows]
 
 
 def show_item(path: Path, item_id: str) -> dict[str, Any]:
-    """One item in full: input, the exact request, the raw response, output, every attempt."""
-    with open_store(path) as db:
+    """One item in full: input, the exact request, the raw reply, output, every attempt."""
+    with _open_read_only(path) as db:
         found = db.execute(
-            "SELECT stage, row, input, request_key, origin, error_class, error FROM items "
-            "WHERE item_id=? ORDER BY stage", (item_id,)).fetchone()
+            "SELECT items.stage, items.row, items.input, items.request_key, items.origin, "
+            "results.status, results.output, results.error_class, results.error, "
+            "results.response_id, results.cost_usd FROM items JOIN results "
+            "ON results.stage = items.stage AND results.item_id = items.item_id "
+            "WHERE items.item_id=? ORDER BY items.stage", (item_id,)).fetchone()
         if found is None:
             raise ConfigError(f"{path}: no item with id {item_id!r}")
-        stage, row, raw_input, key, origin, item_error_class, item_error = found
+        (stage, row, raw_input, key, origin, status, output, error_class, error, response_id,
+         paid) = found
         item: dict[str, Any] = {"id": item_id, "stage": stage, "row": row,
-                                "input": _loads(raw_input), "request_key": key}
-        call = db.execute(
-            "SELECT status, model, request, response, output, error_class, error, attempts, "
-            "prompt_tokens, completion_tokens, cost_usd, latency_ms, started_at, finished_at, "
-            "run_id FROM calls WHERE request_key=? AND origin=?", (key, origin)).fetchone()
-        if item_error_class is not None:
-            item.update(status="failed", error_class=item_error_class, error=item_error)
-        elif call is None:
-            item["status"] = "pending"
-        if call is not None:
-            (status, model, request, response, output, error_class, error, attempts, prompt,
-             completion, cost, latency, started, finished, run_id) = call
-            item.setdefault("status", status)
-            item.update(model=model, request=_loads(request), response=_loads(response),
-                        output=_loads(output), error_class=error_class, error=error,
-                        tokens={"prompt": prompt, "completion": completion}, cost_usd=cost,
+                                "input": _loads(raw_input), "request_key": key,
+                                "status": status, "output": _loads(output),
+                                "error_class": error_class, "error": error}
+        reply = db.execute(
+            "SELECT id, model, request, body, prompt_tokens, completion_tokens, cost_usd, "
+            "attempts, latency_ms, started_at, finished_at, run_id FROM responses "
+            "WHERE request_key=? AND origin=? AND (id=? OR ? IS NULL) ORDER BY id DESC LIMIT 1",
+            (key, origin, response_id, response_id)).fetchone()
+        if reply is not None:
+            (reply_id, model, request, body, prompt, completion, cost, attempts, latency,
+             started, finished, run_id) = reply
+            item.update(model=model, request=_loads(request), response=_loads(body),
+                        response_id=reply_id, tokens={"prompt": prompt, "completion": completion},
+                        cost_usd=cost, paid_by_this_item=bool(paid) or cost in (None, 0),
                         latency_ms=latency, started_at=started, finished_at=finished)
-            item["attempts"] = [
-                dict(zip(("run", "number", "started_at", "latency_ms", "status_code",
-                          "outcome", "error", "wait_s"), attempt))
-                for attempt in db.execute(
-                    "SELECT run_id, number, started_at, latency_ms, status_code, outcome, "
-                    "error, wait_s FROM attempts WHERE request_key=? AND origin=? "
-                    "ORDER BY rowid", (key, origin))]
-            if not item["attempts"] and status == "done" and response is not None:
-                # done at the first attempt: the call's own row says it all
-                item["attempts"] = [{"run": run_id, "number": 1, "started_at": started,
-                                     "latency_ms": latency, "status_code": 200, "outcome": "ok",
-                                     "error": None, "wait_s": None}]
+        item["attempts"] = [
+            dict(zip(("run", "number", "started_at", "latency_ms", "status_code",
+                      "outcome", "error", "wait_s"), attempt))
+            for attempt in db.execute(
+                "SELECT run_id, number, started_at, latency_ms, status_code, outcome, "
+                "error, wait_s FROM attempts WHERE request_key=? AND origin=? "
+                "ORDER BY rowid", (key, origin))]
+        if not item["attempts"] and reply is not None and attempts == 1:
+            # a reply at its first attempt: its `responses` row says it all
+            item["attempts"] = [{"run": run_id, "number": 1, "started_at": started,
+                                 "latency_ms": latency, "status_code": 200, "outcome": "ok",
+                                 "error": None, "wait_s": None}]
     return item
 
 
@@ -135,7 +147,7 @@ def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str = "js
     if only not in (None, "done", "failed", "pending"):
         raise ConfigError(f"--only: expected done, failed or pending, got {only!r}")
     fields = fields or []
-    with open_store(path) as db:
+    with _open_read_only(path) as db:
         rows = db.execute(_export_sql(fmt, fields, only), (only,) if only else ())
         if out is None:
             return _write(rows, stream, fmt, fields)
@@ -157,26 +169,23 @@ def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str = "js
 def _export_sql(fmt: str, fields: list[str], only: str | None) -> str:
     """Records built by SQLite itself: a million rows need no per-row work in Python."""
     paths = [_quote('$."' + f.replace('"', "") + '"') for f in fields]
-    status = ("CASE WHEN items.error_class IS NOT NULL THEN 'failed' "
-              "WHEN calls.status IS NULL THEN 'pending' ELSE calls.status END")
-    error_class = "COALESCE(items.error_class, calls.error_class)"
-    error = "COALESCE(items.error, calls.error)"
     if fmt == "jsonl":
         # outputs are stored as JSON text: spliced in as they are, never parsed again
         extra = "".join(f" || ',' || {_quote(json.dumps(f))} || ':' || "
                         f"COALESCE(items.input -> {p}, 'null')" for f, p in zip(fields, paths))
-        columns = (f"""'{{"id":' || json_quote(items.item_id){extra} || ',"status":"' || """
-                   f"""{status} || '","output":' || COALESCE(calls.output, 'null') || """
-                   f"""',"error_class":' || json_quote({error_class}) || ',"error":' || """
-                   f"""json_quote({error}) || '}}'""")
+        columns = (f"""'{{"id":' || json_quote(results.item_id){extra} || ',"status":"' || """
+                   """results.status || '","output":' || COALESCE(results.output, 'null') || """
+                   """',"error_class":' || json_quote(results.error_class) || ',"error":' || """
+                   """json_quote(results.error) || '}'""")
     else:
         extra = "".join(f"items.input ->> {p}, " for p in paths)
-        columns = (f"items.item_id, {extra}{status}, "
-                   "CASE json_type(calls.output) WHEN 'text' THEN calls.output ->> '$' "
-                   f"ELSE calls.output END, {error_class}, {error}")
-    return (f"SELECT {columns} FROM items LEFT JOIN calls ON calls.request_key = "
-            "items.request_key AND calls.origin = items.origin WHERE items.stage = 'call'" +
-            (f" AND {status} = ?" if only else "") + " ORDER BY items.row")
+        columns = (f"results.item_id, {extra}results.status, "
+                   "CASE json_type(results.output) WHEN 'text' THEN results.output ->> '$' "
+                   "ELSE results.output END, results.error_class, results.error")
+    join = (" JOIN items ON items.stage = results.stage AND items.item_id = results.item_id"
+            if fields else "")
+    return (f"SELECT {columns} FROM results{join} WHERE results.stage = 'call'" +
+            (" AND results.status = ?" if only else "") + " ORDER BY results.row")
 
 
 def _quote(text: str) -> str:

@@ -1,11 +1,12 @@
-"""One run of a pipeline: stream rows, skip what is done, call the rest, checkpoint each result.
+"""One run of a pipeline, conducted: source, plan, execute, post, store, progress, stop.
 
-A producer reads rows in batches, renders their requests, asks the store which are already
-done and records the rest before any call is sent; a fixed pool of `concurrency` workers
-takes them from a small bounded queue (so memory does not grow with the input), calls,
-post-processes and hands each result to the store's writer.
+The producer reads rows in batches, plans each batch (`flow.plan`) and feeds the calls it
+needs to the executor (`flow.execute`), one call per distinct request: items that render a
+request already in flight wait for its reply instead of paying for it again. Each result is
+post-processed for every item waiting on it and committed together with the paid reply
+before the executor's worker takes its next call.
 
-Stopping: `request_stop()` once stops feeding new items and lets calls in flight finish for
+Stopping: `request_stop()` once stops feeding new calls and lets calls in flight finish for
 up to `call.drain_s`; twice, or on a fatal error, stops at once. Either way every result
 already received is committed before `execute()` returns.
 """
@@ -21,18 +22,28 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flow.call import Caller, endpoint_origin, make_client
 from flow.config import PipelineConfig
-from flow.errors import ConfigError, FatalCallError, ItemError, PostError, TemplateError
+from flow.endpoints.chat import parse_reply
+from flow.errors import ConfigError, FatalCallError, ItemError, PostError, RetryableError
+from flow.execute import Executor
+from flow.execute.online import OnlineExecutor, endpoint_origin, make_client
 from flow.limiter import LimiterStats, RateLimiter
 from flow.load import Row, count_rows, read_rows
+from flow.plan import STAGE, Action, Planned, Planner, decide, prepare
 from flow.post import PostProcessor
-from flow.prices import price_for
-from flow.request import RequestBuilder, key_of_json
-from flow.simulator import SimulatorConfig, serve
-from flow.store import CallRecord, ItemRecord, KnownCall, Store, utc_now
+from flow.prices import Price, cost_usd, price_for
+from flow.records import (
+    Call,
+    CallResult,
+    OutputRecord,
+    ResponseRecord,
+    Settled,
+    Usage,
+    utc_now,
+)
+from flow.render import RequestBuilder
+from flow.store import Store, open_store
 
-STAGE = "call"
 BATCH_ROWS = 1000
 TICK_S = 0.25
 
@@ -42,7 +53,8 @@ class RunOptions:
     """How to run, beyond the pipeline file."""
 
     simulate: bool = False
-    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    base_url: str | None = None
+    api_key: str | None = None
     limit: int | None = None
     retry_failed: bool = False
     error_class: str | None = None
@@ -57,6 +69,7 @@ class RunProgress:
     failed: int = 0
     skipped: int = 0
     completed: int = 0
+    reused: int = 0
     rerendered: int = 0
     removed: int = 0
     in_flight: int = 0
@@ -88,42 +101,7 @@ class RunSummary:
     message: str | None = None
 
 
-@dataclass(slots=True)
-class _Planned:
-    row: Row
-    record: ItemRecord
-    error: ItemError | None
-    request: dict[str, Any] | None = None
-    request_json: str | None = None
-
-
-@dataclass(slots=True)
-class _Work:
-    item_id: str
-    key: str
-    request: dict[str, Any]
-    request_json: str
-
-
 ProgressHook = Callable[[RunProgress], None]
-
-
-def decide(known: KnownCall | None, post_key: str, retry_failed: bool,
-           error_class: str | None) -> str:
-    """What to do with an item whose request has `known` stored: call, repost or skip."""
-    if retry_failed:
-        if known is not None and known.status == "failed" and error_class in (
-                None, known.error_class):
-            return "call"
-        if known is None:
-            return "skip-pending"
-    if known is None:
-        return "call"
-    if known.has_response and known.post_key != post_key:
-        return "repost"
-    if known.status == "done":
-        return "skip-done"
-    return "skip-failed" if known.has_response else "call"
 
 
 class Run:
@@ -137,10 +115,15 @@ class Run:
         self._on_progress = on_progress
         self._builder = RequestBuilder(config.call)
         self._post = PostProcessor(config.post, config.file.parent)
+        self._price: Price | None = price_for(config.call.model, config.call.price)
+        self._origin = endpoint_origin(options.base_url or config.call.base_url,
+                                       options.simulate)
         self._stop_feeding = asyncio.Event()
         self._abort = asyncio.Event()
-        self._fatal: FatalCallError | None = None
-        self._workers: list[asyncio.Task[None]] = []
+        # request key -> the items waiting for its reply; changed only under `_plan_lock`,
+        # so planning never misses a reply committed while it looked up the store
+        self._in_flight: dict[str, list[Planned]] = {}
+        self._plan_lock = asyncio.Lock()
         self._dispatched = 0
         self._spent_before = 0.0
         self._over_budget_message: str | None = None
@@ -156,221 +139,215 @@ class Run:
 
     async def execute(self) -> RunSummary:
         """Run the pipeline to its end, or until stopped; commit every result received."""
-        load = self.config.load
-        self.progress.total = count_rows(load)
-        store = await Store.open(self.config.store)
-        state, message = "finished", None
-        try:
-            async with self._endpoint() as (base_url, api_key):
-                client = make_client(self.config.call, base_url, api_key)
-                origin = endpoint_origin(self.config.call.base_url, self.options.simulate)
-                await store.start_run(self.config.file, origin, str(client.base_url))
-                store.totals.items_total = self.progress.total
-                self._spent_before = await store.spent_usd(origin)
-                limiter = RateLimiter(self.config.call.rpm, self.config.call.tpm)
-                caller = Caller(self.config.call, client, limiter, origin,
-                                price_for(self.config.call.model, self.config.call.price),
-                                api_key)
-                try:
-                    await self._run(store, caller, limiter, origin)
-                finally:
-                    await client.close()
-            if self._fatal is not None:
-                state, message = "stopped", str(self._fatal)
-            elif self._over_budget_message is not None:
-                state, message = "stopped", self._over_budget_message
-            elif self._stop_feeding.is_set():
-                state = "interrupted"
-                message = self.progress.stopping
-        except BaseException as e:
-            state, message = "stopped", f"{type(e).__name__}: {e}"
-            raise
-        finally:
-            self._count_into(store)
-            with contextlib.suppress(Exception):
-                await store.finish_run(state, message)
-            await store.close()
-        if self._fatal is not None:
-            raise self._fatal
-        return RunSummary(state, self.progress, store.run_id, str(self.config.store), message)
-
-    @contextlib.asynccontextmanager
-    async def _endpoint(self) -> AsyncIterator[tuple[str | None, str | None]]:
-        if self.options.simulate:
-            async with serve(self.options.simulator) as (url, _):
-                yield url, "sk-simulated"
-            return
-        api_key = self.config.call.api_key or os.environ.get("OPENAI_API_KEY")
+        call = self.config.call
+        self.progress.total = count_rows(self.config.load)
+        api_key = self.options.api_key or call.api_key or os.environ.get("OPENAI_API_KEY")
         if not api_key:
             raise ConfigError(
                 f"{self.config.file}: no API key: set OPENAI_API_KEY or call.api_key, "
                 "or add --simulate to run against the built-in simulator")
-        yield self.config.call.base_url, api_key
-
-    async def _run(self, store: Store, caller: Caller, limiter: RateLimiter, origin: str) -> None:
-        queue: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=self.config.call.concurrency)
-        self._workers = [asyncio.create_task(self._work(queue, store, caller))
-                         for _ in range(self.config.call.concurrency)]
-        ticker = asyncio.create_task(self._tick(caller, limiter))
-        producer = asyncio.create_task(self._produce(queue, store, origin))
+        store = await open_store(self.config.store, self.config.store_busy_timeout_s)
+        state, message = "finished", None
+        fatal: FatalCallError | None = None
         try:
-            await self._until_done(producer, queue)
+            client = make_client(call, self.options.base_url or call.base_url, api_key)
+            await store.start_run(self.config.file, self._origin, str(client.base_url))
+            self._spent_before = await store.spent_usd(self._origin)
+            limiter = RateLimiter(call.rpm, call.tpm)
+            executor = OnlineExecutor(call, client, limiter, api_key)
+            try:
+                await self._conduct(store, executor, limiter)
+            except FatalCallError as e:
+                fatal = e
+            finally:
+                await client.close()
+            if fatal is not None:
+                state, message = "stopped", str(fatal)
+            elif self._over_budget_message is not None:
+                state, message = "stopped", self._over_budget_message
+            elif self._stop_feeding.is_set():
+                state, message = "interrupted", self.progress.stopping
+        except BaseException as e:
+            state, message = "stopped", f"{type(e).__name__}: {e}"
+            raise
         finally:
-            ticker.cancel()
-            for task in (producer, *self._workers):
-                task.cancel()
-            await asyncio.gather(producer, *self._workers, ticker, return_exceptions=True)
-            self._refresh(caller, limiter)
+            with contextlib.suppress(Exception):
+                await store.finish_run(state, message, self._counts())
+            await store.close()
+        if fatal is not None:
+            raise fatal
+        return RunSummary(state, self.progress, store.run_id, str(self.config.store), message)
 
-    async def _until_done(self, producer: asyncio.Task[None],
-                          queue: asyncio.Queue[_Work | None]) -> None:
-        """Wait for the producer and workers; on a stop request drain, then cut off.
+    async def _conduct(self, store: Store, executor: Executor,
+                       limiter: RateLimiter) -> None:
+        """Feed the executor until the input ends or a stop; drain on a stop request."""
+        ticker = asyncio.create_task(self._tick(executor, limiter))
 
-        A producer or worker that fails (the store refusing a write, say) ends the run at
-        once: the others would wait forever on a queue no one reads.
-        """
+        async def deliver(result: CallResult) -> None:
+            await self._deliver(store, result)
+
+        work = asyncio.create_task(executor.execute(self._calls(store), deliver))
         stop = asyncio.create_task(self._stop_feeding.wait())
-        workers = asyncio.gather(*self._workers)
         try:
-            waited: set[asyncio.Future[Any]] = {producer, stop, workers}
-            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-            _raise_failure(producer, workers)
-            if self._stop_feeding.is_set():
-                producer.cancel()
-                while not queue.empty():
-                    queue.get_nowait()
-                for _ in self._workers:
-                    queue.put_nowait(None)
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
                 abort = asyncio.create_task(self._abort.wait())
-                draining: set[asyncio.Future[Any]] = {workers, abort}
-                await asyncio.wait(draining, timeout=self.config.call.drain_s,
+                await asyncio.wait({work, abort}, timeout=self.config.call.drain_s,
                                    return_when=asyncio.FIRST_COMPLETED)
                 abort.cancel()
-            else:
-                await workers
-            _raise_failure(producer, workers)
+            if work.done():
+                work.result()
         finally:
-            stop.cancel()
-            workers.cancel()
-            with contextlib.suppress(BaseException):
-                await workers
+            for task in (work, stop, ticker):
+                task.cancel()
+            await asyncio.gather(work, stop, ticker, return_exceptions=True)
+            self._refresh(executor, limiter)
 
-    async def _produce(self, queue: asyncio.Queue[_Work | None], store: Store,
-                       origin: str) -> None:
-        """Render batch N+1 while batch N's lookups run on the store's thread."""
+    async def _calls(self, store: Store) -> AsyncIterator[Call]:
+        """The distinct calls the input needs, batch after batch; the input's end forgets
+        items whose rows are gone."""
+        source = self.config.load.path.name
+        planner = Planner(store, self._origin, source)
         await store.begin_seen_ids()
         complete = True
-        pending: asyncio.Task[bool] | None = None
-        try:
-            for batch in _batches(read_rows(self.config.load), BATCH_ROWS):
-                prepared = self._prepare(batch)
-                if pending is not None and not await pending:
-                    complete, pending = False, None
+        for batch in _batches(read_rows(self.config.load), BATCH_ROWS):
+            if self._stop_feeding.is_set():
+                complete = False
+                break
+            callable_items = await planner.record(prepare(batch, self._builder, source))
+            counts = planner.take_counts()
+            self.progress.failed += counts.failed
+            self.progress.rerendered += counts.rerendered
+            async with self._plan_lock:
+                await planner.look_up(callable_items)
+                calls, reposts = self._sort(callable_items)
+            if reposts:
+                await self._repost(store, reposts)
+            for call in calls:
+                if self._over_budget():
+                    complete = False
                     break
-                pending = asyncio.create_task(self._plan(prepared, queue, store, origin))
-            if pending is not None:
-                complete = await pending
-                pending = None
-        finally:
-            if pending is not None:
-                pending.cancel()
+                self._dispatched += 1
+                yield call
+            if not complete:
+                break
         if complete:
-            # the whole input was read: items whose rows are gone leave the results
             self.progress.removed = await store.forget_unseen(STAGE)
-        for _ in self._workers:
-            await queue.put(None)
 
-    def _prepare(self, rows: list[Row]) -> list[_Planned]:
-        """Render each row's request and key it (the CPU half of planning a batch)."""
-        name = self.config.load.path.name
-        prepared = []
-        for row in rows:
-            planned = _Planned(row, ItemRecord(row.item_id, row.number, None, None), row.error)
-            if planned.error is None and row.fields is not None:
-                try:
-                    planned.request, planned.request_json = self._builder.build_with_json(
-                        row.fields, f"{name} row {row.number}")
-                    planned.record.request_key = key_of_json(planned.request_json)
-                except TemplateError as e:
-                    planned.error = e
-            prepared.append(planned)
-        return prepared
-
-    async def _plan(self, prepared: list[_Planned], queue: asyncio.Queue[_Work | None],
-                    store: Store, origin: str) -> bool:
-        """Record a batch of rows, then queue those that need a call; False means stop."""
-        if self._stop_feeding.is_set():
-            return False
-        first_rows = await store.mark_seen([(p.row.item_id, p.row.number) for p in prepared])
-        name = self.config.load.path.name
-        records: list[ItemRecord] = []
-        work: list[tuple[ItemRecord, dict[str, Any], str]] = []
-        renamed = []
-        for planned in prepared:
-            row, record, error = planned.row, planned.record, planned.error
-            first_row = first_rows.get(row.item_id, row.number)
-            if first_row != row.number:
-                # recorded under an id of its own: the first row keeps the id
-                record.item_id = f"{row.item_id}#row{row.number}"
-                record.request_key = None
-                renamed.append((record.item_id, row.number))
-                error = ItemError(f"{name} row {row.number}: duplicate id {row.item_id!r} "
-                                  f"(first at row {first_row}); ids must be unique (load.id)")
-            if error is not None:
-                record.error_class = "RowError" if type(error) is ItemError else error.error_class
-                record.error = str(error)
-                self.progress.failed += 1
-            elif planned.request is not None and planned.request_json is not None:
-                work.append((record, planned.request, planned.request_json))
-            records.append(record)
-        if renamed:
-            await store.mark_seen(renamed)
-        rows = [planned.row for planned in prepared]
-        changed = await self._changed(store, origin, records)
-        fields = {row.item_id: row.fields for row in rows}
-        for record in changed:
-            # serialized only when written: a re-run over unchanged rows writes nothing
-            row_fields = fields.get(record.item_id)
-            if row_fields is not None and record.error_class is None:
-                record.input = json.dumps(row_fields, ensure_ascii=False)
-        await store.save_items(STAGE, origin, changed)
-        known = await store.known_calls(origin, [r.request_key for r, _, _ in work
-                                                 if r.request_key])
-        for record, request, request_json in work:
-            assert record.request_key is not None
-            action = decide(known.get(record.request_key), self._post.fingerprint,
-                            self.options.retry_failed, self.options.error_class)
-            if action == "skip-done":
+    def _sort(self, items: list[Planned]) -> tuple[list[Call], list[Planned]]:
+        """Decide each item: the new calls to send, and the items to post from stored replies."""
+        calls, reposts = [], []
+        options = self.options
+        for planned in items:
+            assert planned.call is not None
+            key = planned.call.key
+            action = decide(planned.known, key, self._post.fingerprint, options.retry_failed,
+                            options.error_class)
+            if action is Action.SKIP_DONE:
                 self.progress.skipped += 1
                 self.progress.done += 1
-            elif action == "skip-failed":
+            elif action is Action.SKIP_FAILED:
                 self.progress.failed += 1
-            elif action == "skip-pending":
-                pass
-            elif action == "repost":
-                await self._repost(store, origin, record.request_key)
-            else:
-                if self._over_budget():
-                    return False
-                self._dispatched += 1
-                await queue.put(_Work(record.item_id, record.request_key, request, request_json))
-        await asyncio.sleep(0)
-        return True
+            elif action is Action.POST:
+                reposts.append(planned)
+            elif action is Action.CALL:
+                waiting = self._in_flight.get(key)
+                if waiting is not None:
+                    waiting.append(planned)  # the same request is on its way: share its reply
+                    continue
+                self._in_flight[key] = [planned]
+                calls.append(planned.call)
+        return calls, reposts
 
-    async def _changed(self, store: Store, origin: str,
-                       records: list[ItemRecord]) -> list[ItemRecord]:
-        """The records that differ from what the store holds (most re-runs write nothing)."""
-        stored = await store.known_items(STAGE, [r.item_id for r in records])
-        changed = []
-        for record in records:
-            before = stored.get(record.item_id)
-            if before == (record.row, record.request_key, origin, record.error_class,
-                          record.error):
-                continue
-            if before is not None and before[1] != record.request_key:
-                self.progress.rerendered += 1
-            changed.append(record)
-        return changed
+    async def _repost(self, store: Store, items: list[Planned]) -> None:
+        """Make outputs from stored replies (post steps or the items changed): no call."""
+        bodies = await store.reply_bodies(p.known.reply_id for p in items
+                                          if p.known.reply_id is not None)
+        outputs = []
+        for planned in items:
+            assert planned.call is not None and planned.known.reply_id is not None
+            known = planned.known
+            output = self._output(planned, bodies.get(known.reply_id, ""), None)
+            output.response_id = known.reply_id
+            output.bought = known.bought and known.response_id == known.reply_id
+            outputs.append(output)
+            self._count(output)
+        self.progress.reused += len(outputs)
+        await store.save(Settled(STAGE, self._origin, "", utc_now(), None, [], outputs))
+
+    async def _deliver(self, store: Store, result: CallResult) -> None:
+        """Post-process a call's result for every item waiting on it and commit it all."""
+        key = result.call.key
+        waiting = self._in_flight[key]
+        taken = len(waiting)
+        response = self._response(result)
+        outputs = [self._output(planned, result.body, result) for planned in waiting]
+        outputs[0].bought = response is not None
+        await store.save(Settled(STAGE, self._origin, key, result.finished_at, response,
+                                 result.attempts, outputs))
+        for output in outputs:
+            self._count(output)
+        self.progress.completed += len(outputs)
+        async with self._plan_lock:
+            late = self._in_flight.pop(key)[taken:]
+        if late:
+            # items that came to wait while the result was being committed
+            outputs = [self._output(planned, result.body, result) for planned in late]
+            for output in outputs:
+                output.response_id = response.id if response is not None else None
+                self._count(output)
+            await store.save(Settled(STAGE, self._origin, key, result.finished_at, None, [],
+                                     outputs))
+
+    def _response(self, result: CallResult) -> ResponseRecord | None:
+        """The paid reply to store, with its cost; counted into the run's spend once."""
+        if result.body is None:
+            return None
+        usage = result.usage
+        cost = None
+        if usage is not None:
+            cost = cost_usd(self._price, usage.prompt_tokens, usage.completion_tokens,
+                            usage.cached_tokens)
+            self.progress.prompt_tokens += usage.prompt_tokens
+            self.progress.completion_tokens += usage.completion_tokens
+            self.progress.cost_usd += cost or 0.0
+        call = result.call
+        return ResponseRecord(call.key, self._origin, call.request["model"], call.request_json,
+                              result.body, usage or Usage(), cost, len(result.attempts),
+                              result.latency_ms, result.started_at, result.finished_at)
+
+    def _output(self, planned: Planned, body: str | None,
+                result: CallResult | None) -> OutputRecord:
+        """What an item becomes from a reply body (or from why there is none)."""
+        assert planned.call is not None
+        output = OutputRecord(planned.record.item_id, planned.call.key, "failed",
+                              self._post.fingerprint,
+                              attempts=len(result.attempts) if result is not None else 0)
+        reply = None
+        if result is not None:
+            reply = result.reply
+            if reply is None:
+                output.error_class, output.error = result.error_class, result.error
+        elif body is not None:
+            try:
+                reply, _ = parse_reply(body)
+            except ItemError as e:
+                output.error_class, output.error = e.error_class, str(e)
+            except RetryableError as e:
+                output.error_class, output.error = "ResponseError", f"stored reply: {e}"
+        if reply is not None:
+            try:
+                output.output = json.dumps(self._post.apply(reply.text), ensure_ascii=False)
+                output.status = "done"
+            except PostError as e:
+                output.error_class, output.error = e.error_class, str(e)
+        return output
+
+    def _count(self, output: OutputRecord) -> None:
+        if output.status == "done":
+            self.progress.done += 1
+        else:
+            self.progress.failed += 1
 
     def _over_budget(self) -> bool:
         limit = self.options.limit
@@ -386,90 +363,26 @@ class Run:
             return True
         return False
 
-    async def _repost(self, store: Store, origin: str, key: str) -> None:
-        """Apply changed post steps to a stored response: no call is made."""
-        stored = await store.stored_response(key, origin)
-        if stored is None:
-            return
-        raw, request = stored
-        record = CallRecord(request_key=key, origin=origin, model=request["model"],
-                            request=request, status="failed", started_at=utc_now(),
-                            finished_at=utc_now(), response=raw)
-        try:
-            choice = json.loads(raw)["choices"][0]
-            text, finish = choice["message"].get("content"), choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            text, finish = None, "unknown"
-        if isinstance(text, str) and finish not in ("length", "content_filter"):
-            self._apply_post(record, text)
-        else:
-            record.error_class = "ResponseError"
-            record.error = f"stored response is unusable (finish_reason={finish})"
-        await self._finish(record, store, counted_call=False)
-
-    async def _work(self, queue: asyncio.Queue[_Work | None], store: Store,
-                    caller: Caller) -> None:
-        while (work := await queue.get()) is not None:
-            if self._abort.is_set():
-                return
-            self.progress.in_flight += 1
-            try:
-                record, reply = await caller.call(work.key, work.request, work.request_json)
-            except FatalCallError as e:
-                if self._fatal is None:
-                    self._fatal = e
-                self._stop_feeding.set()
-                self._abort.set()
-                return
-            finally:
-                self.progress.in_flight -= 1
-            if reply is not None:
-                self._apply_post(record, reply.text)
-            await self._finish(record, store, counted_call=True)
-
-    def _apply_post(self, record: CallRecord, text: str) -> None:
-        record.post_key = self._post.fingerprint
-        try:
-            output = self._post.apply(text)
-            record.output = json.dumps(output, ensure_ascii=False)
-            record.status, record.error_class, record.error = "done", None, None
-        except PostError as e:
-            record.status, record.error_class, record.error = "failed", e.error_class, str(e)
-
-    async def _finish(self, record: CallRecord, store: Store, counted_call: bool) -> None:
-        await store.save_call(record)
-        progress = self.progress
-        progress.completed += 1
-        if record.status == "done":
-            progress.done += 1
-        else:
-            progress.failed += 1
-        if counted_call:
-            progress.prompt_tokens += record.prompt_tokens or 0
-            progress.completion_tokens += record.completion_tokens or 0
-            progress.cost_usd += record.cost_usd or 0.0
-
-    async def _tick(self, caller: Caller, limiter: RateLimiter) -> None:
+    async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:
-            self._refresh(caller, limiter)
+            self._refresh(executor, limiter)
             if self._on_progress is not None:
                 self._on_progress(self.progress)
             await asyncio.sleep(TICK_S)
 
-    def _refresh(self, caller: Caller, limiter: RateLimiter) -> None:
-        counters = caller.counters
+    def _refresh(self, executor: Executor, limiter: RateLimiter) -> None:
+        counters = executor.counters
         self.progress.calls = counters.attempts
         self.progress.retries = counters.retries
         self.progress.rate_limited = counters.rate_limited
+        self.progress.in_flight = counters.in_flight
         self.progress.limits = limiter.stats()
 
-    def _count_into(self, store: Store) -> None:
-        totals, progress = store.totals, self.progress
-        totals.items_done, totals.items_failed = progress.done, progress.failed
-        totals.items_skipped, totals.calls_made = progress.skipped, progress.calls
-        totals.prompt_tokens = progress.prompt_tokens
-        totals.completion_tokens = progress.completion_tokens
-        totals.cost_usd = progress.cost_usd
+    def _counts(self) -> dict[str, int]:
+        progress = self.progress
+        return {"items_total": progress.total, "items_done": progress.done,
+                "items_failed": progress.failed, "items_skipped": progress.skipped,
+                "calls_made": progress.calls}
 
 
 def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
@@ -481,12 +394,6 @@ def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
             batch = []
     if batch:
         yield batch
-
-
-def _raise_failure(*tasks: asyncio.Future[Any]) -> None:
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
 
 
 async def run_pipeline(config: PipelineConfig, options: RunOptions,

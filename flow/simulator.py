@@ -33,7 +33,7 @@ from typing import Any
 import toktok
 from aiohttp import web
 
-from flow.request import content_key
+from flow.keys import content_key
 from flow.tokens import count_prompt_tokens, encoding_for_model
 
 MARKER = re.compile(

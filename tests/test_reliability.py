@@ -61,7 +61,7 @@ def test_sigterm_drains_like_ctrl_c(make_pipeline: Any) -> None:
         child.send_signal(signal.SIGTERM)
         assert child.wait(20) == 130
         sent = server.stats.requests
-        assert pipeline.query("SELECT COUNT(*) FROM calls")[0][0] == sent
+        assert pipeline.query("SELECT COUNT(*) FROM responses")[0][0] == sent
         again = flow_process(pipeline)
         assert again.wait(60) == 0
         assert server.stats.requests == 300
@@ -95,8 +95,7 @@ def test_server_faults_follow_the_documented_policy(make_pipeline: Any, simulato
     assert "larger than call.max_response_bytes" in results["huge"]["error"]
     assert results["forbidden"]["error_class"] == "PermissionDeniedError"
     kept = dict(pipeline.query(
-        "SELECT items.item_id, calls.response IS NOT NULL FROM items JOIN calls "
-        "ON calls.request_key = items.request_key WHERE calls.status = 'failed'"))
+        "SELECT item_id, response_id IS NOT NULL FROM results WHERE status = 'failed'"))
     assert kept == {"length": 1, "filtered": 1, "huge": 1, "malformed-always": 0,
                     "forbidden": 0}
 
@@ -130,7 +129,7 @@ def test_store_locked_by_another_program_ends_clearly_and_loses_nothing(
         holder.close()
     err = capsys.readouterr().err
     assert "another program" in err and "write lock" in err and "Traceback" not in err
-    assert pipeline.query("SELECT COUNT(*) FROM calls WHERE status='done'") == [(5,)]
+    assert pipeline.query("SELECT COUNT(*) FROM results WHERE status='done'") == [(5,)]
     assert pipeline.run() == 0
 
 
@@ -185,10 +184,10 @@ def test_disk_full_stops_the_run_clearly_and_the_store_stays_consistent(
         assert "Traceback" not in child.stderr
         with sqlite3.connect(pipeline.store) as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-            kept = db.execute("SELECT COUNT(*) FROM calls WHERE status='done'").fetchone()[0]
+            kept = db.execute("SELECT COUNT(*) FROM results WHERE status='done'").fetchone()[0]
         assert 0 < kept < 400
         assert pipeline.run() == 0
-        assert pipeline.query("SELECT COUNT(*) FROM calls WHERE status='done'") == [(400,)]
+        assert pipeline.query("SELECT COUNT(*) FROM results WHERE status='done'") == [(400,)]
         assert server.stats.requests <= 400 + 8
 
 

@@ -77,7 +77,7 @@ def test_bad_request_fails_its_item_without_retry(make_pipeline: Any, simulator:
     assert "400" in results["q00004"]["error"]
     assert sum(r["status"] == "done" for r in results.values()) == 9
     assert simulator.stats.requests == 10
-    assert pipeline.query("SELECT attempts FROM calls WHERE status='failed'") == [(1,)]
+    assert pipeline.query("SELECT attempts FROM results WHERE status='failed'") == [(1,)]
 
 
 def test_wrong_key_stops_the_run_with_exit_2(make_pipeline: Any, simulator: SimulatorThread,
@@ -90,7 +90,7 @@ def test_wrong_key_stops_the_run_with_exit_2(make_pipeline: Any, simulator: Simu
     assert API_KEY not in err
     assert "Traceback" not in err
     assert simulator.stats.requests <= 8
-    assert pipeline.query("SELECT COUNT(*) FROM calls") == [(0,)]
+    assert pipeline.query("SELECT COUNT(*) FROM responses") == [(0,)]
     assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
 
 
@@ -150,7 +150,7 @@ def test_rows_removed_from_the_input_leave_the_results(make_pipeline: Any, simul
     ids = [r["id"] for r in pipeline.export(capsys)]
     assert len(ids) == 17 and "q00004" not in ids
     assert simulator.stats.requests == 20
-    assert pipeline.query("SELECT COUNT(*) FROM calls") == [(20,)]
+    assert pipeline.query("SELECT COUNT(*) FROM responses") == [(20,)]
 
 
 def test_simulated_results_never_count_for_a_real_endpoint(make_pipeline: Any, simulator:
@@ -167,7 +167,8 @@ def test_post_failure_keeps_the_paid_response_and_edited_post_reuses_it(
         make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
     pipeline = make_pipeline(base_url=simulator.url, post=["strip", "json"])
     assert pipeline.run() == 1
-    failed = pipeline.query("SELECT error_class, response IS NOT NULL FROM calls")
+    failed = pipeline.query(
+        "SELECT error_class, response_id IS NOT NULL FROM results WHERE status='failed'")
     assert set(failed) == {("PostError", 1)}
     assert pipeline.run() == 1
     assert simulator.stats.requests == 20
@@ -272,7 +273,7 @@ def test_sigint_drains_in_flight_requests_and_exits_130(make_pipeline: Any) -> N
         assert "run the same command again to resume" in err
         assert "Traceback" not in err
         sent = server.stats.requests
-        done = pipeline.query("SELECT COUNT(*) FROM calls WHERE status='done'")[0][0]
+        done = pipeline.query("SELECT COUNT(*) FROM results WHERE status='done'")[0][0]
         assert done == sent
         assert pipeline.query("SELECT state FROM runs") == [("interrupted",)]
 
@@ -285,7 +286,8 @@ def test_run_under_a_server_limit_learns_it_and_meets_few_429s(make_pipeline: An
         assert pipeline.run() == 0
         assert {r["status"] for r in pipeline.export(capsys)} == {"done"}
         assert server.stats.by_status[429] <= 3
-        started, finished = pipeline.query("SELECT MIN(started_at), MAX(finished_at) FROM calls")[0]
+        started, finished = pipeline.query(
+            "SELECT MIN(started_at), MAX(finished_at) FROM responses")[0]
         from datetime import datetime
         span = (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
         assert span >= 150 / 50 * 0.9

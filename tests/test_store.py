@@ -11,15 +11,19 @@ from pathlib import Path
 import pytest
 
 from flow.errors import StoreError, StoreLockedError
-from flow.migrations import MIGRATIONS
-from flow.store import CallRecord, ItemRecord, Store, StoreLock, prepare_store, utc_now
+from flow.records import ItemRecord, OutputRecord, ResponseRecord, Settled, Usage, utc_now
+from flow.store.lock import StoreLock
+from flow.store.migrations import MIGRATIONS
+from flow.store.sqlite import SQLiteStore, prepare_store
 
 
-def record(key: str, status: str = "done") -> CallRecord:
+def settled(key: str, item_id: str, cost: float = 0.25) -> Settled:
+    """A paid reply to `key`, bought for `item_id`."""
     now = utc_now()
-    return CallRecord(request_key=key, origin="test", model="m", request={"model": "m"},
-                      status=status, started_at=now, finished_at=now, response="{}",
-                      output='"x"', attempts=1)
+    response = ResponseRecord(key, "test", "m", '{"model":"m"}', "{}", Usage(10, 2), cost, 1,
+                              5.0, now, now)
+    output = OutputRecord(item_id, key, "done", "post", '"x"', bought=True, attempts=1)
+    return Settled("call", "test", key, now, response, [], [output])
 
 
 def test_migrations_apply_once_and_are_recorded(tmp_path: Path) -> None:
@@ -52,7 +56,7 @@ def test_second_lock_names_the_holder(tmp_path: Path) -> None:
     path = tmp_path / "flow.db"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from flow.store import StoreLock; "
+         "import sys, time; from pathlib import Path; from flow.store.lock import StoreLock; "
          f"lock = StoreLock(Path({str(path)!r})); lock.acquire(); print('locked', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -68,38 +72,59 @@ def test_second_lock_names_the_holder(tmp_path: Path) -> None:
     lock.release()
 
 
-async def test_saved_calls_are_committed_before_save_returns(tmp_path: Path) -> None:
+async def test_saved_results_are_committed_before_save_returns(tmp_path: Path) -> None:
     path = tmp_path / "flow.db"
-    store = await Store.open(path)
+    store = await SQLiteStore.open(path)
     try:
         await store.start_run(Path("p.yaml"), "test", "http://x")
         await store.save_items("call", "test", [ItemRecord("a", 1, "{}", "k1")])
-        await store.save_call(record("k1"))
+        await store.save(settled("k1", "a"))
         with sqlite3.connect(path) as db:
-            assert db.execute("SELECT status FROM results").fetchall() == [("done",)]
-        known = await store.known_calls("test", ["k1", "k2"])
-        assert set(known) == {"k1"} and known["k1"].status == "done"
-        assert await store.known_calls("other-origin", ["k1"]) == {}
+            assert db.execute("SELECT status, cost_usd FROM results").fetchall() == [
+                ("done", 0.25)]
+        known = await store.known("call", "test", [("a", "k1"), ("b", "k2")])
+        assert known["a"].status == "done" and known["a"].reply_id is not None
+        assert known["b"].output_key is None and known["b"].reply_id is None
+        other = await store.known("call", "other-origin", [("a", "k1")])
+        assert other["a"].output_key is None and other["a"].reply_id is None
     finally:
         await store.close()
 
 
-async def test_a_run_left_running_is_marked_crashed(tmp_path: Path) -> None:
+async def test_paid_replies_are_never_changed_or_removed(tmp_path: Path) -> None:
     path = tmp_path / "flow.db"
-    store = await Store.open(path)
+    store = await SQLiteStore.open(path)
+    try:
+        await store.start_run(Path("p.yaml"), "test", "http://x")
+        await store.save(settled("k1", "a"))
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        for sql in ("UPDATE responses SET cost_usd = 0", "DELETE FROM responses",
+                    "INSERT OR REPLACE INTO responses SELECT * FROM responses"):
+            with pytest.raises(sqlite3.IntegrityError, match="paid for"):
+                db.execute(sql)
+        assert db.execute("SELECT cost_usd FROM responses").fetchall() == [(0.25,)]
+
+
+async def test_a_run_left_running_is_marked_crashed_with_what_it_paid(tmp_path: Path) -> None:
+    path = tmp_path / "flow.db"
+    store = await SQLiteStore.open(path)
     await store.start_run(Path("p.yaml"), "test", "http://x")
-    await store.close()
-    store = await Store.open(path)
+    await store.save(settled("k1", "a", cost=0.5))
+    await store.close()  # as a killed run leaves it: `running`, its totals never written
+    store = await SQLiteStore.open(path)
     await store.start_run(Path("p.yaml"), "test", "http://x")
-    await store.finish_run("finished")
+    await store.finish_run("finished", None, {})
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT state FROM runs ORDER BY id").fetchall() == [
-            ("crashed",), ("finished",)]
+        assert db.execute("SELECT state, cost_usd, prompt_tokens, calls_made FROM runs "
+                          "ORDER BY id").fetchall() == [("crashed", 0.5, 10, 1),
+                                                        ("finished", 0.0, 0, 0)]
 
 
 async def test_mark_seen_reports_first_rows(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "flow.db")
+    store = await SQLiteStore.open(tmp_path / "flow.db")
     try:
         await store.begin_seen_ids()
         assert await store.mark_seen([("a", 1), ("b", 2), ("a", 3)]) == {"a": 1, "b": 2}

@@ -6,7 +6,8 @@ import pytest
 
 from flow.config import CallConfig
 from flow.errors import ConfigError, TemplateError
-from flow.request import HASH_PREFIX, RequestBuilder, canonical_json, content_key, key_of_json
+from flow.keys import HASH_PREFIX, canonical_json, content_key, key_of_json
+from flow.render import RequestBuilder
 
 
 def call(**overrides: object) -> CallConfig:

@@ -1,14 +1,12 @@
-"""The request an item becomes, and the content key that names it.
+"""The request an item becomes: its messages rendered from the row's fields.
 
 Templates render in Jinja2's sandbox with strict undefined names, so a missing field fails
-the item with its name, and a template cannot reach Python internals. A request's key is a
-tagged hash of its canonical JSON: the same model, messages and params give the same key,
-which is how a re-run knows what is already done.
+the item with its name, and a template cannot reach Python internals. The canonical JSON of
+the request is built alongside it, ready to be keyed (`flow.keys`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from typing import Any
@@ -18,26 +16,11 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from flow.config import CallConfig
 from flow.errors import ConfigError, TemplateError
+from flow.keys import canonical_json
 
-HASH_PREFIX = "sha256:"
 MAX_RENDERED_CHARS = 4_000_000
 JINJA_LITERALS = frozenset({"true", "false", "none"})
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def canonical_json(value: Any) -> str:
-    """JSON with sorted keys and no spaces: one text for one value."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def content_key(value: Any) -> str:
-    """A tagged SHA-256 of the canonical JSON of `value`."""
-    return key_of_json(canonical_json(value))
-
-
-def key_of_json(text: str) -> str:
-    """The content key of a value already in canonical JSON."""
-    return HASH_PREFIX + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class RequestBuilder:

@@ -1,0 +1,1 @@
+"""The wire shape of each endpoint, as pure functions: status and body in, values out."""

@@ -1,0 +1,36 @@
+"""Executors: calls in, results out.
+
+An executor takes a stream of distinct `Call`s and hands each one's `CallResult` to
+`deliver`, whose return means the result is on disk; how it gets there (requests in flight
+with retries, or a batch file) is its own affair. `online.OnlineExecutor` is the one today.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from flow.records import Call, CallResult
+
+Deliver = Callable[[CallResult], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class ExecutorCounters:
+    """Run-wide counts the progress display reads."""
+
+    attempts: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    in_flight: int = 0
+
+
+class Executor(Protocol):
+    """Sends calls and delivers how each one ended."""
+
+    counters: ExecutorCounters
+
+    async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
+        """Send every call of `calls`; await `deliver` with each result before the next."""
+        ...

@@ -1,0 +1,177 @@
+"""Planning: what to do with each item of a batch, before anything is sent.
+
+A batch of rows is rendered and keyed (`prepare`), recorded in the store with duplicate ids
+refused (`Planner.record`), and each item's stored state decides its `Action`. The run and
+the dry run plan the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flow.errors import ItemError, TemplateError
+from flow.keys import key_of_json
+from flow.load import Row
+from flow.records import Call, ItemRecord, Known
+from flow.render import RequestBuilder
+
+STAGE = "call"
+
+
+class Action(enum.Enum):
+    """What a run does with one item."""
+
+    CALL = "call"                # no usable reply to its request yet: send it
+    POST = "post"                # a reply is stored: make the output from it, no call
+    SKIP_DONE = "skip-done"      # its output is up to date
+    SKIP_FAILED = "skip-failed"  # it failed with a paid reply; --retry-failed calls again
+    SKIP_PENDING = "skip-pending"  # --retry-failed: it has not failed, leave it
+
+
+def decide(known: Known, key: str, post_key: str, retry_failed: bool = False,
+           error_class: str | None = None) -> Action:
+    """The action for an item whose current request is `key`, given what the store holds."""
+    current = known.output_key == key
+    if retry_failed:
+        if current and known.status == "failed" and error_class in (None, known.error_class):
+            return Action.CALL
+        if not current:
+            return Action.SKIP_PENDING
+        action = decide(known, key, post_key)
+        return Action.SKIP_FAILED if action is Action.CALL else action
+    if current and known.post_key == post_key:
+        if known.status == "done":
+            return Action.SKIP_DONE
+        if known.response_id is not None:
+            return Action.SKIP_FAILED
+    if known.reply_id is not None:
+        return Action.POST
+    return Action.CALL
+
+
+@dataclass(slots=True)
+class Planned:
+    """One row on its way: its record, its call (when it renders), or why it fails."""
+
+    row: Row
+    record: ItemRecord
+    error: ItemError | None
+    call: Call | None = None
+    known: Known = field(default_factory=Known)
+
+
+def prepare(rows: Sequence[Row], builder: RequestBuilder, source: str) -> list[Planned]:
+    """Render each row's request and key it (the CPU half of planning a batch)."""
+    prepared = []
+    for row in rows:
+        planned = Planned(row, ItemRecord(row.item_id, row.number, None, None), row.error)
+        if planned.error is None and row.fields is not None:
+            try:
+                request, request_json = builder.build_with_json(
+                    row.fields, f"{source} row {row.number}")
+                key = key_of_json(request_json)
+                planned.call = Call(key, request, request_json)
+                planned.record.request_key = key
+            except TemplateError as e:
+                planned.error = e
+        prepared.append(planned)
+    return prepared
+
+
+class PlanStore(Protocol):
+    """What planning needs of a store."""
+
+    async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]: ...
+
+    async def known_items(self, stage: str,
+                          item_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]: ...
+
+    async def save_items(self, stage: str, origin: str,
+                         items: Sequence[ItemRecord]) -> None: ...
+
+    async def known(self, stage: str, origin: str,
+                    items: Sequence[tuple[str, str]]) -> dict[str, Known]: ...
+
+
+@dataclass(slots=True)
+class PlanCounts:
+    """What planning found: bad rows, and items whose request changed since the last run."""
+
+    failed: int = 0
+    rerendered: int = 0
+
+
+class Planner:
+    """Records each batch of rows in the store and looks up what it holds for them."""
+
+    def __init__(self, store: PlanStore, origin: str, source: str) -> None:
+        self._store = store
+        self._origin = origin
+        self._source = source
+        self.counts = PlanCounts()
+
+    def take_counts(self) -> PlanCounts:
+        """What planning found since the last call."""
+        counts, self.counts = self.counts, PlanCounts()
+        return counts
+
+    async def record(self, prepared: list[Planned]) -> list[Planned]:
+        """Save the batch's items (refusing duplicate ids); the items that can be called."""
+        first_rows = await self._store.mark_seen([(p.row.item_id, p.row.number)
+                                                  for p in prepared])
+        renamed = []
+        callable_items = []
+        for planned in prepared:
+            row, record = planned.row, planned.record
+            first_row = first_rows.get(row.item_id, row.number)
+            if first_row != row.number:
+                # recorded under an id of its own: the first row keeps the id
+                record.item_id = f"{row.item_id}#row{row.number}"
+                record.request_key = None
+                planned.call = None
+                renamed.append((record.item_id, row.number))
+                planned.error = ItemError(
+                    f"{self._source} row {row.number}: duplicate id {row.item_id!r} "
+                    f"(first at row {first_row}); ids must be unique (load.id)")
+            if planned.error is not None:
+                error = planned.error
+                record.error_class = "RowError" if type(error) is ItemError else error.error_class
+                record.error = str(error)
+                self.counts.failed += 1
+            elif planned.call is not None:
+                callable_items.append(planned)
+        if renamed:
+            await self._store.mark_seen(renamed)
+        await self._store.save_items(STAGE, self._origin, await self._changed(prepared))
+        return callable_items
+
+    async def look_up(self, items: list[Planned]) -> None:
+        """Fill in what the store holds for each item (its output, its request's reply)."""
+        known = await self._store.known(STAGE, self._origin, [
+            (p.record.item_id, p.call.key) for p in items if p.call is not None])
+        for planned in items:
+            planned.known = known.get(planned.record.item_id, Known())
+
+    async def _changed(self, prepared: list[Planned]) -> list[ItemRecord]:
+        """The records that differ from what the store holds (most re-runs write nothing)."""
+        records = [p.record for p in prepared]
+        stored = await self._store.known_items(STAGE, [r.item_id for r in records])
+        fields = {p.record.item_id: p.row.fields for p in prepared}
+        changed = []
+        for record in records:
+            before = stored.get(record.item_id)
+            if before == (record.row, record.request_key, self._origin, record.error_class,
+                          record.error):
+                continue
+            if before is not None and before[1] != record.request_key:
+                self.counts.rerendered += 1
+            row_fields = fields.get(record.item_id)
+            if row_fields is not None and record.error_class is None:
+                # serialized only when written: a re-run over unchanged rows writes nothing
+                record.input = json.dumps(row_fields, ensure_ascii=False)
+            changed.append(record)
+        return changed

@@ -1,0 +1,170 @@
+"""The plain records that pass between stages: what is called, what came back, what is kept.
+
+No stage imports the store to get a record type; the store imports these.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+_second: list[Any] = [-1, ""]
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC with milliseconds (`2026-11-25T04:10:33.509Z`)."""
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        # formatted once a second: this runs several times per request
+        _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+
+
+@dataclass(slots=True)
+class ItemRecord:
+    """One input row as the store keeps it: where it is, what it renders to, or why it failed."""
+
+    item_id: str
+    row: int
+    input: str | None
+    request_key: str | None
+    error_class: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """One distinct request to send: its content key, the request and its canonical JSON."""
+
+    key: str
+    request: dict[str, Any]
+    request_json: str
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens a reply was billed for."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Reply:
+    """A usable reply: the text post steps start from, and why the model stopped."""
+
+    text: str
+    finish_reason: str
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One HTTP attempt of a call."""
+
+    number: int
+    started_at: str
+    latency_ms: float
+    status_code: int | None
+    outcome: str
+    error: str | None = None
+    wait_s: float | None = None
+
+
+@dataclass(slots=True)
+class CallResult:
+    """How a call ended: the paid reply's body (if one came), or why there is none."""
+
+    call: Call
+    started_at: str
+    finished_at: str
+    latency_ms: float
+    attempts: list[Attempt]
+    body: str | None = None
+    usage: Usage | None = None
+    reply: Reply | None = None
+    error_class: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ResponseRecord:
+    """A paid reply as the store keeps it, once, with its tokens and cost."""
+
+    request_key: str
+    origin: str
+    model: str
+    request_json: str
+    body: str
+    usage: Usage
+    cost_usd: float | None
+    attempts: int
+    latency_ms: float
+    started_at: str
+    finished_at: str
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class OutputRecord:
+    """What one item of one stage became: its output, or why it failed."""
+
+    item_id: str
+    request_key: str
+    status: str
+    post_key: str
+    output: str | None = None
+    error_class: str | None = None
+    error: str | None = None
+    response_id: int | None = None
+    bought: bool = False
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class Settled:
+    """One unit the store commits at once: a call's paid reply, its attempts, its items."""
+
+    stage: str
+    origin: str
+    call_key: str
+    finished_at: str
+    response: ResponseRecord | None
+    attempts: list[Attempt]
+    outputs: list[OutputRecord]
+
+
+@dataclass(slots=True)
+class Known:
+    """What the store holds for one item at one endpoint: its output, and its request's reply.
+
+    `output_key` is the request the stored output was made from (None: no output yet),
+    `response_id` the reply it was made from and `bought` whether this item paid for it;
+    `reply_id` is the latest paid reply to the item's current request, from any item.
+    """
+
+    output_key: str | None = None
+    post_key: str | None = None
+    status: str | None = None
+    error_class: str | None = None
+    response_id: int | None = None
+    bought: bool = False
+    reply_id: int | None = None
+
+
+@dataclass(slots=True)
+class RunTotals:
+    """Commit timings a run records in its `runs` row."""
+
+    committed: int = 0
+    commit_groups: int = 0
+    commit_wait_total_ms: float = 0.0
+    commit_wait_max_ms: float = 0.0
+
+    @property
+    def commit_wait_mean_ms(self) -> float:
+        """Mean time a result waited in memory before it was on disk."""
+        return self.commit_wait_total_ms / self.committed if self.committed else 0.0

@@ -1,0 +1,461 @@
+"""The SQLite store: WAL mode, written as results complete, one live run at a time.
+
+Paid replies go to `responses` once and are never changed (triggers refuse it); what each
+item made of one goes to `outputs`, one row per (stage, item), replaced when post steps or
+the request change. Results go to a single writer task that commits whatever has arrived
+since its last commit, so a received reply waits in memory only for the commit in progress
+(a few milliseconds), never for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from flow.errors import StoreError
+from flow.records import ItemRecord, Known, RunTotals, Settled, utc_now
+from flow.store.lock import StoreLock
+from flow.store.migrations import apply_migrations, unknown_migrations
+
+MAX_GROUP = 2000
+MAX_VARIABLES = 32_000  # SQLite allows 32,766 bound values per statement since 3.32
+CHUNK = 5000
+
+_Pending = tuple[Settled | None, asyncio.Future[None], float]
+
+
+def prepare_store(path: Path) -> None:
+    """Create the store if needed and bring its schema up to date."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as e:
+        raise store_error(path, "cannot open the store", e) from None
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        apply_migrations(db)
+        newer = unknown_migrations(db)
+        if newer:
+            raise StoreError(f"{path}: written by a newer flow (migrations {', '.join(newer)}); "
+                             "upgrade flow to use it")
+    except sqlite3.DatabaseError as e:
+        raise store_error(path, "cannot prepare the store", e) from None
+    finally:
+        db.close()
+
+
+class SQLiteStore:
+    """The store a run writes to; open with `await SQLiteStore.open(path)`, then `close()`."""
+
+    def __init__(self, path: Path, db: aiosqlite.Connection, lock: StoreLock | None,
+                 busy_timeout_s: float = 5.0) -> None:
+        self.path = path
+        self._db = db
+        self._lock = lock
+        self._busy_timeout_s = busy_timeout_s
+        self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._failure: StoreError | None = None
+        self._transaction = asyncio.Lock()
+        self._next_response_id = 1
+        self.run_id = 0
+        self.totals = RunTotals()
+
+    @classmethod
+    async def open(cls, path: Path, busy_timeout_s: float = 5.0) -> SQLiteStore:
+        """Lock, migrate and connect to the store at `path`, to run a pipeline."""
+        lock = StoreLock(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{path.parent}: cannot create the store's folder: "
+                             f"{e.strerror or e}") from None
+        lock.acquire()
+        try:
+            prepare_store(path)
+            db = await aiosqlite.connect(path, isolation_level=None)
+            # WAL + NORMAL: a commit survives the process being killed or crashing (it is in
+            # the OS at once); FULL's fsync per commit held results ~35 ms here, not a few
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            async with db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM responses") as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error as e:
+            lock.release()
+            raise store_error(path, "cannot open the store", e, busy_timeout_s) from None
+        except BaseException:
+            lock.release()
+            raise
+        store = cls(path, db, lock, busy_timeout_s)
+        # one writer holds the lock, so it numbers the replies it adds itself
+        store._next_response_id = int(row[0]) if row else 1
+        store._writer = asyncio.create_task(store._write_forever())
+        return store
+
+    @classmethod
+    async def open_read_only(cls, path: Path) -> SQLiteStore:
+        """Connect without locking or migrating, to look (a dry run, beside a live run)."""
+        try:
+            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            await db.execute("SELECT 1 FROM outputs LIMIT 1")
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot read the store (run the pipeline once to "
+                             f"upgrade it): {e}") from None
+        return cls(path, db, None)
+
+    async def start_run(self, pipeline: Path, origin: str, endpoint: str) -> int:
+        """Record a new run; runs left `running` by a dead process become `crashed`, with
+        what they paid for counted from the replies they stored."""
+        cursor = await self._run_sql(
+            "UPDATE runs SET state='crashed', finished_at=COALESCE(finished_at, ?) "
+            "WHERE state='running' RETURNING id", (utc_now(),))
+        crashed = [run_id for (run_id,) in await cursor.fetchall()]
+        for run_id in crashed:
+            await self._reconcile(run_id, None)
+        cursor = await self._run_sql(
+            "INSERT INTO runs (pipeline, origin, endpoint, pid, started_at, state) "
+            "VALUES (?, ?, ?, ?, ?, 'running')",
+            (str(pipeline), origin, endpoint, os.getpid(), utc_now()))
+        self.run_id = cursor.lastrowid or 0
+        return self.run_id
+
+    async def finish_run(self, state: str, message: str | None, counts: dict[str, int]) -> None:
+        """Flush every pending result, then record the run's end; its spend is what it stored."""
+        await self.flush()
+        totals = self.totals
+        await self._run_sql(
+            "UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, items_done=?, "
+            "items_failed=?, items_skipped=?, commit_groups=?, commit_wait_mean_ms=?, "
+            "commit_wait_max_ms=? WHERE id=?",
+            (utc_now(), state, message, counts.get("items_total"), counts.get("items_done", 0),
+             counts.get("items_failed", 0), counts.get("items_skipped", 0),
+             totals.commit_groups, round(totals.commit_wait_mean_ms, 2),
+             round(totals.commit_wait_max_ms, 2), self.run_id))
+        await self._reconcile(self.run_id, counts.get("calls_made"))
+
+    async def _reconcile(self, run_id: int, calls_made: int | None) -> None:
+        """A run's tokens and cost from the replies it stored; its attempts, when unknown,
+        from what it left in the store."""
+        counted = "?" if calls_made is not None else (
+            "(SELECT COUNT(*) FROM attempts WHERE run_id = runs.id) + "
+            "(SELECT COUNT(*) FROM responses WHERE run_id = runs.id AND attempts = 1)")
+        params: tuple[Any, ...] = (calls_made, run_id) if calls_made is not None else (run_id,)
+        await self._run_sql(
+            "UPDATE runs SET prompt_tokens = (SELECT COALESCE(SUM(prompt_tokens), 0) "
+            "FROM responses WHERE run_id = runs.id), completion_tokens = (SELECT "
+            "COALESCE(SUM(completion_tokens), 0) FROM responses WHERE run_id = runs.id), "
+            "cost_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM responses "
+            f"WHERE run_id = runs.id), calls_made = {counted} WHERE id = ?", params)
+
+    async def spent_usd(self, origin: str) -> float:
+        """Dollars paid for every reply from endpoints of this origin, in every run."""
+        rows = await self._query(
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM responses WHERE origin=?", (origin,))
+        return float(rows[0][0])
+
+    async def known_items(self, stage: str, item_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        """Stored (row, request_key, origin, error_class, error) per item id, for those known."""
+        found: dict[str, tuple[Any, ...]] = {}
+        for chunk in _chunks(item_ids, CHUNK):
+            marks = ",".join("?" * len(chunk))
+            rows = await self._query(
+                f"SELECT item_id, row, request_key, origin, error_class, error FROM items "
+                f"WHERE stage=? AND item_id IN ({marks})", (stage, *chunk))
+            for item_id, *rest in rows:
+                found[item_id] = tuple(rest)
+        return found
+
+    async def known(self, stage: str, origin: str,
+                    items: Sequence[tuple[str, str]]) -> dict[str, Known]:
+        """For each (item id, request key): its stored output and its request's latest reply."""
+        found = {item_id: Known() for item_id, _ in items}
+        for chunk in _chunks([item_id for item_id, _ in items], CHUNK):
+            marks = ",".join("?" * len(chunk))
+            for item_id, key, post_key, status, error_class, reply, bought in await self._query(
+                    "SELECT item_id, request_key, post_key, status, error_class, response_id, "
+                    f"bought FROM outputs WHERE stage=? AND origin=? AND item_id IN ({marks})",
+                    (stage, origin, *chunk)):
+                found[item_id] = Known(key, post_key, status, error_class, reply, bool(bought))
+        latest: dict[str, int] = {}
+        for keys in _chunks(list({key for _, key in items}), CHUNK):
+            marks = ",".join("?" * len(keys))
+            for key, response_id in await self._query(
+                    f"SELECT request_key, MAX(id) FROM responses WHERE origin=? AND "
+                    f"request_key IN ({marks}) GROUP BY request_key", (origin, *keys)):
+                latest[key] = response_id
+        for item_id, key in items:
+            found[item_id].reply_id = latest.get(key)
+        return found
+
+    async def reply_bodies(self, response_ids: Iterable[int]) -> dict[int, str]:
+        """The stored body of each reply, to post-process it again without a call."""
+        found: dict[int, str] = {}
+        for chunk in _chunks(sorted(set(response_ids)), CHUNK):
+            marks = ",".join("?" * len(chunk))
+            for response_id, body in await self._query(
+                    f"SELECT id, body FROM responses WHERE id IN ({marks})", chunk):
+                found[response_id] = body
+        return found
+
+    async def save_items(self, stage: str, origin: str, items: Sequence[ItemRecord]) -> None:
+        """Record where rows are and what they render to, before their calls are sent."""
+        if not items:
+            return
+        now = utc_now()
+        await self._run_many(
+            "INSERT INTO items (stage, item_id, row, input, request_key, origin, error_class, "
+            "error, updated_at) VALUES",
+            [(stage, item.item_id, item.row, item.input, item.request_key, origin,
+              item.error_class, item.error, now) for item in items],
+            " ON CONFLICT (stage, item_id) DO UPDATE SET row=excluded.row, "
+            "input=excluded.input, request_key=excluded.request_key, origin=excluded.origin, "
+            "error_class=excluded.error_class, error=excluded.error, "
+            "updated_at=excluded.updated_at")
+
+    async def begin_seen_ids(self) -> None:
+        """Start remembering the item ids this run has read, to refuse duplicates."""
+        await self._run_sql("CREATE TEMP TABLE IF NOT EXISTS seen_ids "
+                            "(item_id TEXT PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID")
+        await self._run_sql("DELETE FROM seen_ids")
+
+    async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]:
+        """Remember a batch of (item id, row); the first row of each id, where it has one."""
+        first: dict[str, int] = {}
+        unique = []
+        for item_id, row in rows:
+            if item_id not in first:
+                first[item_id] = row
+                unique.append((item_id, row))
+        taken: set[str] = set()
+        size = MAX_VARIABLES // 2
+        async with self._transaction:
+            for start in range(0, len(unique), size):
+                chunk = unique[start:start + size]
+                sql = (f"INSERT INTO seen_ids VALUES {', '.join(['(?, ?)'] * len(chunk))} "
+                       "ON CONFLICT DO NOTHING RETURNING item_id")
+                try:
+                    async with self._db.execute(sql, [v for pair in chunk for v in pair]) as cur:
+                        taken.update(item_id for (item_id,) in await cur.fetchall())
+                except sqlite3.Error as e:
+                    raise self._error("cannot write", e) from None
+        clashes = [item_id for item_id, _ in unique if item_id not in taken]
+        for names in _chunks(clashes, 900):
+            marks = ",".join("?" * len(names))
+            for item_id, row in await self._query(
+                    f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", names):
+                first[item_id] = row
+        return first
+
+    async def forget_unseen(self, stage: str) -> int:
+        """Drop the items of rows this run did not read (gone from the input); replies stay."""
+        await self._run_sql(
+            "DELETE FROM outputs WHERE stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)",
+            (stage,))
+        cursor = await self._run_sql(
+            "DELETE FROM items WHERE stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)",
+            (stage,))
+        return max(cursor.rowcount, 0)
+
+    async def save(self, settled: Settled) -> None:
+        """Commit a call's reply and outputs; returns once they are on disk (grouped with
+        their neighbours)."""
+        if self._failure is not None:
+            raise self._failure
+        done = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((settled, done, time.monotonic()))
+        await done
+        if self._failure is not None:
+            raise self._failure
+
+    async def flush(self) -> None:
+        """Wait until every queued result is committed."""
+        if self._writer is None or self._writer.done():
+            if self._failure is not None:
+                raise self._failure
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((None, done, time.monotonic()))
+        await done
+        if self._failure is not None:
+            raise self._failure
+
+    async def close(self) -> None:
+        """Flush, stop the writer, checkpoint the WAL and release the lock."""
+        try:
+            if self._failure is None:
+                await self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
+            if self._lock is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await self._db.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    async def _write_forever(self) -> None:
+        """Commit whatever has arrived since the last commit, in one transaction."""
+        while True:
+            group = [await self._pending.get()]
+            while len(group) < MAX_GROUP and not self._pending.empty():
+                group.append(self._pending.get_nowait())
+            settled = [item for item, _, _ in group if item is not None]
+            if settled and self._failure is None:
+                try:
+                    async with self._transaction:
+                        # one hop to the connection's thread for the whole transaction
+                        await self._db._execute(self._commit, settled)
+                except sqlite3.Error as e:
+                    self._failure = self._error("cannot write results", e)
+                self._time_commit(group)
+            for _, waiter, _ in group:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _time_commit(self, group: list[_Pending]) -> None:
+        """How long results waited in memory, from arrival to being on disk."""
+        now = time.monotonic()
+        totals = self.totals
+        totals.commit_groups += 1
+        for settled, _, queued in group:
+            if settled is not None:
+                wait_ms = (now - queued) * 1000
+                totals.commit_wait_max_ms = max(totals.commit_wait_max_ms, wait_ms)
+                totals.commit_wait_total_ms += wait_ms
+                totals.committed += 1
+
+    def _commit(self, group: list[Settled]) -> None:
+        """Write a group in one transaction; runs on the connection's own thread."""
+        db: sqlite3.Connection = self._db._conn
+        responses, attempts, outputs = [], [], []
+        next_id = self._next_response_id
+        for settled in group:
+            response = settled.response
+            if response is not None:
+                response.id = next_id
+                next_id += 1
+                usage = response.usage
+                responses.append((
+                    response.id, response.request_key, response.origin, response.model,
+                    response.request_json, response.body, usage.prompt_tokens,
+                    usage.completion_tokens, usage.cached_tokens, response.cost_usd,
+                    response.attempts, response.latency_ms, response.started_at,
+                    response.finished_at, self.run_id))
+            # a reply at its first attempt is all in its `responses` row; writing that
+            # attempt again cost a tenth of the throughput (the GIL, while binding its row)
+            if response is None or len(settled.attempts) > 1:
+                attempts.extend(
+                    (settled.call_key, settled.origin, self.run_id, a.number, a.started_at,
+                     a.latency_ms, a.status_code, a.outcome, a.error, a.wait_s)
+                    for a in settled.attempts)
+            for out in settled.outputs:
+                if out.bought and response is not None:
+                    out.response_id = response.id
+                outputs.append((
+                    settled.stage, out.item_id, out.request_key, settled.origin, out.status,
+                    out.output, out.post_key, out.error_class, out.error, out.response_id,
+                    out.bought, out.attempts, settled.finished_at, self.run_id))
+        db.execute("BEGIN")
+        try:
+            _insert(db, "INSERT INTO responses (id, request_key, origin, model, request, body, "
+                        "prompt_tokens, completion_tokens, cached_tokens, cost_usd, attempts, "
+                        "latency_ms, started_at, finished_at, run_id) VALUES", responses)
+            _insert(db, "INSERT INTO attempts (request_key, origin, run_id, number, started_at, "
+                        "latency_ms, status_code, outcome, error, wait_s) VALUES", attempts)
+            _insert(db, "INSERT OR REPLACE INTO outputs (stage, item_id, request_key, origin, "
+                        "status, output, post_key, error_class, error, response_id, bought, "
+                        "attempts, finished_at, run_id) VALUES", outputs)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._next_response_id = next_id
+
+    async def _run_sql(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
+        try:
+            async with self._transaction:
+                return await self._db.execute(sql, params)
+        except sqlite3.Error as e:
+            raise self._error("cannot write", e) from None
+
+    async def _run_many(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
+        async with self._transaction:
+            try:
+                await self._db._execute(_insert_all, self._db._conn, head, rows, tail)
+            except sqlite3.Error as e:
+                raise self._error("cannot write items", e) from None
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as e:
+            raise self._error("cannot read", e) from None
+
+    def _error(self, doing: str, error: sqlite3.Error) -> StoreError:
+        return store_error(self.path, doing, error, self._busy_timeout_s)
+
+
+def _insert(db: sqlite3.Connection, head: str, rows: list[tuple[Any, ...]],
+            tail: str = "") -> None:
+    """Insert many rows with one statement per chunk.
+
+    `executemany` binds and steps row by row; one multi-row VALUES is bound at once and
+    stepped once.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    size = max(1, MAX_VARIABLES // width)
+    marks = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        db.execute(f"{head} {', '.join([marks] * len(chunk))}{tail}",
+                   [value for row in chunk for value in row])
+
+
+def _insert_all(db: sqlite3.Connection, head: str, rows: list[tuple[Any, ...]],
+                tail: str) -> None:
+    """`_insert` in one transaction."""
+    db.execute("BEGIN")
+    try:
+        _insert(db, head, rows, tail)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def store_error(path: Path, doing: str, error: sqlite3.Error,
+                busy_timeout_s: float = 5.0) -> StoreError:
+    """A `StoreError` that says what happened to the store in words a person can act on."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        hint = ("another program (a sqlite3 shell, Datasette, a backup) has held a write lock "
+                f"on it for more than {busy_timeout_s:g} s; close it and run again")
+    elif "full" in text or "disk I/O error" in text:
+        hint = ("the disk is full or refused the write; free some space (or check the disk) "
+                "and run again")
+    elif "readonly" in text or "read-only" in text:
+        hint = "the store or its folder is read-only; make it writable or move `store:`"
+    elif "malformed" in text or "not a database" in text:
+        hint = "the file is not a flow store, or it is damaged"
+    else:
+        hint = text
+    return StoreError(f"{path}: {doing}: {hint}; everything committed before is safe")
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
