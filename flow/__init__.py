@@ -5,8 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "FlowError", "PipelineConfig", "RunOptions", "RunSummary",
-           "load_config", "run_pipeline", "__version__"]
+__all__ = [
+    "ConfigError",
+    "FlowError",
+    "PipelineConfig",
+    "RunOptions",
+    "RunSummary",
+    "__version__",
+    "load_config",
+    "run_pipeline",
+]
 
 _EXPORTS = {"ConfigError": "flow.errors", "FlowError": "flow.errors",
             "PipelineConfig": "flow.config", "load_config": "flow.config",

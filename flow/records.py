@@ -6,7 +6,7 @@ No stage imports the store to get a record type; the store imports these.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 

@@ -152,7 +152,8 @@ def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str = "js
         if out is None:
             return _write(rows, stream, fmt, fields)
         out.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out.parent,
+        # closed by the `with` below, then renamed into place
+        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out.parent,  # noqa: SIM115
                                              prefix=f".{out.name}.", delete=False, newline="")
         try:
             with handle:

@@ -20,7 +20,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from flow.config import PipelineConfig
 from flow.endpoints.chat import parse_reply
@@ -265,8 +264,9 @@ class Run:
                                           if p.known.reply_id is not None)
         outputs = []
         for planned in items:
-            assert planned.call is not None and planned.known.reply_id is not None
+            assert planned.call is not None
             known = planned.known
+            assert known.reply_id is not None
             output = self._output(planned, bodies.get(known.reply_id, ""), None)
             output.response_id = known.reply_id
             output.bought = known.bought and known.response_id == known.reply_id

@@ -39,8 +39,7 @@ from flow.tokens import count_prompt_tokens, encoding_for_model
 MARKER = re.compile(
     r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge))(?:\*(\d+))?\]")
 HUGE_BYTES = 20_000_000
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
-         "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray"]
 
 
 @dataclass

@@ -94,11 +94,14 @@ def make_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
             "params": {"temperature": 0},
             "concurrency": 8,
             "timeout_s": 5,
-            "retry": {"max_tries": 6, "max_time_s": 60},
+            # retries wait nothing in tests: waits come from config, never slept through
+            "retry": {"max_tries": 6, "max_time_s": 60, "first_wait_s": 0, "max_wait_s": 0},
         }
         if base_url:
             call["base_url"] = base_url
-        call.update(overrides.pop("call", {}))
+        call_overrides = dict(overrides.pop("call", {}))
+        call["retry"] = {**call["retry"], **call_overrides.pop("retry", {})}
+        call.update(call_overrides)
         config: dict[str, Any] = {"store": "flow.db",
                                   "load": {"path": "rows.jsonl", "id": "id",
                                            **overrides.pop("load", {})},

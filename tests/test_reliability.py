@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import API_KEY, Pipeline, flow_process, questions, wait_for_requests
+
 from flow.simulator import SimulatorConfig, SimulatorThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,9 +108,10 @@ def test_server_faults_follow_the_documented_policy(make_pipeline: Any, simulato
 
 
 def test_an_outage_of_503s_is_ridden_out(make_pipeline: Any, capsys: Any) -> None:
-    with SimulatorThread(SimulatorConfig(outages=[(0.0, 1.5)])) as server:
+    with SimulatorThread(SimulatorConfig(outages=[(0.0, 1.0)])) as server:
         pipeline = make_pipeline(rows=questions(40), base_url=server.url,
-                                 call={"retry": {"max_tries": 10, "max_time_s": 60}})
+                                 call={"retry": {"max_tries": 40, "max_time_s": 60,
+                                                 "first_wait_s": 0.05, "max_wait_s": 0.25}})
         assert pipeline.run() == 0
         assert server.stats.by_status[503] > 0
         assert {r["status"] for r in pipeline.export(capsys)} == {"done"}
@@ -118,7 +119,7 @@ def test_an_outage_of_503s_is_ridden_out(make_pipeline: Any, capsys: Any) -> Non
 
 def test_store_locked_by_another_program_ends_clearly_and_loses_nothing(
         make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
-    pipeline = make_pipeline(base_url=simulator.url)
+    pipeline = make_pipeline(base_url=simulator.url, store_busy_timeout_s=0.2)
     assert pipeline.run("--limit", "5") == 0
     holder = sqlite3.connect(pipeline.store, isolation_level=None, timeout=0)
     holder.execute("BEGIN EXCLUSIVE")

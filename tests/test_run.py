@@ -10,9 +10,8 @@ import sqlite3
 from typing import Any
 
 import pytest
+from conftest import API_KEY, Pipeline, flow_process, questions, wait_for_requests, write_rows
 
-from conftest import (API_KEY, Pipeline, flow_process, questions, wait_for_requests,
-                      write_rows)
 from flow.simulator import SimulatorConfig, SimulatorThread
 
 

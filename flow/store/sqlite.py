@@ -14,7 +14,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,12 @@ CHUNK = 5000
 _Pending = tuple[Settled | None, asyncio.Future[None], float]
 
 
-def prepare_store(path: Path) -> None:
+def prepare_store(path: Path, busy_timeout_s: float = 5.0) -> None:
     """Create the store if needed and bring its schema up to date."""
     try:
-        db = sqlite3.connect(path, isolation_level=None)
+        db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
     except sqlite3.Error as e:
-        raise store_error(path, "cannot open the store", e) from None
+        raise store_error(path, "cannot open the store", e, busy_timeout_s) from None
     try:
         db.execute("PRAGMA journal_mode=WAL")
         apply_migrations(db)
@@ -46,7 +46,7 @@ def prepare_store(path: Path) -> None:
             raise StoreError(f"{path}: written by a newer flow (migrations {', '.join(newer)}); "
                              "upgrade flow to use it")
     except sqlite3.DatabaseError as e:
-        raise store_error(path, "cannot prepare the store", e) from None
+        raise store_error(path, "cannot prepare the store", e, busy_timeout_s) from None
     finally:
         db.close()
 
@@ -79,7 +79,7 @@ class SQLiteStore:
                              f"{e.strerror or e}") from None
         lock.acquire()
         try:
-            prepare_store(path)
+            prepare_store(path, busy_timeout_s)
             db = await aiosqlite.connect(path, isolation_level=None)
             # WAL + NORMAL: a commit survives the process being killed or crashing (it is in
             # the OS at once); FULL's fsync per commit held results ~35 ms here, not a few
@@ -313,7 +313,7 @@ class SQLiteStore:
                 try:
                     async with self._transaction:
                         # one hop to the connection's thread for the whole transaction
-                        await self._db._execute(self._commit, settled)
+                        await self._in_thread(self._commit, settled)
                 except sqlite3.Error as e:
                     self._failure = self._error("cannot write results", e)
                 self._time_commit(group)
@@ -336,7 +336,9 @@ class SQLiteStore:
     def _commit(self, group: list[Settled]) -> None:
         """Write a group in one transaction; runs on the connection's own thread."""
         db: sqlite3.Connection = self._db._conn
-        responses, attempts, outputs = [], [], []
+        responses: list[tuple[Any, ...]] = []
+        attempts: list[tuple[Any, ...]] = []
+        outputs: list[tuple[Any, ...]] = []
         next_id = self._next_response_id
         for settled in group:
             response = settled.response
@@ -381,6 +383,14 @@ class SQLiteStore:
             raise
         self._next_response_id = next_id
 
+    async def _in_thread(self, function: Callable[..., None], *args: Any) -> None:
+        """Run `function` on the connection's own thread: one hop for many statements.
+
+        aiosqlite sends each statement to its thread and back; a group commit of three
+        statements and a transaction took five round trips, a tenth of the throughput.
+        """
+        await self._db._execute(function, *args)  # type: ignore[no-untyped-call]
+
     async def _run_sql(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
         try:
             async with self._transaction:
@@ -391,7 +401,7 @@ class SQLiteStore:
     async def _run_many(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
         async with self._transaction:
             try:
-                await self._db._execute(_insert_all, self._db._conn, head, rows, tail)
+                await self._in_thread(_insert_all, self._db._conn, head, rows, tail)
             except sqlite3.Error as e:
                 raise self._error("cannot write items", e) from None
 

@@ -1,0 +1,179 @@
+"""Money and results have one source: identical requests paid once, post edits and kills
+never change what was paid, and every cost figure agrees."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+from typing import Any
+
+import pytest
+from conftest import Pipeline, flow_process, questions, wait_for_requests, write_rows
+
+from flow.simulator import SimulatorConfig, SimulatorThread
+
+CLEAN = "def clean(value):\n    return value.replace('Simulated', 'SIMULATED')\n"
+
+
+def shared_rows(count: int, distinct: int) -> list[dict[str, Any]]:
+    """`count` items whose questions repeat every `distinct` rows."""
+    return [{"id": f"r{i:05d}", "question": f"What is {i % distinct} squared?"}
+            for i in range(count)]
+
+
+def paid(pipeline: Pipeline) -> list[tuple[Any, ...]]:
+    """Every paid reply, as stored."""
+    return pipeline.query("SELECT * FROM responses ORDER BY id")
+
+
+def money(pipeline: Pipeline, capsys: Any) -> dict[str, float]:
+    """Every answer the store gives to "what did it cost", to the cent."""
+    capsys.readouterr()
+    assert pipeline.cli("status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    ((runs,),) = pipeline.query("SELECT COALESCE(SUM(cost_usd), 0) FROM runs")
+    ((replies,),) = pipeline.query("SELECT COALESCE(SUM(cost_usd), 0) FROM responses")
+    ((results,),) = pipeline.query("SELECT COALESCE(SUM(cost_usd), 0) FROM results")
+    return {"status": round(status["cost_usd"], 6), "runs": round(runs, 6),
+            "responses": round(replies, 6), "results": round(results, 6),
+            "status_results": round(status["cost_of_results_usd"], 6)}
+
+
+def test_identical_requests_are_paid_once_and_every_item_gets_the_reply(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(rows=shared_rows(1000, 100), base_url=simulator.url,
+                             call={"concurrency": 16})
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 100
+    results = pipeline.export(capsys)
+    assert len(results) == 1000 and {r["status"] for r in results} == {"done"}
+    for result in results:
+        number = int(result["id"][1:]) % 100
+        assert result["output"].endswith(f"You asked: What is {number} squared?")
+    assert pipeline.query("SELECT COUNT(*), SUM(bought) FROM outputs") == [(1000, 100)]
+    assert pipeline.query("SELECT calls_made FROM runs") == [(100,)]
+    costs = money(pipeline, capsys)
+    assert costs["status"] > 0 and len(set(costs.values())) == 1, costs
+
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 100
+
+
+@pytest.mark.slow
+def test_identical_requests_are_paid_once_across_a_kill_9(make_pipeline: Any,
+                                                           capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=40)) as server:
+        pipeline = make_pipeline(rows=shared_rows(1000, 100), base_url=server.url,
+                                 call={"concurrency": 8})
+        child = flow_process(pipeline)
+        wait_for_requests(server, 40)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert pipeline.run() == 0
+        results = pipeline.export(capsys)
+        assert len(results) == 1000 and {r["status"] for r in results} == {"done"}
+        # only replies lost in flight by the kill are bought twice; every stored one once
+        assert server.stats.max_per_request <= 2
+        assert server.stats.requests <= 100 + 8
+        assert pipeline.query("SELECT COUNT(DISTINCT request_key), COUNT(*) FROM responses"
+                              ) == [(100, 100)]
+        assert pipeline.query("SELECT state FROM runs ORDER BY id") == [("crashed",),
+                                                                         ("finished",)]
+        costs = money(pipeline, capsys)
+        assert len(set(costs.values())) == 1, costs
+
+
+def test_editing_post_steps_reposts_without_calls_and_keeps_every_cost(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = questions(10)
+    rows[3]["question"] = "[sim:finish=length] a long story"
+    (make_pipeline().folder / "cleaning.py").write_text(CLEAN)
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url, post=["strip"])
+    assert pipeline.run() == 1
+    before, costs = paid(pipeline), money(pipeline, capsys)
+    status = pipeline.query("SELECT prompt_tokens, completion_tokens, cost_usd FROM runs")
+    assert simulator.stats.requests == 10 and costs["status"] > 0
+
+    for post in (["strip", "lower"], ["strip", {"regex": r"Simulated reply (\w+):"}],
+                 [{"python": "cleaning:clean"}]):
+        pipeline.config["post"] = post
+        assert pipeline.run() == 1
+        assert simulator.stats.requests == 10, post
+        assert paid(pipeline) == before, post
+        assert money(pipeline, capsys) == costs, post
+        assert pipeline.query("SELECT calls_made, cost_usd FROM runs ORDER BY id DESC "
+                              "LIMIT 1") == [(0, 0.0)]
+    assert pipeline.query("SELECT prompt_tokens, completion_tokens, cost_usd FROM runs "
+                          "ORDER BY id LIMIT 1") == status
+    outputs = [r["output"] for r in pipeline.export(capsys) if r["status"] == "done"]
+    assert all("SIMULATED" in o for o in outputs) and len(outputs) == 9
+
+
+def test_a_reply_cut_short_is_processed_once_and_keeps_its_cost_and_message(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = questions(4)
+    rows[1]["question"] = "[sim:finish=length] a long story"
+    rows[2]["question"] = "[sim:finish=content_filter] something"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    failed = pipeline.query("SELECT item_id, error, cost_usd > 0, finished_at FROM results "
+                            "WHERE status = 'failed' ORDER BY item_id")
+    assert [(i, paid) for i, _, paid, _ in failed] == [("q00001", 1), ("q00002", 1)]
+    assert "raise max_tokens" in failed[0][1] and "content_filter" in failed[1][1]
+
+    assert pipeline.run() == 1
+    assert pipeline.query("SELECT item_id, error, cost_usd > 0, finished_at FROM results "
+                          "WHERE status = 'failed' ORDER BY item_id") == failed
+    assert simulator.stats.requests == 4
+    capsys.readouterr()
+    assert pipeline.run("--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "0 to post-process again" in out and "2 failed with a paid response" in out
+
+
+def test_every_cost_figure_agrees_after_a_kill_a_post_edit_and_a_template_edit(
+        make_pipeline: Any, capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=30)) as server:
+        pipeline = make_pipeline(rows=shared_rows(300, 150), base_url=server.url,
+                                 call={"concurrency": 8})
+        child = flow_process(pipeline)
+        wait_for_requests(server, 30)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert pipeline.run() == 0
+        pipeline.config["post"] = ["strip", "lower"]
+        assert pipeline.run() == 0
+        pipeline.config["call"]["messages"][0]["content"] = "Answer in one word."
+        rows = shared_rows(300, 150)
+        write_rows(pipeline.folder / "rows.jsonl", rows[:200])
+        assert pipeline.run() == 0
+        costs = money(pipeline, capsys)
+        assert costs["status"] == costs["runs"] == costs["responses"], costs
+        assert costs["results"] == costs["status_results"] < costs["status"], costs
+        capsys.readouterr()
+        assert pipeline.cli("status") == 0
+        assert "paid for requests no item makes any more" in " ".join(capsys.readouterr().out.split())
+
+        # the budget cap reads the same sum: a cap at what was spent starts nothing
+        pipeline.config["call"]["max_cost_usd"] = costs["status"]
+        pipeline.config["call"]["messages"][0]["content"] = "Answer in two words."
+        sent = server.stats.requests
+        assert pipeline.run() == 1
+        assert server.stats.requests == sent
+        assert f"${costs['status']:.4f} of" in capsys.readouterr().err
+
+
+def test_a_killed_run_records_what_it_paid_for(make_pipeline: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=30)) as server:
+        pipeline = make_pipeline(rows=questions(400), base_url=server.url,
+                                 call={"concurrency": 8})
+        child = flow_process(pipeline)
+        wait_for_requests(server, 40)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        with sqlite3.connect(pipeline.store) as db:
+            stored = db.execute("SELECT COUNT(*), SUM(cost_usd) FROM responses").fetchone()
+        assert pipeline.run("--limit", "1") == 0
+        crashed = pipeline.query("SELECT state, calls_made, cost_usd FROM runs WHERE id = 1")
+        assert crashed == [("crashed", stored[0], pytest.approx(stored[1]))]
