@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from flow.prices import cost_usd, price_for
+
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
 
@@ -138,8 +140,11 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
 
     `calls` mixed the two and was rewritten in place (a post edit wiped the cost of what
     was paid). Its rows move here: each paid reply once, each item's output once; tokens
-    a repost had wiped are read back from the reply's own `usage`.
+    a repost had wiped are read back from the reply's own `usage`, and their cost priced
+    again from the price table (a price set in `call.price` was not stored, so a model
+    missing from the table keeps no cost).
     """
+    db.create_function("flow_cost", 4, _list_cost, deterministic=True)
     db.execute("""
         CREATE TABLE responses (
             id INTEGER PRIMARY KEY,
@@ -199,7 +204,12 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
             COALESCE(completion_tokens, response ->> '$.usage.completion_tokens', 0),
             COALESCE(cached_tokens,
                      response ->> '$.usage.prompt_tokens_details.cached_tokens', 0),
-            cost_usd, attempts, latency_ms, started_at, finished_at, run_id
+            CASE WHEN prompt_tokens IS NULL AND json_type(response, '$.usage') = 'object'
+                THEN flow_cost(model, response ->> '$.usage.prompt_tokens',
+                               response ->> '$.usage.completion_tokens',
+                               response ->> '$.usage.prompt_tokens_details.cached_tokens')
+                ELSE cost_usd END,
+            attempts, latency_ms, started_at, finished_at, run_id
         FROM calls WHERE response IS NOT NULL AND json_valid(response) ORDER BY rowid""")
     db.execute("""
         INSERT INTO outputs (stage, item_id, request_key, origin, status, output, post_key,
@@ -247,6 +257,13 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
             ON outputs.stage = items.stage AND outputs.item_id = items.item_id
             AND outputs.request_key = items.request_key AND outputs.origin = items.origin
         LEFT JOIN responses ON responses.id = outputs.response_id""")
+
+
+def _list_cost(model: str, prompt: object, completion: object, cached: object) -> float | None:
+    """Dollars for a reply's usage at the price table's list price for its model."""
+    counts = [value if isinstance(value, int) and value >= 0 else 0
+              for value in (prompt, completion, cached)]
+    return cost_usd(price_for(model, None), *counts)
 
 
 def _reconcile_runs(db: sqlite3.Connection) -> None:
