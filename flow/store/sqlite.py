@@ -24,9 +24,9 @@ from flow.errors import StoreError
 from flow.records import ItemRecord, Known, RunTotals, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.migrations import apply_migrations, unknown_migrations
+from flow.store.sqlite_writes import MAX_VARIABLES, insert_all, write_group
 
 MAX_GROUP = 2000
-MAX_VARIABLES = 32_000  # SQLite allows 32,766 bound values per statement since 3.32
 CHUNK = 5000
 
 _Pending = tuple[Settled | None, asyncio.Future[None], float]
@@ -312,7 +312,6 @@ class SQLiteStore:
             if settled and self._failure is None:
                 try:
                     async with self._transaction:
-                        # one hop to the connection's thread for the whole transaction
                         await self._in_thread(self._commit, settled)
                 except sqlite3.Error as e:
                     self._failure = self._error("cannot write results", e)
@@ -335,60 +334,11 @@ class SQLiteStore:
 
     def _commit(self, group: list[Settled]) -> None:
         """Write a group in one transaction; runs on the connection's own thread."""
-        db: sqlite3.Connection = self._db._conn
-        responses: list[tuple[Any, ...]] = []
-        attempts: list[tuple[Any, ...]] = []
-        outputs: list[tuple[Any, ...]] = []
-        next_id = self._next_response_id
-        for settled in group:
-            response = settled.response
-            if response is not None:
-                response.id = next_id
-                next_id += 1
-                usage = response.usage
-                responses.append((
-                    response.id, response.request_key, response.origin, response.model,
-                    response.request_json, response.body, usage.prompt_tokens,
-                    usage.completion_tokens, usage.cached_tokens, response.cost_usd,
-                    response.attempts, response.latency_ms, response.started_at,
-                    response.finished_at, self.run_id))
-            # a reply at its first attempt is all in its `responses` row; writing that
-            # attempt again cost a tenth of the throughput (the GIL, while binding its row)
-            if response is None or len(settled.attempts) > 1:
-                attempts.extend(
-                    (settled.call_key, settled.origin, self.run_id, a.number, a.started_at,
-                     a.latency_ms, a.status_code, a.outcome, a.error, a.wait_s)
-                    for a in settled.attempts)
-            for out in settled.outputs:
-                if out.bought and response is not None:
-                    out.response_id = response.id
-                outputs.append((
-                    settled.stage, out.item_id, out.request_key, settled.origin, out.status,
-                    out.output, out.post_key, out.error_class, out.error, out.response_id,
-                    out.bought, out.attempts, settled.finished_at, self.run_id))
-        db.execute("BEGIN")
-        try:
-            _insert(db, "INSERT INTO responses (id, request_key, origin, model, request, body, "
-                        "prompt_tokens, completion_tokens, cached_tokens, cost_usd, attempts, "
-                        "latency_ms, started_at, finished_at, run_id) VALUES", responses)
-            _insert(db, "INSERT INTO attempts (request_key, origin, run_id, number, started_at, "
-                        "latency_ms, status_code, outcome, error, wait_s) VALUES", attempts)
-            _insert(db, "INSERT OR REPLACE INTO outputs (stage, item_id, request_key, origin, "
-                        "status, output, post_key, error_class, error, response_id, bought, "
-                        "attempts, finished_at, run_id) VALUES", outputs)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self._next_response_id = next_id
+        self._next_response_id = write_group(self._db._conn, group, self.run_id,
+                                             self._next_response_id)
 
     async def _in_thread(self, function: Callable[..., None], *args: Any) -> None:
-        """Run `function` on the connection's own thread: one hop for many statements.
-
-        aiosqlite sends each statement to its thread and back; a group commit of three
-        statements and a transaction took five round trips, a tenth of the throughput.
-        """
+        """Run `function` on the connection's own thread: one hop for many statements."""
         await self._db._execute(function, *args)  # type: ignore[no-untyped-call]
 
     async def _run_sql(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Cursor:
@@ -401,7 +351,7 @@ class SQLiteStore:
     async def _run_many(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
         async with self._transaction:
             try:
-                await self._in_thread(_insert_all, self._db._conn, head, rows, tail)
+                await self._in_thread(insert_all, self._db._conn, head, rows, tail)
             except sqlite3.Error as e:
                 raise self._error("cannot write items", e) from None
 
@@ -414,37 +364,6 @@ class SQLiteStore:
 
     def _error(self, doing: str, error: sqlite3.Error) -> StoreError:
         return store_error(self.path, doing, error, self._busy_timeout_s)
-
-
-def _insert(db: sqlite3.Connection, head: str, rows: list[tuple[Any, ...]],
-            tail: str = "") -> None:
-    """Insert many rows with one statement per chunk.
-
-    `executemany` binds and steps row by row; one multi-row VALUES is bound at once and
-    stepped once.
-    """
-    if not rows:
-        return
-    width = len(rows[0])
-    size = max(1, MAX_VARIABLES // width)
-    marks = "(" + ", ".join("?" * width) + ")"
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
-        db.execute(f"{head} {', '.join([marks] * len(chunk))}{tail}",
-                   [value for row in chunk for value in row])
-
-
-def _insert_all(db: sqlite3.Connection, head: str, rows: list[tuple[Any, ...]],
-                tail: str) -> None:
-    """`_insert` in one transaction."""
-    db.execute("BEGIN")
-    try:
-        _insert(db, head, rows, tail)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
 
 
 def store_error(path: Path, doing: str, error: sqlite3.Error,
