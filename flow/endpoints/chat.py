@@ -121,6 +121,8 @@ def classify_status(status: int, body: Any, headers: Mapping[str, str]) -> Excep
 
 def error_message(body: Any) -> str | None:
     """The server's own words from an error body, if it gave any."""
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:500]  # a proxy's plain-text error page
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
@@ -157,4 +159,4 @@ def estimate_prompt_tokens(request: Mapping[str, Any]) -> int:
 
 
 def _count(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
+    return value if type(value) is int and value >= 0 else 0
