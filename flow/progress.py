@@ -121,6 +121,9 @@ def summarize(summary: RunSummary) -> str:
         f"cost ${p.cost_usd:.4f}, {_duration(p.elapsed_s)} wall time",
         f"store: {summary.store}",
     ]
+    if p.reused:
+        lines.append(f"{p.reused:,} items took their output from a reply already stored or "
+                     "bought for another item with the same request: no call, no cost")
     if p.rerendered or p.removed:
         lines.append(f"the input or pipeline changed since the last run: {p.rerendered:,} items "
                      f"now render a different request; {p.removed:,} items whose rows left the "

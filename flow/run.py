@@ -68,7 +68,7 @@ class RunProgress:
     failed: int = 0
     skipped: int = 0
     completed: int = 0
-    reused: int = 0
+    reused: int = 0  # items whose output came from a stored or shared reply: no call
     rerendered: int = 0
     removed: int = 0
     in_flight: int = 0
@@ -253,6 +253,7 @@ class Run:
                 waiting = self._in_flight.get(key)
                 if waiting is not None:
                     waiting.append(planned)  # the same request is on its way: share its reply
+                    self.progress.reused += 1
                     continue
                 self._in_flight[key] = [planned]
                 calls.append(planned.call)
