@@ -101,8 +101,7 @@ def flow_run(base: str, items: int, concurrency: int, folder: Path) -> dict[str,
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     with sqlite3.connect(folder / "flow.db") as db:
         first, last, done = db.execute(
-            "SELECT MIN(started_at), MAX(finished_at), COUNT(*) FROM calls "
-            "WHERE status='done'").fetchone()
+            "SELECT MIN(started_at), MAX(finished_at), COUNT(*) FROM responses").fetchone()
     wall = seconds(last) - seconds(first)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "process_wall_s": process_wall, "cpu_s": cpu, "done": done,

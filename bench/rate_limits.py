@@ -85,25 +85,29 @@ def seconds(stamp: str) -> float:
 
 
 def measure(scenario: Scenario) -> dict[str, Any]:
-    with simulator_process("--latency-ms", str(LATENCY_MS), *scenario.simulator) as base:
-        with tempfile.TemporaryDirectory() as tmp:
-            pipeline = write_pipeline(Path(tmp), scenario, base + "/v1")
-            code = subprocess.run([sys.executable, "-m", "flow", "run", str(pipeline)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-            stats = json.load(urllib.request.urlopen(base + "/sim/stats", timeout=5))
-            with sqlite3.connect(Path(tmp) / "flow.db") as db:
-                started, finished = db.execute(
-                    "SELECT MIN(started_at), MAX(finished_at) FROM calls").fetchone()
-                done = db.execute("SELECT COUNT(*) FROM results WHERE status='done'").fetchone()[0]
-                failed = db.execute("SELECT COUNT(*) FROM results WHERE status='failed'").fetchone()[0]
-                finishes = [seconds(s) for (s,) in db.execute(
-                    "SELECT finished_at FROM calls WHERE status='done'")]
-                tokens = db.execute("SELECT SUM(prompt_tokens + completion_tokens) FROM calls"
-                                    ).fetchone()[0] or 0
-                attempts = [(seconds(s), code_) for s, code_ in db.execute(
-                    "SELECT started_at, status_code FROM attempts")]
-                commit_mean, commit_max = db.execute(
-                    "SELECT commit_wait_mean_ms, commit_wait_max_ms FROM runs").fetchone()
+    with (simulator_process("--latency-ms", str(LATENCY_MS), *scenario.simulator) as base,
+          tempfile.TemporaryDirectory() as tmp):
+        pipeline = write_pipeline(Path(tmp), scenario, base + "/v1")
+        code = subprocess.run([sys.executable, "-m", "flow", "run", str(pipeline)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+        stats = json.load(urllib.request.urlopen(base + "/sim/stats", timeout=5))
+        with sqlite3.connect(Path(tmp) / "flow.db") as db:
+            started, finished = db.execute(
+                "SELECT MIN(started_at), MAX(finished_at) FROM responses").fetchone()
+            done = db.execute("SELECT COUNT(*) FROM results WHERE status='done'").fetchone()[0]
+            failed = db.execute("SELECT COUNT(*) FROM results WHERE status='failed'").fetchone()[0]
+            # each done item at the time its reply arrived
+            finishes = [seconds(s) for (s,) in db.execute(
+                "SELECT responses.finished_at FROM outputs JOIN responses "
+                "ON responses.id = outputs.response_id WHERE outputs.status='done'")]
+            tokens = db.execute("SELECT SUM(prompt_tokens + completion_tokens) FROM responses"
+                                ).fetchone()[0] or 0
+            # a reply at its first attempt is recorded in `responses` alone, not in `attempts`
+            attempts = [(seconds(s), code_) for s, code_ in db.execute(
+                "SELECT started_at, status_code FROM attempts UNION ALL "
+                "SELECT started_at, 200 FROM responses WHERE attempts = 1")]
+            commit_mean, commit_max = db.execute(
+                "SELECT commit_wait_mean_ms, commit_wait_max_ms FROM runs").fetchone()
     t0, t1 = seconds(started), seconds(finished)
     wall = t1 - t0
     cut = t0 + scenario.warmup_s

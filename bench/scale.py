@@ -26,17 +26,26 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 from simulator_process import simulator_process
 
 from flow.config import load_config
+from flow.execute.online import endpoint_origin
+from flow.keys import key_of_json
 from flow.load import read_rows
+from flow.plan import STAGE
 from flow.post import PostProcessor
-from flow.request import RequestBuilder, canonical_json, key_of_json
-from flow.store import prepare_store, utc_now
+from flow.prices import cost_usd, price_for
+from flow.records import utc_now
+from flow.render import RequestBuilder
+from flow.store.sqlite import prepare_store
 
 TARGET_PEAK_MB = 120
+RUN_ID = 1  # the run that built the done store; the re-run is the next
+REPLY = "done"
+PROMPT_TOKENS, COMPLETION_TOKENS = 20, 5
 
 
 def write_pipeline(folder: Path, rows: int, base: str) -> Path:
@@ -85,7 +94,7 @@ class Sampler(threading.Thread):
     def done(self) -> int:
         try:
             with sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=1) as db:
-                return int(db.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+                return int(db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0])
         except sqlite3.Error:
             return 0
 
@@ -111,40 +120,73 @@ def run_flow(pipeline: Path, stop_after_s: float | None = None) -> tuple[Sampler
     return sampler, elapsed
 
 
-def build_done_store(pipeline: Path, origin: str) -> int:
-    """The store a finished run leaves: every item's request done, keyed as flow keys it."""
+def build_done_store(pipeline: Path) -> int:
+    """The store a finished run leaves: every item done from a reply it bought, keyed,
+    post-processed and numbered as flow does it (every row asks a different question, so
+    each item renders a request of its own and pays for its reply)."""
     config = load_config(pipeline)
     builder = RequestBuilder(config.call)
-    post_key = PostProcessor(config.post, config.file.parent).fingerprint
+    post = PostProcessor(config.post, config.file.parent)
+    origin = endpoint_origin(config.call.base_url, simulated=False)
+    cost = cost_usd(price_for(config.call.model, config.call.price), PROMPT_TOKENS,
+                    COMPLETION_TOKENS, 0)
+    body = json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0,
+        "model": config.call.model,
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": REPLY, "refusal": None}}],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
+                  "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+                  "prompt_tokens_details": {"cached_tokens": 0}}})
+    output = json.dumps(post.apply(REPLY), ensure_ascii=False)
     prepare_store(config.store)
     now = utc_now()
     count = 0
     with sqlite3.connect(config.store) as db:
-        items, calls = [], []
+        db.execute("INSERT INTO runs (id, pipeline, origin, endpoint, pid, started_at, state) "
+                   "VALUES (?, ?, ?, ?, ?, ?, 'running')",
+                   (RUN_ID, str(config.file), origin, config.call.base_url, os.getpid(), now))
+        items: list[tuple[Any, ...]] = []
+        responses: list[tuple[Any, ...]] = []
+        outputs: list[tuple[Any, ...]] = []
         for row in read_rows(config.load):
             assert row.fields is not None
-            request = builder.build(row.fields, "")
-            request_json = canonical_json(request)
+            request, request_json = builder.build_with_json(row.fields, "")
             key = key_of_json(request_json)
-            items.append(("call", row.item_id, row.number, json.dumps(row.fields), key, origin,
-                          None, None, now))
-            response = json.dumps({"choices": [{"message": {"content": "done"},
-                                                "finish_reason": "stop"}]})
-            calls.append((key, origin, "gpt-4o-mini", request_json, response, '"done"',
-                          post_key, "done", None, None, 1, 20, 5, 0, None, 1.0, now, now, None))
             count += 1
+            items.append((STAGE, row.item_id, row.number,
+                          json.dumps(row.fields, ensure_ascii=False), key, origin, None, None,
+                          now))
+            responses.append((count, key, origin, request["model"], request_json, body,
+                              PROMPT_TOKENS, COMPLETION_TOKENS, 0, cost, 1, 1.0, now, now,
+                              RUN_ID))
+            outputs.append((STAGE, row.item_id, key, origin, "done", output, post.fingerprint,
+                            None, None, count, 1, 1, now, RUN_ID))
             if len(items) == 50_000:
-                _flush(db, items, calls)
-        _flush(db, items, calls)
+                _flush(db, items, responses, outputs)
+        _flush(db, items, responses, outputs)
+        db.execute("UPDATE runs SET finished_at=?, state='finished', items_total=?, "
+                   "items_done=?, calls_made=?, prompt_tokens=?, completion_tokens=?, "
+                   "cost_usd=? WHERE id=?",
+                   (utc_now(), count, count, count, count * PROMPT_TOKENS,
+                    count * COMPLETION_TOKENS, count * (cost or 0.0), RUN_ID))
     return count
 
 
-def _flush(db: sqlite3.Connection, items: list, calls: list) -> None:
-    db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
-    db.executemany("INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                   "?, ?)", calls)
+def _flush(db: sqlite3.Connection, items: list[tuple[Any, ...]],
+           responses: list[tuple[Any, ...]], outputs: list[tuple[Any, ...]]) -> None:
+    db.executemany("INSERT INTO items (stage, item_id, row, input, request_key, origin, "
+                   "error_class, error, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
+    db.executemany("INSERT INTO responses (id, request_key, origin, model, request, body, "
+                   "prompt_tokens, completion_tokens, cached_tokens, cost_usd, attempts, "
+                   "latency_ms, started_at, finished_at, run_id) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", responses)
+    db.executemany("INSERT INTO outputs (stage, item_id, request_key, origin, status, output, "
+                   "post_key, error_class, error, response_id, bought, attempts, finished_at, "
+                   "run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", outputs)
     db.commit()
-    items.clear(), calls.clear()
+    for rows in (items, responses, outputs):
+        rows.clear()
 
 
 def server_requests(base: str) -> int:
@@ -194,12 +236,13 @@ def main() -> int:
         if args.only in (None, "resume"):
             with tempfile.TemporaryDirectory() as tmp:
                 pipeline = write_pipeline(Path(tmp), 1_000_000, base)
-                built = build_done_store(pipeline, base)
+                built = build_done_store(pipeline)
                 before = server_requests(base)
                 sampler, elapsed = run_flow(pipeline)
                 calls = server_requests(base) - before
                 with sqlite3.connect(Path(tmp) / "flow.db") as db:
-                    skipped = db.execute("SELECT items_skipped FROM runs").fetchone()[0]
+                    skipped = db.execute("SELECT items_skipped FROM runs WHERE id > ?",
+                                         (RUN_ID,)).fetchone()[0]
                 rate = skipped / elapsed
                 peak = max(rss for _, rss, _ in sampler.samples)
                 print(f"re-run over {built:,} done items: {skipped:,} skipped in {elapsed:.1f} s "

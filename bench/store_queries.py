@@ -1,8 +1,10 @@
 """Do `status`, `failures` and `export` stay fast on a store of 1,000,000 results?
 
-Builds a store with the real schema (1,000,000 items and calls, 2% failed across three error
-classes, a few attempts each), then times each command as a user runs it: a fresh
-`python -m flow ...` process, start-up included. Target: each under 3 s on 2 cores.
+Builds the store a finished run leaves, as flow writes it: 1,000,000 items, each with its
+output and (when one came) the reply it bought, 2% failed across three error classes (a 400
+and timeouts with their attempts and no reply, a post step failing on a paid reply). Then
+times each command as a user runs it: a fresh `python -m flow ...` process, start-up
+included. Target: each under 3 s on 2 cores.
 
     python bench/store_queries.py [--items 1000000]
 """
@@ -18,57 +20,136 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from flow.config import load_config
+from flow.errors import PostError
+from flow.execute.online import endpoint_origin
+from flow.keys import key_of_json
+from flow.plan import STAGE
+from flow.post import PostProcessor
+from flow.prices import cost_usd, price_for
+from flow.render import RequestBuilder
 from flow.store.sqlite import prepare_store
 
 ERRORS = ("BadRequestError", "PostError", "APITimeoutError")
+RUN_ID = 1
+NOW = "2026-11-25T00:00:00.000Z"
+PROMPT_TOKENS, COMPLETION_TOKENS = 40, 12
+TIMEOUT_WAIT_S = 1.0  # the backoff wait after each timed-out attempt but the last
 
 
 def build(folder: Path, items: int) -> Path:
-    store = folder / "flow.db"
-    prepare_store(store)
+    pipeline = folder / "pipeline.yaml"
+    spec = {"store": "flow.db", "load": {"path": "rows.jsonl", "id": "id"},
+            "call": {"model": "gpt-4o-mini", "base_url": "http://127.0.0.1:8000/v1",
+                     "messages": [{"role": "user", "content": "{{ question }}"}]},
+            "post": ["json"]}
+    pipeline.write_text(yaml.safe_dump(spec))
+    config = load_config(pipeline)
+    builder = RequestBuilder(config.call)
+    post = PostProcessor(config.post, config.file.parent)
+    origin = endpoint_origin(config.call.base_url, simulated=False)
+    cost = cost_usd(price_for(config.call.model, config.call.price), PROMPT_TOKENS,
+                    COMPLETION_TOKENS, 0)
+    timeout_s, tries = config.call.timeout_s, config.call.retry.max_tries
+    prepare_store(config.store)
     rng = random.Random(1)
-    now = "2026-11-25T00:00:00.000Z"
-    with sqlite3.connect(store) as db:
-        db.execute("INSERT INTO runs (pipeline, origin, endpoint, pid, started_at, finished_at, "
-                   "state) VALUES ('p.yaml', 'sim', 'http://x', 1, ?, ?, 'finished')", (now, now))
-        batch_items, batch_calls, batch_attempts = [], [], []
+    with sqlite3.connect(config.store) as db:
+        db.execute("INSERT INTO runs (id, pipeline, origin, endpoint, pid, started_at, "
+                   "finished_at, state) VALUES (?, ?, ?, ?, 1, ?, ?, 'finished')",
+                   (RUN_ID, str(pipeline), origin, config.call.base_url, NOW, NOW))
+        batch: dict[str, list[tuple[Any, ...]]] = {
+            "items": [], "responses": [], "outputs": [], "attempts": []}
+        paid = 0
         for index in range(items):
-            key = f"sha256:{index:064x}"
-            failed = rng.random() < 0.02
-            batch_items.append(("call", f"item-{index:07d}", index + 1,
-                                json.dumps({"id": index, "question": f"What is {index}?"}),
-                                key, "sim", None, None, now))
-            request = json.dumps({"model": "gpt-4o-mini", "messages": [
-                {"role": "user", "content": f"What is {index}?"}]})
-            response = json.dumps({"choices": [{"message": {"content": f"It is {index}."},
-                                                "finish_reason": "stop"}]})
-            batch_calls.append((key, "sim", "gpt-4o-mini", request, response,
-                                None if failed else json.dumps({"answer": index}), "post",
-                                "failed" if failed else "done",
-                                rng.choice(ERRORS) if failed else None,
-                                "simulated failure" if failed else None, 1, 40, 12, 0,
-                                0.0000132, 210.0, now, now, 1))
-            batch_attempts.append((key, "sim", 1, 1, now, 205.0, 200, "ok", None, None))
-            if len(batch_items) == 50_000:
-                _flush(db, batch_items, batch_calls, batch_attempts)
-        _flush(db, batch_items, batch_calls, batch_attempts)
+            item_id = f"item-{index:07d}"
+            fields = {"id": item_id, "question": f"What is {index}?"}
+            request, request_json = builder.build_with_json(fields, "")
+            key = key_of_json(request_json)
+            error_class = rng.choice(ERRORS) if rng.random() < 0.02 else None
+            batch["items"].append((STAGE, item_id, index + 1,
+                                   json.dumps(fields, ensure_ascii=False), key, origin, None,
+                                   None, NOW))
+            failed = (STAGE, item_id, key, origin, "failed", None, post.fingerprint,
+                      error_class)
+            if error_class == "BadRequestError":
+                error = "400: Invalid value for 'messages'"
+                batch["attempts"].append((key, origin, RUN_ID, 1, NOW, 205.0, 400, "error",
+                                          error, None))
+                batch["outputs"].append((*failed, error, None, 0, 1, NOW, RUN_ID))
+            elif error_class == "APITimeoutError":
+                error = f"no response within {timeout_s:g} s"
+                batch["attempts"].extend(
+                    (key, origin, RUN_ID, number, NOW, timeout_s * 1000, None, "timeout",
+                     error, TIMEOUT_WAIT_S if number < tries else None)
+                    for number in range(1, tries + 1))
+                spent_s = tries * timeout_s + (tries - 1) * TIMEOUT_WAIT_S
+                batch["outputs"].append(
+                    (*failed, f"gave up after {tries} attempts in {spent_s:.1f} s: {error}",
+                     None, 0, tries, NOW, RUN_ID))
+            else:
+                # a reply came at the first attempt and this item bought it; a post step may
+                # still fail on it
+                paid += 1
+                text = (f"It is {index}." if error_class == "PostError"
+                        else json.dumps({"answer": index}))
+                batch["responses"].append((
+                    paid, key, origin, request["model"], request_json,
+                    _body(config.call.model, text), PROMPT_TOKENS, COMPLETION_TOKENS, 0, cost,
+                    1, 210.0, NOW, NOW, RUN_ID))
+                try:
+                    made = json.dumps(post.apply(text), ensure_ascii=False)
+                    batch["outputs"].append((STAGE, item_id, key, origin, "done", made,
+                                             post.fingerprint, None, None, paid, 1, 1, NOW,
+                                             RUN_ID))
+                except PostError as e:
+                    batch["outputs"].append((*failed, str(e), paid, 1, 1, NOW, RUN_ID))
+            if len(batch["items"]) == 50_000:
+                _flush(db, batch)
+        _flush(db, batch)
+        db.execute(
+            "UPDATE runs SET items_total = ?, "
+            "items_done = (SELECT COUNT(*) FROM outputs WHERE status = 'done'), "
+            "items_failed = (SELECT COUNT(*) FROM outputs WHERE status = 'failed'), "
+            "calls_made = (SELECT COUNT(*) FROM attempts) + "
+            "(SELECT COUNT(*) FROM responses WHERE attempts = 1), "
+            "prompt_tokens = (SELECT SUM(prompt_tokens) FROM responses), "
+            "completion_tokens = (SELECT SUM(completion_tokens) FROM responses), "
+            "cost_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM responses) WHERE id = ?",
+            (items, RUN_ID))
         db.execute("ANALYZE")
-    config = {"store": "flow.db", "load": {"path": "rows.jsonl", "id": "id"},
-              "call": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}}
-    (folder / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    return folder / "pipeline.yaml"
+    return pipeline
 
 
-def _flush(db: sqlite3.Connection, items: list, calls: list, attempts: list) -> None:
-    db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
-    db.executemany("INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                   "?, ?)", calls)
-    db.executemany("INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", attempts)
+def _body(model: str, text: str) -> str:
+    """A chat completion body as an OpenAI-compatible endpoint sends it."""
+    return json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": text, "refusal": None}}],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
+                  "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+                  "prompt_tokens_details": {"cached_tokens": 0}}})
+
+
+def _flush(db: sqlite3.Connection, batch: dict[str, list[tuple[Any, ...]]]) -> None:
+    for table, columns in (
+            ("items", "stage, item_id, row, input, request_key, origin, error_class, error, "
+                      "updated_at"),
+            ("responses", "id, request_key, origin, model, request, body, prompt_tokens, "
+                          "completion_tokens, cached_tokens, cost_usd, attempts, latency_ms, "
+                          "started_at, finished_at, run_id"),
+            ("outputs", "stage, item_id, request_key, origin, status, output, post_key, "
+                        "error_class, error, response_id, bought, attempts, finished_at, run_id"),
+            ("attempts", "request_key, origin, run_id, number, started_at, latency_ms, "
+                         "status_code, outcome, error, wait_s")):
+        marks = ", ".join("?" * (columns.count(",") + 1))
+        db.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", batch[table])
+        batch[table].clear()
     db.commit()
-    items.clear(), calls.clear(), attempts.clear()
 
 
 def timed(args: list[str]) -> tuple[float, int]:

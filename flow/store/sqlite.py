@@ -24,7 +24,12 @@ from flow.errors import StoreError
 from flow.records import ItemRecord, Known, RunTotals, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.migrations import apply_migrations, unknown_migrations
-from flow.store.sqlite_writes import MAX_VARIABLES, insert_all, write_group
+from flow.store.sqlite_writes import (
+    MAX_VARIABLES,
+    group_statements,
+    inserts,
+    run_in_transaction,
+)
 
 MAX_GROUP = 2000
 CHUNK = 5000
@@ -311,8 +316,11 @@ class SQLiteStore:
             settled = [item for item, _, _ in group if item is not None]
             if settled and self._failure is None:
                 try:
+                    statements, next_id = group_statements(
+                        settled, self.run_id, self._next_response_id)
                     async with self._transaction:
-                        await self._in_thread(self._commit, settled)
+                        await self._in_thread(run_in_transaction, self._db._conn, statements)
+                    self._next_response_id = next_id
                 except sqlite3.Error as e:
                     self._failure = self._error("cannot write results", e)
                 self._time_commit(group)
@@ -332,11 +340,6 @@ class SQLiteStore:
                 totals.commit_wait_total_ms += wait_ms
                 totals.committed += 1
 
-    def _commit(self, group: list[Settled]) -> None:
-        """Write a group in one transaction; runs on the connection's own thread."""
-        self._next_response_id = write_group(self._db._conn, group, self.run_id,
-                                             self._next_response_id)
-
     async def _in_thread(self, function: Callable[..., None], *args: Any) -> None:
         """Run `function` on the connection's own thread: one hop for many statements."""
         await self._db._execute(function, *args)  # type: ignore[no-untyped-call]
@@ -351,7 +354,8 @@ class SQLiteStore:
     async def _run_many(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
         async with self._transaction:
             try:
-                await self._in_thread(insert_all, self._db._conn, head, rows, tail)
+                await self._in_thread(run_in_transaction, self._db._conn,
+                                      inserts(head, rows, tail))
             except sqlite3.Error as e:
                 raise self._error("cannot write items", e) from None
 
