@@ -140,7 +140,21 @@ def _jsonl_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
                 f"{config.path.name} row {number}: expected a JSON object, "
                 f"got {type(fields).__name__}")
             continue
+        if "\\u" in text and _has_lone_surrogate(fields):
+            yield number, None, RowError(
+                f"{config.path.name} row {number}: a \\uD800-\\uDFFF escape without its "
+                "other half (half a character, such as half an emoji); fix the row")
+            continue
         yield number, fields, None
+
+
+def _has_lone_surrogate(fields: dict[str, Any]) -> bool:
+    """Whether a JSON value holds half of a surrogate pair, which no UTF-8 text can carry."""
+    try:
+        json.dumps(fields, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _txt_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:

@@ -6,7 +6,7 @@ No stage imports the store to get a record type; the store imports these.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -135,6 +135,9 @@ class Settled:
     response: ResponseRecord | None
     attempts: list[Attempt]
     outputs: list[OutputRecord]
+    # replies whose paying item may have changed (an item moved to another reply):
+    # the store gives each one's cost to one current output again
+    reassign: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from flow.config import PipelineConfig
 from flow.endpoints.chat import parse_reply
@@ -124,6 +125,7 @@ class Run:
         self._in_flight: dict[str, list[Planned]] = {}
         self._plan_lock = asyncio.Lock()
         self._dispatched = 0
+        self._outstanding = 0  # calls sent whose results are not yet settled
         self._spent_before = 0.0
         self._over_budget_message: str | None = None
 
@@ -223,10 +225,12 @@ class Run:
             if reposts:
                 await self._repost(store, reposts)
             for call in calls:
-                if self._over_budget():
+                if self._stop_feeding.is_set() or self._over_budget():
                     complete = False
+                    self._unregister(calls[calls.index(call):])
                     break
                 self._dispatched += 1
+                self._outstanding += 1
                 yield call
             if not complete:
                 break
@@ -264,28 +268,36 @@ class Run:
         bodies = await store.reply_bodies(p.known.reply_id for p in items
                                           if p.known.reply_id is not None)
         outputs = []
+        reassign: set[int] = set()
         for planned in items:
             assert planned.call is not None
             known = planned.known
             assert known.reply_id is not None
             output = self._output(planned, bodies.get(known.reply_id, ""), None)
             output.response_id = known.reply_id
-            output.bought = known.bought and known.response_id == known.reply_id
+            if known.response_id == known.reply_id:
+                output.bought = known.bought
+            else:
+                reassign.update(r for r in (known.response_id, known.reply_id) if r is not None)
             outputs.append(output)
             self._count(output)
         self.progress.reused += len(outputs)
-        await store.save(Settled(STAGE, self._origin, "", utc_now(), None, [], outputs))
+        await store.save(Settled(STAGE, self._origin, "", utc_now(), None, [], outputs,
+                                 sorted(reassign)))
 
     async def _deliver(self, store: Store, result: CallResult) -> None:
         """Post-process a call's result for every item waiting on it and commit it all."""
         key = result.call.key
+        self._outstanding -= 1
         waiting = self._in_flight[key]
         taken = len(waiting)
         response = self._response(result)
         outputs = [self._output(planned, result.body, result) for planned in waiting]
         outputs[0].bought = response is not None
+        # the replies these items used before (a re-buy, an earlier request) may need a payer
+        before = sorted({p.known.response_id for p in waiting if p.known.response_id is not None})
         await store.save(Settled(STAGE, self._origin, key, result.finished_at, response,
-                                 result.attempts, outputs))
+                                 result.attempts, outputs, before))
         for output in outputs:
             self._count(output)
         self.progress.completed += len(outputs)
@@ -297,8 +309,10 @@ class Run:
             for output in outputs:
                 output.response_id = response.id if response is not None else None
                 self._count(output)
+            before = sorted({p.known.response_id for p in late
+                             if p.known.response_id is not None})
             await store.save(Settled(STAGE, self._origin, key, result.finished_at, None, [],
-                                     outputs))
+                                     outputs, before))
 
     def _response(self, result: CallResult) -> ResponseRecord | None:
         """The paid reply to store, with its cost; counted into the run's spend once."""
@@ -338,10 +352,13 @@ class Run:
                 output.error_class, output.error = "ResponseError", f"stored reply: {e}"
         if reply is not None:
             try:
-                output.output = json.dumps(self._post.apply(reply.text), ensure_ascii=False)
+                output.output = _json(self._post.apply(reply.text))
                 output.status = "done"
             except PostError as e:
                 output.error_class, output.error = e.error_class, str(e)
+        if output.error is not None and not output.error.isascii():
+            # a message quoting half a character would stop the store from writing it
+            output.error = output.error.encode("utf-8", "replace").decode("utf-8")
         return output
 
     def _count(self, output: OutputRecord) -> None:
@@ -350,16 +367,28 @@ class Run:
         else:
             self.progress.failed += 1
 
+    def _unregister(self, calls: list[Call]) -> None:
+        """Calls planned but never sent: their items stay pending for the next run."""
+        for call in calls:
+            self._in_flight.pop(call.key, None)
+
     def _over_budget(self) -> bool:
+        """True once --limit calls were sent, or spend (with what the calls in flight are
+        expected to cost, at this run's mean so far) reaches `call.max_cost_usd`."""
         limit = self.options.limit
         if limit is not None and self._dispatched >= limit:
             return True
         cap = self.config.call.max_cost_usd
+        if cap is None:
+            return False
         spent = self._spent_before + self.progress.cost_usd
-        if cap is not None and spent >= cap:
+        settled = self._dispatched - self._outstanding
+        expected = self._outstanding * self.progress.cost_usd / max(settled, 1)
+        if spent + expected >= cap:
             self._over_budget_message = (
-                f"spend reached call.max_cost_usd (${spent:.4f} of ${cap:.2f}); no new "
-                "requests were started. Raise the cap and run again to go on")
+                f"spend reached call.max_cost_usd (${spent:.4f} of ${cap:.4f}, with "
+                f"${expected:.4f} more expected from requests in flight); no new requests "
+                "were started. Raise the cap and run again to go on")
             self.progress.stopping = "budget reached"
             return True
         return False
@@ -384,6 +413,21 @@ class Run:
         return {"items_total": progress.total, "items_done": progress.done,
                 "items_failed": progress.failed, "items_skipped": progress.skipped,
                 "calls_made": progress.calls}
+
+
+def _json(value: Any) -> str:
+    """An output as JSON text; a value JSON cannot hold fails its item, not the run."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+        if text.isascii():
+            return text
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return json.dumps(value)  # half a character, kept as its \\u escape
+    except (TypeError, ValueError, RecursionError) as e:
+        raise PostError(f"post steps returned a {type(value).__name__} that is not JSON "
+                        f"({e}); return str, int, float, bool, None, list or dict") from None
 
 
 def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:

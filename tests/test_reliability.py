@@ -230,3 +230,32 @@ def test_the_key_appears_in_no_artefact_of_a_run_with_failures(make_pipeline: An
         everything = every_artefact(pipeline, capsys, [captured.out, captured.err])
         assert "Simulated reply" in everything
         assert API_KEY not in everything
+
+
+def test_ctrl_c_starts_no_new_request_and_keeps_every_reply_in_flight(
+        make_pipeline: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=200)) as server:
+        pipeline = make_pipeline(rows=questions(400), base_url=server.url,
+                                 call={"concurrency": 4, "drain_s": 5})
+        child = flow_process(pipeline)
+        wait_for_requests(server, 12)
+        sent = server.stats.requests
+        child.send_signal(signal.SIGINT)
+        assert child.wait(20) == 130
+        # a worker may have taken its next call in the instant before the signal
+        assert server.stats.requests <= sent + 4
+        assert pipeline.query("SELECT COUNT(*) FROM responses") == [(server.stats.requests,)]
+
+
+def test_a_row_with_half_a_character_fails_alone(make_pipeline: Any, simulator:
+                                                 SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    rows = pipeline.folder / "rows.jsonl"
+    rows.write_text('{"id": "a", "question": "fine"}\n'
+                    '{"id": "b", "question": "half \\ud83d an emoji"}\n'
+                    '{"id": "c", "question": "whole \\ud83d\\ude00 emoji"}\n')
+    assert pipeline.run() == 1
+    results = pipeline.export(capsys)
+    assert [r["status"] for r in results] == ["done", "failed", "done"]
+    assert "half a character" in results[1]["error"]
+    assert pipeline.query("SELECT state FROM runs") == [("finished",)]

@@ -177,3 +177,44 @@ def test_a_killed_run_records_what_it_paid_for(make_pipeline: Any) -> None:
         assert pipeline.run("--limit", "1") == 0
         crashed = pipeline.query("SELECT state, calls_made, cost_usd FROM runs WHERE id = 1")
         assert crashed == [("crashed", stored[0], pytest.approx(stored[1]))]
+
+
+def test_a_shared_reply_keeps_one_payer_when_its_buyer_leaves_or_moves(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(rows=shared_rows(6, 2), base_url=simulator.url)
+    assert pipeline.run() == 0
+    assert pipeline.query("SELECT COUNT(*) FROM outputs WHERE response_id IS NULL") == [(0,)]
+    assert pipeline.query("SELECT COUNT(DISTINCT response_id), SUM(bought) FROM outputs"
+                          ) == [(2, 2)]
+    costs = money(pipeline, capsys)
+    assert len(set(costs.values())) == 1, costs
+
+    write_rows(pipeline.folder / "rows.jsonl", shared_rows(6, 2)[2:])  # the buyers leave
+    assert pipeline.run() == 0
+    assert money(pipeline, capsys) == costs
+
+    messages = pipeline.config["call"]["messages"]
+    messages[0]["content"] = "Answer in one word."
+    assert pipeline.run() == 0
+    messages[0]["content"] = "Answer briefly."  # back: the first replies serve again
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 4
+    after = money(pipeline, capsys)
+    assert after["status"] == after["runs"] == after["responses"] > costs["status"]
+    assert after["results"] == after["status_results"] == costs["status"], after
+
+
+def test_a_post_step_returning_what_json_cannot_hold_fails_only_its_item(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    (make_pipeline().folder / "sets.py").write_text(
+        "def to_set(value):\n    return {value} if '3 plus' in value else value\n")
+    pipeline = make_pipeline(rows=questions(5), base_url=simulator.url,
+                             post=[{"python": "sets:to_set"}])
+    assert pipeline.run() == 1
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    assert results["q00003"]["error_class"] == "PostError"
+    assert "not JSON" in results["q00003"]["error"]
+    assert sum(r["status"] == "done" for r in results.values()) == 4
+    assert pipeline.query("SELECT COUNT(*) FROM responses") == [(5,)]
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == 5

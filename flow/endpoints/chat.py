@@ -158,5 +158,8 @@ def estimate_prompt_tokens(request: Mapping[str, Any]) -> int:
     return count_prompt_tokens(request["messages"], request["model"])
 
 
+MAX_TOKENS = 2 ** 53  # larger counts are garbage: SQLite (and JSON readers) could not hold them
+
+
 def _count(value: Any) -> int:
-    return value if type(value) is int and value >= 0 else 0
+    return value if type(value) is int and 0 <= value < MAX_TOKENS else 0

@@ -15,7 +15,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterable, Generator
+from collections.abc import AsyncIterable, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,18 +97,27 @@ class OnlineExecutor:
             first_s=config.retry.first_wait_s, max_s=config.retry.max_wait_s)(self._attempt)
 
     async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
-        """Send every call with `concurrency` workers; raise `FatalCallError` to stop the run."""
-        queue: asyncio.Queue[Call | None] = asyncio.Queue(maxsize=self._config.concurrency)
-        workers = [asyncio.create_task(self._work(queue, deliver))
+        """Send every call with `concurrency` workers; raise `FatalCallError` to stop the run.
+
+        A worker takes the next call only when it is free: nothing waits in a queue, so
+        when `calls` stops (a stop request, the budget) only the calls in flight go on.
+        """
+        source = aiter(calls)
+        turn = asyncio.Lock()
+
+        async def next_call() -> Call | None:
+            async with turn:  # an async generator serves one caller at a time
+                return await anext(source, None)
+
+        workers = [asyncio.create_task(self._work(next_call, deliver))
                    for _ in range(self._config.concurrency)]
-        pump = asyncio.create_task(self._pump(calls, queue, len(workers)))
         try:
-            for finished in asyncio.as_completed([pump, *workers]):
+            for finished in asyncio.as_completed(workers):
                 await finished  # the first failure (a fatal error, a store error) ends all
         finally:
-            for task in (pump, *workers):
+            for task in workers:
                 task.cancel()
-            await asyncio.gather(pump, *workers, return_exceptions=True)
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def call(self, call: Call) -> CallResult:
         """Send one call until it succeeds or is given up; `FatalCallError` stops the run."""
@@ -141,15 +150,9 @@ class OnlineExecutor:
         result.latency_ms = round((time.monotonic() - started) * 1000, 1)
         return result
 
-    async def _pump(self, calls: AsyncIterable[Call], queue: asyncio.Queue[Call | None],
-                    workers: int) -> None:
-        async for call in calls:
-            await queue.put(call)
-        for _ in range(workers):
-            await queue.put(None)
-
-    async def _work(self, queue: asyncio.Queue[Call | None], deliver: Deliver) -> None:
-        while (call := await queue.get()) is not None:
+    async def _work(self, next_call: Callable[[], Awaitable[Call | None]],
+                    deliver: Deliver) -> None:
+        while (call := await next_call()) is not None:
             self.counters.in_flight += 1
             try:
                 result = await self.call(call)

@@ -28,6 +28,7 @@ from flow.store.sqlite_writes import (
     MAX_VARIABLES,
     group_statements,
     inserts,
+    reassign_payer,
     run_in_transaction,
 )
 
@@ -132,8 +133,11 @@ class SQLiteStore:
         return self.run_id
 
     async def finish_run(self, state: str, message: str | None, counts: dict[str, int]) -> None:
-        """Flush every pending result, then record the run's end; its spend is what it stored."""
-        await self.flush()
+        """Flush every pending result, then record the run's end; its spend is what it stored.
+
+        After a failed write the end is still recorded, if the store takes it."""
+        if self._failure is None:
+            await self.flush()
         totals = self.totals
         await self._run_sql(
             "UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, items_done=?, "
@@ -259,13 +263,16 @@ class SQLiteStore:
         return first
 
     async def forget_unseen(self, stage: str) -> int:
-        """Drop the items of rows this run did not read (gone from the input); replies stay."""
-        await self._run_sql(
-            "DELETE FROM outputs WHERE stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)",
-            (stage,))
-        cursor = await self._run_sql(
-            "DELETE FROM items WHERE stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)",
-            (stage,))
+        """Drop the items of rows this run did not read (gone from the input); replies stay,
+        and a reply one of them paid for is credited to another item that uses it."""
+        unseen = "stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)"
+        gone = [reply for (reply,) in await self._query(
+            f"SELECT DISTINCT response_id FROM outputs WHERE {unseen} AND bought", (stage,))]
+        await self._run_sql(f"DELETE FROM outputs WHERE {unseen}", (stage,))
+        cursor = await self._run_sql(f"DELETE FROM items WHERE {unseen}", (stage,))
+        for chunk in _chunks(gone, CHUNK):
+            sql, params = reassign_payer(list(chunk))
+            await self._run_sql(sql, params)
         return max(cursor.rowcount, 0)
 
     async def save(self, settled: Settled) -> None:
@@ -323,6 +330,10 @@ class SQLiteStore:
                     self._next_response_id = next_id
                 except sqlite3.Error as e:
                     self._failure = self._error("cannot write results", e)
+                except Exception as e:  # a value SQLite cannot take: stop, never hang
+                    self._failure = StoreError(
+                        f"{self.path}: cannot write results: {type(e).__name__}: {e}; "
+                        "everything committed before is safe")
                 self._time_commit(group)
             for _, waiter, _ in group:
                 if not waiter.done():
@@ -348,7 +359,7 @@ class SQLiteStore:
         try:
             async with self._transaction:
                 return await self._db.execute(sql, params)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, ValueError, OverflowError) as e:
             raise self._error("cannot write", e) from None
 
     async def _run_many(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
@@ -356,7 +367,7 @@ class SQLiteStore:
             try:
                 await self._in_thread(run_in_transaction, self._db._conn,
                                       inserts(head, rows, tail))
-            except sqlite3.Error as e:
+            except (sqlite3.Error, ValueError, OverflowError) as e:
                 raise self._error("cannot write items", e) from None
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
@@ -366,11 +377,11 @@ class SQLiteStore:
         except sqlite3.Error as e:
             raise self._error("cannot read", e) from None
 
-    def _error(self, doing: str, error: sqlite3.Error) -> StoreError:
+    def _error(self, doing: str, error: Exception) -> StoreError:
         return store_error(self.path, doing, error, self._busy_timeout_s)
 
 
-def store_error(path: Path, doing: str, error: sqlite3.Error,
+def store_error(path: Path, doing: str, error: Exception,
                 busy_timeout_s: float = 5.0) -> StoreError:
     """A `StoreError` that says what happened to the store in words a person can act on."""
     text = str(error)
@@ -384,6 +395,8 @@ def store_error(path: Path, doing: str, error: sqlite3.Error,
         hint = "the store or its folder is read-only; make it writable or move `store:`"
     elif "malformed" in text or "not a database" in text:
         hint = "the file is not a flow store, or it is damaged"
+    elif not isinstance(error, sqlite3.Error):
+        hint = f"{type(error).__name__}: {text}"
     else:
         hint = text
     return StoreError(f"{path}: {doing}: {hint}; everything committed before is safe")

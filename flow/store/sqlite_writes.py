@@ -51,7 +51,7 @@ def group_statements(group: list[Settled], run_id: int,
                  a.latency_ms, a.status_code, a.outcome, a.error, a.wait_s)
                 for a in settled.attempts)
         for out in settled.outputs:
-            if out.bought and response is not None:
+            if response is not None:
                 out.response_id = response.id
             outputs.append((
                 settled.stage, out.item_id, out.request_key, settled.origin, out.status,
@@ -66,7 +66,26 @@ def group_statements(group: list[Settled], run_id: int,
         *inserts("INSERT OR REPLACE INTO outputs (stage, item_id, request_key, origin, "
                  "status, output, post_key, error_class, error, response_id, bought, "
                  "attempts, finished_at, run_id) VALUES", outputs)]
+    reassign = sorted({reply for settled in group for reply in settled.reassign})
+    if reassign:
+        statements.append(reassign_payer(reassign))
     return statements, next_id
+
+
+def reassign_payer(response_ids: list[int]) -> Statement:
+    """Give each reply's cost to one current output made from it (`bought`), or to none.
+
+    One item carries a reply's tokens and cost in `results`, so summing the view counts each
+    payment once; when that item moves to another reply, or leaves, another takes it over.
+    """
+    marks = ", ".join("?" * len(response_ids))
+    return (f"""
+        UPDATE outputs SET bought = (outputs.rowid = (
+            SELECT MIN(current.rowid) FROM outputs AS current
+            JOIN items ON items.stage = current.stage AND items.item_id = current.item_id
+                AND items.request_key = current.request_key AND items.origin = current.origin
+            WHERE current.response_id = outputs.response_id))
+        WHERE response_id IN ({marks})""", list(response_ids))
 
 
 def inserts(head: str, rows: list[tuple[Any, ...]], tail: str = "") -> list[Statement]:
