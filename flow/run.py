@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -206,36 +207,57 @@ class Run:
 
     async def _calls(self, store: Store) -> AsyncIterator[Call]:
         """The distinct calls the input needs, batch after batch; the input's end forgets
-        items whose rows are gone."""
+        items whose rows are gone.
+
+        Batch N+1 is rendered while batch N's look-ups run on the store's thread.
+        """
         source = self.config.load.path.name
         planner = Planner(store, self._origin, source)
         await store.begin_seen_ids()
-        complete = True
-        for batch in _batches(read_rows(self.config.load), BATCH_ROWS):
-            if self._stop_feeding.is_set():
-                complete = False
-                break
-            callable_items = await planner.record(prepare(batch, self._builder, source))
-            counts = planner.take_counts()
-            self.progress.failed += counts.failed
-            self.progress.rerendered += counts.rerendered
-            async with self._plan_lock:
-                await planner.look_up(callable_items)
-                calls, reposts = self._sort(callable_items)
-            if reposts:
-                await self._repost(store, reposts)
-            for call in calls:
-                if self._stop_feeding.is_set() or self._over_budget():
-                    complete = False
-                    self._unregister(calls[calls.index(call):])
+        planning: asyncio.Task[list[Call]] | None = None
+        try:
+            # a last empty step hands out the last batch's calls
+            for batch in itertools.chain(_batches(read_rows(self.config.load), BATCH_ROWS),
+                                         [None]):
+                prepared = prepare(batch, self._builder, source) if batch else None
+                if planning is not None:
+                    calls, planning = await planning, None
+                    for call in calls:
+                        if not self._may_send(calls, call):
+                            return
+                        yield call
+                if prepared is None:
                     break
-                self._dispatched += 1
-                self._outstanding += 1
-                yield call
-            if not complete:
-                break
-        if complete:
-            self.progress.removed = await store.forget_unseen(STAGE)
+                if self._stop_feeding.is_set():
+                    return
+                planning = asyncio.create_task(self._plan(store, planner, prepared))
+        finally:
+            if planning is not None:
+                planning.cancel()
+        # the whole input was read: items whose rows are gone leave the results
+        self.progress.removed = await store.forget_unseen(STAGE)
+
+    async def _plan(self, store: Store, planner: Planner, prepared: list[Planned]) -> list[Call]:
+        """Record a batch, decide each item, post what stored replies serve: its new calls."""
+        callable_items = await planner.record(prepared)
+        counts = planner.take_counts()
+        self.progress.failed += counts.failed
+        self.progress.rerendered += counts.rerendered
+        async with self._plan_lock:
+            await planner.look_up(callable_items)
+            calls, reposts = self._sort(callable_items)
+        if reposts:
+            await self._repost(store, reposts)
+        return calls
+
+    def _may_send(self, calls: list[Call], call: Call) -> bool:
+        """Count `call` as sent, or (stopping, over budget) drop it and the rest of `calls`."""
+        if self._stop_feeding.is_set() or self._over_budget():
+            self._unregister(calls[calls.index(call):])
+            return False
+        self._dispatched += 1
+        self._outstanding += 1
+        return True
 
     def _sort(self, items: list[Planned]) -> tuple[list[Call], list[Planned]]:
         """Decide each item: the new calls to send, and the items to post from stored replies."""

@@ -193,7 +193,10 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
             run_id INTEGER REFERENCES runs (id),
             PRIMARY KEY (stage, item_id)
         )""")
-    db.execute("CREATE INDEX outputs_by_status ON outputs (stage, status, error_class)")
+    # covering what planning, `flow status` and the `results` view's counts read, away from
+    # the large `output` column
+    db.execute("CREATE INDEX outputs_summary ON outputs (stage, item_id, origin, request_key, "
+               "post_key, status, error_class, response_id, bought, attempts)")
     db.execute("CREATE INDEX outputs_by_response ON outputs (response_id)")
     db.execute("""
         INSERT INTO responses (request_key, origin, model, request, body, prompt_tokens,

@@ -183,24 +183,29 @@ class SQLiteStore:
 
     async def known(self, stage: str, origin: str,
                     items: Sequence[tuple[str, str]]) -> dict[str, Known]:
-        """For each (item id, request key): its stored output and its request's latest reply."""
-        found = {item_id: Known() for item_id, _ in items}
-        for chunk in _chunks([item_id for item_id, _ in items], CHUNK):
-            marks = ",".join("?" * len(chunk))
-            for item_id, key, post_key, status, error_class, reply, bought in await self._query(
-                    "SELECT item_id, request_key, post_key, status, error_class, response_id, "
-                    f"bought FROM outputs WHERE stage=? AND origin=? AND item_id IN ({marks})",
-                    (stage, origin, *chunk)):
-                found[item_id] = Known(key, post_key, status, error_class, reply, bool(bought))
-        latest: dict[str, int] = {}
-        for keys in _chunks(list({key for _, key in items}), CHUNK):
-            marks = ",".join("?" * len(keys))
-            for key, response_id in await self._query(
-                    f"SELECT request_key, MAX(id) FROM responses WHERE origin=? AND "
-                    f"request_key IN ({marks}) GROUP BY request_key", (origin, *keys)):
-                latest[key] = response_id
-        for item_id, key in items:
-            found[item_id].reply_id = latest.get(key)
+        """For each (item id, request key): its stored output and its request's latest reply.
+
+        One query a chunk; an output that is done for the same request needs no look into
+        `responses` (a re-run over a million done items makes a million of these).
+        """
+        found: dict[str, Known] = {}
+        for chunk in _chunks(items, CHUNK):
+            wanted = ", ".join(f"(?{3 + 2 * n}, ?{4 + 2 * n})" for n in range(len(chunk)))
+            rows = await self._query(f"""
+                WITH wanted (item_id, request_key) AS (VALUES {wanted})
+                SELECT wanted.item_id, outputs.request_key, outputs.post_key, outputs.status,
+                    outputs.error_class, outputs.response_id, outputs.bought,
+                    CASE WHEN outputs.request_key = wanted.request_key
+                              AND outputs.status = 'done' THEN outputs.response_id
+                         ELSE (SELECT MAX(id) FROM responses
+                               WHERE responses.request_key = wanted.request_key
+                                 AND responses.origin = ?2) END
+                FROM wanted LEFT JOIN outputs ON outputs.stage = ?1
+                    AND outputs.item_id = wanted.item_id AND outputs.origin = ?2""",
+                (stage, origin, *(value for pair in chunk for value in pair)))
+            for item_id, key, post_key, status, error_class, response_id, bought, reply in rows:
+                found[item_id] = Known(key, post_key, status, error_class, response_id,
+                                       bool(bought), reply)
         return found
 
     async def reply_bodies(self, response_ids: Iterable[int]) -> dict[int, str]:
