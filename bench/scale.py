@@ -35,10 +35,9 @@ from flow.config import load_config
 from flow.execute.online import endpoint_origin
 from flow.keys import key_of_json
 from flow.load import read_rows
-from flow.plan import STAGE
 from flow.post import PostProcessor
 from flow.prices import cost_usd, price_for
-from flow.records import utc_now
+from flow.records import STAGE, utc_now
 from flow.render import RequestBuilder
 from flow.store.sqlite import prepare_store
 

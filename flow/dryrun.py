@@ -14,9 +14,10 @@ from flow.config import PipelineConfig
 from flow.endpoints.chat import estimate_prompt_tokens
 from flow.execute.online import endpoint_origin
 from flow.load import read_rows
-from flow.plan import STAGE, Action, Planned, decide, prepare
+from flow.plan import Action, Planned, decide, prepare
 from flow.post import PostProcessor
 from flow.prices import Price, cost_usd, price_for
+from flow.records import STAGE
 from flow.render import RequestBuilder
 from flow.run import BATCH_ROWS, RunOptions
 from flow.store import Store, open_store_read_only

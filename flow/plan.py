@@ -16,10 +16,8 @@ from typing import Any, Protocol
 from flow.errors import ItemError, TemplateError
 from flow.keys import key_of_json
 from flow.load import Row
-from flow.records import Call, ItemRecord, Known
+from flow.records import STAGE, Call, ItemRecord, Known
 from flow.render import RequestBuilder
-
-STAGE = "call"
 
 
 class Action(enum.Enum):

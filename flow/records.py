@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+STAGE = "call"  # the one call stage today; `items` and `outputs` are keyed by stage already
+
 _second: list[Any] = [-1, ""]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from flow.errors import ConfigError, StoreError
+from flow.records import STAGE
 
 EXPORT_FORMATS = ("jsonl", "csv")
 
@@ -59,17 +60,19 @@ def store_status(path: Path) -> dict[str, Any]:
     with _open_read_only(path) as db:
         by_status: dict[str, int] = {}
         by_error: dict[str, int] = {}
-        for status, error_class, count in db.execute(
-                "SELECT status, error_class, COUNT(*) FROM results GROUP BY 1, 2"):
+        results_cost = 0.0
+        # one pass over the view; `stage` lets SQLite read items through a covering index
+        for status, error_class, count, cost in db.execute(
+                "SELECT status, error_class, COUNT(*), SUM(cost_usd) FROM results "
+                f"WHERE stage = '{STAGE}' GROUP BY 1, 2"):
             by_status[status] = by_status.get(status, 0) + count
+            results_cost += cost or 0.0
             if status == "failed":
                 by_error[error_class] = by_error.get(error_class, 0) + count
         by_error = dict(sorted(by_error.items(), key=lambda item: -item[1]))
         prompt, completion, cost, replies = db.execute(
             "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
             "COALESCE(SUM(cost_usd), 0), COUNT(*) FROM responses").fetchone()
-        (results_cost,) = db.execute(
-            "SELECT COALESCE(SUM(cost_usd), 0) FROM results").fetchone()
         runs = [dict(zip(("id", "started_at", "finished_at", "state", "origin", "items_done",
                           "items_failed", "items_skipped", "calls_made", "cost_usd"), row))
                 for row in db.execute(
@@ -89,7 +92,8 @@ def list_failures(path: Path, error_class: str | None = None,
     """Failed items in input order, with error class, message and attempts."""
     where = " AND error_class=?" if error_class else ""
     sql = ("SELECT item_id, row, error_class, error, attempts FROM results "
-           f"WHERE status = 'failed'{where} ORDER BY row" + (f" LIMIT {int(limit)}" if limit else ""))
+           f"WHERE stage = '{STAGE}' AND status = 'failed'{where} ORDER BY row"
+           + (f" LIMIT {int(limit)}" if limit else ""))
     with _open_read_only(path) as db:
         rows = db.execute(sql, (error_class,) if error_class else ()).fetchall()
     return [dict(zip(("id", "row", "error_class", "error", "attempts"), row)) for row in rows]
@@ -185,7 +189,7 @@ def _export_sql(fmt: str, fields: list[str], only: str | None) -> str:
                    "ELSE results.output END, results.error_class, results.error")
     join = (" JOIN items ON items.stage = results.stage AND items.item_id = results.item_id"
             if fields else "")
-    return (f"SELECT {columns} FROM results{join} WHERE results.stage = 'call'" +
+    return (f"SELECT {columns} FROM results{join} WHERE results.stage = '{STAGE}'" +
             (" AND results.status = ?" if only else "") + " ORDER BY results.row")
 
 

@@ -30,10 +30,11 @@ from flow.execute import Executor
 from flow.execute.online import OnlineExecutor, endpoint_origin, make_client
 from flow.limiter import LimiterStats, RateLimiter
 from flow.load import Row, count_rows, read_rows
-from flow.plan import STAGE, Action, Planned, Planner, decide, prepare
+from flow.plan import Action, Planned, Planner, decide, prepare
 from flow.post import PostProcessor
 from flow.prices import Price, cost_usd, price_for
 from flow.records import (
+    STAGE,
     Call,
     CallResult,
     OutputRecord,

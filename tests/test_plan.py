@@ -14,8 +14,8 @@ from flow.config import CallConfig
 from flow.errors import RowError, TemplateError
 from flow.keys import content_key
 from flow.load import Row
-from flow.plan import STAGE, Action, Planner, decide, prepare
-from flow.records import ItemRecord, Known
+from flow.plan import Action, Planner, decide, prepare
+from flow.records import STAGE, ItemRecord, Known
 from flow.render import RequestBuilder
 
 KEY = "sha256:" + "a" * 64
