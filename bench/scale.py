@@ -32,7 +32,7 @@ import yaml
 from simulator_process import simulator_process
 
 from flow.config import load_config
-from flow.execute.online import endpoint_origin
+from flow.endpoints import endpoint_origin
 from flow.keys import key_of_json
 from flow.load import read_rows
 from flow.post import PostProcessor

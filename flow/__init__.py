@@ -18,7 +18,7 @@ __all__ = [
 
 _EXPORTS = {"ConfigError": "flow.errors", "FlowError": "flow.errors",
             "PipelineConfig": "flow.config", "load_config": "flow.config",
-            "RunOptions": "flow.run", "RunSummary": "flow.run", "run_pipeline": "flow.run"}
+            "RunOptions": "flow.run", "RunSummary": "flow.progress", "run_pipeline": "flow.run"}
 
 
 def __getattr__(name: str) -> Any:

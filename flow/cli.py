@@ -27,7 +27,8 @@ from flow.errors import FlowError
 from flow.report import export_results, list_failures, render_json, show_item, store_status
 
 if TYPE_CHECKING:
-    from flow.run import Run, RunOptions, RunProgress, RunSummary
+    from flow.progress import RunProgress, RunSummary
+    from flow.run import Run, RunOptions
     from flow.simulator import SimulatorConfig
 
 # `run`, `simulate` and `--dry-run` import the openai SDK and aiohttp inside their handlers:

@@ -8,20 +8,22 @@ model's tokenizer; completion tokens are the same estimate the rate limiter rese
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flow.config import PipelineConfig
+from flow.endpoints import endpoint_origin
 from flow.endpoints.chat import estimate_prompt_tokens
-from flow.execute.online import endpoint_origin
 from flow.load import read_rows
-from flow.plan import Action, Planned, decide, prepare
+from flow.plan import BATCH_ROWS, Action, Planned, decide, prepare
 from flow.post import PostProcessor
 from flow.prices import Price, cost_usd, price_for
 from flow.records import STAGE
 from flow.render import RequestBuilder
-from flow.run import BATCH_ROWS, RunOptions
 from flow.store import Store, open_store_read_only
 from flow.tokens import expected_output_tokens
+
+if TYPE_CHECKING:
+    from flow.run import RunOptions
 
 SAMPLES = 3
 

@@ -19,6 +19,8 @@ from flow.load import Row
 from flow.records import STAGE, Call, ItemRecord, Known
 from flow.render import RequestBuilder
 
+BATCH_ROWS = 1000  # rows planned together: one store look-up each
+
 
 class Action(enum.Enum):
     """What a run does with one item."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from flow.errors import ConfigError, PostError
 from flow.keys import canonical_json, content_key
+from flow.records import OutputRecord, Reply
 
 Step = Callable[[Any], Any]
 
@@ -30,6 +31,23 @@ class PostProcessor:
             _compile(step, index, base_dir) for index, step in enumerate(steps)
         ]
 
+    def output_for(self, item_id: str, request_key: str, reply: Reply | None,
+                   error_class: str | None, error: str | None,
+                   attempts: int = 0) -> OutputRecord:
+        """What an item becomes: the post steps' output of `reply`, or why it failed."""
+        output = OutputRecord(item_id, request_key, "failed", self.fingerprint,
+                              error_class=error_class, error=error, attempts=attempts)
+        if reply is not None:
+            try:
+                output.output = _json(self.apply(reply.text))
+                output.status, output.error_class, output.error = "done", None, None
+            except PostError as e:
+                output.error_class, output.error = e.error_class, str(e)
+        if output.error is not None and not output.error.isascii():
+            # a message quoting half a character would stop the store from writing it
+            output.error = output.error.encode("utf-8", "replace").decode("utf-8")
+        return output
+
     def apply(self, text: str) -> Any:
         """The output for one response text; raises `PostError` naming the failed step."""
         value: Any = text
@@ -41,6 +59,20 @@ class PostProcessor:
             except Exception as e:  # a user's function may raise anything; it fails this item
                 raise PostError(f"post step {name}: {type(e).__name__}: {e}") from None
         return value
+
+
+def _json(value: Any) -> str:
+    """An output as JSON text; a value JSON cannot hold fails its item, not the run."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+        if not text.isascii():
+            text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return json.dumps(value)  # half a character, kept as its \\u escape
+    except (TypeError, ValueError, RecursionError) as e:
+        raise PostError(f"post steps returned a {type(value).__name__} that is not JSON "
+                        f"({e}); return str, int, float, bool, None, list or dict") from None
 
 
 def _compile(step: str | dict[str, str], index: int, base_dir: Path) -> tuple[str, Step]:

@@ -1,16 +1,62 @@
-"""What a run in progress looks like: a rich panel for terminals, plain lines for logs.
+"""What a run in progress looks like: its counters, a rich panel for terminals, plain lines
+for logs, and the closing summary.
 
-These only build text and renderables; `flow.cli` decides where and when they are shown.
+These only count and build text and renderables; `flow.cli` decides where and when they
+are shown.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 from rich.console import Group, RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from flow.run import RunProgress, RunSummary
+from flow.limiter import LimiterStats
+
+
+@dataclass
+class RunProgress:
+    """Counters of a run in progress, read by the progress display."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    completed: int = 0
+    reused: int = 0  # items whose output came from a stored or shared reply: no call
+    rerendered: int = 0
+    removed: int = 0
+    in_flight: int = 0
+    calls: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    limits: LimiterStats | None = None
+    simulated: bool = False
+    stopping: str | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+
+@dataclass
+class RunSummary:
+    """How a run ended."""
+
+    state: str
+    progress: RunProgress
+    run_id: int
+    store: str
+    message: str | None = None
 
 
 def _count(value: float) -> str:

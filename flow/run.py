@@ -16,23 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from flow.config import PipelineConfig
-from flow.endpoints.chat import parse_reply
-from flow.errors import ConfigError, FatalCallError, ItemError, PostError, RetryableError
+from flow.endpoints import endpoint_origin
+from flow.endpoints.chat import read_stored_reply
+from flow.errors import ConfigError, FatalCallError
 from flow.execute import Executor
-from flow.execute.online import OnlineExecutor, endpoint_origin, make_client
-from flow.limiter import LimiterStats, RateLimiter
+from flow.execute.online import OnlineExecutor, make_client
+from flow.limiter import RateLimiter
 from flow.load import Row, count_rows, read_rows
-from flow.plan import Action, Planned, Planner, decide, prepare
+from flow.plan import BATCH_ROWS, Action, Planned, Planner, decide, prepare
 from flow.post import PostProcessor
 from flow.prices import Price, cost_usd, price_for
+from flow.progress import RunProgress, RunSummary
 from flow.records import (
     STAGE,
     Call,
@@ -46,7 +45,6 @@ from flow.records import (
 from flow.render import RequestBuilder
 from flow.store import Store, open_store
 
-BATCH_ROWS = 1000
 TICK_S = 0.25
 
 
@@ -60,47 +58,6 @@ class RunOptions:
     limit: int | None = None
     retry_failed: bool = False
     error_class: str | None = None
-
-
-@dataclass
-class RunProgress:
-    """Counters of a run in progress, read by the progress display."""
-
-    total: int = 0
-    done: int = 0
-    failed: int = 0
-    skipped: int = 0
-    completed: int = 0
-    reused: int = 0  # items whose output came from a stored or shared reply: no call
-    rerendered: int = 0
-    removed: int = 0
-    in_flight: int = 0
-    calls: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    started: float = field(default_factory=time.monotonic)
-    limits: LimiterStats | None = None
-    simulated: bool = False
-    stopping: str | None = None
-
-    @property
-    def elapsed_s(self) -> float:
-        """Seconds since the run started."""
-        return time.monotonic() - self.started
-
-
-@dataclass
-class RunSummary:
-    """How a run ended."""
-
-    state: str
-    progress: RunProgress
-    run_id: int
-    store: str
-    message: str | None = None
 
 
 ProgressHook = Callable[[RunProgress], None]
@@ -356,33 +313,15 @@ class Run:
 
     def _output(self, planned: Planned, body: str | None,
                 result: CallResult | None) -> OutputRecord:
-        """What an item becomes from a reply body (or from why there is none)."""
+        """What an item becomes from a call's result, or from a stored reply's body."""
         assert planned.call is not None
-        output = OutputRecord(planned.record.item_id, planned.call.key, "failed",
-                              self._post.fingerprint,
-                              attempts=len(result.attempts) if result is not None else 0)
-        reply = None
         if result is not None:
-            reply = result.reply
-            if reply is None:
-                output.error_class, output.error = result.error_class, result.error
-        elif body is not None:
-            try:
-                reply, _ = parse_reply(body)
-            except ItemError as e:
-                output.error_class, output.error = e.error_class, str(e)
-            except RetryableError as e:
-                output.error_class, output.error = "ResponseError", f"stored reply: {e}"
-        if reply is not None:
-            try:
-                output.output = _json(self._post.apply(reply.text))
-                output.status = "done"
-            except PostError as e:
-                output.error_class, output.error = e.error_class, str(e)
-        if output.error is not None and not output.error.isascii():
-            # a message quoting half a character would stop the store from writing it
-            output.error = output.error.encode("utf-8", "replace").decode("utf-8")
-        return output
+            return self._post.output_for(planned.record.item_id, planned.call.key,
+                                         result.reply, result.error_class, result.error,
+                                         len(result.attempts))
+        reply, error_class, error = read_stored_reply(body or "")
+        return self._post.output_for(planned.record.item_id, planned.call.key, reply,
+                                     error_class, error)
 
     def _count(self, output: OutputRecord) -> None:
         if output.status == "done":
@@ -436,21 +375,6 @@ class Run:
         return {"items_total": progress.total, "items_done": progress.done,
                 "items_failed": progress.failed, "items_skipped": progress.skipped,
                 "calls_made": progress.calls}
-
-
-def _json(value: Any) -> str:
-    """An output as JSON text; a value JSON cannot hold fails its item, not the run."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-        if text.isascii():
-            return text
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return json.dumps(value)  # half a character, kept as its \\u escape
-    except (TypeError, ValueError, RecursionError) as e:
-        raise PostError(f"post steps returned a {type(value).__name__} that is not JSON "
-                        f"({e}); return str, int, float, bool, None, list or dict") from None
 
 
 def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:

@@ -72,6 +72,17 @@ def parse_reply(body: str) -> tuple[Reply, dict[str, Any]]:
     return Reply(text, finish), value
 
 
+def read_stored_reply(body: str) -> tuple[Reply | None, str | None, str | None]:
+    """A stored reply read again: its usable text, or the error class and message of why not."""
+    try:
+        reply, _ = parse_reply(body)
+    except ResponseError as e:
+        return None, e.error_class, str(e)
+    except RetryableError as e:
+        return None, "ResponseError", f"stored reply: {e}"
+    return reply, None, None
+
+
 def read_usage(value: Any) -> Usage | None:
     """The tokens a parsed body reports in `usage`, or None when it reports none."""
     usage = value.get("usage") if isinstance(value, dict) else None

@@ -12,7 +12,6 @@ so a kill loses at most the calls in flight.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator
@@ -37,16 +36,6 @@ from flow.execute import Deliver, ExecutorCounters
 from flow.limiter import RateLimiter
 from flow.records import Attempt, Call, CallResult, Reply, Usage, utc_now
 from flow.tokens import expected_output_tokens
-
-SIMULATED_ORIGIN = "simulator"
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-
-
-def endpoint_origin(base_url: str | None, simulated: bool) -> str:
-    """The name results are stored under: the endpoint's base URL, or `simulator`."""
-    if simulated:
-        return SIMULATED_ORIGIN
-    return (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
 def make_client(config: CallConfig, base_url: str | None, api_key: str | None) -> openai.AsyncOpenAI:
