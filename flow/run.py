@@ -20,6 +20,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from flow.budget import Budget
 from flow.config import PipelineConfig
 from flow.endpoints import endpoint_origin
 from flow.endpoints.chat import read_stored_reply
@@ -83,10 +84,7 @@ class Run:
         # so planning never misses a reply committed while it looked up the store
         self._in_flight: dict[str, list[Planned]] = {}
         self._plan_lock = asyncio.Lock()
-        self._dispatched = 0
-        self._outstanding = 0  # calls sent whose results are not yet settled
-        self._spent_before = 0.0
-        self._over_budget_message: str | None = None
+        self._budget = Budget(options.limit, config.call.max_cost_usd)
 
     def request_stop(self) -> None:
         """First call: finish what is in flight, start nothing new. Second call: stop now."""
@@ -112,7 +110,7 @@ class Run:
         try:
             client = make_client(call, self.options.base_url or call.base_url, api_key)
             await store.start_run(self.config.file, self._origin, str(client.base_url))
-            self._spent_before = await store.spent_usd(self._origin)
+            self._budget.spent_before_usd = await store.spent_usd(self._origin)
             limiter = RateLimiter(call.rpm, call.tpm)
             executor = OnlineExecutor(call, client, limiter, api_key)
             try:
@@ -123,8 +121,8 @@ class Run:
                 await client.close()
             if fatal is not None:
                 state, message = "stopped", str(fatal)
-            elif self._over_budget_message is not None:
-                state, message = "stopped", self._over_budget_message
+            elif self._budget.reached is not None:
+                state, message = "stopped", self._budget.reached
             elif self._stop_feeding.is_set():
                 state, message = "interrupted", self.progress.stopping
         except BaseException as e:
@@ -210,11 +208,12 @@ class Run:
 
     def _may_send(self, calls: list[Call], call: Call) -> bool:
         """Count `call` as sent, or (stopping, over budget) drop it and the rest of `calls`."""
-        if self._stop_feeding.is_set() or self._over_budget():
-            self._unregister(calls[calls.index(call):])
+        if self._stop_feeding.is_set() or not self._budget.take(self.progress.cost_usd):
+            if self._budget.reached is not None:
+                self.progress.stopping = "budget reached"
+            for unsent in calls[calls.index(call):]:
+                self._in_flight.pop(unsent.key, None)  # their items stay pending
             return False
-        self._dispatched += 1
-        self._outstanding += 1
         return True
 
     def _sort(self, items: list[Planned]) -> tuple[list[Call], list[Planned]]:
@@ -268,7 +267,7 @@ class Run:
     async def _deliver(self, store: Store, result: CallResult) -> None:
         """Post-process a call's result for every item waiting on it and commit it all."""
         key = result.call.key
-        self._outstanding -= 1
+        self._budget.settle()
         waiting = self._in_flight[key]
         taken = len(waiting)
         response = self._response(result)
@@ -328,32 +327,6 @@ class Run:
             self.progress.done += 1
         else:
             self.progress.failed += 1
-
-    def _unregister(self, calls: list[Call]) -> None:
-        """Calls planned but never sent: their items stay pending for the next run."""
-        for call in calls:
-            self._in_flight.pop(call.key, None)
-
-    def _over_budget(self) -> bool:
-        """True once --limit calls were sent, or spend (with what the calls in flight are
-        expected to cost, at this run's mean so far) reaches `call.max_cost_usd`."""
-        limit = self.options.limit
-        if limit is not None and self._dispatched >= limit:
-            return True
-        cap = self.config.call.max_cost_usd
-        if cap is None:
-            return False
-        spent = self._spent_before + self.progress.cost_usd
-        settled = self._dispatched - self._outstanding
-        expected = self._outstanding * self.progress.cost_usd / max(settled, 1)
-        if spent + expected >= cap:
-            self._over_budget_message = (
-                f"spend reached call.max_cost_usd (${spent:.4f} of ${cap:.4f}, with "
-                f"${expected:.4f} more expected from requests in flight); no new requests "
-                "were started. Raise the cap and run again to go on")
-            self.progress.stopping = "budget reached"
-            return True
-        return False
 
     async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:
