@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -25,11 +25,12 @@ from flow import __version__
 from flow.config import PipelineConfig, load_config
 from flow.errors import FlowError
 from flow.report import export_results, list_failures, render_json, show_item, store_status
+from flow.simulator.options import add_simulator_options, positive_int, simulator_config
 
 if TYPE_CHECKING:
     from flow.progress import RunProgress, RunSummary
     from flow.run import Run, RunOptions
-    from flow.simulator import SimulatorConfig
+    from flow.simulator.config import SimulatorConfig
 
 # `run`, `simulate` and `--dry-run` import the openai SDK and aiohttp inside their handlers:
 # the read commands (`status`, `export`, ...) start in a fraction of the time without them.
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", type=Path)
     run.add_argument("--simulate", action="store_true",
                      help="answer from flow's built-in simulator: no API key, no cost")
-    run.add_argument("--limit", type=_positive_int, metavar="N",
+    run.add_argument("--limit", type=positive_int, metavar="N",
                      help="call at most N pending items (try a pipeline on a sample)")
     run.add_argument("--retry-failed", action="store_true",
                      help="call again only the items that failed")
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="show the first requests, count what is done and left, estimate "
                      "tokens and cost; call nothing")
-    _simulator_options(run, prefix="sim-")
+    add_simulator_options(run, prefix="sim-")
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="counts, tokens, cost and run history")
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     failures = commands.add_parser("failures", help="failed items and why")
     failures.add_argument("pipeline", type=Path)
     failures.add_argument("--error-class", metavar="CLASS")
-    failures.add_argument("--limit", type=_positive_int, metavar="N")
+    failures.add_argument("--limit", type=positive_int, metavar="N")
     failures.add_argument("--json", action="store_true")
     failures.set_defaults(handler=_failures)
 
@@ -119,48 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="serve the OpenAI-compatible simulator")
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8000)
-    _simulator_options(simulate, prefix="")
+    add_simulator_options(simulate, prefix="")
     simulate.set_defaults(handler=_simulate)
     return parser
-
-
-def _simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
-    group = parser.add_argument_group("simulator" if prefix else "behaviour")
-    floats = {"latency-ms": "reply latency", "jitter-ms": "extra random latency, at most",
-              "error-rate": "share of requests answered 500",
-              "rate-limit-rate": "share answered 429 regardless of limits",
-              "drop-rate": "share whose connection is dropped",
-              "hang-rate": "share that never answer", "malformed-rate": "share with a broken body",
-              "truncate-rate": "share cut short (finish_reason length)",
-              "filter-rate": "share withheld (finish_reason content_filter)"}
-    for name, text in floats.items():
-        group.add_argument(f"--{prefix}{name}", type=_non_negative_float, default=0.0, help=text)
-    group.add_argument(f"--{prefix}rpm", type=_positive_int, help="requests per minute allowed")
-    group.add_argument(f"--{prefix}tpm", type=_positive_int, help="tokens per minute allowed")
-    group.add_argument(f"--{prefix}window", choices=("second", "minute"), default="second",
-                       help="enforce limits paced per second, or per 60 s window")
-    group.add_argument(f"--{prefix}outage", action="append", default=[], type=_outage,
-                       metavar="START:END", help="answer every request 503 from START to END "
-                       "seconds after the simulator starts (repeatable)")
-    if not prefix:
-        group.add_argument("--api-key", help="refuse requests without this key (401)")
-        group.add_argument("--seed", type=int, help="seed for the injected faults")
-
-
-def _simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
-    from flow.simulator import SimulatorConfig
-
-    def get(name: str) -> Any:
-        return getattr(args, (prefix + name).replace("-", "_"))
-
-    return SimulatorConfig(
-        latency_ms=get("latency-ms"), jitter_ms=get("jitter-ms"), rpm=get("rpm"), tpm=get("tpm"),
-        window=get("window"), error_rate=get("error-rate"),
-        rate_limit_rate=get("rate-limit-rate"), drop_rate=get("drop-rate"),
-        hang_rate=get("hang-rate"), malformed_rate=get("malformed-rate"),
-        truncate_rate=get("truncate-rate"), filter_rate=get("filter-rate"),
-        outages=get("outage"),
-        api_key=getattr(args, "api_key", None), seed=getattr(args, "seed", None))
 
 
 def _run(args: argparse.Namespace, err: Console) -> int:
@@ -175,7 +137,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
         return _dry_run(config, options)
     simulator = None
     if args.simulate:
-        simulator = _simulator_config(args, "sim_")
+        simulator = simulator_config(args, "sim_")
         err.print("[yellow]--simulate: replies come from flow's built-in simulator, "
                   "not from a model[/]")
     display = _Display(err)
@@ -227,7 +189,7 @@ async def _run_with_signals(config: PipelineConfig, options: RunOptions,
 
     if simulator is None:
         return await _signalled(Run(config, options, on_progress=display.update), err)
-    from flow.simulator import serve
+    from flow.simulator.server import serve
 
     async with serve(simulator) as (url, _):
         options.base_url, options.api_key = url, "sk-simulated"
@@ -362,9 +324,9 @@ def _show(args: argparse.Namespace, err: Console) -> int:
 
 
 def _simulate(args: argparse.Namespace, err: Console) -> int:
-    from flow.simulator import serve
+    from flow.simulator.server import serve
 
-    config = _simulator_config(args, "")
+    config = simulator_config(args, "")
 
     async def serve_forever() -> None:
         try:
@@ -379,34 +341,3 @@ def _simulate(args: argparse.Namespace, err: Console) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
-    return value
-
-
-def _outage(text: str) -> tuple[float, float]:
-    start, _, end = text.partition(":")
-    try:
-        window = float(start), float(end)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}") from None
-    if not 0 <= window[0] < window[1]:
-        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
-    return window
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value}")
-    return value

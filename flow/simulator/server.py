@@ -24,116 +24,22 @@ import re
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import toktok
 from aiohttp import web
 
 from flow.keys import content_key
+from flow.simulator.config import SimulatorConfig, SimulatorStats
+from flow.simulator.limits import Limit, format_duration
 from flow.tokens import count_prompt_tokens, encoding_for_model
 
 MARKER = re.compile(
     r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge))(?:\*(\d+))?\]")
 HUGE_BYTES = 20_000_000
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray"]
-
-
-@dataclass
-class SimulatorConfig:
-    """How the simulator behaves; every rate is a probability per request."""
-
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
-    rpm: int | None = None
-    tpm: int | None = None
-    window: str = "second"
-    error_rate: float = 0.0
-    rate_limit_rate: float = 0.0
-    drop_rate: float = 0.0
-    hang_rate: float = 0.0
-    malformed_rate: float = 0.0
-    truncate_rate: float = 0.0
-    filter_rate: float = 0.0
-    hang_s: float = 3600.0
-    outages: list[tuple[float, float]] = field(default_factory=list)
-    api_key: str | None = None
-    seed: int | None = None
-
-
-@dataclass
-class SimulatorStats:
-    """What the simulator received."""
-
-    requests: int = 0
-    by_status: Counter[int] = field(default_factory=Counter)
-    by_request: Counter[str] = field(default_factory=Counter)
-    tokens: int = 0
-
-    @property
-    def max_per_request(self) -> int:
-        """The most times any one request arrived."""
-        return max(self.by_request.values(), default=0)
-
-    def as_json(self) -> dict[str, Any]:
-        """A summary for `GET /sim/stats`."""
-        return {"requests": self.requests, "distinct": len(self.by_request),
-                "max_per_request": self.max_per_request,
-                "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-                "tokens": self.tokens}
-
-
-class _Limit:
-    """One limit: a bucket refilled each second (`second`) or a fixed 60 s window (`minute`)."""
-
-    def __init__(self, per_minute: int, window: str, now: float) -> None:
-        self.per_minute = per_minute
-        self.window = window
-        self.capacity = per_minute / 60 if window == "second" else float(per_minute)
-        self.level = self.capacity
-        self.updated = now
-        self.window_start = now
-
-    def _refill(self, now: float) -> None:
-        if self.window == "second":
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.per_minute / 60)
-            self.updated = now
-        elif now - self.window_start >= 60:
-            self.window_start += 60 * ((now - self.window_start) // 60)
-            self.level = self.capacity
-
-    def try_take(self, cost: float, now: float) -> float:
-        """Take `cost` and return 0, or return the seconds until it would fit."""
-        self._refill(now)
-        if self.level >= min(cost, self.capacity):
-            self.level -= cost
-            return 0.0
-        if self.window == "second":
-            return (min(cost, self.capacity) - self.level) * 60 / self.per_minute
-        return self.window_start + 60 - now
-
-    def headers(self, kind: str, now: float) -> dict[str, str]:
-        self._refill(now)
-        if self.window == "second":
-            reset = max(0.0, (self.capacity - self.level) * 60 / self.per_minute)
-        else:
-            reset = self.window_start + 60 - now
-        return {f"x-ratelimit-limit-{kind}": str(self.per_minute),
-                f"x-ratelimit-remaining-{kind}": str(max(0, int(self.level))),
-                f"x-ratelimit-reset-{kind}": format_duration(reset)}
-
-
-def format_duration(seconds: float) -> str:
-    """OpenAI's style of reset durations: `20ms`, `1.5s`, `6m0s`."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    if seconds < 60:
-        return f"{seconds:.3g}s"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:.0f}s"
 
 
 class Simulator:
@@ -145,7 +51,7 @@ class Simulator:
         self._random = random.Random(config.seed)
         now = time.monotonic()
         self._started = now
-        self._limits = {kind: _Limit(value, config.window, now) for kind, value in
+        self._limits = {kind: Limit(value, config.window, now) for kind, value in
                         (("requests", config.rpm), ("tokens", config.tpm)) if value}
 
     def app(self) -> web.Application:

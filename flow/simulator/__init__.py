@@ -1,0 +1,22 @@
+"""An OpenAI-compatible server for trying pipelines and testing flow without a key.
+
+`server` serves it, `limits` shapes its rate limits, `config` says how it behaves and
+`options` turns that into command-line options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["SimulatorConfig", "SimulatorStats", "SimulatorThread", "format_duration", "serve"]
+_EXPORTS = {"SimulatorConfig": "flow.simulator.config", "SimulatorStats": "flow.simulator.config",
+            "SimulatorThread": "flow.simulator.server", "serve": "flow.simulator.server",
+            "format_duration": "flow.simulator.limits"}
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, so `flow status` builds its parser without importing aiohttp and the tokenizer
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flow.simulator' has no attribute {name!r}")

@@ -1,0 +1,80 @@
+"""The simulator's behaviour as command-line options, for `flow simulate` and `flow run --simulate`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from flow.simulator.config import SimulatorConfig
+
+
+def add_simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """The simulator's behaviour as options, named `--{prefix}latency-ms` and so on."""
+    group = parser.add_argument_group("simulator" if prefix else "behaviour")
+    floats = {"latency-ms": "reply latency", "jitter-ms": "extra random latency, at most",
+              "error-rate": "share of requests answered 500",
+              "rate-limit-rate": "share answered 429 regardless of limits",
+              "drop-rate": "share whose connection is dropped",
+              "hang-rate": "share that never answer", "malformed-rate": "share with a broken body",
+              "truncate-rate": "share cut short (finish_reason length)",
+              "filter-rate": "share withheld (finish_reason content_filter)"}
+    for name, text in floats.items():
+        group.add_argument(f"--{prefix}{name}", type=_non_negative_float, default=0.0, help=text)
+    group.add_argument(f"--{prefix}rpm", type=positive_int, help="requests per minute allowed")
+    group.add_argument(f"--{prefix}tpm", type=positive_int, help="tokens per minute allowed")
+    group.add_argument(f"--{prefix}window", choices=("second", "minute"), default="second",
+                       help="enforce limits paced per second, or per 60 s window")
+    group.add_argument(f"--{prefix}outage", action="append", default=[], type=_outage,
+                       metavar="START:END", help="answer every request 503 from START to END "
+                       "seconds after the simulator starts (repeatable)")
+    if not prefix:
+        group.add_argument("--api-key", help="refuse requests without this key (401)")
+        group.add_argument("--seed", type=int, help="seed for the injected faults")
+
+
+def simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
+    """The `SimulatorConfig` those options describe."""
+
+    def get(name: str) -> Any:
+        return getattr(args, (prefix + name).replace("-", "_"))
+
+    return SimulatorConfig(
+        latency_ms=get("latency-ms"), jitter_ms=get("jitter-ms"), rpm=get("rpm"), tpm=get("tpm"),
+        window=get("window"), error_rate=get("error-rate"),
+        rate_limit_rate=get("rate-limit-rate"), drop_rate=get("drop-rate"),
+        hang_rate=get("hang-rate"), malformed_rate=get("malformed-rate"),
+        truncate_rate=get("truncate-rate"), filter_rate=get("filter-rate"),
+        outages=get("outage"),
+        api_key=getattr(args, "api_key", None), seed=getattr(args, "seed", None))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
+
+
+def _outage(text: str) -> tuple[float, float]:
+    start, _, end = text.partition(":")
+    try:
+        window = float(start), float(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}") from None
+    if not 0 <= window[0] < window[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
+    return window
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {value}")
+    return value
