@@ -24,12 +24,15 @@ from flow.errors import StoreError
 from flow.records import ItemRecord, Known, RunTotals, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.migrations import apply_migrations, unknown_migrations
-from flow.store.sqlite_writes import (
+from flow.store.sqlite_sql import (
     MAX_VARIABLES,
     group_statements,
     inserts,
+    known_sql,
     reassign_payer,
+    reconcile_sql,
     run_in_transaction,
+    store_error,
 )
 
 MAX_GROUP = 2000
@@ -152,16 +155,8 @@ class SQLiteStore:
     async def _reconcile(self, run_id: int, calls_made: int | None) -> None:
         """A run's tokens and cost from the replies it stored; its attempts, when unknown,
         from what it left in the store."""
-        counted = "?" if calls_made is not None else (
-            "(SELECT COUNT(*) FROM attempts WHERE run_id = runs.id) + "
-            "(SELECT COUNT(*) FROM responses WHERE run_id = runs.id AND attempts = 1)")
-        params: tuple[Any, ...] = (calls_made, run_id) if calls_made is not None else (run_id,)
-        await self._run_sql(
-            "UPDATE runs SET prompt_tokens = (SELECT COALESCE(SUM(prompt_tokens), 0) "
-            "FROM responses WHERE run_id = runs.id), completion_tokens = (SELECT "
-            "COALESCE(SUM(completion_tokens), 0) FROM responses WHERE run_id = runs.id), "
-            "cost_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM responses "
-            f"WHERE run_id = runs.id), calls_made = {counted} WHERE id = ?", params)
+        params = (calls_made, run_id) if calls_made is not None else (run_id,)
+        await self._run_sql(reconcile_sql(calls_made is not None), params)
 
     async def spent_usd(self, origin: str) -> float:
         """Dollars paid for every reply from endpoints of this origin, in every run."""
@@ -183,26 +178,11 @@ class SQLiteStore:
 
     async def known(self, stage: str, origin: str,
                     items: Sequence[tuple[str, str]]) -> dict[str, Known]:
-        """For each (item id, request key): its stored output and its request's latest reply.
-
-        One query a chunk; an output that is done for the same request needs no look into
-        `responses` (a re-run over a million done items makes a million of these).
-        """
+        """For each (item id, request key): its stored output and its request's latest reply."""
         found: dict[str, Known] = {}
         for chunk in _chunks(items, CHUNK):
-            wanted = ", ".join(f"(?{3 + 2 * n}, ?{4 + 2 * n})" for n in range(len(chunk)))
-            rows = await self._query(f"""
-                WITH wanted (item_id, request_key) AS (VALUES {wanted})
-                SELECT wanted.item_id, outputs.request_key, outputs.post_key, outputs.status,
-                    outputs.error_class, outputs.response_id, outputs.bought,
-                    CASE WHEN outputs.request_key = wanted.request_key
-                              AND outputs.status = 'done' THEN outputs.response_id
-                         ELSE (SELECT MAX(id) FROM responses
-                               WHERE responses.request_key = wanted.request_key
-                                 AND responses.origin = ?2) END
-                FROM wanted LEFT JOIN outputs ON outputs.stage = ?1
-                    AND outputs.item_id = wanted.item_id AND outputs.origin = ?2""",
-                (stage, origin, *(value for pair in chunk for value in pair)))
+            rows = await self._query(known_sql(len(chunk)), (
+                stage, origin, *(value for pair in chunk for value in pair)))
             for item_id, key, post_key, status, error_class, response_id, bought, reply in rows:
                 found[item_id] = Known(key, post_key, status, error_class, response_id,
                                        bool(bought), reply)
@@ -384,27 +364,6 @@ class SQLiteStore:
 
     def _error(self, doing: str, error: Exception) -> StoreError:
         return store_error(self.path, doing, error, self._busy_timeout_s)
-
-
-def store_error(path: Path, doing: str, error: Exception,
-                busy_timeout_s: float = 5.0) -> StoreError:
-    """A `StoreError` that says what happened to the store in words a person can act on."""
-    text = str(error)
-    if "locked" in text or "busy" in text:
-        hint = ("another program (a sqlite3 shell, Datasette, a backup) has held a write lock "
-                f"on it for more than {busy_timeout_s:g} s; close it and run again")
-    elif "full" in text or "disk I/O error" in text:
-        hint = ("the disk is full or refused the write; free some space (or check the disk) "
-                "and run again")
-    elif "readonly" in text or "read-only" in text:
-        hint = "the store or its folder is read-only; make it writable or move `store:`"
-    elif "malformed" in text or "not a database" in text:
-        hint = "the file is not a flow store, or it is damaged"
-    elif not isinstance(error, sqlite3.Error):
-        hint = f"{type(error).__name__}: {text}"
-    else:
-        hint = text
-    return StoreError(f"{path}: {doing}: {hint}; everything committed before is safe")
 
 
 def _chunks(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

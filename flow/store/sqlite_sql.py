@@ -1,15 +1,17 @@
-"""What the SQLite store writes, as plain functions run on the connection's own thread.
+"""The SQL the SQLite store runs, built as plain values away from its connection.
 
-A group commit is one hop to that thread for the whole transaction: aiosqlite sends each
-statement there and back, and BEGIN, three INSERTs and COMMIT as five round trips cost a
-tenth of the throughput.
+A group commit is one hop to the connection's thread for the whole transaction: aiosqlite
+sends each statement there and back, and BEGIN, three INSERTs and COMMIT as five round
+trips cost a tenth of the throughput.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 from typing import Any
 
+from flow.errors import StoreError
 from flow.records import Settled
 
 MAX_VARIABLES = 32_000  # SQLite allows 32,766 bound values per statement since 3.32
@@ -115,3 +117,58 @@ def run_in_transaction(db: sqlite3.Connection, statements: list[Statement]) -> N
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+def known_sql(items: int) -> str:
+    """For `items` (item id, request key) pairs bound from ?3 on, with the stage as ?1 and
+    the origin as ?2: each item's output, and its request's latest reply.
+
+    An output already done for the same request needs no look into `responses` (a re-run
+    over a million done items makes a million of these).
+    """
+    wanted = ", ".join(f"(?{3 + 2 * n}, ?{4 + 2 * n})" for n in range(items))
+    return f"""
+        WITH wanted (item_id, request_key) AS (VALUES {wanted})
+        SELECT wanted.item_id, outputs.request_key, outputs.post_key, outputs.status,
+            outputs.error_class, outputs.response_id, outputs.bought,
+            CASE WHEN outputs.request_key = wanted.request_key
+                      AND outputs.status = 'done' THEN outputs.response_id
+                 ELSE (SELECT MAX(id) FROM responses
+                       WHERE responses.request_key = wanted.request_key
+                         AND responses.origin = ?2) END
+        FROM wanted LEFT JOIN outputs ON outputs.stage = ?1
+            AND outputs.item_id = wanted.item_id AND outputs.origin = ?2"""
+
+
+def reconcile_sql(calls_made_given: bool) -> str:
+    """A run's tokens and cost from the replies it stored; its attempts bound as the first
+    parameter, or (after a crash) counted from what it left in the store."""
+    counted = "?" if calls_made_given else (
+        "(SELECT COUNT(*) FROM attempts WHERE run_id = runs.id) + "
+        "(SELECT COUNT(*) FROM responses WHERE run_id = runs.id AND attempts = 1)")
+    return ("UPDATE runs SET prompt_tokens = (SELECT COALESCE(SUM(prompt_tokens), 0) "
+            "FROM responses WHERE run_id = runs.id), completion_tokens = (SELECT "
+            "COALESCE(SUM(completion_tokens), 0) FROM responses WHERE run_id = runs.id), "
+            "cost_usd = (SELECT COALESCE(SUM(cost_usd), 0) FROM responses "
+            f"WHERE run_id = runs.id), calls_made = {counted} WHERE id = ?")
+
+
+def store_error(path: Path, doing: str, error: Exception,
+                busy_timeout_s: float = 5.0) -> StoreError:
+    """A `StoreError` that says what happened to the store in words a person can act on."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        hint = ("another program (a sqlite3 shell, Datasette, a backup) has held a write lock "
+                f"on it for more than {busy_timeout_s:g} s; close it and run again")
+    elif "full" in text or "disk I/O error" in text:
+        hint = ("the disk is full or refused the write; free some space (or check the disk) "
+                "and run again")
+    elif "readonly" in text or "read-only" in text:
+        hint = "the store or its folder is read-only; make it writable or move `store:`"
+    elif "malformed" in text or "not a database" in text:
+        hint = "the file is not a flow store, or it is damaged"
+    elif not isinstance(error, sqlite3.Error):
+        hint = f"{type(error).__name__}: {text}"
+    else:
+        hint = text
+    return StoreError(f"{path}: {doing}: {hint}; everything committed before is safe")
