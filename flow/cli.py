@@ -272,12 +272,13 @@ def _status(args: argparse.Namespace, err: Console) -> int:
                   f"${other:.4f} paid for requests no item makes any more "
                   "(an edited template, a reply bought again)")
     runs = Table("run", "started", "finished", "state", "done", "failed", "skipped", "calls",
-                 header_style="bold")
+                 "cost", header_style="bold")
     for run in status["runs"][-10:]:
         runs.add_row(str(run["id"]), _when(run["started_at"]), _when(run["finished_at"]),
                      run["state"],
                      f"{run['items_done']:,}", f"{run['items_failed']:,}",
-                     f"{run['items_skipped']:,}", f"{run['calls_made']:,}")
+                     f"{run['items_skipped']:,}", f"{run['calls_made']:,}",
+                     f"${run['cost_usd'] or 0:.4f}")
     out.print(runs)
     return EXIT_OK
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -128,3 +129,11 @@ def wait_for_requests(server: SimulatorThread, count: int, within_s: float = 30)
     while server.stats.requests < count and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.stats.requests >= count
+
+
+def kill_mid_run(pipeline: Pipeline, server: SimulatorThread, after_requests: int) -> None:
+    """Run flow in a child process and SIGKILL it once the server has `after_requests`."""
+    child = flow_process(pipeline)
+    wait_for_requests(server, after_requests)
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)

@@ -4,12 +4,11 @@ never change what was paid, and every cost figure agrees."""
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 from typing import Any
 
 import pytest
-from conftest import Pipeline, flow_process, questions, wait_for_requests, write_rows
+from conftest import Pipeline, kill_mid_run, questions, write_rows
 
 from flow.simulator import SimulatorConfig, SimulatorThread
 
@@ -66,10 +65,7 @@ def test_identical_requests_are_paid_once_across_a_kill_9(make_pipeline: Any,
     with SimulatorThread(SimulatorConfig(latency_ms=40)) as server:
         pipeline = make_pipeline(rows=shared_rows(1000, 100), base_url=server.url,
                                  call={"concurrency": 8})
-        child = flow_process(pipeline)
-        wait_for_requests(server, 40)
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
+        kill_mid_run(pipeline, server, 40)
         assert pipeline.run() == 0
         results = pipeline.export(capsys)
         assert len(results) == 1000 and {r["status"] for r in results} == {"done"}
@@ -137,10 +133,7 @@ def test_every_cost_figure_agrees_after_a_kill_a_post_edit_and_a_template_edit(
     with SimulatorThread(SimulatorConfig(latency_ms=30)) as server:
         pipeline = make_pipeline(rows=shared_rows(300, 150), base_url=server.url,
                                  call={"concurrency": 8})
-        child = flow_process(pipeline)
-        wait_for_requests(server, 30)
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
+        kill_mid_run(pipeline, server, 30)
         assert pipeline.run() == 0
         pipeline.config["post"] = ["strip", "lower"]
         assert pipeline.run() == 0
@@ -168,10 +161,7 @@ def test_a_killed_run_records_what_it_paid_for(make_pipeline: Any) -> None:
     with SimulatorThread(SimulatorConfig(latency_ms=30)) as server:
         pipeline = make_pipeline(rows=questions(400), base_url=server.url,
                                  call={"concurrency": 8})
-        child = flow_process(pipeline)
-        wait_for_requests(server, 40)
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
+        kill_mid_run(pipeline, server, 40)
         with sqlite3.connect(pipeline.store) as db:
             stored = db.execute("SELECT COUNT(*), SUM(cost_usd) FROM responses").fetchone()
         assert pipeline.run("--limit", "1") == 0
