@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from flow.config import PipelineConfig
 from flow.endpoints import endpoint_origin
 from flow.endpoints.chat import estimate_prompt_tokens
+from flow.errors import ItemError
 from flow.load import read_rows
 from flow.plan import BATCH_ROWS, Action, Planned, decide, prepare
 from flow.post import PostProcessor
@@ -63,29 +64,43 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     output_tokens = expected_output_tokens(config.call.params, config.call.expected_output_tokens)
     store = await open_store_read_only(config.store) if config.store.exists() else None
     source = config.load.path.name
-    sent: set[str] = set()
+    seen = _Seen()
     try:
         batch = []
         for row in read_rows(config.load):
             batch.append(row)
             if len(batch) >= BATCH_ROWS:
                 await _tally(report, prepare(batch, builder, source), store, options,
-                             post_key, output_tokens, sent)
+                             post_key, output_tokens, seen)
                 batch = []
         await _tally(report, prepare(batch, builder, source), store, options, post_key,
-                     output_tokens, sent)
+                     output_tokens, seen)
     finally:
         if store is not None:
             await store.close()
     return report
 
 
+@dataclass
+class _Seen:
+    """What the dry run has met so far: item ids (a repeated one fails its row, as in a run)
+    and the requests it would send (a repeated one is shared, not sent again)."""
+
+    ids: set[str] = field(default_factory=set)
+    sent: set[str] = field(default_factory=set)
+
+
 async def _tally(report: DryRunReport, prepared: list[Planned], store: Store | None,
                  options: RunOptions, post_key: str, output_tokens: int,
-                 sent: set[str]) -> None:
+                 seen: _Seen) -> None:
     report.rows += len(prepared)
     items = []
     for planned in prepared:
+        item_id = planned.row.item_id
+        if planned.error is None and item_id in seen.ids:
+            planned.error = ItemError(f"row {planned.row.number}: duplicate id {item_id!r}; "
+                                      "ids must be unique (load.id)")
+        seen.ids.add(item_id)
         if planned.error is not None or planned.call is None:
             report.bad_rows += 1
             if len(report.bad_samples) < SAMPLES:
@@ -102,12 +117,12 @@ async def _tally(report: DryRunReport, prepared: list[Planned], store: Store | N
         action = decide(planned.known, planned.call.key, post_key, options.retry_failed,
                         options.error_class)
         if action is Action.CALL:
-            if planned.call.key in sent:
+            if planned.call.key in seen.sent:
                 report.shared += 1  # the same request as another item: one call for both
                 continue
             if options.limit is not None and report.to_call >= options.limit:
                 continue
-            sent.add(planned.call.key)
+            seen.sent.add(planned.call.key)
             report.to_call += 1
             report.prompt_tokens += estimate_prompt_tokens(planned.call.request)
             report.completion_tokens += output_tokens

@@ -129,6 +129,20 @@ def test_dry_run_counts_estimates_and_calls_nothing(make_pipeline: Any, simulato
     assert pipeline.query("SELECT COUNT(*) FROM runs") == runs_before
 
 
+def test_dry_run_counts_what_the_run_then_does(make_pipeline: Any, simulator: SimulatorThread,
+                                              capsys: Any) -> None:
+    rows = [{"id": f"r{i}", "question": f"What is {i % 4}?"} for i in range(10)]
+    rows.append({"id": "r1", "question": "a duplicate id"})
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    capsys.readouterr()
+    assert pipeline.run("--dry-run") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "11 rows; 0 already done, 4 to call (6 more items share those requests)" in out
+    assert "1 bad rows" in out and "duplicate id 'r1'" in out
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == 4
+
+
 def test_dry_run_needs_no_key_and_no_store(make_pipeline: Any, capsys: Any,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY")
