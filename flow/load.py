@@ -29,6 +29,7 @@ class Row:
     item_id: str
     fields: dict[str, Any] | None
     error: RowError | None = None
+    text: str | None = None  # the row as JSON, as read (JSONL): stored without serializing
 
 
 def read_rows(config: LoadConfig) -> Iterator[Row]:
@@ -36,8 +37,10 @@ def read_rows(config: LoadConfig) -> Iterator[Row]:
     readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "txt": _txt_rows}
     handle = _open(config.path)
     with handle:
-        for number, fields, error in readers[config.resolved_format](handle, config):
-            yield _identify(number, fields, error, config.id, config.path)
+        for number, fields, error, text in readers[config.resolved_format](handle, config):
+            row = _identify(number, fields, error, config.id, config.path)
+            row.text = text if row.fields is not None else None
+            yield row
 
 
 def count_rows(config: LoadConfig) -> int:
@@ -66,7 +69,7 @@ def _open(path: Path) -> IO[bytes]:
         raise SourceError(f"{path}: cannot read input: {e.strerror or e}") from None
 
 
-_Parsed = tuple[int, dict[str, Any] | None, RowError | None]
+_Parsed = tuple[int, dict[str, Any] | None, RowError | None, str | None]
 
 
 def _identify(
@@ -124,28 +127,29 @@ def _lines(handle: IO[bytes], config: LoadConfig) -> Iterator[tuple[int, str | N
 def _jsonl_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
     for number, text, error in _lines(handle, config):
         if text is None:
-            yield number, None, error
+            yield number, None, error, None
             continue
         try:
             fields = json.loads(text)
         except json.JSONDecodeError as e:
             yield number, None, RowError(
-                f"{config.path.name} row {number}: invalid JSON at column {e.colno}: {e.msg}")
+                f"{config.path.name} row {number}: invalid JSON at column {e.colno}: {e.msg}"), None
             continue
         except RecursionError:
-            yield number, None, RowError(f"{config.path.name} row {number}: JSON nested too deeply")
+            yield number, None, RowError(
+                f"{config.path.name} row {number}: JSON nested too deeply"), None
             continue
         if not isinstance(fields, dict):
             yield number, None, RowError(
                 f"{config.path.name} row {number}: expected a JSON object, "
-                f"got {type(fields).__name__}")
+                f"got {type(fields).__name__}"), None
             continue
         if "\\u" in text and _has_lone_surrogate(fields):
             yield number, None, RowError(
                 f"{config.path.name} row {number}: a \\uD800-\\uDFFF escape without its "
-                "other half (half a character, such as half an emoji); fix the row")
+                "other half (half a character, such as half an emoji); fix the row"), None
             continue
-        yield number, fields, None
+        yield number, fields, None, text
 
 
 def _has_lone_surrogate(fields: dict[str, Any]) -> bool:
@@ -159,7 +163,7 @@ def _has_lone_surrogate(fields: dict[str, Any]) -> bool:
 
 def _txt_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
     for number, text, error in _lines(handle, config):
-        yield number, ({"text": text} if text is not None else None), error
+        yield number, ({"text": text} if text is not None else None), error, None
 
 
 def _csv_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
@@ -182,18 +186,19 @@ def _csv_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
         except StopIteration:
             return
         except csv.Error as e:
-            yield start, None, RowError(f"{config.path.name} row {start}: malformed CSV: {e}")
+            yield start, None, RowError(
+                f"{config.path.name} row {start}: malformed CSV: {e}"), None
             continue
         if lines.bad is not None:
-            yield start, None, lines.bad
+            yield start, None, lines.bad, None
         elif not any(record):
             continue
         elif len(record) != len(header):
             yield start, None, RowError(
                 f"{config.path.name} row {start}: {len(record)} fields, "
-                f"the header has {len(header)}")
+                f"the header has {len(header)}"), None
         else:
-            yield start, dict(zip(header, record)), None
+            yield start, dict(zip(header, record)), None, None
 
 
 class _RawLines:

@@ -157,21 +157,25 @@ class Planner:
             planned.known = known.get(planned.record.item_id, Known())
 
     async def _changed(self, prepared: list[Planned]) -> list[ItemRecord]:
-        """The records that differ from what the store holds (most re-runs write nothing)."""
+        """The records that differ from what the store holds (most re-runs write nothing).
+
+        The row's own fields count too: a field no template reads still shows in `flow show`
+        and `flow export --fields`.
+        """
         records = [p.record for p in prepared]
         stored = await self._store.known_items(STAGE, [r.item_id for r in records])
-        fields = {p.record.item_id: p.row.fields for p in prepared}
         changed = []
-        for record in records:
+        for planned in prepared:
+            record = planned.record
+            row = planned.row
+            if row.fields is not None and record.error_class is None:
+                # a JSONL row is stored as it was read: no serializing a million rows again
+                record.input = row.text or json.dumps(row.fields, ensure_ascii=False)
             before = stored.get(record.item_id)
             if before == (record.row, record.request_key, self._origin, record.error_class,
-                          record.error):
+                          record.error, record.input):
                 continue
             if before is not None and before[1] != record.request_key:
                 self.counts.rerendered += 1
-            row_fields = fields.get(record.item_id)
-            if row_fields is not None and record.error_class is None:
-                # serialized only when written: a re-run over unchanged rows writes nothing
-                record.input = json.dumps(row_fields, ensure_ascii=False)
             changed.append(record)
         return changed

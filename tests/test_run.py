@@ -301,3 +301,18 @@ def test_a_second_run_on_a_live_store_is_refused_naming_the_process(make_pipelin
         first.send_signal(signal.SIGINT)
         first.send_signal(signal.SIGINT)
         assert first.wait(30) == 130
+
+
+def test_a_field_no_template_reads_is_updated_without_a_call(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = [{**row, "label": "cat"} for row in questions(3)]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 0
+    rows[1]["label"] = "dog"
+    write_rows(pipeline.folder / "rows.jsonl", rows)
+    assert pipeline.run() == 0
+    capsys.readouterr()
+    assert pipeline.cli("export", "--fields", "label") == 0
+    labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    assert labels == ["cat", "dog", "cat"]
+    assert simulator.stats.requests == 3

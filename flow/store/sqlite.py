@@ -165,12 +165,13 @@ class SQLiteStore:
         return float(rows[0][0])
 
     async def known_items(self, stage: str, item_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
-        """Stored (row, request_key, origin, error_class, error) per item id, for those known."""
+        """Stored (row, request_key, origin, error_class, error, input) per item id, for
+        those known."""
         found: dict[str, tuple[Any, ...]] = {}
         for chunk in _chunks(item_ids, CHUNK):
             marks = ",".join("?" * len(chunk))
             rows = await self._query(
-                f"SELECT item_id, row, request_key, origin, error_class, error FROM items "
+                f"SELECT item_id, row, request_key, origin, error_class, error, input FROM items "
                 f"WHERE stage=? AND item_id IN ({marks})", (stage, *chunk))
             for item_id, *rest in rows:
                 found[item_id] = tuple(rest)
