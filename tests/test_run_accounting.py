@@ -208,3 +208,35 @@ def test_a_post_step_returning_what_json_cannot_hold_fails_only_its_item(
     assert pipeline.query("SELECT COUNT(*) FROM responses") == [(5,)]
     assert pipeline.run() == 1
     assert simulator.stats.requests == 5
+
+
+def test_items_that_shared_a_reply_and_now_differ_each_pay_for_their_own(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = [{"id": "a", "question": "Same?", "topic": "x"},
+            {"id": "b", "question": "Same?", "topic": "y"}]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url, call={"concurrency": 1})
+    assert pipeline.run() == 0
+    pipeline.config["call"]["messages"][1]["content"] = "{{ question }} ({{ topic }})"
+    assert pipeline.run() == 0
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 3
+    assert pipeline.query("SELECT SUM(bought) FROM outputs") == [(2,)]
+    costs = money(pipeline, capsys)
+    assert costs["status"] == costs["runs"] == costs["responses"], costs
+    assert costs["results"] == costs["status_results"] < costs["status"], costs
+
+
+def test_a_partial_run_after_a_template_edit_keeps_every_reply_paid_for(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(rows=shared_rows(20, 10), base_url=simulator.url)
+    assert pipeline.run() == 0
+    before = money(pipeline, capsys)
+    pipeline.config["call"]["messages"][0]["content"] = "Answer in one word."
+    assert pipeline.run("--limit", "1") == 0
+    costs = money(pipeline, capsys)
+    # the items not yet called show as pending; the replies they used are no one's now
+    assert costs["status"] == costs["runs"] == costs["responses"] > before["status"]
+    assert costs["results"] == costs["status_results"] < costs["status"]
+    pipeline.config["call"]["messages"][0]["content"] = "Answer briefly."
+    assert pipeline.run() == 0
+    assert money(pipeline, capsys)["results"] == before["status"]

@@ -26,6 +26,7 @@ from flow.store.lock import StoreLock
 from flow.store.migrations import apply_migrations, unknown_migrations
 from flow.store.sqlite_sql import (
     MAX_VARIABLES,
+    Statement,
     group_statements,
     inserts,
     known_sql,
@@ -200,11 +201,21 @@ class SQLiteStore:
         return found
 
     async def save_items(self, stage: str, origin: str, items: Sequence[ItemRecord]) -> None:
-        """Record where rows are and what they render to, before their calls are sent."""
+        """Record where rows are and what they render to, before their calls are sent.
+
+        An item whose request changes no longer carries the cost of the reply it paid for:
+        in the same transaction, another item still using that reply takes it over.
+        """
         if not items:
             return
         now = utc_now()
-        await self._run_many(
+        paid: list[int] = []
+        for chunk in _chunks([item.item_id for item in items], CHUNK):
+            marks = ",".join("?" * len(chunk))
+            paid.extend(reply for (reply,) in await self._query(
+                f"SELECT DISTINCT response_id FROM outputs WHERE stage=? AND bought "
+                f"AND item_id IN ({marks})", (stage, *chunk)))
+        statements = inserts(
             "INSERT INTO items (stage, item_id, row, input, request_key, origin, error_class, "
             "error, updated_at) VALUES",
             [(stage, item.item_id, item.row, item.input, item.request_key, origin,
@@ -213,6 +224,8 @@ class SQLiteStore:
             "input=excluded.input, request_key=excluded.request_key, origin=excluded.origin, "
             "error_class=excluded.error_class, error=excluded.error, "
             "updated_at=excluded.updated_at")
+        statements += [reassign_payer(list(chunk)) for chunk in _chunks(paid, CHUNK)]
+        await self._write("cannot write items", statements)
 
     async def begin_seen_ids(self) -> None:
         """Start remembering the item ids this run has read, to refuse duplicates."""
@@ -250,16 +263,19 @@ class SQLiteStore:
 
     async def forget_unseen(self, stage: str) -> int:
         """Drop the items of rows this run did not read (gone from the input); replies stay,
-        and a reply one of them paid for is credited to another item that uses it."""
+        and a reply one of them paid for is credited to another item that uses it, all in
+        one transaction."""
         unseen = "stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)"
+        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {unseen}", (stage,)))[0]
+        if not count:
+            return 0
         gone = [reply for (reply,) in await self._query(
             f"SELECT DISTINCT response_id FROM outputs WHERE {unseen} AND bought", (stage,))]
-        await self._run_sql(f"DELETE FROM outputs WHERE {unseen}", (stage,))
-        cursor = await self._run_sql(f"DELETE FROM items WHERE {unseen}", (stage,))
-        for chunk in _chunks(gone, CHUNK):
-            sql, params = reassign_payer(list(chunk))
-            await self._run_sql(sql, params)
-        return max(cursor.rowcount, 0)
+        await self._write("cannot write", [
+            (f"DELETE FROM outputs WHERE {unseen}", [stage]),
+            (f"DELETE FROM items WHERE {unseen}", [stage]),
+            *(reassign_payer(list(chunk)) for chunk in _chunks(gone, CHUNK))])
+        return int(count)
 
     async def save(self, settled: Settled) -> None:
         """Commit a call's reply and outputs; returns once they are on disk (grouped with
@@ -348,13 +364,13 @@ class SQLiteStore:
         except (sqlite3.Error, ValueError, OverflowError) as e:
             raise self._error("cannot write", e) from None
 
-    async def _run_many(self, head: str, rows: list[tuple[Any, ...]], tail: str = "") -> None:
+    async def _write(self, doing: str, statements: list[Statement]) -> None:
+        """Run `statements` in one transaction, on the connection's thread in one hop."""
         async with self._transaction:
             try:
-                await self._in_thread(run_in_transaction, self._db._conn,
-                                      inserts(head, rows, tail))
+                await self._in_thread(run_in_transaction, self._db._conn, statements)
             except (sqlite3.Error, ValueError, OverflowError) as e:
-                raise self._error("cannot write items", e) from None
+                raise self._error(doing, e) from None
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         try:

@@ -78,15 +78,16 @@ def reassign_payer(response_ids: list[int]) -> Statement:
     """Give each reply's cost to one current output made from it (`bought`), or to none.
 
     One item carries a reply's tokens and cost in `results`, so summing the view counts each
-    payment once; when that item moves to another reply, or leaves, another takes it over.
+    payment once; when that item moves to another reply, or leaves, another takes it over
+    (none, when no current item uses the reply any more).
     """
     marks = ", ".join("?" * len(response_ids))
     return (f"""
-        UPDATE outputs SET bought = (outputs.rowid = (
+        UPDATE outputs SET bought = COALESCE(outputs.rowid = (
             SELECT MIN(current.rowid) FROM outputs AS current
             JOIN items ON items.stage = current.stage AND items.item_id = current.item_id
                 AND items.request_key = current.request_key AND items.origin = current.origin
-            WHERE current.response_id = outputs.response_id))
+            WHERE current.response_id = outputs.response_id), 0)
         WHERE response_id IN ({marks})""", list(response_ids))
 
 
