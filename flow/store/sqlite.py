@@ -203,18 +203,19 @@ class SQLiteStore:
     async def save_items(self, stage: str, origin: str, items: Sequence[ItemRecord]) -> None:
         """Record where rows are and what they render to, before their calls are sent.
 
-        An item whose request changes no longer carries the cost of the reply it paid for:
-        in the same transaction, another item still using that reply takes it over.
+        An item whose request changes no longer carries the cost of the reply it paid for,
+        and one whose request changes back may carry it again: in the same transaction, the
+        replies of their outputs get a current payer.
         """
         if not items:
             return
         now = utc_now()
-        paid: list[int] = []
+        used: list[int] = []
         for chunk in _chunks([item.item_id for item in items], CHUNK):
             marks = ",".join("?" * len(chunk))
-            paid.extend(reply for (reply,) in await self._query(
-                f"SELECT DISTINCT response_id FROM outputs WHERE stage=? AND bought "
-                f"AND item_id IN ({marks})", (stage, *chunk)))
+            used.extend(reply for (reply,) in await self._query(
+                f"SELECT DISTINCT response_id FROM outputs WHERE stage=? AND item_id IN "
+                f"({marks}) AND response_id IS NOT NULL", (stage, *chunk)))
         statements = inserts(
             "INSERT INTO items (stage, item_id, row, input, request_key, origin, error_class, "
             "error, updated_at) VALUES",
@@ -224,7 +225,7 @@ class SQLiteStore:
             "input=excluded.input, request_key=excluded.request_key, origin=excluded.origin, "
             "error_class=excluded.error_class, error=excluded.error, "
             "updated_at=excluded.updated_at")
-        statements += [reassign_payer(list(chunk)) for chunk in _chunks(paid, CHUNK)]
+        statements += [reassign_payer(list(chunk)) for chunk in _chunks(used, CHUNK)]
         await self._write("cannot write items", statements)
 
     async def begin_seen_ids(self) -> None:
