@@ -90,6 +90,7 @@ class CallResult:
     reply: Reply | None = None
     error_class: str | None = None
     error: str | None = None
+    unsent: bool = False  # the run stopped before it was sent: its items stay pending
 
 
 @dataclass(slots=True)

@@ -112,7 +112,7 @@ class Run:
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
             limiter = RateLimiter(call.rpm, call.tpm)
-            executor = OnlineExecutor(call, client, limiter, api_key)
+            executor = OnlineExecutor(call, client, limiter, api_key, self._stop_feeding)
             try:
                 await self._conduct(store, executor, limiter)
             except FatalCallError as e:
@@ -268,6 +268,10 @@ class Run:
         """Post-process a call's result for every item waiting on it and commit it all."""
         key = result.call.key
         self._budget.settle()
+        if result.unsent:
+            async with self._plan_lock:
+                self._in_flight.pop(key, None)
+            return
         waiting = self._in_flight[key]
         taken = len(waiting)
         response = self._response(result)

@@ -64,16 +64,17 @@ class _Progress:
     log: list[Attempt] = field(default_factory=list)
 
 
-class _GaveUp(Exception):
-    """Wraps the last retryable error with the attempts that led to it."""
+class _Unsent(Exception):
+    """The run began to stop while the call waited for the limiter: it was never sent."""
 
 
 class OnlineExecutor:
     """Sends calls now, `concurrency` at a time, paced by `limiter`."""
 
     def __init__(self, config: CallConfig, client: openai.AsyncOpenAI, limiter: RateLimiter,
-                 secret: str | None) -> None:
+                 secret: str | None, stop: asyncio.Event | None = None) -> None:
         self._config = config
+        self._stop = stop or asyncio.Event()
         self._client = client
         self._limiter = limiter
         self._secret = secret
@@ -120,6 +121,8 @@ class OnlineExecutor:
         result = CallResult(call, started_at, started_at, 0.0, progress.log)
         try:
             outcome = await self._send(call.request, estimate, progress)
+        except _Unsent:
+            result.unsent = True
         except RetryableError as e:
             tries = len(progress.log)
             result.error_class = e.error_class
@@ -168,6 +171,10 @@ class OnlineExecutor:
     async def _attempt(self, request: dict[str, Any], estimate: int,
                        progress: _Progress) -> tuple[str, Usage | None, Reply] | _Paid:
         reservation = await self._limiter.acquire(estimate)
+        if self._stop.is_set():
+            # the run is stopping: a call the limiter held back is not sent at all
+            self._limiter.settle(reservation, 0)
+            raise _Unsent
         self.counters.attempts += 1
         number = len(progress.log) + 1
         started_at = utc_now()
