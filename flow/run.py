@@ -20,7 +20,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from flow.budget import Budget
+from flow.budget import Budget, Verdict
 from flow.config import PipelineConfig
 from flow.endpoints import endpoint_origin
 from flow.endpoints.chat import read_stored_reply
@@ -45,6 +45,7 @@ from flow.records import (
 )
 from flow.render import RequestBuilder
 from flow.store import Store, open_store
+from flow.tokens import expected_output_tokens
 
 TICK_S = 0.25
 
@@ -76,6 +77,8 @@ class Run:
         self._builder = RequestBuilder(config.call)
         self._post = PostProcessor(config.post, config.file.parent)
         self._price: Price | None = price_for(config.call.model, config.call.price)
+        self._output_tokens = expected_output_tokens(config.call.params,
+                                                     config.call.expected_output_tokens)
         self._origin = endpoint_origin(options.base_url or config.call.base_url,
                                        options.simulate)
         self._stop_feeding = asyncio.Event()
@@ -85,6 +88,7 @@ class Run:
         self._in_flight: dict[str, list[Planned]] = {}
         self._plan_lock = asyncio.Lock()
         self._budget = Budget(options.limit, config.call.max_cost_usd)
+        self._settled = asyncio.Event()  # a call sent has its result: the budget may look again
 
     def request_stop(self) -> None:
         """First call: finish what is in flight, start nothing new. Second call: stop now."""
@@ -179,7 +183,7 @@ class Run:
                 if planning is not None:
                     calls, planning = await planning, None
                     for call in calls:
-                        if not self._may_send(calls, call):
+                        if not await self._may_send(calls, call):
                             return
                         yield call
                 if prepared is None:
@@ -206,15 +210,25 @@ class Run:
             await self._repost(store, reposts)
         return calls
 
-    def _may_send(self, calls: list[Call], call: Call) -> bool:
-        """Count `call` as sent, or (stopping, over budget) drop it and the rest of `calls`."""
-        if self._stop_feeding.is_set() or not self._budget.take(self.progress.cost_usd):
-            if self._budget.reached is not None:
-                self.progress.stopping = "budget reached"
-            for unsent in calls[calls.index(call):]:
-                self._in_flight.pop(unsent.key, None)  # their items stay pending
-            return False
-        return True
+    async def _may_send(self, calls: list[Call], call: Call) -> bool:
+        """Count `call` as sent, or (stopping, over budget) drop it and the rest of `calls`.
+
+        When the calls in flight are expected to bring spend to the cap, wait for them to
+        settle and look again.
+        """
+        while not self._stop_feeding.is_set():
+            verdict = self._budget.take(self.progress.cost_usd, self._estimate(call))
+            if verdict is Verdict.GO:
+                return True
+            if verdict is Verdict.STOP:
+                break
+            self._settled.clear()
+            await self._settled.wait()
+        if self._budget.reached is not None:
+            self.progress.stopping = "budget reached"
+        for unsent in calls[calls.index(call):]:
+            self._in_flight.pop(unsent.key, None)  # their items stay pending
+        return False
 
     def _sort(self, items: list[Planned]) -> tuple[list[Call], list[Planned]]:
         """Decide each item: the new calls to send, and the items to post from stored replies."""
@@ -268,6 +282,7 @@ class Run:
         """Post-process a call's result for every item waiting on it and commit it all."""
         key = result.call.key
         self._budget.settle()
+        self._settled.set()
         if result.unsent:
             async with self._plan_lock:
                 self._in_flight.pop(key, None)
@@ -331,6 +346,13 @@ class Run:
             self.progress.done += 1
         else:
             self.progress.failed += 1
+
+    def _estimate(self, call: Call) -> float:
+        """A cheap upper guess of a call's cost: about 4 characters of request a token, and
+        the output tokens its cap allows (no tokenizer needed)."""
+        if self._price is None or self._budget.cap_usd is None:
+            return 0.0
+        return cost_usd(self._price, len(call.request_json) // 4, self._output_tokens) or 0.0
 
     async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import questions
 
 from flow.cli import main
 from flow.simulator import SimulatorThread
@@ -208,3 +209,15 @@ def test_progress_is_plain_lines_when_not_a_terminal(make_pipeline: Any) -> None
     assert child.returncode == 0
     assert "items/s" in err and "ETA" in err and "\x1b[" not in err
     assert "finished: 20 done" in err
+
+
+def test_max_cost_is_not_overshot_by_a_round_of_concurrent_calls(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(rows=questions(100), base_url=simulator.url, call={
+        "concurrency": 16, "max_cost_usd": 0.2,
+        "price": {"input_per_1m": 1000, "output_per_1m": 1000}})
+    assert pipeline.run() == 1
+    ((spent, calls),) = pipeline.query("SELECT SUM(cost_usd), COUNT(*) FROM responses")
+    per_call = spent / calls
+    assert 0.2 - per_call <= spent < 0.2 + 2 * per_call, (spent, calls)
+    assert "max_cost_usd" in capsys.readouterr().err
