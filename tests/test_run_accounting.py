@@ -240,3 +240,23 @@ def test_a_partial_run_after_a_template_edit_keeps_every_reply_paid_for(
     pipeline.config["call"]["messages"][0]["content"] = "Answer briefly."
     assert pipeline.run() == 0
     assert money(pipeline, capsys)["results"] == before["status"]
+
+
+def test_every_paid_reply_is_counted_even_when_it_had_to_be_retried(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = questions(3)
+    rows[1]["question"] = "[sim:finish=none*2] no finish reason twice"
+    rows[2]["question"] = "[sim:finish=none] never a finish reason"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"retry": {"max_tries": 3}})
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == 1 + 3 + 3
+    ((tokens,),) = pipeline.query("SELECT SUM(prompt_tokens + completion_tokens) FROM responses")
+    assert tokens == simulator.stats.tokens
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    assert results["q00001"]["status"] == "done"
+    assert "gave up after 3 attempts" in results["q00002"]["error"]
+    costs = money(pipeline, capsys)
+    assert len(set(costs.values())) == 1, costs
+    assert pipeline.run() == 1  # paid for, failed: kept, not bought again
+    assert simulator.stats.requests == 7

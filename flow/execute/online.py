@@ -58,10 +58,19 @@ class _Paid:
 
 @dataclass(slots=True)
 class _Progress:
-    """One call's attempts so far."""
+    """One call's attempts so far, and what its retried replies were billed."""
 
     failures: int = 0
     log: list[Attempt] = field(default_factory=list)
+    # a 200 that reports usage was paid for, even when its body cannot be used: retried,
+    # it still counts, added to the reply the call ends with (or kept, if it ends without)
+    retried_usage: Usage | None = None
+    retried_body: str | None = None
+
+    def add_retried(self, body: str, usage: Usage) -> None:
+        """Count a paid reply that is retried."""
+        self.retried_usage = _plus(self.retried_usage, usage)
+        self.retried_body = body
 
 
 class _Unsent(Exception):
@@ -129,6 +138,7 @@ class OnlineExecutor:
             result.error = self._redact(
                 f"gave up after {tries} attempt{'s' * (tries != 1)} in "
                 f"{time.monotonic() - started:.1f} s: {e}")
+            result.body = progress.retried_body
         except ItemError as e:
             result.error_class, result.error = e.error_class, self._redact(str(e))
         else:
@@ -138,6 +148,8 @@ class OnlineExecutor:
                 result.error = self._redact(str(outcome.error))
             else:
                 result.body, result.usage, result.reply = outcome
+        if progress.retried_usage is not None:
+            result.usage = _plus(result.usage, progress.retried_usage)
         result.finished_at = utc_now()
         result.latency_ms = round((time.monotonic() - started) * 1000, 1)
         return result
@@ -225,7 +237,10 @@ class OnlineExecutor:
         try:
             reply, value = parse_reply(body)
         except RetryableError as e:
-            self._limiter.settle(reservation, None)
+            usage = usage_of_body(body)
+            self._limiter.settle(reservation, _total(usage))
+            if usage is not None:
+                progress.add_retried(body, usage)
             log(raw.status_code, "malformed", str(e))
             raise _tagged(e, progress) from None
         except ItemError as e:
@@ -256,6 +271,13 @@ def _tagged(error: Exception, progress: _Progress) -> Exception:
     """The error, carrying the call's progress for `_gives_up` to count."""
     error.progress = progress  # type: ignore[attr-defined]
     return error
+
+
+def _plus(a: Usage | None, b: Usage) -> Usage:
+    if a is None:
+        return b
+    return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens,
+                 a.cached_tokens + b.cached_tokens)
 
 
 def _total(usage: Usage | None) -> int | None:
