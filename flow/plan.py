@@ -8,6 +8,7 @@ the dry run plan the same way.
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ class Planner:
         """Save the batch's items (refusing duplicate ids); the items that can be called."""
         first_rows = await self._store.mark_seen([(p.row.item_id, p.row.number)
                                                   for p in prepared])
-        renamed = []
+        renamed: list[tuple[Planned, str]] = []
         callable_items = []
         for planned in prepared:
             row, record = planned.row, planned.record
@@ -133,7 +134,7 @@ class Planner:
                 record.item_id = f"{row.item_id}#row{row.number}"
                 record.request_key = None
                 planned.call = None
-                renamed.append((record.item_id, row.number))
+                renamed.append((planned, record.item_id))
                 planned.error = ItemError(
                     f"{self._source} row {row.number}: duplicate id {row.item_id!r} "
                     f"(first at row {first_row}); ids must be unique (load.id)")
@@ -144,10 +145,23 @@ class Planner:
                 self.counts.failed += 1
             elif planned.call is not None:
                 callable_items.append(planned)
-        if renamed:
-            await self._store.mark_seen(renamed)
+        await self._claim(renamed)
         await self._store.save_items(STAGE, self._origin, await self._changed(prepared))
         return callable_items
+
+    async def _claim(self, renamed: list[tuple[Planned, str]]) -> None:
+        """Record the ids duplicates were renamed to; one that is already another row's id
+        takes a further suffix, so a duplicate never overwrites a real item."""
+        for attempt in itertools.count(2):
+            if not renamed:
+                return
+            first = await self._store.mark_seen([(name, p.row.number) for p, name in renamed])
+            clashes = [p for p, name in renamed if first[name] != p.row.number]
+            renamed = []
+            for planned in clashes:
+                row = planned.row
+                planned.record.item_id = f"{row.item_id}#row{row.number}#{attempt}"
+                renamed.append((planned, planned.record.item_id))
 
     async def look_up(self, items: list[Planned]) -> None:
         """Fill in what the store holds for each item (its output, its request's reply)."""

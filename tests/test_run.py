@@ -316,3 +316,17 @@ def test_a_field_no_template_reads_is_updated_without_a_call(
     labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
     assert labels == ["cat", "dog", "cat"]
     assert simulator.stats.requests == 3
+
+
+def test_a_renamed_duplicate_never_takes_the_id_of_a_real_item(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = [{"id": "x", "question": "first"}, {"id": "x#row3", "question": "a real item"},
+            {"id": "x", "question": "a duplicate at row 3"}]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    assert results["x#row3"]["status"] == "done"
+    assert results["x#row3#2"]["status"] == "failed"
+    assert "duplicate id 'x'" in results["x#row3#2"]["error"]
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == 2
