@@ -158,6 +158,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
 
 def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
     from flow.dryrun import dry_run
+    from flow.plan import BATCH_ROWS
     from flow.prices import PRICES_TAKEN_ON
 
     report = asyncio.run(dry_run(config, options))
@@ -175,6 +176,10 @@ def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
               f"{f' ({report.shared:,} more items share those requests)' if report.shared else ''}, "
               f"{report.reposts:,} to post-process again, {report.failed_kept:,} failed with a "
               f"paid response (kept), {report.bad_rows:,} bad rows", markup=False)
+    if report.stopped_at_row is not None:
+        out.print(f"--limit {options.limit}: the run sends nothing from row "
+                  f"{report.stopped_at_row} on, and reads no batch of {BATCH_ROWS:,} rows after "
+                  "that row's; the rest is left for a later run", markup=False)
     out.print(f"estimate: {report.prompt_tokens:,} prompt tokens + up to "
               f"{report.completion_tokens:,} completion tokens ({report.model}), {price}; "
               "nothing was called", markup=False)

@@ -40,6 +40,7 @@ class DryRunReport:
     failed_kept: int = 0
     reposts: int = 0
     bad_rows: int = 0
+    stopped_at_row: int | None = None  # --limit: where the run stops reading
     prompt_tokens: int = 0
     completion_tokens: int = 0
     price: Price | None = None
@@ -68,13 +69,16 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     try:
         batch = []
         for row in read_rows(config.load):
+            if report.stopped_at_row is not None:
+                break
             batch.append(row)
             if len(batch) >= BATCH_ROWS:
                 await _tally(report, prepare(batch, builder, source), store, options,
                              post_key, output_tokens, seen)
                 batch = []
-        await _tally(report, prepare(batch, builder, source), store, options, post_key,
-                     output_tokens, seen)
+        if report.stopped_at_row is None:
+            await _tally(report, prepare(batch, builder, source), store, options, post_key,
+                         output_tokens, seen)
     finally:
         if store is not None:
             await store.close()
@@ -121,6 +125,9 @@ async def _tally(report: DryRunReport, prepared: list[Planned], store: Store | N
                 report.shared += 1  # the same request as another item: one call for both
                 continue
             if options.limit is not None and report.to_call >= options.limit:
+                # the run sends nothing more, and reads no batch after this one
+                if report.stopped_at_row is None:
+                    report.stopped_at_row = planned.row.number
                 continue
             seen.sent.add(planned.call.key)
             report.to_call += 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import questions
+from conftest import questions, write_rows
 
 from flow.cli import main
 from flow.simulator import SimulatorThread
@@ -221,3 +221,23 @@ def test_max_cost_is_not_overshot_by_a_round_of_concurrent_calls(
     per_call = spent / calls
     assert 0.2 - per_call <= spent < 0.2 + 2 * per_call, (spent, calls)
     assert "max_cost_usd" in capsys.readouterr().err
+
+
+def test_dry_run_with_a_limit_counts_what_that_run_does(make_pipeline: Any, simulator:
+                                                         SimulatorThread, capsys: Any) -> None:
+    rows = questions(2500)
+    pipeline = make_pipeline(rows=rows[:2000], base_url=simulator.url,
+                             call={"concurrency": 32})
+    assert pipeline.run() == 0
+    pipeline.config["post"] = ["strip", "lower"]
+    write_rows(pipeline.folder / "rows.jsonl", rows[2000:2100] + rows[:2000] + rows[2100:])
+    capsys.readouterr()
+    assert pipeline.run("--dry-run", "--limit", "5") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "5 to call" in out and "900 to post-process again" in out, out
+    assert pipeline.run("--limit", "5") == 0
+    assert simulator.stats.requests == 2005
+    ((lowered,),) = pipeline.query("SELECT COUNT(*) FROM outputs WHERE output = lower(output) "
+                                   "AND status = 'done' AND request_key IS NOT NULL "
+                                   "AND output LIKE '%simulated reply%'")
+    assert lowered == 5 + 900
