@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flow.config import PriceConfig
+from flow.records import CallResult, ResponseRecord, Usage
 
 PRICES_TAKEN_ON = "2026-11-01"
 
@@ -59,3 +60,23 @@ def cost_usd(price: Price | None, prompt_tokens: int, completion_tokens: int,
     total = ((prompt_tokens - cached) * price.input_per_1m + cached * cached_rate
              + completion_tokens * price.output_per_1m)
     return total / 1_000_000
+
+
+def priced_reply(result: CallResult, origin: str, price: Price | None) -> ResponseRecord | None:
+    """The paid reply of a call's result as the store keeps it, with what it cost."""
+    if result.body is None:
+        return None
+    usage = result.usage or Usage()
+    call = result.call
+    return ResponseRecord(call.key, origin, call.request["model"], call.request_json,
+                          result.body, usage,
+                          cost_usd(price, usage.prompt_tokens, usage.completion_tokens,
+                                   usage.cached_tokens) if result.usage else None,
+                          len(result.attempts), result.latency_ms, result.started_at,
+                          result.finished_at)
+
+
+def estimate_call_usd(price: Price | None, request_json: str, output_tokens: int) -> float:
+    """A cheap upper guess of a call's cost before it is sent: about 4 characters of request
+    a token, and the output tokens its cap allows (no tokenizer needed)."""
+    return cost_usd(price, len(request_json) // 4, output_tokens) or 0.0

@@ -31,7 +31,7 @@ from flow.limiter import RateLimiter
 from flow.load import Row, count_rows, read_rows
 from flow.plan import BATCH_ROWS, Action, Planned, Planner, decide, prepare
 from flow.post import PostProcessor
-from flow.prices import Price, cost_usd, price_for
+from flow.prices import Price, estimate_call_usd, price_for, priced_reply
 from flow.progress import RunProgress, RunSummary
 from flow.records import (
     STAGE,
@@ -40,7 +40,6 @@ from flow.records import (
     OutputRecord,
     ResponseRecord,
     Settled,
-    Usage,
     utc_now,
 )
 from flow.render import RequestBuilder
@@ -217,7 +216,9 @@ class Run:
         settle and look again.
         """
         while not self._stop_feeding.is_set():
-            verdict = self._budget.take(self.progress.cost_usd, self._estimate(call))
+            estimate = 0.0 if self._budget.cap_usd is None else estimate_call_usd(
+                self._price, call.request_json, self._output_tokens)
+            verdict = self._budget.take(self.progress.cost_usd, estimate)
             if verdict is Verdict.GO:
                 return True
             if verdict is Verdict.STOP:
@@ -314,20 +315,12 @@ class Run:
 
     def _response(self, result: CallResult) -> ResponseRecord | None:
         """The paid reply to store, with its cost; counted into the run's spend once."""
-        if result.body is None:
-            return None
-        usage = result.usage
-        cost = None
-        if usage is not None:
-            cost = cost_usd(self._price, usage.prompt_tokens, usage.completion_tokens,
-                            usage.cached_tokens)
-            self.progress.prompt_tokens += usage.prompt_tokens
-            self.progress.completion_tokens += usage.completion_tokens
-            self.progress.cost_usd += cost or 0.0
-        call = result.call
-        return ResponseRecord(call.key, self._origin, call.request["model"], call.request_json,
-                              result.body, usage or Usage(), cost, len(result.attempts),
-                              result.latency_ms, result.started_at, result.finished_at)
+        response = priced_reply(result, self._origin, self._price)
+        if response is not None:
+            self.progress.prompt_tokens += response.usage.prompt_tokens
+            self.progress.completion_tokens += response.usage.completion_tokens
+            self.progress.cost_usd += response.cost_usd or 0.0
+        return response
 
     def _output(self, planned: Planned, body: str | None,
                 result: CallResult | None) -> OutputRecord:
@@ -346,13 +339,6 @@ class Run:
             self.progress.done += 1
         else:
             self.progress.failed += 1
-
-    def _estimate(self, call: Call) -> float:
-        """A cheap upper guess of a call's cost: about 4 characters of request a token, and
-        the output tokens its cap allows (no tokenizer needed)."""
-        if self._price is None or self._budget.cap_usd is None:
-            return 0.0
-        return cost_usd(self._price, len(call.request_json) // 4, self._output_tokens) or 0.0
 
     async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:
