@@ -39,7 +39,7 @@ from flow.post import PostProcessor
 from flow.prices import cost_usd, price_for
 from flow.records import STAGE, utc_now
 from flow.render import RequestBuilder
-from flow.store.sqlite import prepare_store
+from flow.store.migrations import prepare_store
 
 TARGET_PEAK_MB = 120
 RUN_ID = 1  # the run that built the done store; the re-run is the next

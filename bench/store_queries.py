@@ -32,7 +32,7 @@ from flow.post import PostProcessor
 from flow.prices import cost_usd, price_for
 from flow.records import STAGE
 from flow.render import RequestBuilder
-from flow.store.sqlite import prepare_store
+from flow.store.migrations import prepare_store
 
 ERRORS = ("BadRequestError", "PostError", "APITimeoutError")
 RUN_ID = 1

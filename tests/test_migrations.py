@@ -6,7 +6,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from flow.store.sqlite import prepare_store
+from flow.store.migrations import prepare_store
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "store.md"
 

@@ -13,8 +13,8 @@ import pytest
 from flow.errors import StoreError, StoreLockedError
 from flow.records import ItemRecord, OutputRecord, ResponseRecord, Settled, Usage, utc_now
 from flow.store.lock import StoreLock
-from flow.store.migrations import MIGRATIONS
-from flow.store.sqlite import SQLiteStore, prepare_store
+from flow.store.migrations import MIGRATIONS, prepare_store
+from flow.store.sqlite import SQLiteStore
 
 
 def settled(key: str, item_id: str, cost: float = 0.25) -> Settled:

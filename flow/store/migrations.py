@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
+from flow.errors import StoreError
 from flow.prices import cost_usd, price_for
+from flow.store.sqlite_sql import store_error
 
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
@@ -308,3 +311,22 @@ def unknown_migrations(db: sqlite3.Connection) -> list[str]:
     """Migrations recorded in the store that this version of flow does not know."""
     known = {name for name, _ in MIGRATIONS}
     return [name for (name,) in db.execute("SELECT name FROM migrations") if name not in known]
+
+
+def prepare_store(path: Path, busy_timeout_s: float = 5.0) -> None:
+    """Create the store if needed and bring its schema up to date."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
+    except sqlite3.Error as e:
+        raise store_error(path, "cannot open the store", e, busy_timeout_s) from None
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        apply_migrations(db)
+        newer = unknown_migrations(db)
+        if newer:
+            raise StoreError(f"{path}: written by a newer flow (migrations {', '.join(newer)}); "
+                             "upgrade flow to use it")
+    except sqlite3.DatabaseError as e:
+        raise store_error(path, "cannot prepare the store", e, busy_timeout_s) from None
+    finally:
+        db.close()

@@ -23,7 +23,7 @@ import aiosqlite
 from flow.errors import StoreError
 from flow.records import ItemRecord, Known, RunTotals, Settled, utc_now
 from flow.store.lock import StoreLock
-from flow.store.migrations import apply_migrations, unknown_migrations
+from flow.store.migrations import prepare_store
 from flow.store.sqlite_sql import (
     MAX_VARIABLES,
     Statement,
@@ -40,25 +40,6 @@ MAX_GROUP = 2000
 CHUNK = 5000
 
 _Pending = tuple[Settled | None, asyncio.Future[None], float]
-
-
-def prepare_store(path: Path, busy_timeout_s: float = 5.0) -> None:
-    """Create the store if needed and bring its schema up to date."""
-    try:
-        db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
-    except sqlite3.Error as e:
-        raise store_error(path, "cannot open the store", e, busy_timeout_s) from None
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        apply_migrations(db)
-        newer = unknown_migrations(db)
-        if newer:
-            raise StoreError(f"{path}: written by a newer flow (migrations {', '.join(newer)}); "
-                             "upgrade flow to use it")
-    except sqlite3.DatabaseError as e:
-        raise store_error(path, "cannot prepare the store", e, busy_timeout_s) from None
-    finally:
-        db.close()
 
 
 class SQLiteStore:
