@@ -330,3 +330,20 @@ def test_a_renamed_duplicate_never_takes_the_id_of_a_real_item(
     assert "duplicate id 'x'" in results["x#row3#2"]["error"]
     assert pipeline.run() == 1
     assert simulator.stats.requests == 2
+
+
+def test_a_tool_call_reply_is_an_output_bought_once(make_pipeline: Any, simulator:
+                                                    SimulatorThread, capsys: Any) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "find_capital", "parameters": {"type": "object", "properties": {
+            "query": {"type": "string"}}}}}]
+    pipeline = make_pipeline(rows=questions(3), base_url=simulator.url,
+                             call={"params": {"tools": tools}}, post=["json"])
+    assert pipeline.run() == 0
+    results = pipeline.export(capsys)
+    call = results[1]["output"][0]
+    assert call["function"]["name"] == "find_capital"
+    assert json.loads(call["function"]["arguments"]) == {"query": "What is 1 plus 1?"}
+    assert pipeline.query("SELECT COUNT(*), MIN(cost_usd) > 0 FROM responses") == [(3, 1)]
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 3

@@ -11,6 +11,7 @@ re-posting of stored replies and (later) batch results all read replies through 
 | 400, 403, 404, 422 and other 4xx                | `RequestError`: the item fails at once       |
 | 401, 429 `insufficient_quota`                   | `FatalCallError`: the run stops              |
 | `finish_reason` `length` or `content_filter`    | `ResponseError`: the item fails, the paid reply is kept |
+| `tool_calls` and no text                        | the calls, as JSON text, are what post steps get |
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from flow.errors import (
     ResponseError,
     RetryableError,
 )
+from flow.keys import canonical_json
 from flow.records import Reply, Usage
 from flow.tokens import count_prompt_tokens
 
@@ -62,6 +64,11 @@ def parse_reply(body: str) -> tuple[Reply, dict[str, Any]]:
         raise ResponseError("response withheld by the provider's content filter "
                             "(finish_reason=content_filter)")
     text = message.get("content") if isinstance(message, dict) else None
+    tool_calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(text, str) and isinstance(tool_calls, list) and tool_calls \
+            and isinstance(finish, str):
+        # a model calling tools answers with the calls: they are the output post steps get
+        return Reply(canonical_json(tool_calls), finish), value
     if not isinstance(text, str):
         refusal = message.get("refusal") if isinstance(message, dict) else None
         if refusal:

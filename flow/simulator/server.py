@@ -10,7 +10,8 @@ many requests arrived, and how many times each distinct request did.
 A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` (any code;
 `429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
 `[sim:malformed]`, `[sim:drop]`, `[sim:hang]`, `[sim:cut]` (the body stops half-way),
-`[sim:huge]` (a 20 MB body), `[sim:finish=none]` (no finish_reason). A count makes the fault pass: `[sim:drop*2]`
+`[sim:huge]` (a 20 MB body), `[sim:finish=none]` (no finish_reason),
+`[sim:finish=tool_calls]` (a tool call, as a request with `tools` always gets). A count makes the fault pass: `[sim:drop*2]`
 drops the first two times that request arrives and answers it normally the third time.
 """
 
@@ -139,6 +140,13 @@ class Simulator:
                       "prompt_tokens_details": {"cached_tokens": 0}},
             "system_fingerprint": "fp_flow_simulator",
         }
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None,
+                                  "message": {"role": "assistant", "content": reply,
+                                              "refusal": None}}
+        if finish == "tool_calls" or (body.get("tools") and finish == "stop"):
+            choice.update(finish_reason="tool_calls", message=_tool_call(
+                body.get("tools"), messages, digest=content_key(body)[7:15]))
+        payload["choices"] = [choice]
         if fault == "cut":
             return await self._cut_short(request, json.dumps(payload))
         return self._respond(200, json.dumps(payload))
@@ -315,3 +323,15 @@ class SimulatorThread:
             self.url, self.simulator = url, simulator
             self._ready.set()
             await self._stop.wait()
+
+
+def _tool_call(tools: Any, messages: list[Any], digest: str) -> dict[str, Any]:
+    """The message of a model that calls the first tool it was given, as OpenAI sends it."""
+    first = tools[0] if isinstance(tools, list) and tools else {}
+    name = (first.get("function") or {}).get("name", "lookup") if isinstance(first, dict) \
+        else "lookup"
+    user = next((str(m.get("content", "")) for m in reversed(messages)
+                 if isinstance(m, dict) and m.get("role") == "user"), "")
+    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+        {"id": f"call_{digest}", "type": "function",
+         "function": {"name": name, "arguments": json.dumps({"query": user[:200]})}}]}
