@@ -15,6 +15,7 @@ time at the reduced pace, never all at once.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections import deque
@@ -35,13 +36,15 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
+    """A header's number; None when absent or not a finite number (`inf`, `1e400`, `nan`)."""
     value = headers.get(name)
     if value is None:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         return None
+    return number if math.isfinite(number) else None
 
 
 def parse_duration(text: str) -> float | None:
@@ -164,7 +167,8 @@ class RateLimiter:
             changed = False
             for kind in ("requests", "tokens"):
                 limit = _header_number(headers, f"x-ratelimit-limit-{kind}")
-                if limit is not None and limit > 0 and int(limit) != self._learned[kind]:
+                # a limit below one a minute is no limit a server means: ignored
+                if limit is not None and limit >= 1 and int(limit) != self._learned[kind]:
                     self._learned[kind] = int(limit)
                     changed = True
                 self._hold_if_exhausted(headers, kind, now)

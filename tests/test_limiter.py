@@ -96,6 +96,16 @@ async def test_headers_lower_a_configured_limit_and_set_a_missing_one() -> None:
     assert lim.limit("requests") == 6000
 
 
+@pytest.mark.parametrize("value", ["0.5", "0", "-3", "inf", "1e400", "nan", "lots", ""])
+async def test_a_limit_header_that_is_no_usable_number_is_ignored(value: str) -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=6000)
+    lim.observe({"x-ratelimit-limit-requests": value, "x-ratelimit-limit-tokens": value,
+                 "x-ratelimit-remaining-requests": value, "x-ratelimit-reset-requests": value})
+    assert lim.limit("requests") == 6000 and lim.limit("tokens") is None
+    await admit(lim, 5)
+
+
 async def test_without_limits_only_one_request_goes_until_the_server_answers() -> None:
     clock = FakeClock()
     lim = limiter(clock)
