@@ -275,3 +275,21 @@ def test_ctrl_c_sends_nothing_the_rate_limiter_was_holding_back(make_pipeline: A
         assert server.stats.requests <= sent + 2
         assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'pending'") == [
             (100 - server.stats.requests,)]
+
+
+def test_a_key_a_server_echoes_is_never_kept_not_even_in_part(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "sk-" + "k" * 39  # 42 characters, as in the report
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    rows = questions(2)
+    rows[1]["question"] = "[sim:status=400-echo]"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 1
+    with sqlite3.connect(pipeline.store) as db:
+        dump = "\n".join(db.iterdump())
+    assert "kkkkk" not in dump
+    assert "You sent: Bearer [REDACTE" in dump  # the key straddled the 500-character cut
+    capsys.readouterr()
+    assert pipeline.cli("failures") == 0
+    assert "kkkkk" not in capsys.readouterr().out

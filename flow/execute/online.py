@@ -12,6 +12,7 @@ so a kill loses at most the calls in flight.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator
@@ -204,7 +205,9 @@ class OnlineExecutor:
             headers = rate_headers(e.response.headers)
             self._limiter.observe(headers)
             self._limiter.settle(reservation, 0)
-            error = classify_status(e.status_code, e.body, _retry_headers(e.response.headers))
+            # the key is taken out before any message is cut, so no part of it is ever kept
+            error = classify_status(e.status_code, self._redact_value(e.body),
+                                    _retry_headers(e.response.headers))
             log(e.status_code, "error", str(error))
             if isinstance(error, RateLimitedError):
                 self.counters.rate_limited += 1
@@ -233,7 +236,8 @@ class OnlineExecutor:
             body = not_kept_body(len(content), limit, usage)
             log(raw.status_code, "unusable", "too large to keep")
             return _paid(body, usage)
-        body = content.decode("utf-8", errors="replace")
+        # a server that echoes the request's headers back never gets the key into the store
+        body = self._redact(content.decode("utf-8", errors="replace"))
         try:
             reply, value = parse_reply(body)
         except RetryableError as e:
@@ -252,6 +256,15 @@ class OnlineExecutor:
         self._limiter.settle(reservation, _total(usage))
         log(raw.status_code, "ok")
         return body, usage, reply
+
+    def _redact_value(self, value: Any) -> Any:
+        """A JSON value (an error body) with the key taken out of every string in it."""
+        if not self._secret or len(self._secret) < 4 or value is None:
+            return value
+        try:
+            return json.loads(self._redact(json.dumps(value)))
+        except (TypeError, ValueError):
+            return self._redact(str(value))
 
     def _redact(self, text: str) -> str:
         if self._secret and len(self._secret) >= 4:

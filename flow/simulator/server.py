@@ -11,7 +11,8 @@ A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` 
 `429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
 `[sim:malformed]`, `[sim:drop]`, `[sim:hang]`, `[sim:cut]` (the body stops half-way),
 `[sim:huge]` (a 20 MB body), `[sim:finish=none]` (no finish_reason),
-`[sim:finish=tool_calls]` (a tool call, as a request with `tools` always gets). A count makes the fault pass: `[sim:drop*2]`
+`[sim:finish=tool_calls]` (a tool call, as a request with `tools` always gets),
+`[sim:status=400-echo]` (an error quoting the request's Authorization header). A count makes the fault pass: `[sim:drop*2]`
 drops the first two times that request arrives and answers it normally the third time.
 """
 
@@ -119,7 +120,8 @@ class Simulator:
         if fault == "hang":
             await asyncio.sleep(self.config.hang_s)
         if fault and fault.startswith("status="):
-            return self._status_fault(fault.removeprefix("status="))
+            return self._status_fault(fault.removeprefix("status="),
+                                      request.headers.get("Authorization", ""))
         if fault and fault.startswith("finish="):
             finish = fault.removeprefix("finish=")
             finish = None if finish == "none" else finish
@@ -229,7 +231,11 @@ class Simulator:
         response.headers["retry-after"] = str(max(1, math.ceil(wait)))
         return response
 
-    def _status_fault(self, code: str) -> web.Response:
+    def _status_fault(self, code: str, authorization: str) -> web.Response:
+        if code.endswith("-echo"):
+            # a careless gateway: the caller's own header, quoted at the end of a long message
+            return self._error(int(code.split("-")[0]), "invalid_request_error", None,
+                               "The request was refused. " * 19 + f"You sent: {authorization}")
         if code == "429-quota":
             return self._error(429, "insufficient_quota", "insufficient_quota",
                                "You exceeded your current quota, please check your plan.")
