@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,12 @@ def _jsonl_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
             yield number, None, error, None
             continue
         try:
-            fields = json.loads(text)
+            fields = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        except _NotFinite as e:
+            yield number, None, RowError(
+                f"{config.path.name} row {number}: {e} is not a number JSON can hold "
+                "(NaN, Infinity or out of range); write it as a string or null"), None
+            continue
         except json.JSONDecodeError as e:
             yield number, None, RowError(
                 f"{config.path.name} row {number}: invalid JSON at column {e.colno}: {e.msg}"), None
@@ -150,6 +156,21 @@ def _jsonl_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
                 "other half (half a character, such as half an emoji); fix the row"), None
             continue
         yield number, fields, None, text
+
+
+class _NotFinite(ValueError):
+    """A JSON row holds NaN, Infinity or a number beyond a float."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
 
 
 def _has_lone_surrogate(fields: dict[str, Any]) -> bool:

@@ -64,15 +64,16 @@ class PostProcessor:
 def _json(value: Any) -> str:
     """An output as JSON text; a value JSON cannot hold fails its item, not the run."""
     try:
-        text = json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
         if not text.isascii():
             text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return json.dumps(value)  # half a character, kept as its \\u escape
+        return json.dumps(value, allow_nan=False)  # half a character, kept as \\u escape
     except (TypeError, ValueError, RecursionError) as e:
         raise PostError(f"post steps returned a {type(value).__name__} that is not JSON "
-                        f"({e}); return str, int, float, bool, None, list or dict") from None
+                        f"({e}); return str, int, finite float, bool, None, list or dict"
+                        ) from None
 
 
 def _compile(step: str | dict[str, str], index: int, base_dir: Path) -> tuple[str, Step]:

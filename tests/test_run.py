@@ -347,3 +347,22 @@ def test_a_tool_call_reply_is_an_output_bought_once(make_pipeline: Any, simulato
     assert pipeline.query("SELECT COUNT(*), MIN(cost_usd) > 0 FROM responses") == [(3, 1)]
     assert pipeline.run() == 0
     assert simulator.stats.requests == 3
+
+
+def test_numbers_json_cannot_hold_fail_their_row_or_item_and_exports_stay_valid(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    (make_pipeline().folder / "huge.py").write_text(
+        "def huge(value):\n    return {'n': float('inf')} if '2 plus' in value else value\n")
+    pipeline = make_pipeline(base_url=simulator.url, post=[{"python": "huge:huge"}])
+    rows = pipeline.folder / "rows.jsonl"
+    rows.write_text('{"id": "a", "question": "What is 1 plus 1?", "w": 1.5}\n'
+                    '{"id": "b", "question": "What is 2 plus 2?"}\n'
+                    '{"id": "c", "question": "big", "w": 1e400}\n'
+                    '{"id": "d", "question": "nan", "w": NaN}\n')
+    assert pipeline.run() == 1
+    capsys.readouterr()
+    assert pipeline.cli("export", "--fields", "w") == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["status"] for r in records] == ["done", "failed", "failed", "failed"]
+    assert "not JSON" in records[1]["error"] and "out of range" in records[2]["error"]
+    assert pipeline.cli("export", "--format", "csv", "--fields", "w") == 0
