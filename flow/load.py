@@ -131,7 +131,7 @@ def _jsonl_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
             yield number, None, error, None
             continue
         try:
-            fields = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+            fields = _DECODER.decode(text)
         except _NotFinite as e:
             yield number, None, RowError(
                 f"{config.path.name} row {number}: {e} is not a number JSON can hold "
@@ -171,6 +171,10 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise _NotFinite(text)
     return value
+
+
+# built once: json.loads with options builds a decoder per call
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def _has_lone_surrogate(fields: dict[str, Any]) -> bool:
