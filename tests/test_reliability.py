@@ -293,3 +293,19 @@ def test_a_key_a_server_echoes_is_never_kept_not_even_in_part(
     capsys.readouterr()
     assert pipeline.cli("failures") == 0
     assert "kkkkk" not in capsys.readouterr().out
+
+
+def test_ctrl_c_does_not_wait_for_retries_of_items_that_keep_failing(
+        make_pipeline: Any) -> None:
+    rows = [{"id": f"e{i}", "question": f"[sim:status=500] q{i}"} for i in range(6)]
+    with SimulatorThread(SimulatorConfig()) as server:
+        pipeline = make_pipeline(rows=rows, base_url=server.url, call={
+            "concurrency": 8, "rpm": 60_000, "drain_s": 60,
+            "retry": {"max_tries": 50, "first_wait_s": 30, "max_wait_s": 30}})
+        child = flow_process(pipeline)
+        wait_for_requests(server, 6)  # every item failed once: all wait to retry
+        sent = server.stats.requests
+        child.send_signal(signal.SIGINT)
+        assert child.wait(10) == 130  # not the up-to-30 s waits, nor drain_s
+        assert server.stats.requests <= sent + 1  # a wait may have been near 0
+        assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'pending'") == [(6,)]

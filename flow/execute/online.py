@@ -85,6 +85,7 @@ class OnlineExecutor:
                  secret: str | None, stop: asyncio.Event | None = None) -> None:
         self._config = config
         self._stop = stop or asyncio.Event()
+        self._backing_off: set[asyncio.Task[Any]] = set()  # workers waiting to retry
         self._client = client
         self._limiter = limiter
         self._secret = secret
@@ -111,13 +112,21 @@ class OnlineExecutor:
 
         workers = [asyncio.create_task(self._work(next_call, deliver))
                    for _ in range(self._config.concurrency)]
+        waker = asyncio.create_task(self._wake_on_stop())
         try:
             for finished in asyncio.as_completed(workers):
                 await finished  # the first failure (a fatal error, a store error) ends all
         finally:
-            for task in workers:
+            for task in (*workers, waker):
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(*workers, waker, return_exceptions=True)
+
+    async def _wake_on_stop(self) -> None:
+        """On a stop request, end the waits between retries: nothing is in flight there,
+        so their calls are given back unsent rather than waited for."""
+        await self._stop.wait()
+        for task in self._backing_off:
+            task.cancel()
 
     async def call(self, call: Call) -> CallResult:
         """Send one call until it succeeds or is given up; `FatalCallError` stops the run."""
@@ -129,9 +138,17 @@ class OnlineExecutor:
             # the tokenizer (tens of MB, tens of µs a request) is loaded only for a token budget
             estimate = estimate_prompt_tokens(call.request) + self._output_tokens
         result = CallResult(call, started_at, started_at, 0.0, progress.log)
+        task = asyncio.current_task()
         try:
             outcome = await self._send(call.request, estimate, progress)
         except _Unsent:
+            result.unsent = True
+        except asyncio.CancelledError:
+            if task is None or not self._stop.is_set() or task not in self._backing_off:
+                raise
+            # woken from a wait between retries by a stop request: not sent again
+            self._backing_off.discard(task)
+            task.uncancel()
             result.unsent = True
         except RetryableError as e:
             tries = len(progress.log)
@@ -176,6 +193,9 @@ class OnlineExecutor:
         return progress.failures >= self._config.retry.max_tries
 
     def _note_wait(self, details: Any) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._backing_off.add(task)  # until its next attempt starts
         self.counters.retries += 1
         progress: _Progress = details["args"][2]
         if progress.log:
@@ -183,6 +203,11 @@ class OnlineExecutor:
 
     async def _attempt(self, request: dict[str, Any], estimate: int,
                        progress: _Progress) -> tuple[str, Usage | None, Reply] | _Paid:
+        task = asyncio.current_task()
+        if task is not None:
+            self._backing_off.discard(task)
+        if self._stop.is_set():
+            raise _Unsent
         reservation = await self._limiter.acquire(estimate)
         if self._stop.is_set():
             # the run is stopping: a call the limiter held back is not sent at all
