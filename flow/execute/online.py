@@ -85,7 +85,10 @@ class OnlineExecutor:
                  secret: str | None, stop: asyncio.Event | None = None) -> None:
         self._config = config
         self._stop = stop or asyncio.Event()
-        self._backing_off: set[asyncio.Task[Any]] = set()  # workers waiting to retry
+        # workers waiting with nothing in flight (to retry, or for the limiter), and those
+        # of them a stop request woke
+        self._idle: set[asyncio.Task[Any]] = set()
+        self._woken: set[asyncio.Task[Any]] = set()
         self._client = client
         self._limiter = limiter
         self._secret = secret
@@ -122,10 +125,11 @@ class OnlineExecutor:
             await asyncio.gather(*workers, waker, return_exceptions=True)
 
     async def _wake_on_stop(self) -> None:
-        """On a stop request, end the waits between retries: nothing is in flight there,
-        so their calls are given back unsent rather than waited for."""
+        """On a stop request, end the waits between retries and for the rate limiter:
+        nothing is in flight there, so their calls are given back unsent."""
         await self._stop.wait()
-        for task in self._backing_off:
+        for task in self._idle:
+            self._woken.add(task)
             task.cancel()
 
     async def call(self, call: Call) -> CallResult:
@@ -144,10 +148,11 @@ class OnlineExecutor:
         except _Unsent:
             result.unsent = True
         except asyncio.CancelledError:
-            if task is None or not self._stop.is_set() or task not in self._backing_off:
+            if task is None or task not in self._woken:
                 raise
-            # woken from a wait between retries by a stop request: not sent again
-            self._backing_off.discard(task)
+            # woken by a stop request from a wait with nothing in flight: not sent
+            self._woken.discard(task)
+            self._idle.discard(task)
             task.uncancel()
             result.unsent = True
         except RetryableError as e:
@@ -195,7 +200,7 @@ class OnlineExecutor:
     def _note_wait(self, details: Any) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._backing_off.add(task)  # until its next attempt starts
+            self._idle.add(task)  # until its next attempt is let through by the limiter
         self.counters.retries += 1
         progress: _Progress = details["args"][2]
         if progress.log:
@@ -203,12 +208,14 @@ class OnlineExecutor:
 
     async def _attempt(self, request: dict[str, Any], estimate: int,
                        progress: _Progress) -> tuple[str, Usage | None, Reply] | _Paid:
-        task = asyncio.current_task()
-        if task is not None:
-            self._backing_off.discard(task)
         if self._stop.is_set():
             raise _Unsent
+        task = asyncio.current_task()
+        if task is not None:
+            self._idle.add(task)
         reservation = await self._limiter.acquire(estimate)
+        if task is not None:
+            self._idle.discard(task)
         if self._stop.is_set():
             # the run is stopping: a call the limiter held back is not sent at all
             self._limiter.settle(reservation, 0)
