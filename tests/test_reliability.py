@@ -309,3 +309,16 @@ def test_ctrl_c_does_not_wait_for_retries_of_items_that_keep_failing(
         assert child.wait(10) == 130  # not the up-to-30 s waits, nor drain_s
         assert server.stats.requests <= sent + 1  # a wait may have been near 0
         assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'pending'") == [(6,)]
+
+
+def test_a_retry_after_longer_than_any_item_may_wait_stops_the_run_clearly(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    rows = questions(3)
+    rows[1]["question"] = "[sim:status=429-day]"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"concurrency": 1, "rpm": 60_000})
+    assert pipeline.run() == 2
+    err = capsys.readouterr().err
+    assert "86,400 s" in err and "max_time_s" in err and "Traceback" not in err
+    assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
+    assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'done'") == [(1,)]

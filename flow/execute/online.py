@@ -243,7 +243,16 @@ class OnlineExecutor:
             log(e.status_code, "error", str(error))
             if isinstance(error, RateLimitedError):
                 self.counters.rate_limited += 1
-                self._limiter.on_rate_limited(error.retry_after_s)
+                wait = error.retry_after_s
+                retry = self._config.retry
+                if wait is not None and wait > retry.max_time_s:
+                    # a daily quota's 86400: no item may wait that long; say so, stop
+                    raise FatalCallError(
+                        f"the endpoint asks every request to wait {wait:,.0f} s (429 "
+                        f"retry-after), longer than call.retry.max_time_s "
+                        f"({retry.max_time_s:g} s): run again once the limit resets") from None
+                self._limiter.on_rate_limited(
+                    None if wait is None else min(wait, retry.max_wait_s))
             if isinstance(error, FatalCallError):
                 raise FatalCallError(self._redact(str(error))) from None
             raise _tagged(error, progress) from None
@@ -338,6 +347,7 @@ def _waits(first_s: float, max_s: float) -> Generator[float, Exception | None, N
         exponent += 1
         retry_after = getattr(error, "retry_after_s", None)
         if retry_after is not None and retry_after >= 0:
+            retry_after = min(retry_after, max_s)  # a server's wait, up to retry.max_wait_s
             wait = retry_after + random.uniform(0, min(1.0, 0.1 + retry_after * 0.2))
         else:
             wait = random.uniform(0, ceiling)

@@ -12,7 +12,8 @@ A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` 
 `[sim:malformed]`, `[sim:drop]`, `[sim:hang]`, `[sim:cut]` (the body stops half-way),
 `[sim:huge]` (a 20 MB body), `[sim:finish=none]` (no finish_reason),
 `[sim:finish=tool_calls]` (a tool call, as a request with `tools` always gets),
-`[sim:status=400-echo]` (an error quoting the request's Authorization header). A count makes the fault pass: `[sim:drop*2]`
+`[sim:status=400-echo]` (an error quoting the request's Authorization header),
+`[sim:status=429-day]` (a daily limit: retry after 86400 s). A count makes the fault pass: `[sim:drop*2]`
 drops the first two times that request arrives and answers it normally the third time.
 """
 
@@ -236,6 +237,11 @@ class Simulator:
             # a careless gateway: the caller's own header, quoted at the end of a long message
             return self._error(int(code.split("-")[0]), "invalid_request_error", None,
                                "The request was refused. " * 19 + f"You sent: {authorization}")
+        if code == "429-day":
+            response = self._error(429, "requests", "rate_limit_exceeded",
+                                   "Rate limit reached for requests per day.")
+            response.headers["retry-after"] = "86400"
+            return response
         if code == "429-quota":
             return self._error(429, "insufficient_quota", "insufficient_quota",
                                "You exceeded your current quota, please check your plan.")
