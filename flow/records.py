@@ -54,6 +54,14 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
 
+    def plus(self, other: Usage | None) -> Usage:
+        """The tokens of both."""
+        if other is None:
+            return self
+        return Usage(self.prompt_tokens + other.prompt_tokens,
+                     self.completion_tokens + other.completion_tokens,
+                     self.cached_tokens + other.cached_tokens)
+
 
 @dataclass(slots=True)
 class Reply:

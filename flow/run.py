@@ -26,7 +26,8 @@ from flow.endpoints import endpoint_origin
 from flow.endpoints.chat import read_stored_reply
 from flow.errors import ConfigError, FatalCallError
 from flow.execute import Executor
-from flow.execute.online import OnlineExecutor, make_client
+from flow.execute.client import make_client
+from flow.execute.online import OnlineExecutor
 from flow.limiter import RateLimiter
 from flow.load import Row, count_rows, read_rows
 from flow.plan import BATCH_ROWS, Action, Planned, Planner, decide, prepare

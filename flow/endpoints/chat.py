@@ -115,7 +115,8 @@ def not_kept_body(size: int, limit: int, usage: Usage | None) -> str:
                                       f"call.max_response_bytes ({limit})"}
     if usage is not None:
         stub["usage"] = {"prompt_tokens": usage.prompt_tokens,
-                         "completion_tokens": usage.completion_tokens}
+                         "completion_tokens": usage.completion_tokens,
+                         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
     return json.dumps(stub)
 
 

@@ -12,7 +12,6 @@ so a kill loses at most the calls in flight.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import backoff
-import httpx2
 import openai
 
 from flow.config import CallConfig
@@ -34,18 +32,11 @@ from flow.endpoints.chat import (
 )
 from flow.errors import FatalCallError, ItemError, RateLimitedError, RetryableError
 from flow.execute import Deliver, ExecutorCounters
+from flow.execute.client import rate_headers, retry_headers
 from flow.limiter import RateLimiter
 from flow.records import Attempt, Call, CallResult, Reply, Usage, utc_now
+from flow.redact import Redactor
 from flow.tokens import expected_output_tokens
-
-
-def make_client(config: CallConfig, base_url: str | None, api_key: str | None) -> openai.AsyncOpenAI:
-    """An `AsyncOpenAI` on the aiohttp transport, with the SDK's retries off."""
-    return openai.AsyncOpenAI(
-        base_url=base_url, api_key=api_key, max_retries=0, timeout=config.timeout_s,
-        http_client=openai.DefaultAioHttpClient(
-            limits=httpx2.Limits(max_connections=config.concurrency,
-                                 max_keepalive_connections=config.concurrency)))
 
 
 @dataclass(slots=True)
@@ -70,7 +61,7 @@ class _Progress:
 
     def add_retried(self, body: str, usage: Usage) -> None:
         """Count a paid reply that is retried."""
-        self.retried_usage = _plus(self.retried_usage, usage)
+        self.retried_usage = usage.plus(self.retried_usage)
         self.retried_body = body
 
 
@@ -91,7 +82,7 @@ class OnlineExecutor:
         self._woken: set[asyncio.Task[Any]] = set()
         self._client = client
         self._limiter = limiter
-        self._secret = secret
+        self._redact = Redactor(secret)
         self._output_tokens = expected_output_tokens(config.params, config.expected_output_tokens)
         self.counters = ExecutorCounters()
         # built once: a decorator per call measured 8% of a run's CPU at 900 requests/s
@@ -158,21 +149,21 @@ class OnlineExecutor:
         except RetryableError as e:
             tries = len(progress.log)
             result.error_class = e.error_class
-            result.error = self._redact(
+            result.error = self._redact.text(
                 f"gave up after {tries} attempt{'s' * (tries != 1)} in "
                 f"{time.monotonic() - started:.1f} s: {e}")
             result.body = progress.retried_body
         except ItemError as e:
-            result.error_class, result.error = e.error_class, self._redact(str(e))
+            result.error_class, result.error = e.error_class, self._redact.text(str(e))
         else:
             if isinstance(outcome, _Paid):
                 result.body, result.usage = outcome.body, outcome.usage
                 result.error_class = outcome.error.error_class
-                result.error = self._redact(str(outcome.error))
+                result.error = self._redact.text(str(outcome.error))
             else:
                 result.body, result.usage, result.reply = outcome
         if progress.retried_usage is not None:
-            result.usage = _plus(result.usage, progress.retried_usage)
+            result.usage = progress.retried_usage.plus(result.usage)
         result.finished_at = utc_now()
         result.latency_ms = round((time.monotonic() - started) * 1000, 1)
         return result
@@ -228,7 +219,7 @@ class OnlineExecutor:
         def log(status: int | None, outcome: str, error: str | None = None) -> None:
             progress.log.append(Attempt(
                 number, started_at, round((time.monotonic() - started) * 1000, 1), status,
-                outcome, self._redact(error) if error else None))
+                outcome, self._redact.text(error) if error else None))
 
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**request)
@@ -238,8 +229,8 @@ class OnlineExecutor:
             self._limiter.observe(headers)
             self._limiter.settle(reservation, 0)
             # the key is taken out before any message is cut, so no part of it is ever kept
-            error = classify_status(e.status_code, self._redact_value(e.body),
-                                    _retry_headers(e.response.headers))
+            error = classify_status(e.status_code, self._redact.value(e.body),
+                                    retry_headers(e.response.headers))
             log(e.status_code, "error", str(error))
             if isinstance(error, RateLimitedError):
                 self.counters.rate_limited += 1
@@ -254,7 +245,7 @@ class OnlineExecutor:
                 self._limiter.on_rate_limited(
                     None if wait is None else min(wait, retry.max_wait_s))
             if isinstance(error, FatalCallError):
-                raise FatalCallError(self._redact(str(error))) from None
+                raise FatalCallError(self._redact.text(str(error))) from None
             raise _tagged(error, progress) from None
         except (openai.APIConnectionError, TimeoutError) as e:
             # the aiohttp transport reports a dropped connection as a timeout: tell them apart
@@ -270,15 +261,12 @@ class OnlineExecutor:
                 log(None, "connection error", str(error))
             raise _tagged(error, progress) from None
         self._limiter.observe(rate_headers(raw.headers))
+        # a server that echoes the request's headers back never gets the key into the store
+        body = self._redact.text(content.decode("utf-8", errors="replace"))
         limit = self._config.max_response_bytes
         if len(content) > limit:
-            usage = usage_of_body(content.decode("utf-8", errors="replace"))
-            self._limiter.settle(reservation, _total(usage))
-            body = not_kept_body(len(content), limit, usage)
-            log(raw.status_code, "unusable", "too large to keep")
-            return _paid(body, usage)
-        # a server that echoes the request's headers back never gets the key into the store
-        body = self._redact(content.decode("utf-8", errors="replace"))
+            # paid for, too large to keep: a stub with its usage reads as unusable below
+            body = not_kept_body(len(content), limit, usage_of_body(body))
         try:
             reply, value = parse_reply(body)
         except RetryableError as e:
@@ -298,40 +286,11 @@ class OnlineExecutor:
         log(raw.status_code, "ok")
         return body, usage, reply
 
-    def _redact_value(self, value: Any) -> Any:
-        """A JSON value (an error body) with the key taken out of every string in it."""
-        if not self._secret or len(self._secret) < 4 or value is None:
-            return value
-        try:
-            return json.loads(self._redact(json.dumps(value)))
-        except (TypeError, ValueError):
-            return self._redact(str(value))
-
-    def _redact(self, text: str) -> str:
-        if self._secret and len(self._secret) >= 4:
-            text = text.replace(self._secret, "[REDACTED]")
-        return text
-
-
-def _paid(body: str, usage: Usage | None) -> _Paid:
-    try:
-        parse_reply(body)
-    except ItemError as e:
-        return _Paid(body, usage, e)
-    raise AssertionError("a stub body always reads as unusable")
-
 
 def _tagged(error: Exception, progress: _Progress) -> Exception:
     """The error, carrying the call's progress for `_gives_up` to count."""
     error.progress = progress  # type: ignore[attr-defined]
     return error
-
-
-def _plus(a: Usage | None, b: Usage) -> Usage:
-    if a is None:
-        return b
-    return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens,
-                 a.cached_tokens + b.cached_tokens)
 
 
 def _total(usage: Usage | None) -> int | None:
@@ -352,14 +311,3 @@ def _waits(first_s: float, max_s: float) -> Generator[float, Exception | None, N
         else:
             wait = random.uniform(0, ceiling)
         error = yield wait
-
-
-def rate_headers(headers: httpx2.Headers) -> dict[str, str]:
-    """The `x-ratelimit-*` headers in one pass (each `Headers.get` is a scan of them all)."""
-    return {key.decode("latin-1").lower(): value.decode("latin-1")
-            for key, value in headers.raw if key[:11].lower() == b"x-ratelimit"}
-
-
-def _retry_headers(headers: httpx2.Headers) -> dict[str, str]:
-    return {name: value for name in ("retry-after-ms", "retry-after")
-            if (value := headers.get(name)) is not None}

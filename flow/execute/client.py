@@ -1,0 +1,29 @@
+"""The SDK client the online executor sends through, and the headers it reads back."""
+
+from __future__ import annotations
+
+import httpx2
+import openai
+
+from flow.config import CallConfig
+
+
+def make_client(config: CallConfig, base_url: str | None, api_key: str | None) -> openai.AsyncOpenAI:
+    """An `AsyncOpenAI` on the aiohttp transport, with the SDK's retries off."""
+    return openai.AsyncOpenAI(
+        base_url=base_url, api_key=api_key, max_retries=0, timeout=config.timeout_s,
+        http_client=openai.DefaultAioHttpClient(
+            limits=httpx2.Limits(max_connections=config.concurrency,
+                                 max_keepalive_connections=config.concurrency)))
+
+
+def rate_headers(headers: httpx2.Headers) -> dict[str, str]:
+    """The `x-ratelimit-*` headers in one pass (each `Headers.get` is a scan of them all)."""
+    return {key.decode("latin-1").lower(): value.decode("latin-1")
+            for key, value in headers.raw if key[:11].lower() == b"x-ratelimit"}
+
+
+def retry_headers(headers: httpx2.Headers) -> dict[str, str]:
+    """The `retry-after-ms` and `retry-after` headers, where the server sent them."""
+    return {name: value for name in ("retry-after-ms", "retry-after")
+            if (value := headers.get(name)) is not None}
