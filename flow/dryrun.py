@@ -15,7 +15,7 @@ from flow.endpoints import endpoint_origin
 from flow.endpoints.chat import estimate_prompt_tokens
 from flow.errors import ItemError
 from flow.load import read_rows
-from flow.plan import BATCH_ROWS, Action, Planned, decide, prepare
+from flow.plan import Action, Planned, batches, decide, prepare
 from flow.post import PostProcessor
 from flow.prices import Price, cost_usd, price_for
 from flow.records import STAGE
@@ -67,16 +67,9 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     source = config.load.path.name
     seen = _Seen()
     try:
-        batch = []
-        for row in read_rows(config.load):
+        for batch in batches(read_rows(config.load)):
             if report.stopped_at_row is not None:
-                break
-            batch.append(row)
-            if len(batch) >= BATCH_ROWS:
-                await _tally(report, prepare(batch, builder, source), store, options,
-                             post_key, output_tokens, seen)
-                batch = []
-        if report.stopped_at_row is None:
+                break  # --limit: the run reads no batch after the one where it stops
             await _tally(report, prepare(batch, builder, source), store, options, post_key,
                          output_tokens, seen)
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +63,18 @@ class Planned:
     error: ItemError | None
     call: Call | None = None
     known: Known = field(default_factory=Known)
+
+
+def batches(rows: Iterator[Row], size: int = BATCH_ROWS) -> Iterator[list[Row]]:
+    """The rows in lists of `size`, the unit planned together."""
+    batch: list[Row] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def prepare(rows: Sequence[Row], builder: RequestBuilder, source: str) -> list[Planned]:

@@ -15,6 +15,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from flow.execute import ExecutorCounters
 from flow.limiter import LimiterStats
 
 
@@ -46,6 +47,18 @@ class RunProgress:
     def elapsed_s(self) -> float:
         """Seconds since the run started."""
         return time.monotonic() - self.started
+
+    def observe(self, counters: ExecutorCounters, limits: LimiterStats) -> None:
+        """Take in the executor's counts and the limiter's pace."""
+        self.calls, self.retries = counters.attempts, counters.retries
+        self.rate_limited, self.in_flight = counters.rate_limited, counters.in_flight
+        self.limits = limits
+
+    def counts(self) -> dict[str, int]:
+        """What the `runs` row records of the run's items and calls."""
+        return {"items_total": self.total, "items_done": self.done,
+                "items_failed": self.failed, "items_skipped": self.skipped,
+                "calls_made": self.calls}
 
 
 @dataclass

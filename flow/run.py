@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from flow.budget import Budget, Verdict
@@ -29,8 +29,8 @@ from flow.execute import Executor
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
 from flow.limiter import RateLimiter
-from flow.load import Row, count_rows, read_rows
-from flow.plan import BATCH_ROWS, Action, Planned, Planner, decide, prepare
+from flow.load import count_rows, read_rows
+from flow.plan import Action, Planned, Planner, batches, decide, prepare
 from flow.post import PostProcessor
 from flow.prices import Price, estimate_call_usd, price_for, priced_reply
 from flow.progress import RunProgress, RunSummary
@@ -134,7 +134,7 @@ class Run:
             raise
         finally:
             with contextlib.suppress(Exception):
-                await store.finish_run(state, message, self._counts())
+                await store.finish_run(state, message, self.progress.counts())
             await store.close()
         if fatal is not None:
             raise fatal
@@ -163,7 +163,7 @@ class Run:
             for task in (work, stop, ticker):
                 task.cancel()
             await asyncio.gather(work, stop, ticker, return_exceptions=True)
-            self._refresh(executor, limiter)
+            self.progress.observe(executor.counters, limiter.stats())
 
     async def _calls(self, store: Store) -> AsyncIterator[Call]:
         """The distinct calls the input needs, batch after batch; the input's end forgets
@@ -177,7 +177,7 @@ class Run:
         planning: asyncio.Task[list[Call]] | None = None
         try:
             # a last empty step hands out the last batch's calls
-            for batch in itertools.chain(_batches(read_rows(self.config.load), BATCH_ROWS),
+            for batch in itertools.chain(batches(read_rows(self.config.load)),
                                          [None]):
                 prepared = prepare(batch, self._builder, source) if batch else None
                 if planning is not None:
@@ -343,35 +343,10 @@ class Run:
 
     async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:
-            self._refresh(executor, limiter)
+            self.progress.observe(executor.counters, limiter.stats())
             if self._on_progress is not None:
                 self._on_progress(self.progress)
             await asyncio.sleep(TICK_S)
-
-    def _refresh(self, executor: Executor, limiter: RateLimiter) -> None:
-        counters = executor.counters
-        self.progress.calls = counters.attempts
-        self.progress.retries = counters.retries
-        self.progress.rate_limited = counters.rate_limited
-        self.progress.in_flight = counters.in_flight
-        self.progress.limits = limiter.stats()
-
-    def _counts(self) -> dict[str, int]:
-        progress = self.progress
-        return {"items_total": progress.total, "items_done": progress.done,
-                "items_failed": progress.failed, "items_skipped": progress.skipped,
-                "calls_made": progress.calls}
-
-
-def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    batch: list[Row] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 async def run_pipeline(config: PipelineConfig, options: RunOptions,
