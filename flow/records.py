@@ -167,18 +167,3 @@ class Known:
     response_id: int | None = None
     bought: bool = False
     reply_id: int | None = None
-
-
-@dataclass(slots=True)
-class RunTotals:
-    """Commit timings a run records in its `runs` row."""
-
-    committed: int = 0
-    commit_groups: int = 0
-    commit_wait_total_ms: float = 0.0
-    commit_wait_max_ms: float = 0.0
-
-    @property
-    def commit_wait_mean_ms(self) -> float:
-        """Mean time a result waited in memory before it was on disk."""
-        return self.commit_wait_total_ms / self.committed if self.committed else 0.0

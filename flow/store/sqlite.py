@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import aiosqlite
 
 from flow.errors import StoreError
-from flow.records import ItemRecord, Known, RunTotals, Settled, utc_now
+from flow.records import ItemRecord, Known, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.migrations import prepare_store
 from flow.store.sqlite_sql import (
@@ -35,12 +34,9 @@ from flow.store.sqlite_sql import (
     run_in_transaction,
     store_error,
 )
+from flow.store.writer import GroupWriter
 
-MAX_GROUP = 2000
 CHUNK = 5000
-
-_Pending = tuple[Settled | None, asyncio.Future[None], float]
-
 
 class SQLiteStore:
     """The store a run writes to; open with `await SQLiteStore.open(path)`, then `close()`."""
@@ -51,13 +47,10 @@ class SQLiteStore:
         self._db = db
         self._lock = lock
         self._busy_timeout_s = busy_timeout_s
-        self._pending: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
-        self._failure: StoreError | None = None
+        self._writer = GroupWriter(self._commit, lambda e: self._error("cannot write results", e))
         self._transaction = asyncio.Lock()
         self._next_response_id = 1
         self.run_id = 0
-        self.totals = RunTotals()
 
     @classmethod
     async def open(cls, path: Path, busy_timeout_s: float = 5.0) -> SQLiteStore:
@@ -87,7 +80,7 @@ class SQLiteStore:
         store = cls(path, db, lock, busy_timeout_s)
         # one writer holds the lock, so it numbers the replies it adds itself
         store._next_response_id = int(row[0]) if row else 1
-        store._writer = asyncio.create_task(store._write_forever())
+        store._writer.start()
         return store
 
     @classmethod
@@ -121,17 +114,17 @@ class SQLiteStore:
         """Flush every pending result, then record the run's end; its spend is what it stored.
 
         After a failed write the end is still recorded, if the store takes it."""
-        if self._failure is None:
+        if self._writer.failure is None:
             await self.flush()
-        totals = self.totals
+        times = self._writer.times
         await self._run_sql(
             "UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, items_done=?, "
             "items_failed=?, items_skipped=?, commit_groups=?, commit_wait_mean_ms=?, "
             "commit_wait_max_ms=? WHERE id=?",
             (utc_now(), state, message, counts.get("items_total"), counts.get("items_done", 0),
              counts.get("items_failed", 0), counts.get("items_skipped", 0),
-             totals.commit_groups, round(totals.commit_wait_mean_ms, 2),
-             round(totals.commit_wait_max_ms, 2), self.run_id))
+             times.groups, round(times.wait_mean_ms, 2), round(times.wait_max_ms, 2),
+             self.run_id))
         await self._reconcile(self.run_id, counts.get("calls_made"))
 
     async def _reconcile(self, run_id: int, calls_made: int | None) -> None:
@@ -260,37 +253,20 @@ class SQLiteStore:
         return int(count)
 
     async def save(self, settled: Settled) -> None:
-        """Commit a call's reply and outputs; returns once they are on disk (grouped with
-        their neighbours)."""
-        if self._failure is not None:
-            raise self._failure
-        done = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((settled, done, time.monotonic()))
-        await done
-        if self._failure is not None:
-            raise self._failure
+        """Commit a call's reply and outputs; returns once they are on disk."""
+        await self._writer.save(settled)
 
     async def flush(self) -> None:
         """Wait until every queued result is committed."""
-        if self._writer is None or self._writer.done():
-            if self._failure is not None:
-                raise self._failure
-            return
-        done = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((None, done, time.monotonic()))
-        await done
-        if self._failure is not None:
-            raise self._failure
+        await self._writer.flush()
 
     async def close(self) -> None:
         """Flush, stop the writer, checkpoint the WAL and release the lock."""
         try:
-            if self._failure is None:
+            if self._writer.failure is None:
                 await self.flush()
         finally:
-            if self._writer is not None:
-                self._writer.cancel()
-                await asyncio.gather(self._writer, return_exceptions=True)
+            await self._writer.stop()
             if self._lock is not None:
                 with contextlib.suppress(sqlite3.Error):
                     await self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -298,42 +274,12 @@ class SQLiteStore:
             if self._lock is not None:
                 self._lock.release()
 
-    async def _write_forever(self) -> None:
-        """Commit whatever has arrived since the last commit, in one transaction."""
-        while True:
-            group = [await self._pending.get()]
-            while len(group) < MAX_GROUP and not self._pending.empty():
-                group.append(self._pending.get_nowait())
-            settled = [item for item, _, _ in group if item is not None]
-            if settled and self._failure is None:
-                try:
-                    statements, next_id = group_statements(
-                        settled, self.run_id, self._next_response_id)
-                    async with self._transaction:
-                        await self._in_thread(run_in_transaction, self._db._conn, statements)
-                    self._next_response_id = next_id
-                except sqlite3.Error as e:
-                    self._failure = self._error("cannot write results", e)
-                except Exception as e:  # a value SQLite cannot take: stop, never hang
-                    self._failure = StoreError(
-                        f"{self.path}: cannot write results: {type(e).__name__}: {e}; "
-                        "everything committed before is safe")
-                self._time_commit(group)
-            for _, waiter, _ in group:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    def _time_commit(self, group: list[_Pending]) -> None:
-        """How long results waited in memory, from arrival to being on disk."""
-        now = time.monotonic()
-        totals = self.totals
-        totals.commit_groups += 1
-        for settled, _, queued in group:
-            if settled is not None:
-                wait_ms = (now - queued) * 1000
-                totals.commit_wait_max_ms = max(totals.commit_wait_max_ms, wait_ms)
-                totals.commit_wait_total_ms += wait_ms
-                totals.committed += 1
+    async def _commit(self, group: list[Settled]) -> None:
+        """Write one group in one transaction, numbering its replies."""
+        statements, next_id = group_statements(group, self.run_id, self._next_response_id)
+        async with self._transaction:
+            await self._in_thread(run_in_transaction, self._db._conn, statements)
+        self._next_response_id = next_id
 
     async def _in_thread(self, function: Callable[..., None], *args: Any) -> None:
         """Run `function` on the connection's own thread: one hop for many statements."""
@@ -362,6 +308,8 @@ class SQLiteStore:
             raise self._error("cannot read", e) from None
 
     def _error(self, doing: str, error: Exception) -> StoreError:
+        if isinstance(error, StoreError):
+            return error
         return store_error(self.path, doing, error, self._busy_timeout_s)
 
 
