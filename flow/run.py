@@ -36,6 +36,7 @@ from flow.prices import Price, estimate_call_usd, price_for, priced_reply
 from flow.progress import RunProgress, RunSummary
 from flow.records import (
     STAGE,
+    Attempt,
     Call,
     CallResult,
     OutputRecord,
@@ -79,8 +80,8 @@ class Run:
         self._price: Price | None = price_for(config.call.model, config.call.price)
         self._output_tokens = expected_output_tokens(config.call.params,
                                                      config.call.expected_output_tokens)
-        self._origin = endpoint_origin(options.base_url or config.call.base_url,
-                                       options.simulate)
+        self._base_url = options.base_url or config.call.base_url
+        self._origin = endpoint_origin(self._base_url, options.simulate)
         self._stop_feeding = asyncio.Event()
         self._abort = asyncio.Event()
         # request key -> the items waiting for its reply; changed only under `_plan_lock`,
@@ -112,7 +113,7 @@ class Run:
         state, message = "finished", None
         fatal: FatalCallError | None = None
         try:
-            client = make_client(call, self.options.base_url or call.base_url, api_key)
+            client = make_client(call, self._base_url, api_key)
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
             limiter = RateLimiter(call.rpm, call.tpm)
@@ -265,17 +266,18 @@ class Run:
         outputs = []
         reassign: set[int] = set()
         for planned in items:
-            assert planned.call is not None
             known = planned.known
-            assert known.reply_id is not None
-            output = self._output(planned, bodies.get(known.reply_id, ""), None)
+            assert planned.call is not None and known.reply_id is not None
+            reply, error_class, error = read_stored_reply(bodies.get(known.reply_id, ""))
+            output = self._post.output_for(planned.record.item_id, planned.call.key, reply,
+                                           error_class, error)
             output.response_id = known.reply_id
             if known.response_id == known.reply_id:
                 output.bought = known.bought
             else:
                 reassign.update(r for r in (known.response_id, known.reply_id) if r is not None)
             outputs.append(output)
-            self._count(output)
+        self._count(outputs)
         self.progress.reused += len(outputs)
         await store.save(Settled(STAGE, self._origin, "", utc_now(), None, [], outputs,
                                  sorted(reassign)))
@@ -292,27 +294,33 @@ class Run:
         waiting = self._in_flight[key]
         taken = len(waiting)
         response = self._response(result)
-        outputs = [self._output(planned, result.body, result) for planned in waiting]
-        outputs[0].bought = response is not None
-        # the replies these items used before (a re-buy, an earlier request) may need a payer
-        before = sorted({p.known.response_id for p in waiting if p.known.response_id is not None})
-        await store.save(Settled(STAGE, self._origin, key, result.finished_at, response,
-                                 result.attempts, outputs, before))
-        for output in outputs:
-            self._count(output)
-        self.progress.completed += len(outputs)
+        settled = self._settled_for(result, waiting, response, result.attempts)
+        settled.outputs[0].bought = response is not None
+        await store.save(settled)
+        self.progress.completed += taken
         async with self._plan_lock:
             late = self._in_flight.pop(key)[taken:]
         if late:
             # items that came to wait while the result was being committed
-            outputs = [self._output(planned, result.body, result) for planned in late]
-            for output in outputs:
+            settled = self._settled_for(result, late, None, [])
+            for output in settled.outputs:
                 output.response_id = response.id if response is not None else None
-                self._count(output)
-            before = sorted({p.known.response_id for p in late
-                             if p.known.response_id is not None})
-            await store.save(Settled(STAGE, self._origin, key, result.finished_at, None, [],
-                                     outputs, before))
+            await store.save(settled)
+
+    def _settled_for(self, result: CallResult, items: list[Planned],
+                     response: ResponseRecord | None, attempts: list[Attempt]) -> Settled:
+        """The outputs a call's result gives `items`, as one unit to commit, with the replies
+        those items used before (a re-buy, an earlier request), which may need a payer."""
+        outputs = []
+        for planned in items:
+            assert planned.call is not None
+            outputs.append(self._post.output_for(
+                planned.record.item_id, planned.call.key, result.reply, result.error_class,
+                result.error, len(result.attempts)))
+        self._count(outputs)
+        before = sorted({p.known.response_id for p in items if p.known.response_id is not None})
+        return Settled(STAGE, self._origin, result.call.key, result.finished_at, response,
+                       attempts, outputs, before)
 
     def _response(self, result: CallResult) -> ResponseRecord | None:
         """The paid reply to store, with its cost; counted into the run's spend once."""
@@ -323,23 +331,12 @@ class Run:
             self.progress.cost_usd += response.cost_usd or 0.0
         return response
 
-    def _output(self, planned: Planned, body: str | None,
-                result: CallResult | None) -> OutputRecord:
-        """What an item becomes from a call's result, or from a stored reply's body."""
-        assert planned.call is not None
-        if result is not None:
-            return self._post.output_for(planned.record.item_id, planned.call.key,
-                                         result.reply, result.error_class, result.error,
-                                         len(result.attempts))
-        reply, error_class, error = read_stored_reply(body or "")
-        return self._post.output_for(planned.record.item_id, planned.call.key, reply,
-                                     error_class, error)
-
-    def _count(self, output: OutputRecord) -> None:
-        if output.status == "done":
-            self.progress.done += 1
-        else:
-            self.progress.failed += 1
+    def _count(self, outputs: list[OutputRecord]) -> None:
+        for output in outputs:
+            if output.status == "done":
+                self.progress.done += 1
+            else:
+                self.progress.failed += 1
 
     async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:
