@@ -233,19 +233,9 @@ class OnlineExecutor:
                                     retry_headers(e.response.headers))
             log(e.status_code, "error", str(error))
             if isinstance(error, RateLimitedError):
-                self.counters.rate_limited += 1
-                wait = error.retry_after_s
-                retry = self._config.retry
-                if wait is not None and wait > retry.max_time_s:
-                    # a daily quota's 86400: no item may wait that long; say so, stop
-                    raise FatalCallError(
-                        f"the endpoint asks every request to wait {wait:,.0f} s (429 "
-                        f"retry-after), longer than call.retry.max_time_s "
-                        f"({retry.max_time_s:g} s): run again once the limit resets") from None
-                self._limiter.on_rate_limited(
-                    None if wait is None else min(wait, retry.max_wait_s))
+                self._pause_everyone(error.retry_after_s)
             if isinstance(error, FatalCallError):
-                raise FatalCallError(self._redact.text(str(error))) from None
+                raise error from None
             raise _tagged(error, progress) from None
         except (openai.APIConnectionError, TimeoutError) as e:
             # the aiohttp transport reports a dropped connection as a timeout: tell them apart
@@ -285,6 +275,18 @@ class OnlineExecutor:
         self._limiter.settle(reservation, _total(usage))
         log(raw.status_code, "ok")
         return body, usage, reply
+
+    def _pause_everyone(self, wait_s: float | None) -> None:
+        """A 429: the limiter pauses every sender for the server's wait, up to max_wait_s;
+        a wait longer than any item may take (a daily limit's 86400 s) stops the run."""
+        self.counters.rate_limited += 1
+        retry = self._config.retry
+        if wait_s is not None and wait_s > retry.max_time_s:
+            raise FatalCallError(
+                f"the endpoint asks every request to wait {wait_s:,.0f} s (429 retry-after), "
+                f"longer than call.retry.max_time_s ({retry.max_time_s:g} s): run again once "
+                "the limit resets")
+        self._limiter.on_rate_limited(None if wait_s is None else min(wait_s, retry.max_wait_s))
 
 
 def _tagged(error: Exception, progress: _Progress) -> Exception:
