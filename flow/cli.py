@@ -194,7 +194,7 @@ async def _run_with_signals(config: PipelineConfig, options: RunOptions,
 
     if simulator is None:
         return await _signalled(Run(config, options, on_progress=display.update), err)
-    from flow.simulator.server import serve
+    from flow.simulator.serving import serve
 
     async with serve(simulator) as (url, _):
         options.base_url, options.api_key = url, "sk-simulated"
@@ -330,7 +330,7 @@ def _show(args: argparse.Namespace, err: Console) -> int:
 
 
 def _simulate(args: argparse.Namespace, err: Console) -> int:
-    from flow.simulator.server import serve
+    from flow.simulator.serving import serve
 
     config = simulator_config(args, "")
 

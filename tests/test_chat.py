@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from flow.endpoints.chat import (
     read_usage,
     retry_after_s,
     usage_of_body,
+    usage_of_tail,
 )
 from flow.errors import (
     FatalCallError,
@@ -25,6 +28,7 @@ from flow.errors import (
     ResponseError,
     RetryableError,
 )
+from flow.execute.client import TAIL_BYTES, Body, read_capped
 from flow.records import Reply, Usage
 
 
@@ -330,3 +334,27 @@ def test_retry_after_ignores_a_value_that_is_not_a_wait(bad: str) -> None:
 @pytest.mark.parametrize("header", ["retry-after-ms", "retry-after"])
 def test_retry_after_treats_a_negative_wait_as_no_wait(header: str, value: str) -> None:
     assert retry_after_s({header: value}) == 0.0
+
+
+def test_a_body_too_large_is_never_held_whole_and_keeps_its_usage() -> None:
+    usage = b'"usage": {"prompt_tokens": 12, "completion_tokens": 3456}}'
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"choices": [{"message": {"content": "'
+        for _ in range(3_000):  # 30 MB of reply
+            yield b"x" * 10_000
+        yield b'"}}], ' + usage
+
+    async def read() -> Body:
+        return await read_capped(chunks(), 1_000_000)
+
+    body = asyncio.run(read())
+    assert body.content is None and body.size > 30_000_000
+    assert len(body.tail) <= TAIL_BYTES
+    assert usage_of_tail(body.tail.decode()) == Usage(12, 3456, 0)
+    small = asyncio.run(read_capped(_once(b'{"a": 1}'), 1_000_000))
+    assert small.content == b'{"a": 1}' and small.size == 8
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -322,3 +322,16 @@ def test_a_retry_after_longer_than_any_item_may_wait_stops_the_run_clearly(
     assert "86,400 s" in err and "max_time_s" in err and "Traceback" not in err
     assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
     assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'done'") == [(1,)]
+
+
+def test_timeout_bounds_the_whole_request_not_each_read(make_pipeline: Any, simulator:
+                                                        SimulatorThread, capsys: Any) -> None:
+    # a byte every 50 ms: no single read waits long, the whole body would take seconds
+    simulator.config.drip_s = 0.05
+    pipeline = make_pipeline(rows=[{"id": "slow", "question": "[sim:drip] hello"}],
+                             base_url=simulator.url,
+                             call={"timeout_s": 0.5, "retry": {"max_tries": 1}})
+    assert pipeline.run() == 1
+    [row] = pipeline.export(capsys)
+    assert row["error_class"] == "APITimeoutError", row
+    assert "no response within 0.5 s" in row["error"]

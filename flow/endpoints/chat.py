@@ -109,6 +109,19 @@ def usage_of_body(body: str) -> Usage | None:
         return None
 
 
+def usage_of_tail(tail: str) -> Usage | None:
+    """The usage at the end of a body too large to keep whole (servers put `usage` last)."""
+    at = tail.rfind('"usage"')
+    colon = tail.find(":", at)
+    if at < 0 or colon < 0:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(tail[colon + 1:].lstrip())
+        return read_usage({"usage": value})
+    except (ValueError, RecursionError):
+        return None
+
+
 def not_kept_body(size: int, limit: int, usage: Usage | None) -> str:
     """What is stored in place of a paid reply too large to keep: its usage and why."""
     stub: dict[str, Any] = {NOT_KEPT: f"response of {size} bytes is larger than "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+
 import httpx2
 import openai
 
@@ -27,3 +30,33 @@ def retry_headers(headers: httpx2.Headers) -> dict[str, str]:
     """The `retry-after-ms` and `retry-after` headers, where the server sent them."""
     return {name: value for name in ("retry-after-ms", "retry-after")
             if (value := headers.get(name)) is not None}
+
+
+TAIL_BYTES = 65_536
+
+
+@dataclass(slots=True)
+class Body:
+    """A response body read with a bound: whole when it fits in `limit` bytes, else only
+    its size and its last `TAIL_BYTES` (where the usage of the paid reply is)."""
+
+    content: bytes | None
+    size: int
+    tail: bytes = b""
+
+
+async def read_capped(chunks: AsyncIterable[bytes], limit: int) -> Body:
+    """Read a body holding at most `limit` + `TAIL_BYTES` bytes of it in memory at a time."""
+    parts: list[bytes] = []
+    size = 0
+    tail = b""
+    async for chunk in chunks:
+        size += len(chunk)
+        if size <= limit:
+            parts.append(chunk)
+            continue
+        if parts:
+            tail = b"".join(parts)
+            parts.clear()
+        tail = (tail + chunk)[-TAIL_BYTES:]
+    return Body(b"".join(parts), size) if size <= limit else Body(None, size, tail)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import backoff
+import httpx2
 import openai
 
 from flow.config import CallConfig
@@ -29,10 +30,11 @@ from flow.endpoints.chat import (
     parse_reply,
     read_usage,
     usage_of_body,
+    usage_of_tail,
 )
 from flow.errors import FatalCallError, ItemError, RateLimitedError, RetryableError
 from flow.execute import Deliver, ExecutorCounters
-from flow.execute.client import rate_headers, retry_headers
+from flow.execute.client import rate_headers, read_capped, retry_headers
 from flow.limiter import RateLimiter
 from flow.records import Attempt, Call, CallResult, Reply, Usage, utc_now
 from flow.redact import Redactor
@@ -222,8 +224,12 @@ class OnlineExecutor:
                 outcome, self._redact.text(error) if error else None))
 
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(**request)
-            content = raw.content
+            # timeout_s bounds the whole request, not each read: a server sending a byte a
+            # second is cut off; the body is read with a bound, never whole into memory
+            async with asyncio.timeout(self._config.timeout_s):
+                async with self._client.chat.completions.with_streaming_response.create(
+                        **request) as raw:
+                    received = await read_capped(raw.iter_bytes(), self._config.max_response_bytes)
         except openai.APIStatusError as e:
             headers = rate_headers(e.response.headers)
             self._limiter.observe(headers)
@@ -237,8 +243,9 @@ class OnlineExecutor:
             if isinstance(error, FatalCallError):
                 raise error from None
             raise _tagged(error, progress) from None
-        except (openai.APIConnectionError, TimeoutError) as e:
-            # the aiohttp transport reports a dropped connection as a timeout: tell them apart
+        except (openai.APIConnectionError, httpx2.HTTPError, TimeoutError) as e:
+            # a body cut short while read is an httpx2 error, which the SDK does not wrap; the
+            # aiohttp transport reports a dropped connection as a timeout: tell them apart
             self._limiter.observe(None, reached_server=False)
             if time.monotonic() - started >= self._config.timeout_s * 0.9:
                 error = RetryableError(f"no response within {self._config.timeout_s:g} s",
@@ -251,12 +258,13 @@ class OnlineExecutor:
                 log(None, "connection error", str(error))
             raise _tagged(error, progress) from None
         self._limiter.observe(rate_headers(raw.headers))
-        # a server that echoes the request's headers back never gets the key into the store
-        body = self._redact.text(content.decode("utf-8", errors="replace"))
-        limit = self._config.max_response_bytes
-        if len(content) > limit:
+        if received.content is None:
             # paid for, too large to keep: a stub with its usage reads as unusable below
-            body = not_kept_body(len(content), limit, usage_of_body(body))
+            body = not_kept_body(received.size, self._config.max_response_bytes,
+                                 usage_of_tail(received.tail.decode("utf-8", errors="replace")))
+        else:
+            # a server that echoes the request's headers back never gets the key into the store
+            body = self._redact.text(received.content.decode("utf-8", errors="replace"))
         try:
             reply, value = parse_reply(body)
         except RetryableError as e:

@@ -1,6 +1,6 @@
 """An OpenAI-compatible server for trying pipelines and testing flow without a key.
 
-`server` serves it, `limits` shapes its rate limits, `config` says how it behaves and
+`server` answers requests, `serving` serves it, `limits` shapes its rate limits, `config` says how it behaves and
 `options` turns that into command-line options.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["SimulatorConfig", "SimulatorStats", "SimulatorThread", "format_duration", "serve"]
 _EXPORTS = {"SimulatorConfig": "flow.simulator.config", "SimulatorStats": "flow.simulator.config",
-            "SimulatorThread": "flow.simulator.server", "serve": "flow.simulator.server",
+            "SimulatorThread": "flow.simulator.serving", "serve": "flow.simulator.serving",
             "format_duration": "flow.simulator.limits"}
 
 

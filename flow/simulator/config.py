@@ -24,6 +24,7 @@ class SimulatorConfig:
     truncate_rate: float = 0.0
     filter_rate: float = 0.0
     hang_s: float = 3600.0
+    drip_s: float = 0.05
     outages: list[tuple[float, float]] = field(default_factory=list)
     api_key: str | None = None
     seed: int | None = None

@@ -10,7 +10,7 @@ many requests arrived, and how many times each distinct request did.
 A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` (any code;
 `429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
 `[sim:malformed]`, `[sim:drop]`, `[sim:hang]`, `[sim:cut]` (the body stops half-way),
-`[sim:huge]` (a 20 MB body), `[sim:finish=none]` (no finish_reason),
+`[sim:huge]` (a 20 MB body), `[sim:drip]` (the body a byte every `drip_s`), `[sim:finish=none]` (no finish_reason),
 `[sim:finish=tool_calls]` (a tool call, as a request with `tools` always gets),
 `[sim:status=400-echo]` (an error quoting the request's Authorization header),
 `[sim:status=429-day]` (a daily limit: retry after 86400 s). A count makes the fault pass: `[sim:drop*2]`
@@ -24,11 +24,7 @@ import json
 import math
 import random
 import re
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import toktok
@@ -40,7 +36,7 @@ from flow.simulator.limits import Limit, format_duration
 from flow.tokens import count_prompt_tokens, encoding_for_model
 
 MARKER = re.compile(
-    r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge))(?:\*(\d+))?\]")
+    r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge|drip))(?:\*(\d+))?\]")
 HUGE_BYTES = 20_000_000
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray"]
 
@@ -152,6 +148,8 @@ class Simulator:
         payload["choices"] = [choice]
         if fault == "cut":
             return await self._cut_short(request, json.dumps(payload))
+        if fault == "drip":
+            return await self._drip(request, json.dumps(payload))
         return self._respond(200, json.dumps(payload))
 
     async def _cut_short(self, request: web.Request, text: str) -> web.StreamResponse:
@@ -164,6 +162,18 @@ class Simulator:
         if request.transport is not None:
             request.transport.abort()
         raise asyncio.CancelledError
+
+    async def _drip(self, request: web.Request, text: str) -> web.StreamResponse:
+        """Send the body a byte at a time, `drip_s` apart: every read is quick, the whole slow."""
+        data = text.encode()
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": "application/json", "Content-Length": str(len(data))})
+        await response.prepare(request)
+        for index in range(len(data)):
+            await response.write(data[index:index + 1])
+            await asyncio.sleep(self.config.drip_s)
+        await response.write_eof()
+        return response
 
     def _outage(self) -> str | None:
         """Every request in a configured outage window (seconds after start) gets a 503."""
@@ -269,72 +279,6 @@ class Simulator:
             headers.update(limit.headers(kind, now))
         return web.Response(status=status, text=text, content_type="application/json",
                             headers=headers)
-
-
-@asynccontextmanager
-async def serve(config: SimulatorConfig, port: int = 0,
-                host: str = "127.0.0.1") -> AsyncIterator[tuple[str, Simulator]]:
-    """Serve a simulator on this event loop; yields its `/v1` base URL and the simulator."""
-    simulator = Simulator(config)
-    runner = web.AppRunner(simulator.app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=0.5)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    site = web.SockSite(runner, sock)
-    await site.start()
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}/v1", simulator
-    finally:
-        await runner.cleanup()
-
-
-class SimulatorThread:
-    """A simulator on its own event loop in a background thread, for tests and benchmarks."""
-
-    def __init__(self, config: SimulatorConfig | None = None) -> None:
-        self.config = config or SimulatorConfig()
-        self.url = ""
-        self.simulator: Simulator | None = None
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> SimulatorThread:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the simulator did not start within 10 s")
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    @property
-    def stats(self) -> SimulatorStats:
-        """What the simulator has received so far."""
-        assert self.simulator is not None
-        return self.simulator.stats
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
-        # handlers still sleeping (hangs, latency) end here, not as "destroyed but pending"
-        pending = asyncio.all_tasks(self._loop)
-        for task in pending:
-            task.cancel()
-        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        self._loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        async with serve(self.config) as (url, simulator):
-            self.url, self.simulator = url, simulator
-            self._ready.set()
-            await self._stop.wait()
 
 
 def _tool_call(tools: Any, messages: list[Any], digest: str) -> dict[str, Any]:
