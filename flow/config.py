@@ -35,6 +35,7 @@ class LoadConfig(_Strict):
     format: Literal["jsonl", "csv", "txt"] | None = None
     encoding: str = "utf-8"
     max_row_bytes: int = Field(default=1_000_000, gt=0)
+    max_row_lines: int = Field(default=100, gt=0)  # a CSV record's, quoted line breaks
 
     @property
     def resolved_format(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,14 +78,22 @@ def _identify(
     number: int, fields: dict[str, Any] | None, error: RowError | None, id_field: str | None,
     path: Path,
 ) -> Row:
-    if error is not None or fields is None or id_field is None:
-        return Row(number, str(number), fields, error)
+    if id_field is None:
+        return Row(number, str(number), fields, error)  # every id is a line number
+    if error is not None or fields is None:
+        return Row(number, generated_id(number), fields, error)
     value = fields.get(id_field)
     if value is None or value == "" or isinstance(value, (dict, list)):
         reason = "has no" if value is None or value == "" else "has a non-scalar"
-        return Row(number, str(number), None,
+        return Row(number, generated_id(number), None,
                    RowError(f"{path.name} row {number}: {reason} id field '{id_field}' (load.id)"))
     return Row(number, str(value), fields)
+
+
+def generated_id(number: int, base: str = "") -> str:
+    """The id flow gives a row whose own id cannot be used (`#row7`, or `x#row7` for a
+    duplicate of `x`): never a bare number, so it does not take a real numeric id."""
+    return f"{base}#row{number}"
 
 
 def _read_line(handle: IO[bytes], number: int,
@@ -192,58 +201,113 @@ def _txt_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
 
 
 def _csv_rows(handle: IO[bytes], config: LoadConfig) -> Iterator[_Parsed]:
-    """CSV with a header row; a record may span lines inside quotes."""
+    """CSV with a header row; a record may span lines inside quotes, up to a bound.
+
+    A quoted field that is never closed, or runs over `load.max_row_lines` lines or
+    `load.max_row_bytes` bytes, is a stray quote: its first line fails as a row error and
+    reading starts again on the line after it, so one quote never swallows the file.
+    """
     lines = _RawLines(handle, config)
-    reader = csv.reader(lines)
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader)
     except StopIteration:
         return
-    except csv.Error as e:
+    except (csv.Error, _RunsOn) as e:
         raise SourceError(f"{config.path}: cannot read the CSV header: {e}") from None
     if lines.bad is not None:
         raise SourceError(f"{config.path}: the CSV header is not valid {config.encoding}")
+    name = config.path.name
     while True:
+        lines.start_record()
         start = lines.number + 1
-        lines.bad = None
         try:
             record = next(reader)
         except StopIteration:
-            return
-        except csv.Error as e:
-            yield start, None, RowError(
-                f"{config.path.name} row {start}: malformed CSV: {e}"), None
+            if not lines.record:
+                return
+            record = []  # the file ended inside a quoted field
+        except (csv.Error, _RunsOn) as e:
+            if len(lines.record) > 1:
+                why = str(e) if isinstance(e, _RunsOn) else f"does not end a field ({e})"
+                yield start, None, _stray_quote(name, start, why), None
+                lines.read_again()
+                reader = csv.reader(lines, strict=True)
+            else:
+                yield start, None, RowError(f"{name} row {start}: malformed CSV: {e}"), None
             continue
-        if lines.bad is not None:
+        if len(lines.record) > 1 and (len(record) != len(header) or lines.unclosed()):
+            yield start, None, _stray_quote(name, start, "it is never closed"), None
+            lines.read_again()
+            reader = csv.reader(lines, strict=True)
+        elif lines.bad is not None:
             yield start, None, lines.bad, None
         elif not any(record):
             continue
         elif len(record) != len(header):
             yield start, None, RowError(
-                f"{config.path.name} row {start}: {len(record)} fields, "
-                f"the header has {len(header)}"), None
+                f"{name} row {start}: {len(record)} fields, the header has {len(header)}"), None
         else:
             yield start, dict(zip(header, record)), None, None
 
 
+def _stray_quote(name: str, start: int, why: str) -> RowError:
+    return RowError(f"{name} row {start}: a quoted field opens here and {why}; check for a "
+                    "stray quote (the lines after it are read as rows of their own)")
+
+
+class _RunsOn(Exception):
+    """A CSV record runs past `load.max_row_lines` lines or `load.max_row_bytes` bytes."""
+
+
 class _RawLines:
-    """Feeds decoded lines to `csv.reader`, remembering the last bad line instead of raising."""
+    """Feeds decoded lines to `csv.reader`, remembering the last bad line instead of raising,
+    and the lines of the record being read, so that they can be read again."""
 
     def __init__(self, handle: IO[bytes], config: LoadConfig) -> None:
         self.handle = handle
         self.config = config
-        self.number = 0
+        self.number = 0  # the number of the last line handed out
         self.bad: RowError | None = None
+        self.record: list[tuple[int, str]] = []
+        self._size = 0
+        self._read = 0  # lines read from the file
+        self._again: deque[tuple[int, str]] = deque()
 
     def __iter__(self) -> _RawLines:
         return self
 
     def __next__(self) -> str:
-        line = _read_line(self.handle, self.number + 1, self.config)
-        if line is None:
-            raise StopIteration
-        self.number += 1
-        text, error = line
-        if error is not None:
-            self.bad = error
+        if self._again:
+            self.number, text = self._again.popleft()
+        else:
+            line = _read_line(self.handle, self._read + 1, self.config)
+            if line is None:
+                raise StopIteration
+            self._read += 1
+            self.number = self._read
+            text, error = line
+            if error is not None:
+                self.bad = error
+        self.record.append((self.number, text))
+        self._size += len(text)
+        if len(self.record) > self.config.max_row_lines:
+            raise _RunsOn(f"it runs over {self.config.max_row_lines} lines (load.max_row_lines)")
+        if self._size > self.config.max_row_bytes:
+            raise _RunsOn(f"it runs over {self.config.max_row_bytes} bytes (load.max_row_bytes)")
         return text
+
+    def start_record(self) -> None:
+        """A new record begins with the next line."""
+        self.record.clear()
+        self._size = 0
+        self.bad = None
+
+    def read_again(self) -> None:
+        """Hand out the record's lines after its first once more, as records of their own."""
+        self._again.extendleft(reversed(self.record[1:]))
+        self.number = self.record[0][0]
+
+    def unclosed(self) -> bool:
+        """Whether the record's quotes are unbalanced: it ended inside a quoted field."""
+        return sum(text.count('"') for _, text in self.record) % 2 == 1

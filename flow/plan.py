@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from flow.errors import ItemError, TemplateError
 from flow.keys import key_of_json
-from flow.load import Row
+from flow.load import Row, generated_id
 from flow.records import STAGE, Call, ItemRecord, Known
 from flow.render import RequestBuilder
 
@@ -141,9 +141,12 @@ class Planner:
         for planned in prepared:
             row, record = planned.row, planned.record
             first_row = first_rows.get(row.item_id, row.number)
-            if first_row != row.number:
+            if first_row != row.number and row.item_id == generated_id(row.number):
+                # a bad row's own generated id is a real row's id already: it yields
+                renamed.append((planned, row.item_id))
+            elif first_row != row.number:
                 # recorded under an id of its own: the first row keeps the id
-                record.item_id = f"{row.item_id}#row{row.number}"
+                record.item_id = generated_id(row.number, row.item_id)
                 record.request_key = None
                 planned.call = None
                 renamed.append((planned, record.item_id))
@@ -157,22 +160,24 @@ class Planner:
                 self.counts.failed += 1
             elif planned.call is not None:
                 callable_items.append(planned)
-        await self._claim(renamed)
+        await self._claim(renamed, first_rows)
         await self._store.save_items(STAGE, self._origin, await self._changed(prepared))
         return callable_items
 
-    async def _claim(self, renamed: list[tuple[Planned, str]]) -> None:
-        """Record the ids duplicates were renamed to; one that is already another row's id
-        takes a further suffix, so a duplicate never overwrites a real item."""
+    async def _claim(self, renamed: list[tuple[Planned, str]], first: dict[str, int]) -> None:
+        """Record the ids flow generated (for duplicates, for rows without a usable id); one
+        that is already another row's id takes a further suffix, so it never overwrites a
+        real item."""
+        base = {id(p): name for p, name in renamed}
         for attempt in itertools.count(2):
             if not renamed:
                 return
-            first = await self._store.mark_seen([(name, p.row.number) for p, name in renamed])
+            first = {**first, **await self._store.mark_seen(
+                [(name, p.row.number) for p, name in renamed if name not in first])}
             clashes = [p for p, name in renamed if first[name] != p.row.number]
             renamed = []
             for planned in clashes:
-                row = planned.row
-                planned.record.item_id = f"{row.item_id}#row{row.number}#{attempt}"
+                planned.record.item_id = f"{base[id(planned)]}#{attempt}"
                 renamed.append((planned, planned.record.item_id))
 
     async def look_up(self, items: list[Planned]) -> None:

@@ -23,7 +23,9 @@ from flow.limiter import LimiterStats
 class RunProgress:
     """Counters of a run in progress, read by the progress display."""
 
-    total: int = 0
+    total: int = 0  # the input's lines (less a CSV header): known before reading it
+    rows: int = 0  # rows read so far
+    input_read: bool = False
     done: int = 0
     failed: int = 0
     skipped: int = 0
@@ -187,6 +189,9 @@ def summarize(summary: RunSummary) -> str:
         lines.append(f"the input or pipeline changed since the last run: {p.rerendered:,} items "
                      f"now render a different request; {p.removed:,} items whose rows left the "
                      "input were dropped from the results (their calls stay in the store)")
+    if p.input_read and p.rows != p.total:
+        lines.append(f"{p.rows:,} rows were read from {p.total:,} lines of input (blank lines "
+                     "are skipped; a CSV field in quotes can span lines)")
     if p.simulated:
         lines.append("replies were simulated by flow's built-in simulator; "
                      "nothing was sent to a real API")

@@ -180,6 +180,7 @@ class Run:
             # a last empty step hands out the last batch's calls
             for batch in itertools.chain(batches(read_rows(self.config.load)),
                                          [None]):
+                self.progress.rows += len(batch or ())
                 prepared = prepare(batch, self._builder, source) if batch else None
                 if planning is not None:
                     calls, planning = await planning, None
@@ -196,6 +197,7 @@ class Run:
             if planning is not None:
                 planning.cancel()
         # the whole input was read: items whose rows are gone leave the results
+        self.progress.input_read = True
         self.progress.removed = await store.forget_unseen(STAGE)
 
     async def _plan(self, store: Store, planner: Planner, prepared: list[Planned]) -> list[Call]:

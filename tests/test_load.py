@@ -122,3 +122,38 @@ def test_arbitrary_bytes_give_rows_or_row_errors_only(data: bytes, fmt: str, id_
         assert (row.fields is None) == (row.error is not None)
         assert row.error is None or isinstance(row.error, RowError)
     assert count_rows(config) >= 0
+
+
+def test_a_bad_row_never_takes_a_numeric_id_of_a_real_row(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 3, "q": "a"}\n{"id": 4, "q": "b"}\n{bad\n{"id": 3.5}\n')
+    ids = [item_id for _, item_id, _, _ in rows_of(path, id="id")]
+    assert ids == ["3", "4", "#row3", "3.5"]
+
+
+def test_a_stray_csv_quote_fails_its_row_and_never_swallows_the_rest(tmp_path: Path) -> None:
+    lines = ["id,review,label"] + [f'{i},"review {i}, fine",pos' for i in range(1, 101)]
+    lines[3] = '3,"a stray quote,pos'  # never closed
+    lines[60] = '60,he said "no,neg'  # a quote inside a bare field is kept as it is
+    path = tmp_path / "in.csv"
+    path.write_text("\n".join(lines) + "\n")
+    rows = rows_of(path, id="id")
+    assert len(rows) == 100
+    bad = [row for row in rows if row[3] is not None]
+    assert [row[0] for row in bad] == [4]
+    assert "in.csv row 4: a quoted field opens here and does not end a field" in str(bad[0][3])
+    assert rows[3] == (5, "4", {"id": "4", "review": "review 4, fine", "label": "pos"}, None)
+    assert rows[59][2] == {"id": "60", "review": 'he said "no', "label": "neg"}
+
+
+def test_a_quoted_csv_field_is_bounded_in_lines_and_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    # closed at last, but 8 lines later than load.max_row_lines allows
+    path.write_text('id,text\n1,"opens\n' + "2,x\n" * 8 + '9,closes"\n10,fine\n')
+    rows = rows_of(path, id="id", max_row_lines=5)
+    assert "runs over 5 lines (load.max_row_lines)" in str(rows[0][3])
+    assert [row[1] for row in rows[1:]] == ["2"] * 8 + ["9", "10"]
+    assert rows[-1][1:3] == ("10", {"id": "10", "text": "fine"})
+    path.write_text('id,text\n1,"' + "y" * 50 + "\n" + "z" * 60 + '"\n2,ok\n')
+    rows = rows_of(path, id="id", max_row_bytes=100)
+    assert "runs over 100 bytes (load.max_row_bytes)" in str(rows[0][3])

@@ -302,3 +302,25 @@ async def test_look_up_gives_each_item_what_the_store_holds_for_its_request() ->
     assert store.known_calls == [[(p.record.item_id, p.call.key)
                                   for p in prepared if p.call is not None]]
     assert [p.known for p in callable_items] == [done(), Known()]
+
+
+async def test_a_generated_id_yields_to_a_real_row_that_holds_it() -> None:
+    store = FakePlanStore()
+    planner = Planner(store, ORIGIN, SOURCE)
+    # a real row whose id is the one flow would generate for the bad row after it
+    await planner.record(prepare(rows(("#row2", "one")), builder(), SOURCE))
+    bad = Row(2, "#row2", None, RowError("rows.jsonl row 2: not valid JSON"))
+    await planner.record(prepare([bad], builder(), SOURCE))
+    assert store.items[("call", "#row2")].error_class is None
+    assert store.items[("call", "#row2#2")].error == "rows.jsonl row 2: not valid JSON"
+
+
+async def test_duplicate_renames_never_take_a_real_id() -> None:
+    store = FakePlanStore()
+    planner = Planner(store, ORIGIN, SOURCE)
+    # `x#row3` is a real id; the duplicate `x` at row 3 would be renamed to it
+    prepared = prepare(rows(("x", "one"), ("x#row3", "two"), ("x", "three"), ("x", "four")),
+                       builder(), SOURCE)
+    await planner.record(prepared)
+    assert [p.record.item_id for p in prepared] == ["x", "x#row3", "x#row3#2", "x#row4"]
+    assert store.items[("call", "x#row3")].error_class is None

@@ -366,3 +366,20 @@ def test_numbers_json_cannot_hold_fail_their_row_or_item_and_exports_stay_valid(
     assert [r["status"] for r in records] == ["done", "failed", "failed", "failed"]
     assert "not JSON" in records[1]["error"] and "out of range" in records[2]["error"]
     assert pipeline.cli("export", "--format", "csv", "--fields", "w") == 0
+
+
+def test_a_stray_csv_quote_fails_one_row_and_the_summary_counts_rows_against_lines(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    lines = ["id,question"] + [f"r{i},What is {i} plus {i}?" for i in range(100)]
+    lines[3] = 'r2,"What is 2 plus 2?'  # a stray quote, never closed
+    lines[50] = 'r49,"What is\n49 plus 49?"'  # a field that spans two lines, rightly
+    pipeline = make_pipeline(base_url=simulator.url, load={"path": "rows.csv"})
+    (pipeline.folder / "rows.csv").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert pipeline.run() == 1
+    out = capsys.readouterr().err
+    assert "99 done" in out and "1 failed" in out
+    assert "100 rows were read from 101 lines of input" in out
+    [(item, error)] = pipeline.query("SELECT item_id, error FROM results WHERE status='failed'")
+    assert item == "#row4" and "stray quote" in error
+    assert simulator.stats.requests == 99
