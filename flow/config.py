@@ -6,7 +6,9 @@ names the file, every offending key path and what was expected there.
 
 from __future__ import annotations
 
+import codecs
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -23,8 +25,37 @@ BUILTIN_POST_STEPS = ("strip", "json", "lower")
 KEYED_POST_STEPS = ("regex", "python")
 
 
+MAX_VALUES = 100_000  # a pipeline file holds far fewer; aliases can make billions
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as a pipeline file needs it: dates stay the text they are written as (a date is
+    not JSON), and a plain scalar that is a whole `${VAR}` is marked to keep YAML's type."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+class _WholeVar(str):
+    """A plain YAML scalar that is one `${VAR}`: its value is read as YAML (`0` is a number)."""
+
+
+_WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}$")
+_Loader.add_implicit_resolver("tag:flow,2026:var", _WHOLE_VAR, ["$"])
+
+
+def _whole_var(loader: yaml.SafeLoader, node: yaml.Node) -> _WholeVar:
+    assert isinstance(node, yaml.ScalarNode)
+    return _WholeVar(loader.construct_scalar(node))
+
+
+_Loader.add_constructor("tag:flow,2026:var", _whole_var)
 
 
 class LoadConfig(_Strict):
@@ -36,6 +67,20 @@ class LoadConfig(_Strict):
     encoding: str = "utf-8"
     max_row_bytes: int = Field(default=1_000_000, gt=0)
     max_row_lines: int = Field(default=100, gt=0)  # a CSV record's, quoted line breaks
+
+    @field_validator("encoding")
+    @classmethod
+    def _line_based_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding '{encoding}'") from None
+        if "\n".encode(encoding) != b"\n" or "a,{".encode(encoding) != b"a,{":
+            raise ValueError(
+                f"'{encoding}' is not supported: rows are read line by line as bytes, which "
+                f"only works for UTF-8 and ASCII-based encodings; convert the file to UTF-8 "
+                f"(iconv -f {encoding} -t utf-8)")
+        return encoding
 
     @property
     def resolved_format(self) -> str:
@@ -88,6 +133,30 @@ class CallConfig(_Strict):
     max_cost_usd: float | None = Field(default=None, gt=0)
     drain_s: float = Field(default=30, ge=0)
     max_response_bytes: int = Field(default=10_000_000, gt=0)
+    # sent with every request, never stored nor part of a request's key: gateway tokens
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"'{name}' is not a valid header name")
+            if not value.isascii() or not value.isprintable() or value != value.strip():
+                raise ValueError(f"the value of '{name}' has characters a header cannot "
+                                 "carry (line breaks, spaces around it, or non-ASCII)")
+        return headers
+
+    def secrets(self) -> list[str]:
+        """The values of headers that carry credentials (`Authorization`, `api-key`,
+        `*-key`, `*-token`, `*-secret`), with and without their scheme (`Bearer `)."""
+        found = []
+        for name, value in self.headers.items():
+            lowered = name.lower()
+            if "auth" in lowered or lowered == "api-key" or lowered.endswith(
+                    ("-key", "-token", "-secret")):
+                found += [value, value.partition(" ")[2]]
+        return [secret for secret in found if secret]
 
     @field_validator("params")
     @classmethod
@@ -96,6 +165,7 @@ class CallConfig(_Strict):
             if name in params:
                 hint = "set call.model instead" if name == "model" else "flow sets it itself"
                 raise ValueError(f"'{name}' cannot be a param ({hint})")
+        _check_json(params, "params")
         return params
 
 
@@ -151,17 +221,22 @@ def load_config(path: str | Path) -> PipelineConfig:
 def parse_config(text: str, file: Path) -> PipelineConfig:
     """Validate the YAML text of a pipeline file that lives at `file`."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        if "${" in line:
+            problem += ('; quote a ${VAR} inside [...] or {...} ("${VAR}"), or write the '
+                        "mapping one key per line, where a bare ${VAR} keeps its YAML type")
         raise ConfigError(f"{file}: invalid YAML at {where}: {problem}") from None
     except Exception as e:  # yaml can raise plain ValueError/RecursionError on hostile input
         raise ConfigError(f"{file}: invalid YAML: {type(e).__name__}") from None
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else f"a {type(raw).__name__}"
         raise ConfigError(f"{file}: expected a mapping of keys (store, load, call, post), got {got}")
+    _count_values(raw, file)
     raw = _substitute_env(raw, file, ())
     try:
         config = PipelineConfig.model_validate(raw)
@@ -187,6 +262,14 @@ def _substitute_env(value: Any, file: Path, where: tuple[str | int, ...]) -> Any
         return [_substitute_env(item, file, (*where, index)) for index, item in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
+    if isinstance(value, _WholeVar):
+        # `temperature: ${TEMP}` with TEMP=0 is the number 0, as if 0 were written there
+        text = _substitute_env(str(value), file, where)
+        try:
+            typed = yaml.load(text, Loader=_Loader)  # a SafeLoader
+        except yaml.YAMLError:
+            return text
+        return typed if isinstance(typed, (int, float, bool)) or typed is None else text
 
     def replace(match: re.Match[str]) -> str:
         escaped, name, default = match.groups()
@@ -203,6 +286,50 @@ def _substitute_env(value: Any, file: Path, where: tuple[str | int, ...]) -> Any
         )
 
     return ENV_PATTERN.sub(replace, value)
+
+
+def _check_json(value: Any, where: str) -> None:
+    """A `ValueError` naming the first value in `value` that JSON cannot carry."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}, which JSON cannot carry")
+    elif not isinstance(value, (str, int, float, bool)) and value is not None:
+        raise ValueError(f"{where} is a {type(value).__name__} (a YAML !!{type(value).__name__}?),"
+                         " which JSON cannot carry; write it as a list or quote it as text")
+
+
+def _count_values(raw: Any, file: Path) -> None:
+    """Refuse a file whose aliases expand to more values than any pipeline has (a YAML
+    alias bomb is a few hundred bytes that stand for billions of values)."""
+    count = 0
+    stack = [raw]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{file}: more than {MAX_VALUES:,} values once YAML aliases "
+                              "(*name) are expanded; a pipeline file needs far fewer")
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+
+
+def check_api_key(key: str, where: str) -> str:
+    """The key, or a `ConfigError` when it cannot go in an HTTP header as it is (never
+    quoting it)."""
+    if key != key.strip():
+        raise ConfigError(f"{where}: the API key has spaces or line breaks around it (a "
+                          "Windows line ending from a .env file?); remove them")
+    if not key.isascii() or not key.isprintable():
+        raise ConfigError(f"{where}: the API key holds characters an API key never has "
+                          "(not printable ASCII); copy it again from your provider")
+    return key
 
 
 def _key_path(loc: tuple[str | int, ...]) -> str:

@@ -57,11 +57,12 @@ class DryRunReport:
 
 async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     """Render every row, look up what is done, and estimate what is left."""
-    builder = RequestBuilder(config.call)
+    builder = RequestBuilder(config.call, f"{config.file}: ")
     post_key = PostProcessor(config.post, config.file.parent).fingerprint
     report = DryRunReport(model=config.call.model,
                           price=price_for(config.call.model, config.call.price),
-                          origin=endpoint_origin(config.call.base_url, options.simulate))
+                          origin=endpoint_origin(config.call.base_url, options.simulate,
+                                                 f"{config.file}: "))
     output_tokens = expected_output_tokens(config.call.params, config.call.expected_output_tokens)
     store = await open_store_read_only(config.store) if config.store.exists() else None
     source = config.load.path.name

@@ -15,6 +15,7 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from flow.config import CallConfig
+from flow.endpoints.chat import check_params
 from flow.errors import ConfigError, TemplateError
 from flow.keys import canonical_json
 
@@ -26,9 +27,14 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 class RequestBuilder:
     """Renders the configured messages over an item's fields into a chat completion request."""
 
-    def __init__(self, call: CallConfig) -> None:
+    def __init__(self, call: CallConfig, where: str = "") -> None:
+        """`where` (the pipeline file) begins every configuration error."""
         env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
                                    keep_trailing_newline=True)
+        try:
+            check_params(call.params)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
         self._model = call.model
         self._params = dict(call.params)
         self._parts: list[tuple[str, str | jinja2.Template | _Placeholders]] = []
@@ -44,7 +50,7 @@ class RequestBuilder:
                 template = env.from_string(message.content)
             except jinja2.TemplateSyntaxError as e:
                 raise ConfigError(
-                    f"call.messages[{index}].content: invalid template at line {e.lineno}: "
+                    f"{where}call.messages[{index}].content: invalid template at line {e.lineno}: "
                     f"{e.message}") from None
             self._parts.append((message.role, template))
         self._roles = [json.dumps(role) for role, _ in self._parts]

@@ -155,10 +155,16 @@ def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str = "js
         rows = db.execute(_export_sql(fmt, fields, only), (only,) if only else ())
         if out is None:
             return _write(rows, stream, fmt, fields)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # closed by the `with` below, then renamed into place
-        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out.parent,  # noqa: SIM115
-                                             prefix=f".{out.name}.", delete=False, newline="")
+        if out.is_dir():
+            raise ConfigError(f"-o {out}: is a folder; name the file to write")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # closed by the `with` below, then renamed into place
+            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
+                "w", encoding="utf-8", dir=out.parent, prefix=f".{out.name}.", delete=False,
+                newline="")
+        except OSError as e:
+            raise ConfigError(f"-o {out}: cannot write there: {e.strerror or e}") from None
         try:
             with handle:
                 count = _write(rows, handle, fmt, fields)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from flow.budget import Budget, Verdict
-from flow.config import PipelineConfig
+from flow.config import PipelineConfig, check_api_key
 from flow.endpoints import endpoint_origin
 from flow.endpoints.chat import read_stored_reply
 from flow.errors import ConfigError, FatalCallError
@@ -75,13 +75,13 @@ class Run:
         self.options = options
         self.progress = RunProgress(simulated=options.simulate)
         self._on_progress = on_progress
-        self._builder = RequestBuilder(config.call)
+        self._builder = RequestBuilder(config.call, f"{config.file}: ")
         self._post = PostProcessor(config.post, config.file.parent)
         self._price: Price | None = price_for(config.call.model, config.call.price)
         self._output_tokens = expected_output_tokens(config.call.params,
                                                      config.call.expected_output_tokens)
         self._base_url = options.base_url or config.call.base_url
-        self._origin = endpoint_origin(self._base_url, options.simulate)
+        self._origin = endpoint_origin(self._base_url, options.simulate, f"{config.file}: ")
         self._stop_feeding = asyncio.Event()
         self._abort = asyncio.Event()
         # request key -> the items waiting for its reply; changed only under `_plan_lock`,
@@ -109,6 +109,7 @@ class Run:
             raise ConfigError(
                 f"{self.config.file}: no API key: set OPENAI_API_KEY or call.api_key, "
                 "or add --simulate to run against the built-in simulator")
+        check_api_key(api_key, f"{self.config.file}: call.api_key or OPENAI_API_KEY")
         store = await open_store(self.config.store, self.config.store_busy_timeout_s)
         state, message = "finished", None
         fatal: FatalCallError | None = None
@@ -117,7 +118,8 @@ class Run:
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
             limiter = RateLimiter(call.rpm, call.tpm)
-            executor = OnlineExecutor(call, client, limiter, api_key, self._stop_feeding)
+            executor = OnlineExecutor(call, client, limiter, [api_key, *call.secrets()],
+                                      self._stop_feeding)
             try:
                 await self._conduct(store, executor, limiter)
             except FatalCallError as e:

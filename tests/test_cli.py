@@ -241,3 +241,77 @@ def test_dry_run_with_a_limit_counts_what_that_run_does(make_pipeline: Any, simu
                                    "AND status = 'done' AND request_key IS NOT NULL "
                                    "AND output LIKE '%simulated reply%'")
     assert lowered == 5 + 900
+
+
+def test_a_param_the_endpoint_does_not_take_exits_2_before_anything_is_sent(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url, call={"params": {"temprature": 0.5}})
+    for args in ((), ("--dry-run",)):
+        assert pipeline.run(*args) == 2
+        err = capsys.readouterr().err
+        assert "pipeline.yaml: call.params.temprature: not a chat completions parameter; " \
+            "did you mean 'temperature'?" in err
+    pipeline.config["call"]["params"] = {"extra_headers": {"X-Token": "t"}}
+    assert pipeline.run() == 2
+    assert "put headers in call.headers" in capsys.readouterr().err
+    assert simulator.stats.requests == 0
+
+
+@pytest.mark.parametrize("key", ["sk-test-0123456789abcdef\r", "sk-tést-0123456789"])
+def test_an_api_key_that_cannot_be_sent_exits_2_without_showing_it(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any,
+        monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 2
+    err = capsys.readouterr().err
+    assert "pipeline.yaml: call.api_key or OPENAI_API_KEY: the API key" in err
+    assert "0123456789" not in err and "Traceback" not in err
+
+
+def test_credentials_in_the_base_url_exit_2_and_are_never_stored_or_shown(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    url = simulator.url.replace("http://", "http://user:sk-in-the-url-998877@")
+    pipeline = make_pipeline(base_url=url)
+    for args in ((), ("--dry-run",)):
+        assert pipeline.run(*args) == 2
+        captured = capsys.readouterr()
+        assert "credentials in the URL" in captured.err
+        assert "998877" not in captured.err + captured.out
+    assert not pipeline.store.exists() or b"998877" not in pipeline.store.read_bytes()
+
+
+def test_export_to_a_folder_or_an_unwritable_place_exits_2(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any, tmp_path: Path) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    capsys.readouterr()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for target, message in ((tmp_path, "is a folder; name the file"),
+                            (blocker / "out.jsonl", "cannot write there")):
+        assert pipeline.cli("export", "-o", str(target)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_call_headers_are_sent_but_never_stored_hashed_or_shown(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_TOKEN", "gw-token-first-4455")
+    rows = [*questions(3), {"id": "echo", "question": "[sim:status=400-echo] hi"}]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"headers": {"X-Gateway-Key": "${GATEWAY_TOKEN}"}})
+    assert pipeline.run() == 1  # the echo row fails, quoting the headers it was sent
+    assert simulator.stats.last_headers["x-gateway-key"] == "gw-token-first-4455"
+    assert pipeline.run("--dry-run") == 0
+    for command in ("status", "show", "failures"):
+        pipeline.cli(command, *(["q00001"] if command == "show" else []))
+    captured = capsys.readouterr()
+    assert "4455" not in captured.out + captured.err
+    assert b"4455" not in pipeline.store.read_bytes()
+    # a rotated token is the same request: nothing is paid again
+    monkeypatch.setenv("GATEWAY_TOKEN", "gw-token-second-6677")
+    sent = simulator.stats.requests
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == sent + 1  # only the failed row is sent again

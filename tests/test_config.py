@@ -141,3 +141,56 @@ def test_arbitrary_yaml_structures_give_only_config_errors(value: object, tmp_pa
         parse_config(pyyaml.safe_dump(value), tmp_path / "pipeline.yaml")
     except ConfigError as e:
         assert str(e).startswith(str(tmp_path / "pipeline.yaml"))
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    assert "more than 100,000 values once YAML aliases" in config_error(bomb + VALID, tmp_path)
+
+
+def test_dates_stay_text_and_values_json_cannot_carry_are_refused(tmp_path: Path) -> None:
+    text = VALID.replace("post:", "  params: {metadata: {day: 2024-01-01}}\npost:")
+    assert parse_config(text, tmp_path / "p.yaml").call.params == {
+        "metadata": {"day": "2024-01-01"}}
+    text = VALID.replace("post:", "  params: {stop: !!set {a, b}}\npost:")
+    assert "params.stop is a set" in config_error(text, tmp_path)
+    for value in (".inf", ".nan"):
+        text = VALID.replace("post:", f"  timeout_s: {value}\npost:")
+        assert "call.timeout_s: Input should be a finite number" in config_error(text, tmp_path)
+        text = VALID.replace("post:", f"  params: {{temperature: {value}}}\npost:")
+        assert "params.temperature is" in config_error(text, tmp_path)
+
+
+def test_a_whole_value_variable_keeps_its_yaml_type(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEMP", "0")
+    monkeypatch.setenv("SEED", "42")
+    monkeypatch.setenv("TAG", "v1")
+    text = VALID.replace("post:", '  params:\n    temperature: ${TEMP}\n    seed: ${SEED:-1}\n'
+                         '    user: "${SEED}"\n    metadata: {tag: "${TAG}"}\n    both: ${TAG}\n'
+                         '    stop: ["x ${TEMP}"]\npost:')
+    params = parse_config(text, tmp_path / "p.yaml").call.params
+    assert params == {"temperature": 0, "seed": 42, "user": "42",
+                      "metadata": {"tag": "v1"}, "both": "v1", "stop": ["x 0"]}
+    # inside {...} a bare ${VAR} is not YAML: the message says to quote it
+    text = VALID.replace("post:", "  params: {temperature: ${TEMP}}\npost:")
+    assert 'quote a ${VAR} inside [...] or {...}' in config_error(text, tmp_path)
+
+
+def test_an_encoding_rows_cannot_be_read_in_by_line_is_refused(tmp_path: Path) -> None:
+    for encoding, message in (("utf-16", "'utf-16' is not supported"),
+                              ("no-such", "unknown encoding 'no-such'")):
+        text = VALID.replace("id: id}", f"id: id, encoding: {encoding}}}")
+        assert f"load.encoding: {message}" in config_error(text, tmp_path)
+    text = VALID.replace("id: id}", "id: id, encoding: latin-1}")
+    assert parse_config(text, tmp_path / "p.yaml").load.encoding == "latin-1"
+
+
+def test_headers_must_be_sendable_and_secret_ones_are_known(tmp_path: Path) -> None:
+    text = VALID.replace("post:", '  headers: {"X-Ok": "a\\r"}\npost:')
+    assert "call.headers: the value of 'X-Ok' has characters" in config_error(text, tmp_path)
+    text = VALID.replace("post:", '  headers: {"Authorization": "Bearer tok-1234", '
+                         '"X-Portkey-Api-Key": "pk-5678", "X-Team": "blue"}\npost:')
+    call = parse_config(text, tmp_path / "p.yaml").call
+    assert sorted(call.secrets()) == ["Bearer tok-1234", "pk-5678", "tok-1234"]

@@ -73,7 +73,7 @@ def test_simple_placeholders_render_exactly_as_jinja(template: str) -> None:
 
 @pytest.mark.parametrize("params", [{}, {"temperature": 0, "max_tokens": 9},
                                     {"response_format": {"type": "json_object", "b": [1, {"z": 1, "a": 2}]},
-                                     "n_logprobs": None, "stop": ["\n", "é"]}])
+                                     "top_logprobs": None, "stop": ["\n", "é"]}])
 def test_fast_canonical_json_equals_canonical_json(params: dict[str, object]) -> None:
     builder = RequestBuilder(call(params=params, messages=[
         {"role": "system", "content": "Be brief. \"quoted\" ✓"},

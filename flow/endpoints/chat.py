@@ -16,11 +16,15 @@ re-posting of stored replies and (later) batch results all read replies through 
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import json
 from collections.abc import Mapping
 from typing import Any
 
 from flow.errors import (
+    ConfigError,
     FatalCallError,
     RateLimitedError,
     RequestError,
@@ -37,6 +41,31 @@ RETRY_STATUS = frozenset({408, 409})
 STATUS_NAMES = {400: "BadRequestError", 401: "AuthenticationError",
                 403: "PermissionDeniedError", 404: "NotFoundError", 409: "ConflictError",
                 422: "UnprocessableEntityError", 429: "RateLimitError"}
+
+
+@functools.cache
+def _chat_params() -> frozenset[str]:
+    """The parameters a chat completion request takes, as the SDK names them."""
+    from openai.resources.chat.completions import AsyncCompletions
+    return frozenset(inspect.signature(AsyncCompletions.create).parameters) - {
+        "self", "messages", "model", "stream", "n", "extra_headers", "timeout"}
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """A `ConfigError` for a param the endpoint does not take (a typo is not sent)."""
+    for name in params:
+        if name in _chat_params():
+            continue
+        if name == "extra_headers":
+            raise ConfigError("call.params.extra_headers: put headers in call.headers, which "
+                              "are sent with every request but never stored nor part of a "
+                              "request's key (a rotated token re-pays nothing)")
+        if name == "timeout":
+            raise ConfigError("call.params.timeout: set call.timeout_s instead")
+        close = difflib.get_close_matches(name, sorted(_chat_params()), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"call.params.{name}: not a chat completions parameter; {hint}"
+                          "a provider's own parameters go under call.params.extra_body")
 
 
 def parse_reply(body: str) -> tuple[Reply, dict[str, Any]]:

@@ -15,6 +15,7 @@ def make_client(config: CallConfig, base_url: str | None, api_key: str | None) -
     """An `AsyncOpenAI` on the aiohttp transport, with the SDK's retries off."""
     return openai.AsyncOpenAI(
         base_url=base_url, api_key=api_key, max_retries=0, timeout=config.timeout_s,
+        default_headers=config.headers or None,
         http_client=openai.DefaultAioHttpClient(
             limits=httpx2.Limits(max_connections=config.concurrency,
                                  max_keepalive_connections=config.concurrency)))

@@ -75,7 +75,7 @@ class OnlineExecutor:
     """Sends calls now, `concurrency` at a time, paced by `limiter`."""
 
     def __init__(self, config: CallConfig, client: openai.AsyncOpenAI, limiter: RateLimiter,
-                 secret: str | None, stop: asyncio.Event | None = None) -> None:
+                 secrets: list[str], stop: asyncio.Event | None = None) -> None:
         self._config = config
         self._stop = stop or asyncio.Event()
         # workers waiting with nothing in flight (to retry, or for the limiter), and those
@@ -84,7 +84,7 @@ class OnlineExecutor:
         self._woken: set[asyncio.Task[Any]] = set()
         self._client = client
         self._limiter = limiter
-        self._redact = Redactor(secret)
+        self._redact = Redactor(secrets)
         self._output_tokens = expected_output_tokens(config.params, config.expected_output_tokens)
         self.counters = ExecutorCounters()
         # built once: a decorator per call measured 8% of a run's CPU at 900 requests/s

@@ -38,6 +38,7 @@ class SimulatorStats:
     by_status: Counter[int] = field(default_factory=Counter)
     by_request: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
+    last_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_per_request(self) -> int:

@@ -12,7 +12,7 @@ A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` 
 `[sim:malformed]`, `[sim:drop]`, `[sim:hang]`, `[sim:cut]` (the body stops half-way),
 `[sim:huge]` (a 20 MB body), `[sim:drip]` (the body a byte every `drip_s`), `[sim:finish=none]` (no finish_reason),
 `[sim:finish=tool_calls]` (a tool call, as a request with `tools` always gets),
-`[sim:status=400-echo]` (an error quoting the request's Authorization header),
+`[sim:status=400-echo]` (an error quoting the request's credential headers),
 `[sim:status=429-day]` (a daily limit: retry after 86400 s). A count makes the fault pass: `[sim:drop*2]`
 drops the first two times that request arrives and answers it normally the third time.
 """
@@ -75,6 +75,7 @@ class Simulator:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/chat/completions`."""
         self.stats.requests += 1
+        self.stats.last_headers = {k.lower(): v for k, v in request.headers.items()}
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -117,8 +118,10 @@ class Simulator:
         if fault == "hang":
             await asyncio.sleep(self.config.hang_s)
         if fault and fault.startswith("status="):
-            return self._status_fault(fault.removeprefix("status="),
-                                      request.headers.get("Authorization", ""))
+            # what a careless gateway quotes back: every header that carries a credential
+            quoted = " ".join(f"{name}: {value}" for name, value in request.headers.items()
+                              if "auth" in name.lower() or "key" in name.lower())
+            return self._status_fault(fault.removeprefix("status="), quoted)
         if fault and fault.startswith("finish="):
             finish = fault.removeprefix("finish=")
             finish = None if finish == "none" else finish
@@ -246,7 +249,7 @@ class Simulator:
         if code.endswith("-echo"):
             # a careless gateway: the caller's own header, quoted at the end of a long message
             return self._error(int(code.split("-")[0]), "invalid_request_error", None,
-                               "The request was refused. " * 19 + f"You sent: {authorization}")
+                               "The request was refused. " * 18 + f"You sent: {authorization}")
         if code == "429-day":
             response = self._error(429, "requests", "rate_limit_exceeded",
                                    "Rate limit reached for requests per day.")
