@@ -68,7 +68,7 @@ def test_second_lock_names_the_holder(tmp_path: Path) -> None:
         holder.wait()
     lock = StoreLock(path)
     lock.acquire()
-    assert path.with_name("flow.db.lock").read_text() == str(os.getpid())
+    assert path.with_name("flow.db.pid").read_text() == str(os.getpid())
     lock.release()
 
 

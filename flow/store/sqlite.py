@@ -55,27 +55,32 @@ class SQLiteStore:
     @classmethod
     async def open(cls, path: Path, busy_timeout_s: float = 5.0) -> SQLiteStore:
         """Lock, migrate and connect to the store at `path`, to run a pipeline."""
-        lock = StoreLock(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"{path.parent}: cannot create the store's folder: "
                              f"{e.strerror or e}") from None
+        lock = StoreLock(path)
         lock.acquire()
+        db: aiosqlite.Connection | None = None
         try:
-            prepare_store(path, busy_timeout_s)
-            db = await aiosqlite.connect(path, isolation_level=None)
+            # SQLite opens the very file that is locked, even if a link is changed meanwhile
+            prepare_store(lock.database, busy_timeout_s)
+            db = await aiosqlite.connect(lock.database, isolation_level=None)
             # WAL + NORMAL: a commit survives the process being killed or crashing (it is in
             # the OS at once); FULL's fsync per commit held results ~35 ms here, not a few
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             async with db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM responses") as cursor:
                 row = await cursor.fetchone()
-        except sqlite3.Error as e:
+        except BaseException as e:
+            # the connection first: releasing the lock closes a descriptor of the database
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.close()
             lock.release()
-            raise store_error(path, "cannot open the store", e, busy_timeout_s) from None
-        except BaseException:
-            lock.release()
+            if isinstance(e, sqlite3.Error):
+                raise store_error(path, "cannot open the store", e, busy_timeout_s) from None
             raise
         store = cls(path, db, lock, busy_timeout_s)
         # one writer holds the lock, so it numbers the replies it adds itself
