@@ -45,7 +45,7 @@ from flow.records import (
     utc_now,
 )
 from flow.render import RequestBuilder
-from flow.store import Store, open_store
+from flow.store import Store, check_owner, open_store
 from flow.tokens import expected_output_tokens
 
 TICK_S = 0.25
@@ -61,6 +61,7 @@ class RunOptions:
     limit: int | None = None
     retry_failed: bool = False
     error_class: str | None = None
+    take_over_store: bool = False
 
 
 ProgressHook = Callable[[RunProgress], None]
@@ -114,6 +115,8 @@ class Run:
         state, message = "finished", None
         fatal: FatalCallError | None = None
         try:
+            check_owner(await store.last_pipeline(), self.config.store, self.config.file,
+                        self.options.take_over_store)
             client = make_client(call, self._base_url, api_key)
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)

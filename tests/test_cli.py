@@ -315,3 +315,25 @@ def test_call_headers_are_sent_but_never_stored_hashed_or_shown(
     sent = simulator.stats.requests
     assert pipeline.run() == 1
     assert simulator.stats.requests == sent + 1  # only the failed row is sent again
+
+
+def test_two_pipelines_on_one_store_are_refused_and_a_renamed_one_takes_it_over(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    first = make_pipeline(base_url=simulator.url)
+    assert first.run() == 0
+    before = first.export(capsys)
+    second_file = first.folder / "other.yaml"
+    second_file.write_text(first.file.read_text().replace("rows.jsonl", "other.jsonl"))
+    write_rows(first.folder / "other.jsonl", [{"id": "q00001", "question": "Something else?"}])
+    capsys.readouterr()
+    assert main(["run", str(second_file)]) == 2
+    err = capsys.readouterr().err
+    assert "this store holds the items of another pipeline" in err and "pipeline.yaml" in err
+    assert "--take-over-store" in err
+    assert first.export(capsys) == before
+    # the first pipeline's file renamed: its store follows it
+    renamed = first.folder / "renamed.yaml"
+    first.file.rename(renamed)
+    assert main(["run", str(renamed)]) == 0
+    assert main(["run", str(second_file), "--take-over-store"]) == 0
+    assert first.query("SELECT item_id FROM items") == [("q00001",)]

@@ -7,10 +7,12 @@ the same contract tests. Reports read only the documented tables and the `result
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from flow.errors import ConfigError
 from flow.plan import PlanStore
 from flow.records import Settled
 from flow.store.sqlite import SQLiteStore
@@ -26,6 +28,8 @@ class Store(PlanStore, Protocol):
 
     async def finish_run(self, state: str, message: str | None,
                          counts: dict[str, int]) -> None: ...
+
+    async def last_pipeline(self) -> str | None: ...
 
     async def spent_usd(self, origin: str) -> float: ...
 
@@ -43,6 +47,20 @@ class Store(PlanStore, Protocol):
 async def open_store(path: Path, busy_timeout_s: float = 5.0) -> Store:
     """The store at `path`, locked for this run and migrated to the current schema."""
     return await SQLiteStore.open(path, busy_timeout_s)
+
+
+def check_owner(other: str | None, store_path: Path, pipeline: Path, take_over: bool) -> None:
+    """A `ConfigError` when the store's latest run came from another pipeline file (`other`) that still
+    exists: the two would replace each other's items. A pipeline file that was moved or
+    renamed (the old one is gone) takes its store over, as does `--take-over-store`."""
+    if other is None or other == str(pipeline) or take_over or not os.path.exists(other):
+        return
+    raise ConfigError(
+        f"{store_path}: this store holds the items of another pipeline, {other}; two "
+        f"pipelines on one store would replace each other's items. Give {pipeline.name} a "
+        "`store:` of its own, or run it with --take-over-store to make the store its own "
+        "(items the other pipeline's input has and this one's does not leave the results; "
+        "every paid reply stays in the store)")
 
 
 async def open_store_read_only(path: Path) -> Store:

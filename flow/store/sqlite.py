@@ -138,6 +138,11 @@ class SQLiteStore:
         params = (calls_made, run_id) if calls_made is not None else (run_id,)
         await self._run_sql(reconcile_sql(calls_made is not None), params)
 
+    async def last_pipeline(self) -> str | None:
+        """The pipeline file of the store's latest run, if it has run."""
+        rows = await self._query("SELECT pipeline FROM runs ORDER BY id DESC LIMIT 1", ())
+        return str(rows[0][0]) if rows else None
+
     async def spent_usd(self, origin: str) -> float:
         """Dollars paid for every reply from endpoints of this origin, in every run."""
         rows = await self._query(
