@@ -53,7 +53,9 @@ def check_owner(other: str | None, store_path: Path, pipeline: Path, take_over: 
     """A `ConfigError` when the store's latest run came from another pipeline file (`other`) that still
     exists: the two would replace each other's items. A pipeline file that was moved or
     renamed (the old one is gone) takes its store over, as does `--take-over-store`."""
-    if other is None or other == str(pipeline) or take_over or not os.path.exists(other):
+    if other is None or other == str(pipeline) or take_over:
+        return
+    if not os.path.isabs(other) or not os.path.exists(other) or os.path.samefile(other, pipeline):
         return
     raise ConfigError(
         f"{store_path}: this store holds the items of another pipeline, {other}; two "
