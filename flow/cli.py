@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -205,7 +204,7 @@ async def _run_with_signals(config: PipelineConfig, options: RunOptions,
 
 
 async def _signalled(run: Run, err: Console) -> RunSummary:
-    loop = asyncio.get_running_loop()
+    from flow.stopping import StopSignals
 
     def on_signal() -> None:
         first = run.progress.stopping is None
@@ -215,9 +214,16 @@ async def _signalled(run: Run, err: Console) -> RunSummary:
                       f"(up to {run.config.call.drain_s:g} s); press Ctrl-C again to stop now",
                       markup=False)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    return await run.execute()
+    def on_overdue() -> None:
+        # from a watchdog thread, while something holds the event loop: end the process as
+        # kill -9 would; every result committed stays, the next run goes on from there
+        os.write(2, b"\nstopped now: every result committed is kept; run the same command "
+                    b"again to resume\n")
+        os._exit(EXIT_INTERRUPTED)
+
+    loop = asyncio.get_running_loop()
+    with StopSignals(loop, on_signal, run.config.call.drain_s, on_overdue):
+        return await run.execute()
 
 
 class _Display:

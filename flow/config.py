@@ -174,6 +174,8 @@ class PipelineConfig(_Strict):
 
     store: Path
     store_busy_timeout_s: float = Field(default=5, ge=0)
+    # the longest one row's templates, or one reply's post steps, may take
+    step_timeout_s: float = Field(default=10, gt=0)
     load: LoadConfig
     call: CallConfig
     post: list[str | dict[str, str]] = Field(default_factory=list)

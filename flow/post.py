@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flow.bounded import OutOfTime, bounded
 from flow.errors import ConfigError, PostError
 from flow.keys import canonical_json, content_key
 from flow.records import OutputRecord, Reply
@@ -25,8 +26,10 @@ Step = Callable[[Any], Any]
 class PostProcessor:
     """The configured post steps, compiled once and applied to each response text."""
 
-    def __init__(self, steps: list[str | dict[str, str]], base_dir: Path) -> None:
+    def __init__(self, steps: list[str | dict[str, str]], base_dir: Path,
+                 timeout_s: float = 10) -> None:
         self.fingerprint = content_key(steps)
+        self._timeout_s = timeout_s
         self._steps: list[tuple[str, Step]] = [
             _compile(step, index, base_dir) for index, step in enumerate(steps)
         ]
@@ -39,10 +42,14 @@ class PostProcessor:
                               error_class=error_class, error=error, attempts=attempts)
         if reply is not None:
             try:
-                output.output = _json(self.apply(reply.text))
+                output.output = _json(bounded(self._timeout_s, self.apply, reply.text))
                 output.status, output.error_class, output.error = "done", None, None
             except PostError as e:
                 output.error_class, output.error = e.error_class, str(e)
+            except OutOfTime:
+                output.error_class = "PostError"
+                output.error = (f"the post steps took longer than {self._timeout_s:g} s on "
+                                "this reply (step_timeout_s)")
         if output.error is not None and not output.error.isascii():
             # a message quoting half a character would stop the store from writing it
             output.error = output.error.encode("utf-8", "replace").decode("utf-8")

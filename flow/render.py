@@ -12,8 +12,10 @@ import re
 from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
+from flow.bounded import OutOfTime, bounded
 from flow.config import CallConfig
 from flow.endpoints.chat import check_params
 from flow.errors import ConfigError, TemplateError
@@ -27,9 +29,11 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 class RequestBuilder:
     """Renders the configured messages over an item's fields into a chat completion request."""
 
-    def __init__(self, call: CallConfig, where: str = "") -> None:
-        """`where` (the pipeline file) begins every configuration error."""
-        env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False,
+    def __init__(self, call: CallConfig, where: str = "", timeout_s: float = 10) -> None:
+        """`where` (the pipeline file) begins every configuration error; `timeout_s` bounds
+        the rendering of one message."""
+        self._timeout_s = timeout_s
+        env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False,
                                    keep_trailing_newline=True)
         try:
             check_params(call.params)
@@ -79,7 +83,7 @@ class RequestBuilder:
             if isinstance(part, _Placeholders):
                 content = part.render(fields, index, where)
             else:
-                content = self._render(part, fields, index, where)
+                content = self._render(part, fields, index, where, self._timeout_s)
             messages.append({"role": role, "content": content})
             pieces.append(f'{{"content":{json.dumps(content, ensure_ascii=False)},'
                           f'"role":{self._roles[index]}}}')
@@ -94,19 +98,58 @@ class RequestBuilder:
         return head, tail
 
     @staticmethod
-    def _render(template: jinja2.Template, fields: dict[str, Any], index: int, where: str) -> str:
+    def _render(template: jinja2.Template, fields: dict[str, Any], index: int, where: str,
+                timeout_s: float) -> str:
         try:
-            text = template.render(fields)
+            text = bounded(timeout_s, _render_capped, template, fields)
+        except OutOfTime:
+            raise TemplateError(f"{where}: call.messages[{index}].content took longer than "
+                                f"{timeout_s:g} s to render (step_timeout_s)") from None
+        except _TooLong:
+            raise TemplateError(f"{where}: call.messages[{index}].content renders to more "
+                                f"than {MAX_RENDERED_CHARS} characters") from None
         except jinja2.UndefinedError as e:
             raise TemplateError(
                 f"{where}: call.messages[{index}].content: {_undefined_reason(e)}") from None
         except Exception as e:  # a sandbox refusal or a filter failing on this row's data
             raise TemplateError(
                 f"{where}: call.messages[{index}].content: {type(e).__name__}: {e}") from None
-        if len(text) > MAX_RENDERED_CHARS:
-            raise TemplateError(f"{where}: call.messages[{index}].content renders to "
-                                f"{len(text)} characters, more than {MAX_RENDERED_CHARS}")
         return text
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, where `*` and `**` cannot build a value past the rendered limit in one
+    step (`'x' * 10**10` would take the memory before any output is counted)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > 1_000:
+            raise SecurityError(f"exponent {right} is too large")
+        if operator == "*":
+            sizes = [len(value) if isinstance(value, (str, list, tuple)) else 1
+                     for value in (left, right)]
+            counts = [value for value in (left, right) if isinstance(value, int)]
+            if counts and max(sizes) * max(counts) > MAX_RENDERED_CHARS:
+                raise SecurityError("a repetition too large for a message")
+        return super().call_binop(context, operator, left, right)
+
+
+def _render_capped(template: jinja2.Template, fields: dict[str, Any]) -> str:
+    """The rendered text, stopped as soon as it is longer than `MAX_RENDERED_CHARS` (a loop
+    in a template can make gigabytes; none of it is held past the limit)."""
+    parts = []
+    size = 0
+    for part in template.generate(fields):
+        size += len(part)
+        if size > MAX_RENDERED_CHARS:
+            raise _TooLong
+        parts.append(part)
+    return "".join(parts)
+
+
+class _TooLong(Exception):
+    """A template rendered past `MAX_RENDERED_CHARS`."""
 
 
 class _Placeholders:

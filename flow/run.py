@@ -76,8 +76,8 @@ class Run:
         self.options = options
         self.progress = RunProgress(simulated=options.simulate)
         self._on_progress = on_progress
-        self._builder = RequestBuilder(config.call, f"{config.file}: ")
-        self._post = PostProcessor(config.post, config.file.parent)
+        self._builder = RequestBuilder(config.call, f"{config.file}: ", config.step_timeout_s)
+        self._post = PostProcessor(config.post, config.file.parent, config.step_timeout_s)
         self._price: Price | None = price_for(config.call.model, config.call.price)
         self._output_tokens = expected_output_tokens(config.call.params,
                                                      config.call.expected_output_tokens)

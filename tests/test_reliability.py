@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,49 @@ def test_timeout_bounds_the_whole_request_not_each_read(make_pipeline: Any, simu
     [row] = pipeline.export(capsys)
     assert row["error_class"] == "APITimeoutError", row
     assert "no response within 0.5 s" in row["error"]
+
+
+def test_slow_post_steps_and_templates_fail_their_item_alone(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    folder = make_pipeline().folder
+    (folder / "steps.py").write_text(
+        "import time\n\ndef stall(text):\n    if 'q00001' in text:\n        time.sleep(3600)\n"
+        "    return text\n\ndef spin(text):\n    while 'q00002' in text:\n        pass\n"
+        "    return text\n")
+    rows = [{**row, "question": f"{row['id']} {row['question']}"} for row in questions(6)]
+    rows[3]["question"] = "a" * 40 + "b"  # a catastrophic regex on its echo
+    rows[4]["loops"] = 100_000  # a template that loops 10^10 times without output
+    pipeline = make_pipeline(
+        rows=rows, base_url=simulator.url, step_timeout_s=0.3,
+        call={"messages": [{"role": "user", "content": "{{ question }}{% for a in range("
+                            "loops | default(0)) %}{% for b in range(loops) %}{% endfor %}"
+                            "{% endfor %}"}]},
+        post=[{"python": "steps:stall"}, {"python": "steps:spin"},
+              {"regex": "^(Simulated).*?(?:(a+)+c)?$"}])
+    assert pipeline.run() == 1
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    for item in ("q00001", "q00002", "q00003"):
+        assert "took longer than 0.3 s on this reply (step_timeout_s)" in results[item]["error"]
+    assert "took longer than 0.3 s to render (step_timeout_s)" in results["q00004"]["error"]
+    assert [results[i]["status"] for i in ("q00000", "q00005")] == ["done", "done"], results
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_ends_the_run_even_while_a_post_step_holds_the_process(
+        make_pipeline: Any, signals: int) -> None:
+    # the step never returns and its bound is an hour: only the stop's own deadline helps
+    with SimulatorThread(SimulatorConfig()) as server:
+        pipeline = make_pipeline(rows=questions(3), base_url=server.url, step_timeout_s=3600,
+                                 call={"drain_s": 0.2}, post=[{"python": "steps:stall"}])
+        (pipeline.folder / "steps.py").write_text(
+            "import time\n\ndef stall(text):\n    time.sleep(3600)\n")
+        child = flow_process(pipeline)
+        wait_for_requests(server, 1)
+        time.sleep(0.2)  # the first reply is in its post step
+        for _ in range(signals):
+            child.send_signal(signal.SIGINT)
+        assert child.wait(15) == 130  # drain_s + 5 s of grace at most, 1 s after a second
+        assert child.stderr is not None
+        assert "run the same command again to resume" in child.stderr.read()
+        with sqlite3.connect(pipeline.store) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
