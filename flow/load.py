@@ -32,6 +32,7 @@ class Row:
     fields: dict[str, Any] | None
     error: RowError | None = None
     text: str | None = None  # the row as JSON, as read (JSONL): stored without serializing
+    generated: bool = False  # its own id could not be read: flow names it (`#row7`)
 
 
 def read_rows(config: LoadConfig) -> Iterator[Row]:
@@ -81,12 +82,13 @@ def _identify(
     if id_field is None:
         return Row(number, str(number), fields, error)  # every id is a line number
     if error is not None or fields is None:
-        return Row(number, generated_id(number), fields, error)
+        return Row(number, generated_id(number), fields, error, generated=True)
     value = fields.get(id_field)
     if value is None or value == "" or isinstance(value, (dict, list)):
         reason = "has no" if value is None or value == "" else "has a non-scalar"
         return Row(number, generated_id(number), None,
-                   RowError(f"{path.name} row {number}: {reason} id field '{id_field}' (load.id)"))
+                   RowError(f"{path.name} row {number}: {reason} id field '{id_field}' (load.id)"),
+                   generated=True)
     return Row(number, str(value), fields)
 
 

@@ -21,6 +21,7 @@ from flow.records import STAGE, Call, ItemRecord, Known
 from flow.render import RequestBuilder
 
 BATCH_ROWS = 1000  # rows planned together: one store look-up each
+HELD_CHUNK = 1000  # held rows named together at the input's end
 
 
 class Action(enum.Enum):
@@ -100,6 +101,11 @@ class PlanStore(Protocol):
 
     async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]: ...
 
+    async def hold(self, rows: Sequence[tuple[int, str, str | None, str | None]]) -> None: ...
+
+    async def held(self, after_row: int,
+                   limit: int) -> list[tuple[int, str, str | None, str | None]]: ...
+
     async def known_items(self, stage: str,
                           item_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]: ...
 
@@ -133,52 +139,68 @@ class Planner:
         return counts
 
     async def record(self, prepared: list[Planned]) -> list[Planned]:
-        """Save the batch's items (refusing duplicate ids); the items that can be called."""
+        """Save the batch's items (refusing duplicate ids); the items that can be called.
+
+        Rows whose own id cannot be used (a bad row, a duplicate) are held, and named by
+        `name_held` once the whole input is read: by then every real id is known, so an id
+        flow makes up never takes one a real row has, whichever comes first in the file.
+        """
         first_rows = await self._store.mark_seen([(p.row.item_id, p.row.number)
-                                                  for p in prepared])
-        renamed: list[tuple[Planned, str]] = []
+                                                  for p in prepared if not p.row.generated])
+        held: list[tuple[int, str, str | None, str | None]] = []
+        named: list[ItemRecord] = []
         callable_items = []
         for planned in prepared:
             row, record = planned.row, planned.record
-            first_row = first_rows.get(row.item_id, row.number)
-            if first_row != row.number and row.item_id == generated_id(row.number):
-                # a bad row's own generated id is a real row's id already: it yields
-                renamed.append((planned, row.item_id))
-            elif first_row != row.number:
-                # recorded under an id of its own: the first row keeps the id
-                record.item_id = generated_id(row.number, row.item_id)
-                record.request_key = None
+            duplicate = not row.generated and first_rows[row.item_id] != row.number
+            if duplicate:
                 planned.call = None
-                renamed.append((planned, record.item_id))
+                record.request_key = None
                 planned.error = ItemError(
-                    f"{self._source} row {row.number}: duplicate id {row.item_id!r} "
-                    f"(first at row {first_row}); ids must be unique (load.id)")
+                    f"{self._source} row {row.number}: duplicate id {row.item_id!r} (first at "
+                    f"row {first_rows[row.item_id]}); ids must be unique (load.id)")
             if planned.error is not None:
                 error = planned.error
                 record.error_class = "RowError" if type(error) is ItemError else error.error_class
                 record.error = str(error)
                 self.counts.failed += 1
-            elif planned.call is not None:
+            if row.generated or duplicate:
+                held.append((row.number, row.item_id if duplicate else "", record.error_class,
+                             record.error))
+                continue
+            if row.fields is not None and record.error_class is None:
+                # a JSONL row is stored as it was read: no serializing a million rows again
+                record.input = row.text or json.dumps(row.fields, ensure_ascii=False)
+            named.append(record)
+            if planned.call is not None:
                 callable_items.append(planned)
-        await self._claim(renamed, first_rows)
-        await self._store.save_items(STAGE, self._origin, await self._changed(prepared))
+        if held:
+            await self._store.hold(held)
+        await self._store.save_items(STAGE, self._origin, await self._changed(named))
         return callable_items
 
-    async def _claim(self, renamed: list[tuple[Planned, str]], first: dict[str, int]) -> None:
-        """Record the ids flow generated (for duplicates, for rows without a usable id); one
-        that is already another row's id takes a further suffix, so it never overwrites a
-        real item."""
-        base = {id(p): name for p, name in renamed}
+    async def name_held(self) -> None:
+        """Name and save the held rows, the whole input read: `#row7` for a bad row,
+        `x#row7` for a duplicate of `x`; a name a real row has takes a further suffix."""
+        after = 0
+        while chunk := await self._store.held(after, HELD_CHUNK):
+            records = [ItemRecord(generated_id(number, base), number, None, None,
+                                  error_class, error)
+                       for number, base, error_class, error in chunk]
+            await self._claim(records)
+            await self._store.save_items(STAGE, self._origin, await self._changed(records))
+            after = chunk[-1][0]
+
+    async def _claim(self, records: list[ItemRecord]) -> None:
+        """Mark the made-up ids seen; one that is already another row's takes a suffix."""
+        base = {id(record): record.item_id for record in records}
         for attempt in itertools.count(2):
-            if not renamed:
+            if not records:
                 return
-            first = {**first, **await self._store.mark_seen(
-                [(name, p.row.number) for p, name in renamed if name not in first])}
-            clashes = [p for p, name in renamed if first[name] != p.row.number]
-            renamed = []
-            for planned in clashes:
-                planned.record.item_id = f"{base[id(planned)]}#{attempt}"
-                renamed.append((planned, planned.record.item_id))
+            first = await self._store.mark_seen([(r.item_id, r.row) for r in records])
+            records = [record for record in records if first[record.item_id] != record.row]
+            for record in records:
+                record.item_id = f"{base[id(record)]}#{attempt}"
 
     async def look_up(self, items: list[Planned]) -> None:
         """Fill in what the store holds for each item (its output, its request's reply)."""
@@ -187,21 +209,15 @@ class Planner:
         for planned in items:
             planned.known = known.get(planned.record.item_id, Known())
 
-    async def _changed(self, prepared: list[Planned]) -> list[ItemRecord]:
+    async def _changed(self, records: list[ItemRecord]) -> list[ItemRecord]:
         """The records that differ from what the store holds (most re-runs write nothing).
 
         The row's own fields count too: a field no template reads still shows in `flow show`
         and `flow export --fields`.
         """
-        records = [p.record for p in prepared]
         stored = await self._store.known_items(STAGE, [r.item_id for r in records])
         changed = []
-        for planned in prepared:
-            record = planned.record
-            row = planned.row
-            if row.fields is not None and record.error_class is None:
-                # a JSONL row is stored as it was read: no serializing a million rows again
-                record.input = row.text or json.dumps(row.fields, ensure_ascii=False)
+        for record in records:
             before = stored.get(record.item_id)
             if before == (record.row, record.request_key, self._origin, record.error_class,
                           record.error, record.input):

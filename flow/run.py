@@ -201,7 +201,9 @@ class Run:
         finally:
             if planning is not None:
                 planning.cancel()
-        # the whole input was read: items whose rows are gone leave the results
+        # the whole input was read: rows without an id of their own are named, and items
+        # whose rows are gone leave the results
+        await planner.name_held()
         self.progress.input_read = True
         self.progress.removed = await store.forget_unseen(STAGE)
 

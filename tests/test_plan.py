@@ -58,10 +58,21 @@ class FakePlanStore:
         self.known_by_id: dict[str, Known] = {}
         self.saves: list[list[ItemRecord]] = []
         self.known_calls: list[list[tuple[str, str]]] = []
+        self.held_rows: dict[int, tuple[int, str, str | None, str | None]] = {}
 
     def new_run(self) -> None:
         """What a new run starts with: no ids seen yet, the items table as it was."""
         self.seen.clear()
+        self.held_rows.clear()
+
+    async def hold(self, rows: Sequence[tuple[int, str, str | None, str | None]]) -> None:
+        for held in rows:
+            self.held_rows[held[0]] = held
+
+    async def held(self, after_row: int,
+                   limit: int) -> list[tuple[int, str, str | None, str | None]]:
+        return sorted(held for number, held in self.held_rows.items() if number > after_row)[
+            :limit]
 
     async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]:
         first = {}
@@ -210,14 +221,15 @@ async def test_record_refuses_a_duplicate_id_naming_the_first_row() -> None:
 
     assert [p.record.item_id for p in callable_items] == ["a", "b"]
     duplicate = prepared[2]
-    assert duplicate.record.item_id == "a#row3"
     assert duplicate.call is None
-    assert duplicate.record.request_key is None
-    assert duplicate.record.error_class == "RowError"
-    assert duplicate.record.error == ("rows.jsonl row 3: duplicate id 'a' (first at row 1); "
-                                      "ids must be unique (load.id)")
+    assert sorted(r.item_id for r in store.saves[-1]) == ["a", "b"]
+    # named once the whole input is read, when every real id is known
+    await planner.name_held()
+    saved = store.items[("call", "a#row3")]
+    assert (saved.row, saved.request_key, saved.error_class) == (3, None, "RowError")
+    assert saved.error == ("rows.jsonl row 3: duplicate id 'a' (first at row 1); "
+                           "ids must be unique (load.id)")
     assert store.seen == {"a": 1, "b": 2, "a#row3": 3}
-    assert sorted(r.item_id for r in store.saves[-1]) == ["a", "a#row3", "b"]
     assert planner.take_counts().failed == 1
 
 
@@ -227,21 +239,23 @@ async def test_record_refuses_an_id_seen_in_an_earlier_batch() -> None:
     await planner.record(prepare(rows(("a", "one")), builder(), SOURCE))
     later = prepare([Row(9, "a", {"question": "again"})], builder(), SOURCE)
     assert await planner.record(later) == []
-    assert later[0].record.item_id == "a#row9"
     assert "(first at row 1)" in str(later[0].error)
+    await planner.name_held()
+    assert ("call", "a#row9") in store.items
 
 
 async def test_record_saves_failed_rows_with_their_reason_and_not_their_input() -> None:
     store = FakePlanStore()
     planner = Planner(store, ORIGIN, SOURCE)
-    bad = Row(2, "2", None, RowError("rows.jsonl line 2: not valid JSON"))
+    bad = Row(2, "#row2", None, RowError("rows.jsonl line 2: not valid JSON"), generated=True)
     batch = [Row(1, "a", {"question": "one"}), bad, Row(3, "c", {"topic": "x"})]
     callable_items = await planner.record(prepare(batch, builder(), SOURCE))
+    await planner.name_held()
 
     assert [p.record.item_id for p in callable_items] == ["a"]
-    saved = {r.item_id: r for r in store.saves[-1]}
+    saved = {r.item_id: r for save in store.saves for r in save}
     assert json.loads(saved["a"].input or "") == {"question": "one"}
-    assert (saved["2"].error_class, saved["2"].input) == ("RowError", None)
+    assert (saved["#row2"].error_class, saved["#row2"].input) == ("RowError", None)
     assert (saved["c"].error_class, saved["c"].input) == ("TemplateError", None)
     assert "missing template field 'question'" in (saved["c"].error or "")
     assert planner.take_counts().failed == 2
@@ -250,15 +264,20 @@ async def test_record_saves_failed_rows_with_their_reason_and_not_their_input() 
 async def test_record_writes_nothing_on_a_rerun_over_unchanged_rows() -> None:
     store = FakePlanStore()
     batch = [*rows(("a", "one"), ("b", "two"), ("a", "dup")),
-             Row(4, "4", None, RowError("rows.jsonl line 4: not valid JSON"))]
-    await Planner(store, ORIGIN, SOURCE).record(prepare(batch, builder(), SOURCE))
-    assert len(store.saves[-1]) == 4
+             Row(4, "#row4", None, RowError("rows.jsonl line 4: not valid JSON"), generated=True)]
+    planner = Planner(store, ORIGIN, SOURCE)
+    await planner.record(prepare(batch, builder(), SOURCE))
+    await planner.name_held()
+    assert sorted(store.seen) == ["#row4", "a", "a#row3", "b"]
+    assert sum(len(save) for save in store.saves) == 4
 
     store.new_run()
+    saves = len(store.saves)
     planner = Planner(store, ORIGIN, SOURCE)
     callable_items = await planner.record(prepare(batch, builder(), SOURCE))
+    await planner.name_held()
     assert [p.record.item_id for p in callable_items] == ["a", "b"]
-    assert store.saves[-1] == []
+    assert all(save == [] for save in store.saves[saves:])
     assert planner.take_counts().rerendered == 0
 
 
@@ -307,10 +326,13 @@ async def test_look_up_gives_each_item_what_the_store_holds_for_its_request() ->
 async def test_a_generated_id_yields_to_a_real_row_that_holds_it() -> None:
     store = FakePlanStore()
     planner = Planner(store, ORIGIN, SOURCE)
-    # a real row whose id is the one flow would generate for the bad row after it
-    await planner.record(prepare(rows(("#row2", "one")), builder(), SOURCE))
-    bad = Row(2, "#row2", None, RowError("rows.jsonl row 2: not valid JSON"))
+    # a bad row, then a real row whose id is the one flow would make up for the bad row
+    bad = Row(2, "#row2", None, RowError("rows.jsonl row 2: not valid JSON"), generated=True)
     await planner.record(prepare([bad], builder(), SOURCE))
+    real = await planner.record(prepare([Row(9, "#row2", {"question": "one"})], builder(),
+                                        SOURCE))
+    assert [p.record.item_id for p in real] == ["#row2"]
+    await planner.name_held()
     assert store.items[("call", "#row2")].error_class is None
     assert store.items[("call", "#row2#2")].error == "rows.jsonl row 2: not valid JSON"
 
@@ -318,9 +340,12 @@ async def test_a_generated_id_yields_to_a_real_row_that_holds_it() -> None:
 async def test_duplicate_renames_never_take_a_real_id() -> None:
     store = FakePlanStore()
     planner = Planner(store, ORIGIN, SOURCE)
-    # `x#row3` is a real id; the duplicate `x` at row 3 would be renamed to it
-    prepared = prepare(rows(("x", "one"), ("x#row3", "two"), ("x", "three"), ("x", "four")),
+    # `x#row2` is a real id, later in the file than the duplicate that would be renamed to it
+    prepared = prepare(rows(("x", "one"), ("x", "two"), ("x#row2", "three"), ("x", "four")),
                        builder(), SOURCE)
-    await planner.record(prepared)
-    assert [p.record.item_id for p in prepared] == ["x", "x#row3", "x#row3#2", "x#row4"]
-    assert store.items[("call", "x#row3")].error_class is None
+    callable_items = await planner.record(prepared)
+    assert [p.record.item_id for p in callable_items] == ["x", "x#row2"]
+    await planner.name_held()
+    assert store.items[("call", "x#row2")].error_class is None
+    assert store.items[("call", "x#row2#2")].row == 2
+    assert store.items[("call", "x#row4")].row == 4

@@ -383,3 +383,22 @@ def test_a_stray_csv_quote_fails_one_row_and_the_summary_counts_rows_against_lin
     [(item, error)] = pipeline.query("SELECT item_id, error FROM results WHERE status='failed'")
     assert item == "#row4" and "stray quote" in error
     assert simulator.stats.requests == 99
+
+
+def test_a_bad_row_never_takes_the_id_of_a_real_row_wherever_it_comes(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    lines = [json.dumps({"id": n, "question": f"What is {n}?"}) for n in (1, 3, 4)]
+    lines.insert(1, '{"id": 9, "question": "unterminated')  # line 2: its id cannot be read
+    lines.append(json.dumps({"id": 2, "question": "What is 2?"}))  # a real id 2, later
+    lines.append(json.dumps({"id": "#row2", "question": "Who names ids like this?"}))
+    (pipeline.folder / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    assert pipeline.run() == 1
+    results = {r["id"]: r for r in pipeline.export(capsys)}
+    assert {i: r["status"] for i, r in results.items()} == {
+        "1": "done", "#row2#2": "failed", "3": "done", "4": "done", "2": "done",
+        "#row2": "done"}
+    assert "row 2: invalid JSON" in results["#row2#2"]["error"]
+    assert pipeline.run() == 1  # the same names again: nothing changes, nothing is paid
+    assert {r["id"] for r in pipeline.export(capsys)} == set(results)
+    assert simulator.stats.requests == 5

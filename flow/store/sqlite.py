@@ -217,6 +217,23 @@ class SQLiteStore:
         await self._run_sql("CREATE TEMP TABLE IF NOT EXISTS seen_ids "
                             "(item_id TEXT PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID")
         await self._run_sql("DELETE FROM seen_ids")
+        await self._run_sql("CREATE TEMP TABLE IF NOT EXISTS held_rows (row INTEGER PRIMARY KEY, "
+                            "base TEXT NOT NULL, error_class TEXT, error TEXT)")
+        await self._run_sql("DELETE FROM held_rows")
+
+    async def hold(self, rows: Sequence[tuple[int, str, str | None, str | None]]) -> None:
+        """Keep rows to be named at the input's end: (row, base of its id, error class, error)."""
+        await self._write("cannot write", [
+            ("INSERT OR REPLACE INTO held_rows VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(chunk)),
+             [value for held in chunk for value in held])
+            for chunk in _chunks(rows, MAX_VARIABLES // 4)])
+
+    async def held(self, after_row: int,
+                   limit: int) -> list[tuple[int, str, str | None, str | None]]:
+        """The held rows after `after_row`, `limit` at most, in row order."""
+        return [(int(row), str(base), error_class, error) for row, base, error_class, error in
+                await self._query("SELECT row, base, error_class, error FROM held_rows "
+                                  "WHERE row > ? ORDER BY row LIMIT ?", (after_row, limit))]
 
     async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]:
         """Remember a batch of (item id, row); the first row of each id, where it has one."""
