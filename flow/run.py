@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from flow.budget import Budget, Verdict
 from flow.config import PipelineConfig, check_api_key
 from flow.endpoints import endpoint_origin
-from flow.endpoints.chat import read_stored_reply
 from flow.errors import ConfigError, FatalCallError
 from flow.execute import Executor
 from flow.execute.client import make_client
@@ -32,19 +31,11 @@ from flow.limiter import RateLimiter
 from flow.load import count_rows, read_rows
 from flow.plan import Action, Planned, Planner, batches, decide, prepare
 from flow.post import PostProcessor
-from flow.prices import Price, estimate_call_usd, price_for, priced_reply
+from flow.prices import Price, estimate_call_usd, price_for
 from flow.progress import RunProgress, RunSummary
-from flow.records import (
-    STAGE,
-    Attempt,
-    Call,
-    CallResult,
-    OutputRecord,
-    ResponseRecord,
-    Settled,
-    utc_now,
-)
+from flow.records import STAGE, Call, CallResult
 from flow.render import RequestBuilder
+from flow.settle import Outcomes
 from flow.store import Store, check_owner, open_store
 from flow.tokens import expected_output_tokens
 
@@ -79,10 +70,12 @@ class Run:
         self._builder = RequestBuilder(config.call, f"{config.file}: ", config.step_timeout_s)
         self._post = PostProcessor(config.post, config.file.parent, config.step_timeout_s)
         self._price: Price | None = price_for(config.call.model, config.call.price)
+        self._origin = endpoint_origin(options.base_url or config.call.base_url,
+                                       options.simulate, f"{config.file}: ")
+        self._outcomes = Outcomes(self._post, self._price, self._origin, self.progress)
         self._output_tokens = expected_output_tokens(config.call.params,
                                                      config.call.expected_output_tokens)
         self._base_url = options.base_url or config.call.base_url
-        self._origin = endpoint_origin(self._base_url, options.simulate, f"{config.file}: ")
         self._stop_feeding = asyncio.Event()
         self._abort = asyncio.Event()
         # request key -> the items waiting for its reply; changed only under `_plan_lock`,
@@ -272,24 +265,7 @@ class Run:
         """Make outputs from stored replies (post steps or the items changed): no call."""
         bodies = await store.reply_bodies(p.known.reply_id for p in items
                                           if p.known.reply_id is not None)
-        outputs = []
-        reassign: set[int] = set()
-        for planned in items:
-            known = planned.known
-            assert planned.call is not None and known.reply_id is not None
-            reply, error_class, error = read_stored_reply(bodies.get(known.reply_id, ""))
-            output = self._post.output_for(planned.record.item_id, planned.call.key, reply,
-                                           error_class, error)
-            output.response_id = known.reply_id
-            if known.response_id == known.reply_id:
-                output.bought = known.bought
-            else:
-                reassign.update(r for r in (known.response_id, known.reply_id) if r is not None)
-            outputs.append(output)
-        self._count(outputs)
-        self.progress.reused += len(outputs)
-        await store.save(Settled(STAGE, self._origin, "", utc_now(), None, [], outputs,
-                                 sorted(reassign)))
+        await store.save(self._outcomes.from_stored(items, bodies))
 
     async def _deliver(self, store: Store, result: CallResult) -> None:
         """Post-process a call's result for every item waiting on it and commit it all."""
@@ -302,8 +278,8 @@ class Run:
             return
         waiting = self._in_flight[key]
         taken = len(waiting)
-        response = self._response(result)
-        settled = self._settled_for(result, waiting, response, result.attempts)
+        response = self._outcomes.response(result)
+        settled = self._outcomes.for_result(result, waiting, response, result.attempts)
         settled.outputs[0].bought = response is not None
         await store.save(settled)
         self.progress.completed += taken
@@ -311,41 +287,10 @@ class Run:
             late = self._in_flight.pop(key)[taken:]
         if late:
             # items that came to wait while the result was being committed
-            settled = self._settled_for(result, late, None, [])
+            settled = self._outcomes.for_result(result, late, None, [])
             for output in settled.outputs:
                 output.response_id = response.id if response is not None else None
             await store.save(settled)
-
-    def _settled_for(self, result: CallResult, items: list[Planned],
-                     response: ResponseRecord | None, attempts: list[Attempt]) -> Settled:
-        """The outputs a call's result gives `items`, as one unit to commit, with the replies
-        those items used before (a re-buy, an earlier request), which may need a payer."""
-        outputs = []
-        for planned in items:
-            assert planned.call is not None
-            outputs.append(self._post.output_for(
-                planned.record.item_id, planned.call.key, result.reply, result.error_class,
-                result.error, len(result.attempts)))
-        self._count(outputs)
-        before = sorted({p.known.response_id for p in items if p.known.response_id is not None})
-        return Settled(STAGE, self._origin, result.call.key, result.finished_at, response,
-                       attempts, outputs, before)
-
-    def _response(self, result: CallResult) -> ResponseRecord | None:
-        """The paid reply to store, with its cost; counted into the run's spend once."""
-        response = priced_reply(result, self._origin, self._price)
-        if response is not None:
-            self.progress.prompt_tokens += response.usage.prompt_tokens
-            self.progress.completion_tokens += response.usage.completion_tokens
-            self.progress.cost_usd += response.cost_usd or 0.0
-        return response
-
-    def _count(self, outputs: list[OutputRecord]) -> None:
-        for output in outputs:
-            if output.status == "done":
-                self.progress.done += 1
-            else:
-                self.progress.failed += 1
 
     async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:

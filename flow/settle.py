@@ -1,0 +1,77 @@
+"""What a call's result, or a stored reply, makes of the items waiting on it.
+
+Each item gets its output (the post steps applied to the reply) or its failure; the paid
+reply is priced once and counted into the run's spend; every output is counted into the
+run's progress. The result is a `Settled`: one unit the store commits whole.
+"""
+
+from __future__ import annotations
+
+from flow.endpoints.chat import read_stored_reply
+from flow.plan import Planned
+from flow.post import PostProcessor
+from flow.prices import Price, priced_reply
+from flow.progress import RunProgress
+from flow.records import STAGE, Attempt, CallResult, OutputRecord, ResponseRecord, Settled, utc_now
+
+
+class Outcomes:
+    """Turns results into outputs to commit, counting them as they go."""
+
+    def __init__(self, post: PostProcessor, price: Price | None, origin: str,
+                 progress: RunProgress) -> None:
+        self._post = post
+        self._price = price
+        self._origin = origin
+        self._progress = progress
+
+    def response(self, result: CallResult) -> ResponseRecord | None:
+        """The paid reply to store, with its cost; counted into the run's spend once."""
+        response = priced_reply(result, self._origin, self._price)
+        if response is not None:
+            self._progress.prompt_tokens += response.usage.prompt_tokens
+            self._progress.completion_tokens += response.usage.completion_tokens
+            self._progress.cost_usd += response.cost_usd or 0.0
+        return response
+
+    def for_result(self, result: CallResult, items: list[Planned],
+                   response: ResponseRecord | None, attempts: list[Attempt]) -> Settled:
+        """The outputs a call's result gives `items`, as one unit to commit, with the replies
+        those items used before (a re-buy, an earlier request), which may need a payer."""
+        outputs = []
+        for planned in items:
+            assert planned.call is not None
+            outputs.append(self._post.output_for(
+                planned.record.item_id, planned.call.key, result.reply, result.error_class,
+                result.error, len(result.attempts)))
+        self._count(outputs)
+        before = sorted({p.known.response_id for p in items if p.known.response_id is not None})
+        return Settled(STAGE, self._origin, result.call.key, result.finished_at, response,
+                       attempts, outputs, before)
+
+    def from_stored(self, items: list[Planned], bodies: dict[int, str]) -> Settled:
+        """The outputs stored replies give `items` (their post steps or requests changed)."""
+        outputs = []
+        reassign: set[int] = set()
+        for planned in items:
+            known = planned.known
+            assert planned.call is not None and known.reply_id is not None
+            reply, error_class, error = read_stored_reply(bodies.get(known.reply_id, ""))
+            output = self._post.output_for(planned.record.item_id, planned.call.key, reply,
+                                           error_class, error)
+            output.response_id = known.reply_id
+            if known.response_id == known.reply_id:
+                output.bought = known.bought
+            else:
+                reassign.update(r for r in (known.response_id, known.reply_id) if r is not None)
+            outputs.append(output)
+        self._count(outputs)
+        self._progress.reused += len(outputs)
+        return Settled(STAGE, self._origin, "", utc_now(), None, [], outputs, sorted(reassign))
+
+    def _count(self, outputs: list[OutputRecord]) -> None:
+        for output in outputs:
+            if output.status == "done":
+                self._progress.done += 1
+            else:
+                self._progress.failed += 1
