@@ -1,4 +1,5 @@
-"""When to stop sending: `--limit N` calls, or `call.max_cost_usd` dollars.
+"""When to stop sending: `--limit N` calls, `call.max_cost_usd` dollars, or items that all
+fail the same way.
 
 Spend is what the store holds for the endpoint before the run plus what this run's replies
 cost. Calls in flight are expected to cost what this run's calls have cost on average
@@ -11,7 +12,12 @@ not overshot by a whole round of `concurrency` calls, nor stopped short by a hig
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+# where an error names its row ("rows.jsonl row 7: ..."): the same fault on every row differs
+# only there
+_ROW = re.compile(r"^[^:]* row \d+: ")
 
 
 class Verdict(enum.Enum):
@@ -56,3 +62,31 @@ class Budget:
     def settle(self) -> None:
         """A call sent earlier has its result."""
         self.outstanding -= 1
+
+
+@dataclass
+class Breaker:
+    """Stops a run whose items keep failing the same way: `threshold` finished items in a row
+    with one permanent error (a mistyped model, a key a proxy answers with 400, a template
+    typo), so that it does not fail every item one by one. Errors retried until given up
+    (a server down) are not permanent and break the streak, as does an item done."""
+
+    threshold: int
+    tripped: str | None = None
+    _streak: int = 0
+    _last: tuple[str, str] = field(default=("", ""))
+
+    def observe(self, error_class: str | None, error: str | None) -> None:
+        """Take in one finished item: its error class and message, or None when it is done."""
+        if error_class is None or (error or "").startswith("gave up after"):
+            self._streak = 0
+            return
+        key = (error_class, _ROW.sub("", error or ""))
+        if key != self._last:
+            self._last, self._streak = key, 0
+        self._streak += 1
+        if self.threshold and self._streak >= self.threshold and self.tripped is None:
+            self.tripped = (
+                f"the last {self._streak} items all failed the same way, so the run stopped "
+                f"rather than fail every item: {error_class}: {key[1]} (fix it and run again; "
+                "call.stop_after_failures sets how many, 0 never stops)")

@@ -132,6 +132,7 @@ class CallConfig(_Strict):
     price: PriceConfig | None = None
     max_cost_usd: float | None = Field(default=None, gt=0)
     drain_s: float = Field(default=30, ge=0)
+    stop_after_failures: int = Field(default=20, ge=0)  # in a row, the same way; 0: never
     max_response_bytes: int = Field(default=10_000_000, gt=0)
     # sent with every request, never stored nor part of a request's key: gateway tokens
     headers: dict[str, str] = Field(default_factory=dict)

@@ -122,6 +122,7 @@ class PlanCounts:
 
     failed: int = 0
     rerendered: int = 0
+    errors: list[tuple[str | None, str | None]] = field(default_factory=list)  # of failed rows
 
 
 class Planner:
@@ -164,6 +165,7 @@ class Planner:
                 record.error_class = "RowError" if type(error) is ItemError else error.error_class
                 record.error = str(error)
                 self.counts.failed += 1
+                self.counts.errors.append((record.error_class, record.error))
             if row.generated or duplicate:
                 held.append((row.number, row.item_id if duplicate else "", record.error_class,
                              record.error))

@@ -20,7 +20,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from flow.budget import Budget, Verdict
+from flow.budget import Breaker, Budget, Verdict
 from flow.config import PipelineConfig, check_api_key
 from flow.endpoints import endpoint_origin
 from flow.errors import ConfigError, FatalCallError
@@ -72,7 +72,14 @@ class Run:
         self._price: Price | None = price_for(config.call.model, config.call.price)
         self._origin = endpoint_origin(options.base_url or config.call.base_url,
                                        options.simulate, f"{config.file}: ")
-        self._outcomes = Outcomes(self._post, self._price, self._origin, self.progress)
+        self._breaker = Breaker(config.call.stop_after_failures)
+        self._outcomes = Outcomes(self._post, self._price, self._origin, self.progress,
+                                  self._breaker)
+        if config.call.max_cost_usd is not None and self._price is None:
+            raise ConfigError(
+                f"{config.file}: call.max_cost_usd: flow does not know the price of model "
+                f"'{config.call.model}', so it cannot count spend; add call.price: "
+                "{input_per_1m: ..., output_per_1m: ...} (US dollars per million tokens)")
         self._output_tokens = expected_output_tokens(config.call.params,
                                                      config.call.expected_output_tokens)
         self._base_url = options.base_url or config.call.base_url
@@ -122,6 +129,8 @@ class Run:
                 fatal = e
             finally:
                 await client.close()
+            if fatal is None and self._breaker.tripped is not None:
+                fatal = FatalCallError(self._breaker.tripped)
             if fatal is not None:
                 state, message = "stopped", str(fatal)
             elif self._budget.reached is not None:
@@ -205,6 +214,9 @@ class Run:
         callable_items = await planner.record(prepared)
         counts = planner.take_counts()
         self.progress.failed += counts.failed
+        for error_class, error in counts.errors:
+            self._breaker.observe(error_class, error)
+        self._stop_if_tripped()
         self.progress.rerendered += counts.rerendered
         async with self._plan_lock:
             await planner.look_up(callable_items)
@@ -283,6 +295,7 @@ class Run:
         settled.outputs[0].bought = response is not None
         await store.save(settled)
         self.progress.completed += taken
+        self._stop_if_tripped()
         async with self._plan_lock:
             late = self._in_flight.pop(key)[taken:]
         if late:
@@ -291,6 +304,12 @@ class Run:
             for output in settled.outputs:
                 output.response_id = response.id if response is not None else None
             await store.save(settled)
+
+    def _stop_if_tripped(self) -> None:
+        """Items keep failing the same way: send nothing more; what is in flight finishes."""
+        if self._breaker.tripped is not None and not self._stop_feeding.is_set():
+            self.progress.stopping = "items keep failing the same way"
+            self._stop_feeding.set()
 
     async def _tick(self, executor: Executor, limiter: RateLimiter) -> None:
         while True:

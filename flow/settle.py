@@ -2,11 +2,12 @@
 
 Each item gets its output (the post steps applied to the reply) or its failure; the paid
 reply is priced once and counted into the run's spend; every output is counted into the
-run's progress. The result is a `Settled`: one unit the store commits whole.
+run's progress and shown to the breaker. The result is a `Settled`: one unit the store commits whole.
 """
 
 from __future__ import annotations
 
+from flow.budget import Breaker
 from flow.endpoints.chat import read_stored_reply
 from flow.plan import Planned
 from flow.post import PostProcessor
@@ -19,8 +20,9 @@ class Outcomes:
     """Turns results into outputs to commit, counting them as they go."""
 
     def __init__(self, post: PostProcessor, price: Price | None, origin: str,
-                 progress: RunProgress) -> None:
+                 progress: RunProgress, breaker: Breaker) -> None:
         self._post = post
+        self._breaker = breaker
         self._price = price
         self._origin = origin
         self._progress = progress
@@ -75,3 +77,4 @@ class Outcomes:
                 self._progress.done += 1
             else:
                 self._progress.failed += 1
+            self._breaker.observe(output.error_class, output.error)

@@ -260,3 +260,44 @@ def test_every_paid_reply_is_counted_even_when_it_had_to_be_retried(
     assert len(set(costs.values())) == 1, costs
     assert pipeline.run() == 1  # paid for, failed: kept, not bought again
     assert simulator.stats.requests == 7
+
+
+def test_items_that_all_fail_the_same_way_stop_the_run(make_pipeline: Any, simulator:
+                                                       SimulatorThread, capsys: Any) -> None:
+    rows = [{"id": f"r{i}", "question": f"[sim:status=400] q{i}"} for i in range(40)]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"concurrency": 1, "stop_after_failures": 5})
+    assert pipeline.run() == 2
+    err = capsys.readouterr().err
+    assert "the last 5 items all failed the same way" in err
+    assert "BadRequestError: 400: Simulated error 400." in err
+    assert simulator.stats.requests <= 6
+    assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
+    # a template typo fails at planning, before anything is sent
+    pipeline.config["call"]["messages"] = [{"role": "user", "content": "{{ questoin }}"}]
+    sent = simulator.stats.requests
+    assert pipeline.run() == 2
+    assert "missing template field 'questoin'" in capsys.readouterr().err
+    assert simulator.stats.requests == sent
+
+
+def test_failures_mixed_with_successes_never_stop_the_run(make_pipeline: Any, simulator:
+                                                          SimulatorThread, capsys: Any) -> None:
+    rows = [{"id": f"r{i}", "question": f"{'[sim:status=400] ' * (i % 2)}q{i}"}
+            for i in range(30)]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"concurrency": 1, "stop_after_failures": 3})
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == 30
+
+
+def test_a_budget_on_a_model_without_a_price_is_a_config_error(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url,
+                             call={"model": "my-local-llama", "max_cost_usd": 1.0})
+    assert pipeline.run() == 2
+    err = capsys.readouterr().err
+    assert "call.max_cost_usd: flow does not know the price of model 'my-local-llama'" in err
+    assert "add call.price" in err and simulator.stats.requests == 0
+    pipeline.config["call"]["price"] = {"input_per_1m": 1, "output_per_1m": 2}
+    assert pipeline.run() == 0
