@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="call again only the items that failed")
     run.add_argument("--error-class", metavar="CLASS",
                      help="with --retry-failed: only failures of this class")
+    run.add_argument("--recall", action="store_true",
+                     help="with --retry-failed: buy replies again for post-step failures too")
     run.add_argument("--take-over-store", action="store_true",
                      help="make a store another pipeline used this pipeline's own")
     run.add_argument("--dry-run", action="store_true",
@@ -134,7 +136,7 @@ def _run(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
     options = RunOptions(simulate=args.simulate, limit=args.limit,
                          retry_failed=args.retry_failed, error_class=args.error_class,
-                         take_over_store=args.take_over_store)
+                         take_over_store=args.take_over_store, recall=args.recall)
     if args.dry_run:
         return _dry_run(config, options)
     simulator = None

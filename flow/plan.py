@@ -35,11 +35,18 @@ class Action(enum.Enum):
 
 
 def decide(known: Known, key: str, post_key: str, retry_failed: bool = False,
-           error_class: str | None = None) -> Action:
-    """The action for an item whose current request is `key`, given what the store holds."""
+           error_class: str | None = None, recall: bool = False) -> Action:
+    """The action for an item whose current request is `key`, given what the store holds.
+
+    `--retry-failed` sends a failed item's request again, except when it failed in a post
+    step: then the post steps are applied to its stored reply again (a step fixed in a
+    module), and nothing is paid unless `recall` says so.
+    """
     current = known.output_key == key
     if retry_failed:
         if current and known.status == "failed" and error_class in (None, known.error_class):
+            if known.error_class == "PostError" and known.reply_id is not None and not recall:
+                return Action.POST
             return Action.CALL
         if not current:
             return Action.SKIP_PENDING

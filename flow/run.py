@@ -36,7 +36,7 @@ from flow.progress import RunProgress, RunSummary
 from flow.records import STAGE, Call, CallResult
 from flow.render import RequestBuilder
 from flow.settle import Outcomes
-from flow.store import Store, check_owner, open_store
+from flow.store import Store, check_error_class, check_owner, open_store
 from flow.tokens import expected_output_tokens
 
 TICK_S = 0.25
@@ -53,6 +53,7 @@ class RunOptions:
     retry_failed: bool = False
     error_class: str | None = None
     take_over_store: bool = False
+    recall: bool = False  # --retry-failed: buy replies again even for post-step failures
 
 
 ProgressHook = Callable[[RunProgress], None]
@@ -117,6 +118,8 @@ class Run:
         try:
             check_owner(await store.last_pipeline(), self.config.store, self.config.file,
                         self.options.take_over_store)
+            if self.options.error_class is not None:
+                check_error_class(self.options.error_class, await store.failed_classes(STAGE))
             client = make_client(call, self._base_url, api_key)
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
@@ -255,7 +258,7 @@ class Run:
             assert planned.call is not None
             key = planned.call.key
             action = decide(planned.known, key, self._post.fingerprint, options.retry_failed,
-                            options.error_class)
+                            options.error_class, options.recall)
             if action is Action.SKIP_DONE:
                 self.progress.skipped += 1
                 self.progress.done += 1

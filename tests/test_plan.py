@@ -349,3 +349,10 @@ async def test_duplicate_renames_never_take_a_real_id() -> None:
     assert store.items[("call", "x#row2")].error_class is None
     assert store.items[("call", "x#row2#2")].row == 2
     assert store.items[("call", "x#row4")].row == 4
+
+
+def test_retry_failed_posts_a_post_step_failure_again_unless_told_to_recall() -> None:
+    known = failed("PostError", 4, reply_id=4)
+    assert decide(known, KEY, POST, retry_failed=True) is Action.POST
+    assert decide(known, KEY, POST, retry_failed=True, error_class="PostError") is Action.POST
+    assert decide(known, KEY, POST, retry_failed=True, recall=True) is Action.CALL

@@ -211,11 +211,23 @@ def test_limit_calls_only_the_first_pending_items(make_pipeline: Any, simulator:
 
 def test_retry_failed_calls_only_failed_items(make_pipeline: Any, simulator: SimulatorThread,
                                               capsys: Any) -> None:
-    pipeline = make_pipeline(base_url=simulator.url, post=["json"])
-    assert pipeline.run("--limit", "4") == 1
+    rows = questions(20)
+    rows[2]["question"] = "[sim:status=400] refused"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url, post=["json"])
+    assert pipeline.run("--limit", "4") == 1  # 3 post-step failures and one 400
+    # a post-step failure is posted again from its stored reply: nothing is paid again
     assert pipeline.run("--retry-failed", "--error-class", "PostError") == 1
+    assert simulator.stats.requests == 4
+    assert pipeline.run("--retry-failed", "--error-class", "PostError", "--recall") == 1
+    assert simulator.stats.requests == 7
+    assert pipeline.run("--retry-failed", "--error-class", "BadRequestError") == 1
     assert simulator.stats.requests == 8
     assert pipeline.query("SELECT COUNT(*) FROM results WHERE status='pending'") == [(16,)]
+    capsys.readouterr()
+    assert pipeline.run("--retry-failed", "--error-class", "PostEror") == 2
+    assert ("--error-class PostEror: no failed item has this class; the failed items have: "
+            "BadRequestError (1), PostError (3)") in capsys.readouterr().err
+    assert simulator.stats.requests == 8
 
 
 @pytest.mark.slow

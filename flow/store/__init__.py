@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from flow.errors import ConfigError
+from flow.errors import ConfigError, FlowError
 from flow.plan import PlanStore
 from flow.records import Settled
 from flow.store.sqlite import SQLiteStore
@@ -30,6 +30,8 @@ class Store(PlanStore, Protocol):
                          counts: dict[str, int]) -> None: ...
 
     async def last_pipeline(self) -> str | None: ...
+
+    async def failed_classes(self, stage: str) -> dict[str, int]: ...
 
     async def spent_usd(self, origin: str) -> float: ...
 
@@ -63,6 +65,15 @@ def check_owner(other: str | None, store_path: Path, pipeline: Path, take_over: 
         "`store:` of its own, or run it with --take-over-store to make the store its own "
         "(items the other pipeline's input has and this one's does not leave the results; "
         "every paid reply stays in the store)")
+
+
+def check_error_class(error_class: str, present: dict[str, int]) -> None:
+    """A `FlowError` when no failed item has `error_class`, listing the classes there are."""
+    if error_class in present:
+        return
+    listed = ", ".join(f"{name} ({count:,})" for name, count in sorted(present.items()))
+    raise FlowError(f"--error-class {error_class}: no failed item has this class; "
+                    + (f"the failed items have: {listed}" if listed else "no item has failed"))
 
 
 async def open_store_read_only(path: Path) -> Store:

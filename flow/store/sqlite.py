@@ -143,6 +143,12 @@ class SQLiteStore:
         rows = await self._query("SELECT pipeline FROM runs ORDER BY id DESC LIMIT 1", ())
         return str(rows[0][0]) if rows else None
 
+    async def failed_classes(self, stage: str) -> dict[str, int]:
+        """How many failed items there are of each error class."""
+        rows = await self._query("SELECT error_class, COUNT(*) FROM results WHERE stage=? AND "
+                                 "status='failed' GROUP BY error_class", (stage,))
+        return {str(name): int(count) for name, count in rows if name is not None}
+
     async def spent_usd(self, origin: str) -> float:
         """Dollars paid for every reply from endpoints of this origin, in every run."""
         rows = await self._query(
