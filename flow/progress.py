@@ -25,6 +25,7 @@ class RunProgress:
 
     total: int = 0  # the input's lines (less a CSV header): known before reading it
     rows: int = 0  # rows read so far
+    limited: int | None = None  # --limit N stopped the run with work left
     input_read: bool = False
     done: int = 0
     failed: int = 0
@@ -189,6 +190,9 @@ def summarize(summary: RunSummary) -> str:
         lines.append(f"the input or pipeline changed since the last run: {p.rerendered:,} items "
                      f"now render a different request; {p.removed:,} items whose rows left the "
                      "input were dropped from the results (their calls stay in the store)")
+    if p.limited is not None:
+        lines.append(f"--limit {p.limited}: the run stopped there; the items after are left "
+                     "pending (exit 0 when nothing failed): run again to go on")
     if p.input_read and p.rows != p.total:
         lines.append(f"{p.rows:,} rows were read from {p.total:,} lines of input (blank lines "
                      "are skipped; a CSV field in quotes can span lines)")

@@ -70,6 +70,9 @@ def store_status(path: Path) -> dict[str, Any]:
             if status == "failed":
                 by_error[error_class] = by_error.get(error_class, 0) + count
         by_error = dict(sorted(by_error.items(), key=lambda item: -item[1]))
+        origins = dict(db.execute(
+            f"SELECT origin, COUNT(*) FROM results WHERE stage = '{STAGE}' AND status = 'done' "
+            "GROUP BY origin").fetchall())
         prompt, completion, cost, replies = db.execute(
             "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
             "COALESCE(SUM(cost_usd), 0), COUNT(*) FROM responses").fetchone()
@@ -80,7 +83,7 @@ def store_status(path: Path) -> dict[str, Any]:
                     "items_failed, items_skipped, calls_made, cost_usd FROM runs ORDER BY id")]
     counts = {status: by_status.get(status, 0) for status in ("done", "failed", "pending")}
     return {"store": str(path), "items": sum(by_status.values()), **counts,
-            "failed_by_error_class": by_error,
+            "failed_by_error_class": by_error, "done_by_origin": origins,
             "tokens": {"prompt": prompt, "completion": completion},
             "cost_usd": round(cost, 6), "cost_of_results_usd": round(results_cost, 6),
             "replies_paid": replies,

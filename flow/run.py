@@ -40,6 +40,11 @@ from flow.store import Store, check_error_class, check_owner, open_store
 from flow.tokens import expected_output_tokens
 
 TICK_S = 0.25
+STOPPED_BY = {
+    "draining": "stopped on request (Ctrl-C or SIGTERM): the requests in flight were finished "
+                "and committed, nothing new was sent",
+    "stopping": "stopped at once on a second request (Ctrl-C or SIGTERM): everything received "
+                "was committed"}
 
 
 @dataclass
@@ -139,7 +144,7 @@ class Run:
             elif self._budget.reached is not None:
                 state, message = "stopped", self._budget.reached
             elif self._stop_feeding.is_set():
-                state, message = "interrupted", self.progress.stopping
+                state, message = "interrupted", STOPPED_BY.get(self.progress.stopping or "")
         except BaseException as e:
             state, message = "stopped", f"{type(e).__name__}: {e}"
             raise
@@ -246,6 +251,8 @@ class Run:
             await self._settled.wait()
         if self._budget.reached is not None:
             self.progress.stopping = "budget reached"
+        elif self._budget.limit is not None and self._budget.sent >= self._budget.limit:
+            self.progress.limited = self._budget.limit
         for unsent in calls[calls.index(call):]:
             self._in_flight.pop(unsent.key, None)  # their items stay pending
         return False

@@ -150,10 +150,13 @@ class OnlineExecutor:
             result.unsent = True
         except RetryableError as e:
             tries = len(progress.log)
+            retry = self._config.retry
+            why = (f"call.retry.max_tries is {retry.max_tries}" if tries >= retry.max_tries
+                   else f"call.retry.max_time_s is {retry.max_time_s:g} s")
             result.error_class = e.error_class
             result.error = self._redact.text(
                 f"gave up after {tries} attempt{'s' * (tries != 1)} in "
-                f"{time.monotonic() - started:.1f} s: {e}")
+                f"{time.monotonic() - started:.1f} s ({why}): {e}")
             result.body = progress.retried_body
         except ItemError as e:
             result.error_class, result.error = e.error_class, self._redact.text(str(e))

@@ -1,0 +1,114 @@
+"""The read-only commands: `status`, `export`, `failures`, `show`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from flow.cli.codes import EXIT_OK
+from flow.config import load_config
+from flow.endpoints import SIMULATED_ORIGIN
+from flow.errors import SourceError
+from flow.load import count_rows
+from flow.report import export_results, list_failures, render_json, show_item, store_status
+
+FAILURES_SHOWN = 50
+
+
+def status_command(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    status = store_status(config.store)
+    try:
+        # rows no run has read yet are pending too: counted from the input, as a run does
+        status["input_rows"] = count_rows(config.load)
+        status["not_read"] = max(0, status["input_rows"] - status["items"])
+        status["pending"] += status["not_read"]
+    except SourceError:
+        status["input_rows"] = status["not_read"] = None
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    out = Console(highlight=False)
+    out.print(f"store {status['store']}: {status['items']:,} items")
+    if status["not_read"]:
+        out.print(f"input {config.load.path.name}: {status['input_rows']:,} rows; "
+                  f"{status['not_read']:,} not read by any run yet (counted as pending)")
+    simulated = status["done_by_origin"].get(SIMULATED_ORIGIN, 0)
+    if simulated:
+        out.print(f"{simulated:,} done items came from flow's simulator (--simulate), not from "
+                  "a model; a run without --simulate calls the endpoint for them")
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("status")
+    table.add_column("items", justify="right")
+    for name in ("done", "failed", "pending"):
+        table.add_row(name, f"{status[name]:,}")
+    out.print(table)
+    if status["failed_by_error_class"]:
+        errors = Table("error class", "items", header_style="bold")
+        for name, count in status["failed_by_error_class"].items():
+            errors.add_row(str(name), f"{count:,}")
+        out.print(errors)
+    tokens = status["tokens"]
+    out.print(f"tokens {tokens['prompt']:,} in / {tokens['completion']:,} out, "
+              f"cost ${status['cost_usd']:.4f} for {status['replies_paid']:,} paid replies, "
+              f"{status['attempts']:,} attempts")
+    other = status["cost_usd"] - status["cost_of_results_usd"]
+    if round(other, 4):
+        out.print(f"  ${status['cost_of_results_usd']:.4f} bought the current results; "
+                  f"${other:.4f} paid for requests no item makes any more "
+                  "(an edited template, a reply bought again)")
+    runs = Table("run", "started", "finished", "state", "done", "failed", "skipped", "calls",
+                 "cost", header_style="bold")
+    for run in status["runs"][-10:]:
+        runs.add_row(str(run["id"]), _when(run["started_at"]), _when(run["finished_at"]),
+                     run["state"],
+                     f"{run['items_done']:,}", f"{run['items_failed']:,}",
+                     f"{run['items_skipped']:,}", f"{run['calls_made']:,}",
+                     f"${run['cost_usd'] or 0:.4f}")
+    out.print(runs)
+    return EXIT_OK
+
+
+def _when(stamp: str | None) -> str:
+    return stamp[:19].replace("T", " ") if stamp else "-"
+
+
+def export_command(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
+    count = export_results(config.store, args.output, sys.stdout, args.format, args.only, fields)
+    if args.output is not None:
+        err.print(f"wrote {count:,} items to {args.output}", markup=False)
+    return EXIT_OK
+
+
+def failures_command(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    if args.json:
+        failures = list_failures(config.store, args.error_class, args.limit)
+        print(json.dumps(failures, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    shown = args.limit or FAILURES_SHOWN
+    failures = list_failures(config.store, args.error_class, shown + 1)
+    if not failures:
+        err.print("no failed items", markup=False)
+        return EXIT_OK
+    table = Table("id", "row", "error class", "attempts", "error", header_style="bold")
+    for failure in failures[:shown]:
+        table.add_row(str(failure["id"]), str(failure["row"]), str(failure["error_class"]),
+                      str(failure["attempts"] or 0), str(failure["error"]))
+    Console(highlight=False).print(table)
+    if len(failures) > shown and not args.limit:
+        err.print(f"showing the first {shown}; --limit N for more, --json for all, or "
+                  "`flow export --only failed`", markup=False)
+    return EXIT_OK
+
+
+def show_command(args: argparse.Namespace, err: Console) -> int:
+    config = load_config(args.pipeline)
+    print(render_json(show_item(config.store, args.item_id)))
+    return EXIT_OK

@@ -1,0 +1,156 @@
+"""`flow run`: the run with its live display and its stop signals, or the dry run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.live import Live
+
+from flow.cli.codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from flow.config import PipelineConfig, load_config
+from flow.errors import FlowError
+from flow.report import render_json
+from flow.simulator.options import simulator_config
+
+if TYPE_CHECKING:
+    from flow.progress import RunProgress, RunSummary
+    from flow.run import Run, RunOptions
+    from flow.simulator.config import SimulatorConfig
+
+PLAIN_EVERY_S = 5.0
+
+
+def run_command(args: argparse.Namespace, err: Console) -> int:
+    if args.error_class and not args.retry_failed:
+        raise FlowError("--error-class needs --retry-failed")
+    from flow.run import RunOptions
+
+    config = load_config(args.pipeline)
+    options = RunOptions(simulate=args.simulate, limit=args.limit,
+                         retry_failed=args.retry_failed, error_class=args.error_class,
+                         take_over_store=args.take_over_store, recall=args.recall)
+    if args.dry_run:
+        return _dry_run(config, options)
+    simulator = None
+    if args.simulate:
+        simulator = simulator_config(args, "sim_")
+        err.print("[yellow]--simulate: replies come from flow's built-in simulator, "
+                  "not from a model[/]")
+    display = _Display(err)
+    try:
+        summary = asyncio.run(_run_with_signals(config, options, simulator, display, err))
+    finally:
+        display.close()
+    from flow.progress import summarize
+
+    err.print(summarize(summary), highlight=False, markup=False)
+    if summary.state == "interrupted":
+        err.print("interrupted: run the same command again to resume", markup=False)
+        return EXIT_INTERRUPTED
+    if summary.state == "stopped":
+        return EXIT_FAILED
+    return EXIT_OK if summary.progress.failed == 0 else EXIT_FAILED
+
+
+def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
+    from flow.dryrun import dry_run
+    from flow.plan import BATCH_ROWS
+    from flow.prices import PRICES_TAKEN_ON
+
+    report = asyncio.run(dry_run(config, options))
+    out = Console(highlight=False, soft_wrap=True)
+    for number, request in enumerate(report.samples, 1):
+        out.print(f"request {number}:", style="bold")
+        out.print(render_json(request), markup=False)
+    for message in report.bad_samples:
+        out.print(f"bad row: {message}", style="red", markup=False)
+    cost = report.cost_usd
+    price = ("unknown price for this model: set call.price" if cost is None
+             else f"about ${cost:.4f} at list prices of {PRICES_TAKEN_ON}")
+    out.print(f"dry run against {report.origin}: {report.rows:,} rows; "
+              f"{report.done:,} already done, {report.to_call:,} to call"
+              f"{f' ({report.shared:,} more items share those requests)' if report.shared else ''}, "
+              f"{report.reposts:,} to post-process again, {report.failed_kept:,} failed with a "
+              f"paid response (kept), {report.bad_rows:,} bad rows", markup=False)
+    if report.stopped_at_row is not None:
+        out.print(f"--limit {options.limit}: the run sends nothing from row "
+                  f"{report.stopped_at_row} on, and reads no batch of {BATCH_ROWS:,} rows after "
+                  "that row's; the rest is left for a later run", markup=False)
+    out.print(f"estimate: {report.prompt_tokens:,} prompt tokens + up to "
+              f"{report.completion_tokens:,} completion tokens ({report.model}), {price}; "
+              "nothing was called", markup=False)
+    return EXIT_OK
+
+
+async def _run_with_signals(config: PipelineConfig, options: RunOptions,
+                            simulator: SimulatorConfig | None, display: _Display,
+                            err: Console) -> RunSummary:
+    """The run, on the simulator when asked; Ctrl-C and SIGTERM ask it to stop."""
+    from flow.run import Run
+
+    if simulator is None:
+        return await _signalled(Run(config, options, on_progress=display.update), err)
+    from flow.simulator.serving import serve
+
+    async with serve(simulator) as (url, _):
+        options.base_url, options.api_key = url, "sk-simulated"
+        return await _signalled(Run(config, options, on_progress=display.update), err)
+
+
+async def _signalled(run: Run, err: Console) -> RunSummary:
+    from flow.stopping import StopSignals
+
+    def on_signal() -> None:
+        first = run.progress.stopping is None
+        run.request_stop()
+        if first:
+            err.print(f"\nstopping: finishing {run.progress.in_flight} requests in flight "
+                      f"(up to {run.config.call.drain_s:g} s); press Ctrl-C again to stop now",
+                      markup=False)
+
+    def on_overdue() -> None:
+        # from a watchdog thread, while something holds the event loop: end the process as
+        # kill -9 would; every result committed stays, the next run goes on from there
+        os.write(2, b"\nstopped now: every result committed is kept; run the same command "
+                    b"again to resume\n")
+        os._exit(EXIT_INTERRUPTED)
+
+    loop = asyncio.get_running_loop()
+    with StopSignals(loop, on_signal, run.config.call.drain_s, on_overdue):
+        return await run.execute()
+
+
+class _Display:
+    """A live panel on a terminal; a plain line every few seconds elsewhere."""
+
+    def __init__(self, err: Console) -> None:
+        self._err = err
+        self._live: Live | None = None
+        self._last_line = 0.0
+        self._progress: RunProgress | None = None
+        if err.is_terminal:
+            self._live = Live(console=err, refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def update(self, progress: RunProgress) -> None:
+        from flow.progress import describe, render
+
+        self._progress = progress
+        if self._live is not None:
+            self._live.update(render(progress))
+        elif time.monotonic() - self._last_line >= PLAIN_EVERY_S:
+            self._last_line = time.monotonic()
+            self._err.print(describe(progress), markup=False, highlight=False)
+
+    def close(self) -> None:
+        from flow.progress import render
+
+        if self._live is not None:
+            if self._progress is not None:
+                self._live.update(render(self._progress))
+            self._live.stop()
