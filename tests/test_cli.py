@@ -337,3 +337,32 @@ def test_two_pipelines_on_one_store_are_refused_and_a_renamed_one_takes_it_over(
     assert main(["run", str(renamed)]) == 0
     assert main(["run", str(second_file), "--take-over-store"]) == 0
     assert first.query("SELECT item_id FROM items") == [("q00001",)]
+
+
+def test_a_mistyped_command_gets_a_suggestion(make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline()
+    pipeline.write()
+    assert main(["stauts", str(pipeline.file)]) == 2
+    assert "unknown command 'stauts'; did you mean 'status'?" in capsys.readouterr().err
+    assert main(["failures", "--help"]) == 0
+    assert "only failures of this class" in capsys.readouterr().out
+
+
+def test_status_counts_rows_no_run_has_read_and_names_simulated_results(
+        make_pipeline: Any, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = make_pipeline(rows=questions(2500))
+    assert pipeline.run("--simulate", "--limit", "5") == 0
+    err = capsys.readouterr().err
+    assert "--limit 5: the run stopped there; the items after are left pending" in err
+    # the read commands need no API key
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert pipeline.cli("status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["input_rows"] == 2500 and status["done"] == 5
+    assert status["pending"] == 2495 and status["not_read"] == 2500 - status["items"] > 0
+    assert pipeline.cli("status") == 0
+    out = capsys.readouterr().out
+    assert "not read by any run yet" in out
+    assert "5 done items came from flow's simulator (--simulate)" in out
+    for command, args in (("export", ()), ("failures", ()), ("show", ("q00001",))):
+        assert pipeline.cli(command, *args) == 0

@@ -92,6 +92,7 @@ def test_server_faults_follow_the_documented_policy(make_pipeline: Any, simulato
         assert results[key]["status"] == "done", results[key]
     assert results["malformed-always"]["error_class"] == "ResponseError"
     assert "gave up after 3 attempts" in results["malformed-always"]["error"]
+    assert "(call.retry.max_tries is 3)" in results["malformed-always"]["error"]
     assert "finish_reason=length" in results["length"]["error"]
     assert "content_filter" in results["filtered"]["error"]
     assert "larger than call.max_response_bytes" in results["huge"]["error"]

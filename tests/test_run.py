@@ -282,6 +282,7 @@ def test_sigint_drains_in_flight_requests_and_exits_130(make_pipeline: Any) -> N
         assert child.wait(30) == 130
         err = child.stderr.read() if child.stderr else ""
         assert "run the same command again to resume" in err
+        assert "note: stopped on request (Ctrl-C or SIGTERM)" in err and "draining" not in err
         assert "Traceback" not in err
         sent = server.stats.requests
         done = pipeline.query("SELECT COUNT(*) FROM results WHERE status='done'")[0][0]
