@@ -41,6 +41,8 @@ class RunProgress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    cap_usd: float | None = None  # call.max_cost_usd
+    spent_before_usd: float = 0.0  # at this endpoint, before this run: counts toward the cap
     started: float = field(default_factory=time.monotonic)
     limits: LimiterStats | None = None
     simulated: bool = False
@@ -115,6 +117,20 @@ def _limits(progress: RunProgress) -> str:
     return "  ".join(parts)
 
 
+def cost_text(progress: RunProgress) -> str:
+    """This run's spend, against the cap when there is one, and the run's projected total
+    (its spend so far per item finished by a call, times the items left)."""
+    text = f"${progress.cost_usd:.4f}"
+    if progress.cap_usd is not None:
+        spent = progress.spent_before_usd + progress.cost_usd
+        text = f"${spent:.2f} of ${progress.cap_usd:.2f}"
+    left = max(0, progress.total - progress.done - progress.failed)
+    if progress.completed and left and progress.cost_usd:
+        projected = progress.cost_usd * (1 + left / progress.completed)
+        text += f" (~${projected:.2f} projected for the run)"
+    return text
+
+
 def describe(progress: RunProgress) -> str:
     """One plain line: counts, rate, ETA, tokens, cost, retries, 429s, failures, limits."""
     rate, eta = rate_and_eta(progress)
@@ -125,7 +141,7 @@ def describe(progress: RunProgress) -> str:
         f"{rate:.1f} items/s",
         f"ETA {_duration(eta) if eta is not None else '-'}",
         f"tokens {_count(progress.prompt_tokens)} in {_count(progress.completion_tokens)} out",
-        f"${progress.cost_usd:.4f}",
+        cost_text(progress),
         f"calls {progress.calls:,}",
         f"retries {progress.retries:,}",
         f"429s {progress.rate_limited:,}",
@@ -162,7 +178,7 @@ def render(progress: RunProgress) -> RenderableType:
         ("  429s ", "dim"), (f"{progress.rate_limited:,}", "yellow" if progress.rate_limited else ""),
         ("  tokens ", "dim"),
         (f"{_count(progress.prompt_tokens)} in / {_count(progress.completion_tokens)} out", ""),
-        ("  cost ", "dim"), (f"${progress.cost_usd:.4f}", "bold"),
+        ("  cost ", "dim"), (cost_text(progress), "bold"),
     )
     lines: list[RenderableType] = [bar, detail]
     limits = _limits(progress)

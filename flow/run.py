@@ -128,6 +128,8 @@ class Run:
             client = make_client(call, self._base_url, api_key)
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
+            self.progress.spent_before_usd = self._budget.spent_before_usd
+            self.progress.cap_usd = call.max_cost_usd
             limiter = RateLimiter(call.rpm, call.tpm)
             executor = OnlineExecutor(call, client, limiter, [api_key, *call.secrets()],
                                       self._stop_feeding)

@@ -366,3 +366,18 @@ def test_status_counts_rows_no_run_has_read_and_names_simulated_results(
     assert "5 done items came from flow's simulator (--simulate)" in out
     for command, args in (("export", ()), ("failures", ()), ("show", ("q00001",))):
         assert pipeline.cli(command, *args) == 0
+
+
+def test_progress_shows_spend_against_the_cap_and_a_projected_total(make_pipeline: Any) -> None:
+    from conftest import flow_process
+
+    from flow.progress import RunProgress, cost_text
+    pipeline = make_pipeline(call={"max_cost_usd": 5.0,
+                                   "price": {"input_per_1m": 1, "output_per_1m": 1}})
+    child = flow_process(pipeline, "--simulate")
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 0 and "$0.00 of $5.00" in err
+    progress = RunProgress(total=100, done=20, completed=20, cost_usd=0.4, cap_usd=5.0,
+                           spent_before_usd=0.8)
+    assert cost_text(progress) == "$1.20 of $5.00 (~$2.00 projected for the run)"
+    assert cost_text(RunProgress(total=10, done=10, completed=10, cost_usd=0.5)) == "$0.5000"
