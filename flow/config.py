@@ -125,6 +125,8 @@ class CallConfig(_Strict):
     timeout_s: float = Field(default=60, gt=0)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     base_url: str | None = None
+    # the name results are kept under: a server that moves (a new host or port) keeps them
+    endpoint_id: str | None = Field(default=None, min_length=1)
     api_key: str | None = None
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flow.config import PipelineConfig
-from flow.endpoints import endpoint_origin
+from flow.endpoints import endpoint_origin, same_origin
 from flow.endpoints.chat import estimate_prompt_tokens
 from flow.errors import ItemError
 from flow.load import read_rows
@@ -62,9 +62,11 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     report = DryRunReport(model=config.call.model,
                           price=price_for(config.call.model, config.call.price),
                           origin=endpoint_origin(config.call.base_url, options.simulate,
-                                                 f"{config.file}: "))
+                                                 f"{config.file}: ", config.call.endpoint_id))
     output_tokens = expected_output_tokens(config.call.params, config.call.expected_output_tokens)
     store = await open_store_read_only(config.store) if config.store.exists() else None
+    if store is not None:
+        report.origin = same_origin(report.origin, await store.origins())
     source = config.load.path.name
     seen = _Seen()
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from flow.budget import Breaker, Budget, Verdict
 from flow.config import PipelineConfig, check_api_key
-from flow.endpoints import endpoint_origin
+from flow.endpoints import endpoint_origin, same_origin
 from flow.errors import ConfigError, FatalCallError
 from flow.execute import Executor
 from flow.execute.client import make_client
@@ -77,7 +77,8 @@ class Run:
         self._post = PostProcessor(config.post, config.file.parent, config.step_timeout_s)
         self._price: Price | None = price_for(config.call.model, config.call.price)
         self._origin = endpoint_origin(options.base_url or config.call.base_url,
-                                       options.simulate, f"{config.file}: ")
+                                       options.simulate, f"{config.file}: ",
+                                       config.call.endpoint_id)
         self._breaker = Breaker(config.call.stop_after_failures)
         self._outcomes = Outcomes(self._post, self._price, self._origin, self.progress,
                                   self._breaker)
@@ -126,6 +127,8 @@ class Run:
             if self.options.error_class is not None:
                 check_error_class(self.options.error_class, await store.failed_classes(STAGE))
             client = make_client(call, self._base_url, api_key)
+            self._origin = same_origin(self._origin, await store.origins())
+            self._outcomes.origin = self._origin
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
             self.progress.spent_before_usd = self._budget.spent_before_usd

@@ -24,12 +24,12 @@ class Outcomes:
         self._post = post
         self._breaker = breaker
         self._price = price
-        self._origin = origin
+        self.origin = origin
         self._progress = progress
 
     def response(self, result: CallResult) -> ResponseRecord | None:
         """The paid reply to store, with its cost; counted into the run's spend once."""
-        response = priced_reply(result, self._origin, self._price)
+        response = priced_reply(result, self.origin, self._price)
         if response is not None:
             self._progress.prompt_tokens += response.usage.prompt_tokens
             self._progress.completion_tokens += response.usage.completion_tokens
@@ -48,7 +48,7 @@ class Outcomes:
                 result.error, len(result.attempts)))
         self._count(outputs)
         before = sorted({p.known.response_id for p in items if p.known.response_id is not None})
-        return Settled(STAGE, self._origin, result.call.key, result.finished_at, response,
+        return Settled(STAGE, self.origin, result.call.key, result.finished_at, response,
                        attempts, outputs, before)
 
     def from_stored(self, items: list[Planned], bodies: dict[int, str]) -> Settled:
@@ -69,7 +69,7 @@ class Outcomes:
             outputs.append(output)
         self._count(outputs)
         self._progress.reused += len(outputs)
-        return Settled(STAGE, self._origin, "", utc_now(), None, [], outputs, sorted(reassign))
+        return Settled(STAGE, self.origin, "", utc_now(), None, [], outputs, sorted(reassign))
 
     def _count(self, outputs: list[OutputRecord]) -> None:
         for output in outputs:

@@ -301,3 +301,31 @@ def test_a_budget_on_a_model_without_a_price_is_a_config_error(
     assert "add call.price" in err and simulator.stats.requests == 0
     pipeline.config["call"]["price"] = {"input_per_1m": 1, "output_per_1m": 2}
     assert pipeline.run() == 0
+
+
+def test_one_server_written_two_ways_is_one_endpoint_and_endpoint_id_follows_a_move(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 20
+    pipeline.config["call"]["base_url"] = simulator.url.replace("127.0.0.1", "localhost") + "/"
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 20
+    # a server that moves keeps its results under the name the pipeline gives it
+    pipeline.config["call"]["endpoint_id"] = "team-vllm"
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 40
+    with SimulatorThread(SimulatorConfig(seed=7)) as moved:
+        pipeline.config["call"]["base_url"] = moved.url
+        assert pipeline.run() == 0
+        assert moved.stats.requests == 0
+
+
+def test_an_origin_stored_before_origins_were_normal_is_still_the_same_endpoint() -> None:
+    from flow.endpoints import endpoint_origin, same_origin
+    origin = endpoint_origin("HTTP://LocalHost:8000//v1/", False)
+    assert origin == "http://localhost:8000/v1"
+    assert endpoint_origin("https://api.openai.com:443/v1", False) == "https://api.openai.com/v1"
+    known = ["simulator", "http://127.0.0.1:8000/v1"]
+    assert same_origin(origin, known) == "http://127.0.0.1:8000/v1"
+    assert same_origin("http://localhost:9000/v1", known) == "http://localhost:9000/v1"

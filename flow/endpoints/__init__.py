@@ -14,9 +14,17 @@ SIMULATED_ORIGIN = "simulator"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
-def endpoint_origin(base_url: str | None, simulated: bool, where: str = "") -> str:
-    """The name results are stored under: the endpoint's base URL, or `simulator`.
-    `where` (the pipeline file) begins every error."""
+LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+
+
+def endpoint_origin(base_url: str | None, simulated: bool, where: str = "",
+                    endpoint_id: str | None = None) -> str:
+    """The name results are stored under: `call.endpoint_id` when set (a server that moves
+    keeps its results), `simulator`, or the endpoint's base URL in a normal form, so that
+    one server written two ways (`localhost` or `127.0.0.1`, a trailing slash, `:443`) is
+    one origin. `where` (the pipeline file) begins every error."""
+    if endpoint_id:
+        return endpoint_id
     if simulated:
         return SIMULATED_ORIGIN
     url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
@@ -35,4 +43,29 @@ def endpoint_origin(base_url: str | None, simulated: bool, where: str = "") -> s
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}call.base_url (or OPENAI_BASE_URL): expected http(s)://host/…, "
                           f"got {url!r}")
-    return url
+    return _normal(parts.scheme, parts.hostname, parts.port, parts.path)
+
+
+def _normal(scheme: str, host: str, port: int | None, path: str) -> str:
+    scheme = scheme.lower()
+    host = "localhost" if host.lower() in LOOPBACK or host.startswith("127.") else host.lower()
+    default = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    path = "/" + "/".join(part for part in path.split("/") if part)
+    return f"{scheme}://{netloc}{path.rstrip('/')}"
+
+
+def same_origin(origin: str, known: list[str]) -> str:
+    """The origin a store already holds for the same endpoint written another way (a store
+    from before origins were normal), else `origin` itself."""
+    for other in known:
+        if other == origin:
+            return other
+        try:
+            parts = urlsplit(other.rstrip("/"))
+            if parts.hostname and _normal(parts.scheme, parts.hostname, parts.port,
+                                          parts.path) == origin:
+                return other
+        except ValueError:
+            continue
+    return origin

@@ -143,6 +143,11 @@ class SQLiteStore:
         rows = await self._query("SELECT pipeline FROM runs ORDER BY id DESC LIMIT 1", ())
         return str(rows[0][0]) if rows else None
 
+    async def origins(self) -> list[str]:
+        """The origins the store's runs were made at."""
+        return [str(origin) for (origin,) in
+                await self._query("SELECT DISTINCT origin FROM runs", ())]
+
     async def failed_classes(self, stage: str) -> dict[str, int]:
         """How many failed items there are of each error class."""
         rows = await self._query("SELECT error_class, COUNT(*) FROM results WHERE stage=? AND "
