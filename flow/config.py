@@ -67,6 +67,9 @@ class LoadConfig(_Strict):
     encoding: str = "utf-8"
     max_row_bytes: int = Field(default=1_000_000, gt=0)
     max_row_lines: int = Field(default=100, gt=0)  # a CSV record's, quoted line breaks
+    # CSV values arrive as text: a field named here is read as this type
+    types: dict[str, Literal["str", "int", "float", "bool", "json"]] = Field(
+        default_factory=dict)
 
     @field_validator("encoding")
     @classmethod

@@ -157,3 +157,13 @@ def test_a_quoted_csv_field_is_bounded_in_lines_and_bytes(tmp_path: Path) -> Non
     path.write_text('id,text\n1,"' + "y" * 50 + "\n" + "z" * 60 + '"\n2,ok\n')
     rows = rows_of(path, id="id", max_row_bytes=100)
     assert "runs over 100 bytes (load.max_row_bytes)" in str(rows[0][3])
+
+
+def test_load_types_convert_csv_text_and_refuse_a_value_not_of_its_type(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text('id,stars,score,ok,tags\nA,1,0.5,yes,"[1, 2]"\nB,,2,no,{}\nC,many,1,t,[]\n')
+    types = {"stars": "int", "score": "float", "ok": "bool", "tags": "json"}
+    rows = rows_of(path, id="id", types=types)
+    assert rows[0][2] == {"id": "A", "stars": 1, "score": 0.5, "ok": True, "tags": [1, 2]}
+    assert rows[1][2] == {"id": "B", "stars": None, "score": 2.0, "ok": False, "tags": {}}
+    assert rows[2][3] == "in.csv row 4: stars: 'many' is not an int (load.types)"

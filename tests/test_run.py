@@ -415,3 +415,15 @@ def test_a_bad_row_never_takes_the_id_of_a_real_row_wherever_it_comes(
     assert pipeline.run() == 1  # the same names again: nothing changes, nothing is paid
     assert {r["id"] for r in pipeline.export(capsys)} == set(results)
     assert simulator.stats.requests == 5
+
+
+def test_typed_csv_values_reach_templates_as_numbers(make_pipeline: Any, simulator:
+                                                     SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(
+        base_url=simulator.url, load={"path": "reviews.csv", "types": {"stars": "int"}},
+        call={"messages": [{"role": "user", "content":
+                            "{% if stars == 1 %}angry{% else %}calm{% endif %}: {{ question }}"}]})
+    (pipeline.folder / "reviews.csv").write_text("id,stars,question\na,1,Bad.\nb,5,Good.\n")
+    assert pipeline.run() == 0
+    outputs = {r["id"]: r["output"] for r in pipeline.export(capsys)}
+    assert "You asked: angry: Bad." in outputs["a"] and "You asked: calm: Good." in outputs["b"]
