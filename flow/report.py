@@ -22,6 +22,7 @@ from flow.errors import ConfigError, StoreError
 from flow.records import STAGE
 
 EXPORT_FORMATS = ("jsonl", "csv")
+EXPORT_COLUMNS = ("id", "status", "output", "error_class", "error")
 
 
 @contextmanager
@@ -146,15 +147,24 @@ def show_item(path: Path, item_id: str) -> dict[str, Any]:
     return item
 
 
-def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str = "jsonl",
-                   only: str | None = None, fields: list[str] | None = None) -> int:
-    """Write one record per item in input order; to `out` atomically, else to `stream`."""
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str | None = None,
+                   only: str | None = None, fields: list[str] | None = None,
+                   with_input: bool = True, id_field: str | None = None) -> int:
+    """Write one record per item in input order; to `out` atomically, else to `stream`.
+
+    The format is `fmt`, or the one `out`'s suffix names (JSONL otherwise). Each record has
+    the item's id, its input fields (`fields` only, when given; none without `with_input`),
+    then status, output, error class and error. An input field named like one of those
+    (or like `id`, when it is not the id field) comes out as `input.<name>`.
+    """
+    fmt = _export_format(fmt, out)
     if only not in (None, "done", "failed", "pending"):
         raise ConfigError(f"--only: expected done, failed or pending, got {only!r}")
-    fields = fields or []
     with _open_read_only(path) as db:
+        if fields is None:
+            fields = _input_fields(db) if with_input else []
+        # the `id` column holds the id field already; no column twice
+        fields = [f for f in dict.fromkeys(fields) if f != id_field]
         rows = db.execute(_export_sql(fmt, fields, only), (only,) if only else ())
         if out is None:
             return _write(rows, stream, fmt, fields)
@@ -180,12 +190,42 @@ def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str = "js
         return count
 
 
+def _export_format(fmt: str | None, out: Path | None) -> str:
+    """The format asked for, or the one the output file's suffix names."""
+    named = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(
+        out.suffix.lower() if out is not None else "")
+    if fmt is None:
+        return named or "jsonl"
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if named is not None and named != fmt:
+        raise ConfigError(f"--format {fmt}, but -o {out} names a .{named} file; give one, or "
+                          "the same format in both")
+    return fmt
+
+
+def _input_fields(db: sqlite3.Connection) -> list[str]:
+    """The input's field names, in the order the first rows give them."""
+    names: dict[str, None] = {}
+    for (text,) in db.execute("SELECT input FROM items WHERE stage = ? AND input IS NOT NULL "
+                              "ORDER BY row LIMIT 1000", (STAGE,)):
+        value = _loads(text)
+        if isinstance(value, dict):
+            names.update(dict.fromkeys(map(str, value)))
+    return list(names)
+
+
+def _column(field: str) -> str:
+    """An input field's name in the export: `input.<name>` when flow's columns have it."""
+    return f"input.{field}" if field in EXPORT_COLUMNS else field
+
+
 def _export_sql(fmt: str, fields: list[str], only: str | None) -> str:
     """Records built by SQLite itself: a million rows need no per-row work in Python."""
     paths = [_quote('$."' + f.replace('"', "") + '"') for f in fields]
     if fmt == "jsonl":
         # outputs are stored as JSON text: spliced in as they are, never parsed again
-        extra = "".join(f" || ',' || {_quote(json.dumps(f))} || ':' || "
+        extra = "".join(f" || ',' || {_quote(json.dumps(_column(f)))} || ':' || "
                         f"COALESCE(items.input -> {p}, 'null')" for f, p in zip(fields, paths))
         columns = (f"""'{{"id":' || json_quote(results.item_id){extra} || ',"status":"' || """
                    """results.status || '","output":' || COALESCE(results.output, 'null') || """
@@ -210,7 +250,8 @@ def _write(rows: sqlite3.Cursor, stream: IO[str], fmt: str, fields: list[str]) -
     count = 0
     if fmt == "csv":
         writer = csv.writer(stream)
-        writer.writerow(["id", *fields, "status", "output", "error_class", "error"])
+        writer.writerow(["id", *map(_column, fields), "status", "output", "error_class",
+                         "error"])
         while batch := rows.fetchmany(10_000):
             writer.writerows(batch)
             count += len(batch)

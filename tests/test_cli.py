@@ -381,3 +381,24 @@ def test_progress_shows_spend_against_the_cap_and_a_projected_total(make_pipelin
                            spent_before_usd=0.8)
     assert cost_text(progress) == "$1.20 of $5.00 (~$2.00 projected for the run)"
     assert cost_text(RunProgress(total=10, done=10, completed=10, cost_usd=0.5)) == "$0.5000"
+
+
+def test_export_carries_the_input_and_takes_its_format_from_the_file_name(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any, tmp_path: Path) -> None:
+    rows = [{"id": f"r{i}", "question": f"q{i}", "stars": i, "status": "vip"} for i in range(3)]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url)
+    assert pipeline.run() == 0
+    records = pipeline.export(capsys)
+    assert list(records[0]) == ["id", "question", "stars", "input.status", "status", "output",
+                                "error_class", "error"]
+    assert (records[2]["stars"], records[2]["input.status"]) == (2, "vip")
+    out = tmp_path / "out.csv"
+    assert pipeline.cli("export", "-o", str(out), "--fields", "id,stars,stars") == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "id,stars,status,output,error_class,error"
+    assert lines[1].startswith("r0,0,done,")
+    assert pipeline.cli("export", "-o", str(out), "--no-input") == 0
+    assert out.read_text().splitlines()[0] == "id,status,output,error_class,error"
+    capsys.readouterr()
+    assert pipeline.cli("export", "-o", str(out), "--format", "jsonl") == 2
+    assert "names a .csv file" in capsys.readouterr().err

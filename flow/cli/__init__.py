@@ -97,9 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write results in input order")
     export.add_argument("pipeline", type=Path)
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    export.add_argument("--format", default="jsonl", choices=("jsonl", "csv"))
+    export.add_argument("--format", choices=("jsonl", "csv"),
+                        help="default: the one -o's suffix names, else jsonl")
     export.add_argument("--only", choices=("done", "failed", "pending"))
-    export.add_argument("--fields", help="comma-separated input fields to include")
+    export.add_argument("--fields", help="comma-separated input fields to include "
+                                         "(default: all of them)")
+    export.add_argument("--no-input", action="store_true", help="leave the input fields out")
     export.set_defaults(handler=export_command)
 
     failures = commands.add_parser("failures", help="failed items and why")

@@ -80,7 +80,8 @@ def _when(stamp: str | None) -> str:
 def export_command(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
-    count = export_results(config.store, args.output, sys.stdout, args.format, args.only, fields)
+    count = export_results(config.store, args.output, sys.stdout, args.format, args.only, fields,
+                           with_input=not args.no_input, id_field=config.load.id)
     if args.output is not None:
         err.print(f"wrote {count:,} items to {args.output}", markup=False)
     return EXIT_OK
