@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx2
+import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from flow.simulator import SimulatorConfig, SimulatorThread, format_duration
 from flow.simulator.limits import Limit
@@ -31,11 +34,42 @@ def test_replies_are_deterministic_and_json_when_asked() -> None:
         assert server.stats.requests == 3 and server.stats.max_per_request == 2
 
 
-def test_max_tokens_cuts_the_reply_with_finish_reason_length() -> None:
+def test_a_reply_fits_within_max_tokens_unless_the_cap_is_below_the_briefest_reply() -> None:
     with SimulatorThread() as server:
-        body = post(server.url, "tell me", max_tokens=3).json()
-        assert body["choices"][0]["finish_reason"] == "length"
-        assert body["usage"]["completion_tokens"] == 3
+        short = post(server.url, "tell me", max_tokens=3).json()
+        assert short["choices"][0]["finish_reason"] == "stop"
+        assert 0 < short["usage"]["completion_tokens"] <= 3
+        label = post(server.url, 'Classify: positive, negative or neutral. Reply as JSON '
+                     '{"label": ...}', max_completion_tokens=20).json()
+        assert label["choices"][0]["finish_reason"] == "stop"
+        assert json.loads(label["choices"][0]["message"]["content"])["label"] in (
+            "positive", "negative", "neutral")
+        tiny = post(server.url, "tell me", max_tokens=2, response_format={"type": "json_object"})
+        assert tiny.json()["choices"][0]["finish_reason"] == "length"
+        assert tiny.json()["usage"]["completion_tokens"] == 2
+        marked = post(server.url, "[sim:finish=length] tell me", max_tokens=100).json()
+        assert marked["choices"][0]["finish_reason"] == "length"
+
+
+def test_structured_outputs_parse_through_the_sdk_and_a_bad_schema_gets_400() -> None:
+    class Review(BaseModel):
+        label: Literal["positive", "negative", "neutral"]
+        confidence: float = Field(ge=0, le=1)
+        tags: list[str] = Field(min_length=1)
+
+    with SimulatorThread() as server:
+        client = openai.OpenAI(base_url=server.url, api_key="sk-x", max_retries=0)
+        reply = client.chat.completions.parse(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "A great film!"}],
+            response_format=Review, max_tokens=40)
+        assert isinstance(reply.choices[0].message.parsed, Review)
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage is not None and reply.usage.completion_tokens <= 40
+        nowhere = {"type": "json_schema",
+                   "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/Missing"}}}
+        with pytest.raises(openai.BadRequestError, match="Invalid schema for response_format"):
+            client.chat.completions.create(model="gpt-4o-mini", response_format=nowhere,
+                                           messages=[{"role": "user", "content": "x"}])
 
 
 def test_rate_limit_per_second_answers_429_with_openai_headers() -> None:

@@ -1,11 +1,12 @@
 """An OpenAI-compatible server for trying pipelines and testing flow without a key.
 
 `POST /v1/chat/completions` answers deterministically from the request (the same request
-always gets the same reply; a request that asks for JSON gets a JSON object), with `usage`
-counted by the real tokenizer, optional latency and jitter, rate limits answered the way
-OpenAI answers them (429 body, `retry-after-ms`, `x-ratelimit-*` on every response), and
-faults injected at given rates. `GET /v1/models` lists models; `GET /sim/stats` reports how
-many requests arrived, and how many times each distinct request did.
+always gets the same reply) in the shape it asks for and within its `max_tokens` (see
+`replies`), with `usage` counted by the real tokenizer, optional latency and jitter, rate
+limits answered the way OpenAI answers them (429 body, `retry-after-ms`, `x-ratelimit-*` on
+every response), and faults injected at given rates. `GET /v1/models` lists models;
+`GET /sim/stats` reports how many requests arrived, and how many times each distinct request
+did. A `json_schema` no value can be made for (a `$ref` that leads nowhere) is answered 400.
 
 A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` (any code;
 `429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
@@ -27,18 +28,18 @@ import re
 import time
 from typing import Any
 
-import toktok
 from aiohttp import web
 
 from flow.keys import content_key
 from flow.simulator.config import SimulatorConfig, SimulatorStats
 from flow.simulator.limits import Limit, format_duration
-from flow.tokens import count_prompt_tokens, encoding_for_model
+from flow.simulator.replies import compose_reply
+from flow.simulator.schemas import SchemaError
+from flow.tokens import count_prompt_tokens
 
 MARKER = re.compile(
     r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge|drip))(?:\*(\d+))?\]")
 HUGE_BYTES = 20_000_000
-WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray"]
 
 
 class Simulator:
@@ -97,7 +98,12 @@ class Simulator:
         text = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
         marker = self._marker(text, self.stats.by_request[request_key])
         prompt_tokens = count_prompt_tokens(messages, model)
-        reply, completion_tokens, finish = self._reply(body, messages, model)
+        finish: str | None
+        try:
+            reply, completion_tokens, finish = compose_reply(body, messages, model)
+        except SchemaError as e:
+            return self._error(400, "invalid_request_error", "invalid_json_schema",
+                               f"Invalid schema for response_format: {e}")
         # limits are checked on arrival, as OpenAI does: a 429 comes back at once
         now = time.monotonic()
         waits = {kind: limit.try_take(1 if kind == "requests" else
@@ -212,30 +218,6 @@ class Simulator:
                 return fault
             roll -= rate
         return None
-
-    def _reply(self, body: dict[str, Any], messages: list[Any],
-               model: str) -> tuple[str, int, str | None]:
-        """A reply derived from the request alone, its token count and finish reason."""
-        digest = content_key(messages)[7:]
-        user = next((str(m.get("content", "")) for m in reversed(messages)
-                     if isinstance(m, dict) and m.get("role") == "user"), "")
-        seed = int(digest[:8], 16)
-        words = " ".join(WORDS[(seed >> (i * 3)) % len(WORDS)] for i in range(6))
-        format_type = (body.get("response_format") or {}).get("type")
-        everything = " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        if format_type in ("json_object", "json_schema") or "json" in everything.lower():
-            reply = json.dumps({"answer": f"simulated {words}", "echo": user[:200],
-                                "id": digest[:8]})
-        else:
-            reply = f"Simulated reply {digest[:8]}: {words}. You asked: {user[:200]}"
-        encoding = encoding_for_model(model)
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(cap, int) and cap > 0:
-            cut, total = toktok.truncate(reply, cap, encoding)
-            if total > cap:
-                return cut, cap, "length"
-            return reply, total, "stop"
-        return reply, toktok.batch_count([reply], encoding, threads=1)[0], "stop"
 
     def _rate_limited(self, kind: str, wait: float, now: float) -> web.Response:
         message = (f"Rate limit reached for {kind}. Please try again in "
