@@ -23,6 +23,7 @@ from flow.errors import StoreError
 from flow.records import ItemRecord, Known, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.migrations import prepare_store
+from flow.store.read_only import read_only_uri
 from flow.store.sqlite_sql import (
     MAX_VARIABLES,
     Statement,
@@ -85,11 +86,16 @@ class SQLiteStore:
 
     @classmethod
     async def open_read_only(cls, path: Path) -> SQLiteStore:
-        """Connect without locking or migrating, to look (a dry run, beside a live run)."""
+        """Connect without locking or migrating, to look (a dry run, beside a live run, or
+        on a read-only mount)."""
+        uri = read_only_uri(path)
+        db: aiosqlite.Connection | None = None
         try:
-            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
             await db.execute("SELECT 1 FROM outputs LIMIT 1")
         except sqlite3.Error as e:
+            if db is not None:
+                await db.close()  # its thread would keep the process alive
             raise StoreError(f"{path}: cannot read the store (run the pipeline once to "
                              f"upgrade it): {e}") from None
         return cls(path, db, None)
