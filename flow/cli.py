@@ -24,6 +24,7 @@ from rich.table import Table
 from flow import __version__
 from flow.config import PipelineConfig, load_config
 from flow.errors import FlowError
+from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.report import export_results, list_failures, render_json, show_item, store_status
 from flow.simulator.options import add_simulator_options, positive_int, simulator_config
 
@@ -67,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader (`| head`) went away: what it wanted was written; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as e:
+        # anywhere else a file is opened (a module imported late): the same clear words
+        if not is_out_of_files(e):
+            raise
+        err.print(f"[bold red]error:[/] {out_of_files_hint()}", markup=True, soft_wrap=True)
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:

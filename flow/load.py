@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from flow.config import LoadConfig
 from flow.errors import RowError, SourceError
+from flow.open_files import is_out_of_files, out_of_files_hint
 
 CHUNK_BYTES = 1 << 20
 
@@ -68,7 +69,8 @@ def _open(path: Path) -> IO[bytes]:
     except IsADirectoryError:
         raise SourceError(f"{path}: is a folder, expected a file (load.path)") from None
     except OSError as e:
-        raise SourceError(f"{path}: cannot read input: {e.strerror or e}") from None
+        reason = out_of_files_hint() if is_out_of_files(e) else e.strerror or e
+        raise SourceError(f"{path}: cannot read input: {reason}") from None
 
 
 _Parsed = tuple[int, dict[str, Any] | None, RowError | None, str | None]

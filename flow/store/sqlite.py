@@ -20,6 +20,7 @@ from typing import Any
 import aiosqlite
 
 from flow.errors import StoreError
+from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.records import ItemRecord, Known, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.migrations import prepare_store
@@ -62,7 +63,13 @@ class SQLiteStore:
         except OSError as e:
             raise StoreError(f"{path.parent}: cannot create the store's folder: "
                              f"{e.strerror or e}") from None
-        lock.acquire()
+        try:
+            lock.acquire()
+        except StoreError as e:
+            if is_out_of_files(e):
+                raise StoreError(f"{lock.path}: cannot open the lock file: "
+                                 f"{out_of_files_hint()}") from None
+            raise
         try:
             prepare_store(path, busy_timeout_s)
             db = await aiosqlite.connect(path, isolation_level=None)
@@ -119,9 +126,15 @@ class SQLiteStore:
     async def finish_run(self, state: str, message: str | None, counts: dict[str, int]) -> None:
         """Flush every pending result, then record the run's end; its spend is what it stored.
 
-        After a failed write the end is still recorded, if the store takes it."""
+        After a failed write the end is still recorded, if the store takes it (and a write
+        that fails here is raised once it is)."""
+        failure: StoreError | None = None
         if self._writer.failure is None:
-            await self.flush()
+            try:
+                await self.flush()
+            except StoreError as e:
+                failure = e
+                state, message = "stopped", message or str(e)
         times = self._writer.times
         await self._run_sql(
             "UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, items_done=?, "
@@ -132,6 +145,8 @@ class SQLiteStore:
              times.groups, round(times.wait_mean_ms, 2), round(times.wait_max_ms, 2),
              self.run_id))
         await self._reconcile(self.run_id, counts.get("calls_made"))
+        if failure is not None:
+            raise failure
 
     async def _reconcile(self, run_id: int, calls_made: int | None) -> None:
         """A run's tokens and cost from the replies it stored; its attempts, when unknown,
