@@ -282,6 +282,42 @@ def test_disk_full_stops_the_run_clearly_and_the_store_stays_consistent(
         assert server.stats.requests <= 400 + 8
 
 
+FEW_FILES_CHILD = """
+import os, resource, sys
+import flow.cli
+# the files open once flow is imported, and a few more
+limit = len(os.listdir("/dev/fd")) - 1 + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+sys.exit(flow.cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("more_files", [4, 6, 8, 10, 12, 14])
+def test_running_out_of_open_files_stops_clearly_and_keeps_every_reply(
+        make_pipeline: Any, more_files: int) -> None:
+    # from too few to read the input, through the store, to the connections
+    with SimulatorThread(SimulatorConfig(latency_ms=20)) as server:
+        pipeline = make_pipeline(rows=questions(200), base_url=server.url,
+                                 call={"concurrency": 8})
+        pipeline.write()
+        child = subprocess.run(
+            [sys.executable, "-c", FEW_FILES_CHILD, str(more_files), "run", str(pipeline.file)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            env={**os.environ, "OPENAI_API_KEY": API_KEY})
+        assert child.returncode == 2, child.stderr
+        assert "too many open files" in child.stderr, child.stderr
+        assert "`ulimit -n`" in child.stderr and "call.concurrency" in child.stderr
+        assert "Traceback" not in child.stderr
+        sent = server.stats.requests
+        if sent:
+            assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
+            assert pipeline.query("SELECT COUNT(*) FROM responses") == [(sent,)]
+            assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'failed'") == [
+                (0,)]
+        assert pipeline.run() == 0
+        assert server.stats.requests == 200
+
+
 def every_artefact(pipeline: Pipeline, capsys: Any, outputs: list[str]) -> str:
     texts = list(outputs)
     for command in (("status",), ("status", "--json"), ("failures",), ("export",),
