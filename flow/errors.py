@@ -5,7 +5,8 @@
     +-- SourceError             the input file cannot be read at all (exit 2)
     +-- StoreError              the store cannot be opened or written
     |   +-- StoreLockedError    another live run holds the store
-    +-- FatalCallError          the endpoint refuses every request: stop the run (exit 2)
+    +-- FatalCallError          no request can succeed (a refused key, no quota, no file
+    |                           descriptor left for a connection): stop the run (exit 2)
     +-- RetryableError          an attempt failed; another attempt may succeed
     |   +-- RateLimitedError    429: pause every sender; never counts toward max_tries
     +-- ItemError               one item failed; recorded with its reason, the run goes on
@@ -46,7 +47,7 @@ class StoreLockedError(StoreError):
 
 
 class FatalCallError(FlowError):
-    """The endpoint refuses every request (bad key, no quota): retrying cannot help."""
+    """No request can succeed (bad key, no quota, too many open files): retrying cannot help."""
 
 
 class RetryableError(FlowError):

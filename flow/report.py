@@ -1,9 +1,9 @@
 """Read a store: status counts, failures, one item in full, and exports.
 
 These open the store read-only with the standard `sqlite3` module, so they work while a run
-is writing (WAL readers never block the writer) and never change what they read. They read
-only what `docs/store.md` documents (the `results` view and the tables beneath it), the
-same SQL a person would write.
+is writing (WAL readers never block the writer) and on a read-only mount, and never change
+what they read. They read only what `docs/store.md` documents (the `results` view and the
+tables beneath it), the same SQL a person would write.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from flow.errors import ConfigError, StoreError
 from flow.records import STAGE
+from flow.store.read_only import read_only_uri
 
 EXPORT_FORMATS = ("jsonl", "csv")
 EXPORT_COLUMNS = ("id", "status", "output", "error_class", "error")
@@ -30,8 +31,9 @@ def _open_read_only(path: Path) -> Iterator[sqlite3.Connection]:
     """The store at `path`, read-only; a clear error when there is none yet."""
     if not path.exists():
         raise StoreError(f"{path}: no store yet; run the pipeline first")
+    uri = read_only_uri(path)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(uri, uri=True)
         db.execute("PRAGMA mmap_size=4294967296")
         db.execute("SELECT 1 FROM items LIMIT 1")
     except sqlite3.Error as e:

@@ -5,6 +5,7 @@ Everything runs the real flow against the simulator over loopback HTTP.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -13,11 +14,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, Pipeline, flow_process, questions, wait_for_requests
+from conftest import (
+    API_KEY,
+    Pipeline,
+    flow_process,
+    kill_mid_run,
+    questions,
+    wait_for_requests,
+)
 
 from flow.simulator import SimulatorConfig, SimulatorThread
 
@@ -137,24 +146,33 @@ def test_store_locked_by_another_program_ends_clearly_and_loses_nothing(
     assert pipeline.run() == 0
 
 
-@pytest.fixture
-def read_only_folder(tmp_path: Path) -> Iterator[Path]:
-    """A folder no one may write to: a read-only mount as root, else permissions."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
+@contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """`folder`, which no one may write to inside the block: a read-only bind mount of it as
+    root (who ignores permissions), else its permissions."""
     if os.geteuid() == 0:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                       check=True)
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
         try:
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
             yield folder
         finally:
-            subprocess.run(["umount", str(folder)], check=False)
+            # lazily: a file still open in it (a failing test) must not keep it mounted
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
     else:
         folder.chmod(0o555)
         try:
             yield folder
         finally:
             folder.chmod(0o755)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """An empty folder no one may write to."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with read_only(folder):
+        yield folder
 
 
 def test_read_only_store_folder_is_a_clear_error(make_pipeline: Any, read_only_folder: Path,
@@ -164,6 +182,77 @@ def test_read_only_store_folder_is_a_clear_error(make_pipeline: Any, read_only_f
     err = capsys.readouterr().err
     assert "flow.db" in err and ("Read-only" in err or "Permission denied" in err)
     assert "Traceback" not in err
+
+
+READ_COMMANDS = (("status", "--json"), ("export",), ("export", "--format", "csv"),
+                 ("failures", "--json"), ("show", "q00001"), ("show", "bad"),
+                 ("run", "--dry-run"))
+
+
+def read_everything(pipeline: Pipeline, capsys: Any) -> dict[tuple[str, ...], tuple[int, str]]:
+    """Each read command's exit code and output (errors included)."""
+    seen = {}
+    capsys.readouterr()
+    for command in READ_COMMANDS:
+        code = pipeline.cli(*command)
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        seen[command] = (code, captured.out + captured.err)
+    return seen
+
+
+def test_read_commands_work_on_a_store_in_a_read_only_folder(
+        make_pipeline: Any, simulator: SimulatorThread, tmp_path: Path, capsys: Any) -> None:
+    rows = [{"id": "bad", "question": "[sim:status=400]"}, *questions(6)]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             store=str(tmp_path / "data" / "flow.db"))
+    assert pipeline.run("--limit", "5") == 1
+    assert sorted(os.listdir(tmp_path / "data")) == ["flow.db"]  # the pid file goes with its run
+    with read_only(tmp_path / "data"):
+        seen = read_everything(pipeline, capsys)
+    writable = read_everything(pipeline, capsys)
+    assert seen == writable
+    assert '"done": 4' in writable[("status", "--json")][1]
+    assert "BadRequestError" in writable[("failures", "--json")][1]
+    assert "4 already done, 3 to call" in writable[("run", "--dry-run")][1]
+
+
+def test_read_commands_on_a_read_only_folder_see_what_a_killed_run_committed(
+        make_pipeline: Any, tmp_path: Path, capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=20)) as server:
+        pipeline = make_pipeline(rows=questions(400), base_url=server.url,
+                                 store=str(tmp_path / "data" / "flow.db"))
+        kill_mid_run(pipeline, server, after_requests=40)
+    store = pipeline.store
+    wal = store.with_name("flow.db-wal")
+    assert wal.stat().st_size > 0 and store.with_name("flow.db-shm").exists()
+    with read_only(tmp_path / "data"):
+        seen = read_everything(pipeline, capsys)
+        only_main_file = sqlite3.connect(f"file:{store}?mode=ro&immutable=1", uri=True)
+        (in_main_file,) = only_main_file.execute("SELECT COUNT(*) FROM responses").fetchone()
+        only_main_file.close()
+    status = json.loads(seen[("status", "--json")][1])
+    assert [run["state"] for run in status["runs"]] == ["running"]  # no run marked it crashed
+    (stored,) = pipeline.query("SELECT COUNT(*) FROM responses")[0]
+    assert status["replies_paid"] == stored and in_main_file < stored
+    exported = [json.loads(line) for line in seen[("export",)][1].splitlines()]
+    assert status["done"] == sum(r["status"] == "done" for r in exported) == stored
+
+
+def test_read_commands_refuse_clearly_when_commits_in_a_wal_cannot_be_read(
+        make_pipeline: Any, tmp_path: Path, capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=20)) as server:
+        pipeline = make_pipeline(rows=questions(400), base_url=server.url,
+                                 store=str(tmp_path / "data" / "flow.db"))
+        kill_mid_run(pipeline, server, after_requests=40)
+    pipeline.store.with_name("flow.db-shm").unlink()  # a copy made without it
+    with read_only(tmp_path / "data"):
+        seen = read_everything(pipeline, capsys)
+    for command in READ_COMMANDS:
+        code, text = seen[command]
+        assert code == 2, (command, text)
+        assert "flow.db-wal holds commits not yet in flow.db" in text, (command, text)
+        assert "copy flow.db and flow.db-wal together to a writable folder" in text
 
 
 def test_disk_full_stops_the_run_clearly_and_the_store_stays_consistent(
@@ -193,6 +282,42 @@ def test_disk_full_stops_the_run_clearly_and_the_store_stays_consistent(
         assert pipeline.run() == 0
         assert pipeline.query("SELECT COUNT(*) FROM results WHERE status='done'") == [(400,)]
         assert server.stats.requests <= 400 + 8
+
+
+FEW_FILES_CHILD = """
+import os, resource, sys
+import flow.cli
+# the files open once flow is imported, and a few more
+limit = len(os.listdir("/dev/fd")) - 1 + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+sys.exit(flow.cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("more_files", [4, 6, 8, 10, 12, 14])
+def test_running_out_of_open_files_stops_clearly_and_keeps_every_reply(
+        make_pipeline: Any, more_files: int) -> None:
+    # from too few to read the input, through the store, to the connections
+    with SimulatorThread(SimulatorConfig(latency_ms=20)) as server:
+        pipeline = make_pipeline(rows=questions(200), base_url=server.url,
+                                 call={"concurrency": 8})
+        pipeline.write()
+        child = subprocess.run(
+            [sys.executable, "-c", FEW_FILES_CHILD, str(more_files), "run", str(pipeline.file)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            env={**os.environ, "OPENAI_API_KEY": API_KEY})
+        assert child.returncode == 2, child.stderr
+        assert "too many open files" in child.stderr, child.stderr
+        assert "`ulimit -n`" in child.stderr and "call.concurrency" in child.stderr
+        assert "Traceback" not in child.stderr
+        sent = server.stats.requests
+        if sent:
+            assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
+            assert pipeline.query("SELECT COUNT(*) FROM responses") == [(sent,)]
+            assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'failed'") == [
+                (0,)]
+        assert pipeline.run() == 0
+        assert server.stats.requests == 200
 
 
 def every_artefact(pipeline: Pipeline, capsys: Any, outputs: list[str]) -> str:

@@ -21,6 +21,7 @@ from flow.cli.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from flow.cli.inspect import export_command, failures_command, show_command, status_command
 from flow.cli.running import run_command
 from flow.errors import FlowError
+from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.simulator.options import add_simulator_options, positive_int, simulator_config
 
 # `run`, `simulate` and `--dry-run` import the openai SDK and aiohttp inside their handlers:
@@ -60,6 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader (`| head`) went away: what it wanted was written; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as e:
+        # anywhere else a file is opened (a module imported late): the same clear words
+        if not is_out_of_files(e):
+            raise
+        err.print(f"[bold red]error:[/] {out_of_files_hint()}", markup=True, soft_wrap=True)
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,16 +9,23 @@ import httpx2
 import openai
 
 from flow.config import CallConfig
+from flow.errors import FatalCallError
+from flow.open_files import is_out_of_files, out_of_files_hint
 
 
 def make_client(config: CallConfig, base_url: str | None, api_key: str | None) -> openai.AsyncOpenAI:
     """An `AsyncOpenAI` on the aiohttp transport, with the SDK's retries off."""
-    return openai.AsyncOpenAI(
-        base_url=base_url, api_key=api_key, max_retries=0, timeout=config.timeout_s,
-        default_headers=config.headers or None,
-        http_client=openai.DefaultAioHttpClient(
-            limits=httpx2.Limits(max_connections=config.concurrency,
-                                 max_keepalive_connections=config.concurrency)))
+    try:
+        return openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=config.timeout_s,
+            default_headers=config.headers or None,
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=config.concurrency,
+                                     max_keepalive_connections=config.concurrency)))
+    except OSError as e:  # it reads certificates (and imports modules) as it is built
+        if is_out_of_files(e):
+            raise FatalCallError(f"cannot set up connections: {out_of_files_hint()}") from None
+        raise
 
 
 def rate_headers(headers: httpx2.Headers) -> dict[str, str]:

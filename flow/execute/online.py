@@ -36,6 +36,7 @@ from flow.errors import FatalCallError, ItemError, RateLimitedError, RetryableEr
 from flow.execute import Deliver, ExecutorCounters
 from flow.execute.client import rate_headers, read_capped, retry_headers
 from flow.limiter import RateLimiter
+from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.records import Attempt, Call, CallResult, Reply, Usage, utc_now
 from flow.redact import Redactor
 from flow.tokens import expected_output_tokens
@@ -68,7 +69,8 @@ class _Progress:
 
 
 class _Unsent(Exception):
-    """The run began to stop while the call waited for the limiter: it was never sent."""
+    """The run began to stop while the call waited for the limiter, or it could not open a
+    connection: it was never sent."""
 
 
 class OnlineExecutor:
@@ -78,6 +80,7 @@ class OnlineExecutor:
                  secrets: list[str], stop: asyncio.Event | None = None) -> None:
         self._config = config
         self._stop = stop or asyncio.Event()
+        self.out_of_files: FatalCallError | None = None
         # workers waiting with nothing in flight (to retry, or for the limiter), and those
         # of them a stop request woke
         self._idle: set[asyncio.Task[Any]] = set()
@@ -112,6 +115,8 @@ class OnlineExecutor:
         try:
             for finished in asyncio.as_completed(workers):
                 await finished  # the first failure (a fatal error, a store error) ends all
+            if self.out_of_files is not None:
+                raise self.out_of_files
         finally:
             for task in (*workers, waker):
                 task.cancel()
@@ -250,6 +255,14 @@ class OnlineExecutor:
             # a body cut short while read is an httpx2 error, which the SDK does not wrap; the
             # aiohttp transport reports a dropped connection as a timeout: tell them apart
             self._limiter.observe(None, reached_server=False)
+            if is_out_of_files(e):
+                # every new connection would fail alike: start no more, let the calls in
+                # flight bring their replies home, then stop the run; this item stays pending
+                self._limiter.settle(reservation, 0)
+                self.out_of_files = self.out_of_files or FatalCallError(
+                    f"cannot connect to {self._client.base_url}: {out_of_files_hint()}")
+                self._stop.set()
+                raise _Unsent from None
             if time.monotonic() - started >= self._config.timeout_s * 0.9:
                 error = RetryableError(f"no response within {self._config.timeout_s:g} s",
                                        "APITimeoutError")

@@ -8,6 +8,7 @@ from typing import IO, Any
 
 from flow.config import LoadConfig
 from flow.errors import RowError, SourceError
+from flow.open_files import is_out_of_files, out_of_files_hint
 
 CHUNK_BYTES = 1 << 20
 # a row as a reader gives it: its line, its fields or its error, and its JSON text as read
@@ -22,7 +23,8 @@ def open_input(path: Path) -> IO[bytes]:
     except IsADirectoryError:
         raise SourceError(f"{path}: is a folder, expected a file (load.path)") from None
     except OSError as e:
-        raise SourceError(f"{path}: cannot read input: {e.strerror or e}") from None
+        reason = out_of_files_hint() if is_out_of_files(e) else e.strerror or e
+        raise SourceError(f"{path}: cannot read input: {reason}") from None
 
 
 def read_line(handle: IO[bytes], number: int,

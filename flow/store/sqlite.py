@@ -20,9 +20,11 @@ from typing import Any
 import aiosqlite
 
 from flow.errors import StoreError
+from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.records import ItemRecord, Known, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.migrations import prepare_store
+from flow.store.read_only import read_only_uri
 from flow.store.sqlite_sql import (
     MAX_VARIABLES,
     Statement,
@@ -61,7 +63,13 @@ class SQLiteStore:
             raise StoreError(f"{path.parent}: cannot create the store's folder: "
                              f"{e.strerror or e}") from None
         lock = StoreLock(path)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except StoreError as e:
+            if is_out_of_files(e):
+                raise StoreError(f"{lock.store_path}: cannot open the store: "
+                                 f"{out_of_files_hint()}") from None
+            raise
         db: aiosqlite.Connection | None = None
         try:
             # SQLite opens the very file that is locked, even if a link is changed meanwhile
@@ -90,11 +98,16 @@ class SQLiteStore:
 
     @classmethod
     async def open_read_only(cls, path: Path) -> SQLiteStore:
-        """Connect without locking or migrating, to look (a dry run, beside a live run)."""
+        """Connect without locking or migrating, to look (a dry run, beside a live run, or
+        on a read-only mount)."""
+        uri = read_only_uri(path)
+        db: aiosqlite.Connection | None = None
         try:
-            db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
             await db.execute("SELECT 1 FROM outputs LIMIT 1")
         except sqlite3.Error as e:
+            if db is not None:
+                await db.close()  # its thread would keep the process alive
             raise StoreError(f"{path}: cannot read the store (run the pipeline once to "
                              f"upgrade it): {e}") from None
         return cls(path, db, None)
@@ -118,9 +131,15 @@ class SQLiteStore:
     async def finish_run(self, state: str, message: str | None, counts: dict[str, int]) -> None:
         """Flush every pending result, then record the run's end; its spend is what it stored.
 
-        After a failed write the end is still recorded, if the store takes it."""
+        After a failed write the end is still recorded, if the store takes it (and a write
+        that fails here is raised once it is)."""
+        failure: StoreError | None = None
         if self._writer.failure is None:
-            await self.flush()
+            try:
+                await self.flush()
+            except StoreError as e:
+                failure = e
+                state, message = "stopped", message or str(e)
         times = self._writer.times
         await self._run_sql(
             "UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, items_done=?, "
@@ -131,6 +150,8 @@ class SQLiteStore:
              times.groups, round(times.wait_mean_ms, 2), round(times.wait_max_ms, 2),
              self.run_id))
         await self._reconcile(self.run_id, counts.get("calls_made"))
+        if failure is not None:
+            raise failure
 
     async def _reconcile(self, run_id: int, calls_made: int | None) -> None:
         """A run's tokens and cost from the replies it stored; its attempts, when unknown,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flow.errors import StoreError
+from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.records import Settled
 
 MAX_VARIABLES = 32_000  # SQLite allows 32,766 bound values per statement since 3.32
@@ -158,7 +159,9 @@ def store_error(path: Path, doing: str, error: Exception,
                 busy_timeout_s: float = 5.0) -> StoreError:
     """A `StoreError` that says what happened to the store in words a person can act on."""
     text = str(error)
-    if "locked" in text or "busy" in text:
+    if is_out_of_files(error):
+        hint = out_of_files_hint()
+    elif "locked" in text or "busy" in text:
         hint = ("another program (a sqlite3 shell, Datasette, a backup) has held a write lock "
                 f"on it for more than {busy_timeout_s:g} s; close it and run again")
     elif "full" in text or "disk I/O error" in text:
