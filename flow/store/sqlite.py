@@ -20,15 +20,21 @@ from typing import Any
 import aiosqlite
 
 from flow.errors import StoreError
-from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.records import ItemRecord, Known, Settled, utc_now
 from flow.store.lock import StoreLock
-from flow.store.migrations import prepare_store
-from flow.store.read_only import read_only_uri
+from flow.store.opening import connect_locked, connect_read_only
 from flow.store.sqlite_sql import (
+    CRASHED_SQL,
+    FINISH_RUN_SQL,
+    HELD_SQL,
     MAX_VARIABLES,
+    NEW_RUN_SQL,
+    SEEN_TABLES,
+    UNSEEN,
     Statement,
     group_statements,
+    insert_held,
+    insert_seen_sql,
     inserts,
     known_sql,
     reassign_payer,
@@ -39,6 +45,7 @@ from flow.store.sqlite_sql import (
 from flow.store.writer import GroupWriter
 
 CHUNK = 5000
+
 
 class SQLiteStore:
     """The store a run writes to; open with `await SQLiteStore.open(path)`, then `close()`."""
@@ -57,42 +64,10 @@ class SQLiteStore:
     @classmethod
     async def open(cls, path: Path, busy_timeout_s: float = 5.0) -> SQLiteStore:
         """Lock, migrate and connect to the store at `path`, to run a pipeline."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"{path.parent}: cannot create the store's folder: "
-                             f"{e.strerror or e}") from None
-        lock = StoreLock(path)
-        try:
-            lock.acquire()
-        except StoreError as e:
-            if is_out_of_files(e):
-                raise StoreError(f"{lock.store_path}: cannot open the store: "
-                                 f"{out_of_files_hint()}") from None
-            raise
-        db: aiosqlite.Connection | None = None
-        try:
-            # SQLite opens the very file that is locked, even if a link is changed meanwhile
-            prepare_store(lock.database, busy_timeout_s)
-            db = await aiosqlite.connect(lock.database, isolation_level=None)
-            # WAL + NORMAL: a commit survives the process being killed or crashing (it is in
-            # the OS at once); FULL's fsync per commit held results ~35 ms here, not a few
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            async with db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM responses") as cursor:
-                row = await cursor.fetchone()
-        except BaseException as e:
-            # the connection first: releasing the lock closes a descriptor of the database
-            if db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    await db.close()
-            lock.release()
-            if isinstance(e, sqlite3.Error):
-                raise store_error(path, "cannot open the store", e, busy_timeout_s) from None
-            raise
+        lock, db, next_response_id = await connect_locked(path, busy_timeout_s)
         store = cls(path, db, lock, busy_timeout_s)
         # one writer holds the lock, so it numbers the replies it adds itself
-        store._next_response_id = int(row[0]) if row else 1
+        store._next_response_id = next_response_id
         store._writer.start()
         return store
 
@@ -100,31 +75,17 @@ class SQLiteStore:
     async def open_read_only(cls, path: Path) -> SQLiteStore:
         """Connect without locking or migrating, to look (a dry run, beside a live run, or
         on a read-only mount)."""
-        uri = read_only_uri(path)
-        db: aiosqlite.Connection | None = None
-        try:
-            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
-            await db.execute("SELECT 1 FROM outputs LIMIT 1")
-        except sqlite3.Error as e:
-            if db is not None:
-                await db.close()  # its thread would keep the process alive
-            raise StoreError(f"{path}: cannot read the store (run the pipeline once to "
-                             f"upgrade it): {e}") from None
-        return cls(path, db, None)
+        return cls(path, await connect_read_only(path), None)
 
     async def start_run(self, pipeline: Path, origin: str, endpoint: str) -> int:
         """Record a new run; runs left `running` by a dead process become `crashed`, with
         what they paid for counted from the replies they stored."""
-        cursor = await self._run_sql(
-            "UPDATE runs SET state='crashed', finished_at=COALESCE(finished_at, ?) "
-            "WHERE state='running' RETURNING id", (utc_now(),))
+        cursor = await self._run_sql(CRASHED_SQL, (utc_now(),))
         crashed = [run_id for (run_id,) in await cursor.fetchall()]
         for run_id in crashed:
             await self._reconcile(run_id, None)
-        cursor = await self._run_sql(
-            "INSERT INTO runs (pipeline, origin, endpoint, pid, started_at, state) "
-            "VALUES (?, ?, ?, ?, ?, 'running')",
-            (str(pipeline), origin, endpoint, os.getpid(), utc_now()))
+        cursor = await self._run_sql(NEW_RUN_SQL, (str(pipeline), origin, endpoint, os.getpid(),
+                                                   utc_now()))
         self.run_id = cursor.lastrowid or 0
         return self.run_id
 
@@ -141,14 +102,11 @@ class SQLiteStore:
                 failure = e
                 state, message = "stopped", message or str(e)
         times = self._writer.times
-        await self._run_sql(
-            "UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, items_done=?, "
-            "items_failed=?, items_skipped=?, commit_groups=?, commit_wait_mean_ms=?, "
-            "commit_wait_max_ms=? WHERE id=?",
-            (utc_now(), state, message, counts.get("items_total"), counts.get("items_done", 0),
-             counts.get("items_failed", 0), counts.get("items_skipped", 0),
-             times.groups, round(times.wait_mean_ms, 2), round(times.wait_max_ms, 2),
-             self.run_id))
+        await self._run_sql(FINISH_RUN_SQL, (
+            utc_now(), state, message, counts.get("items_total"), counts.get("items_done", 0),
+            counts.get("items_failed", 0), counts.get("items_skipped", 0),
+            times.groups, round(times.wait_mean_ms, 2), round(times.wait_max_ms, 2),
+            self.run_id))
         await self._reconcile(self.run_id, counts.get("calls_made"))
         if failure is not None:
             raise failure
@@ -245,45 +203,34 @@ class SQLiteStore:
         await self._write("cannot write items", statements)
 
     async def begin_seen_ids(self) -> None:
-        """Start remembering the item ids this run has read, to refuse duplicates."""
-        await self._run_sql("CREATE TEMP TABLE IF NOT EXISTS seen_ids "
-                            "(item_id TEXT PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID")
-        await self._run_sql("DELETE FROM seen_ids")
-        await self._run_sql("CREATE TEMP TABLE IF NOT EXISTS held_rows (row INTEGER PRIMARY KEY, "
-                            "base TEXT NOT NULL, error_class TEXT, error TEXT)")
-        await self._run_sql("DELETE FROM held_rows")
+        """Start remembering the item ids this run has read (to refuse duplicates) and the
+        rows held to be named at the input's end."""
+        for sql in SEEN_TABLES:
+            await self._run_sql(sql)
 
     async def hold(self, rows: Sequence[tuple[int, str, str | None, str | None]]) -> None:
         """Keep rows to be named at the input's end: (row, base of its id, error class, error)."""
-        await self._write("cannot write", [
-            ("INSERT OR REPLACE INTO held_rows VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(chunk)),
-             [value for held in chunk for value in held])
-            for chunk in _chunks(rows, MAX_VARIABLES // 4)])
+        await self._write("cannot write", [insert_held(chunk)
+                                           for chunk in _chunks(rows, MAX_VARIABLES // 4)])
 
     async def held(self, after_row: int,
                    limit: int) -> list[tuple[int, str, str | None, str | None]]:
         """The held rows after `after_row`, `limit` at most, in row order."""
         return [(int(row), str(base), error_class, error) for row, base, error_class, error in
-                await self._query("SELECT row, base, error_class, error FROM held_rows "
-                                  "WHERE row > ? ORDER BY row LIMIT ?", (after_row, limit))]
+                await self._query(HELD_SQL, (after_row, limit))]
 
     async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]:
         """Remember a batch of (item id, row); the first row of each id, where it has one."""
         first: dict[str, int] = {}
-        unique = []
         for item_id, row in rows:
-            if item_id not in first:
-                first[item_id] = row
-                unique.append((item_id, row))
+            first.setdefault(item_id, row)
+        unique = list(first.items())
         taken: set[str] = set()
-        size = MAX_VARIABLES // 2
         async with self._transaction:
-            for start in range(0, len(unique), size):
-                chunk = unique[start:start + size]
-                sql = (f"INSERT INTO seen_ids VALUES {', '.join(['(?, ?)'] * len(chunk))} "
-                       "ON CONFLICT DO NOTHING RETURNING item_id")
+            for chunk in _chunks(unique, MAX_VARIABLES // 2):
                 try:
-                    async with self._db.execute(sql, [v for pair in chunk for v in pair]) as cur:
+                    async with self._db.execute(insert_seen_sql(len(chunk)),
+                                                [v for pair in chunk for v in pair]) as cur:
                         taken.update(item_id for (item_id,) in await cur.fetchall())
                 except sqlite3.Error as e:
                     raise self._error("cannot write", e) from None
@@ -299,15 +246,14 @@ class SQLiteStore:
         """Drop the items of rows this run did not read (gone from the input); replies stay,
         and a reply one of them paid for is credited to another item that uses it, all in
         one transaction."""
-        unseen = "stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)"
-        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {unseen}", (stage,)))[0]
+        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {UNSEEN}", (stage,)))[0]
         if not count:
             return 0
         gone = [reply for (reply,) in await self._query(
-            f"SELECT DISTINCT response_id FROM outputs WHERE {unseen} AND bought", (stage,))]
+            f"SELECT DISTINCT response_id FROM outputs WHERE {UNSEEN} AND bought", (stage,))]
         await self._write("cannot write", [
-            (f"DELETE FROM outputs WHERE {unseen}", [stage]),
-            (f"DELETE FROM items WHERE {unseen}", [stage]),
+            (f"DELETE FROM outputs WHERE {UNSEEN}", [stage]),
+            (f"DELETE FROM items WHERE {UNSEEN}", [stage]),
             *(reassign_payer(list(chunk)) for chunk in _chunks(gone, CHUNK))])
         return int(count)
 

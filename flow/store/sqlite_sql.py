@@ -8,6 +8,7 @@ trips cost a tenth of the throughput.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,38 @@ def store_error(path: Path, doing: str, error: Exception,
     else:
         hint = text
     return StoreError(f"{path}: {doing}: {hint}; everything committed before is safe")
+
+
+# what a run has read: the ids seen (to refuse duplicates), the rows held to be named last
+SEEN_TABLES = (
+    "CREATE TEMP TABLE IF NOT EXISTS seen_ids "
+    "(item_id TEXT PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID",
+    "DELETE FROM seen_ids",
+    "CREATE TEMP TABLE IF NOT EXISTS held_rows "
+    "(row INTEGER PRIMARY KEY, base TEXT NOT NULL, error_class TEXT, error TEXT)",
+    "DELETE FROM held_rows")
+HELD_SQL = ("SELECT row, base, error_class, error FROM held_rows WHERE row > ? ORDER BY row "
+            "LIMIT ?")
+UNSEEN = "stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)"
+
+
+def insert_seen_sql(count: int) -> str:
+    """Mark `count` (item id, row) pairs seen; returns the ids that were not seen before."""
+    return (f"INSERT INTO seen_ids VALUES {', '.join(['(?, ?)'] * count)} "
+            "ON CONFLICT DO NOTHING RETURNING item_id")
+
+
+def insert_held(rows: Sequence[tuple[int, str, str | None, str | None]]) -> Statement:
+    """Hold rows to be named at the input's end."""
+    return ("INSERT OR REPLACE INTO held_rows VALUES " + ", ".join(["(?, ?, ?, ?)"] * len(rows)),
+            [value for held in rows for value in held])
+
+
+# a run's row: begun, ended; runs left `running` by a dead process are `crashed`
+CRASHED_SQL = ("UPDATE runs SET state='crashed', finished_at=COALESCE(finished_at, ?) "
+               "WHERE state='running' RETURNING id")
+NEW_RUN_SQL = ("INSERT INTO runs (pipeline, origin, endpoint, pid, started_at, state) "
+               "VALUES (?, ?, ?, ?, ?, 'running')")
+FINISH_RUN_SQL = ("UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, "
+                  "items_done=?, items_failed=?, items_skipped=?, commit_groups=?, "
+                  "commit_wait_mean_ms=?, commit_wait_max_ms=? WHERE id=?")

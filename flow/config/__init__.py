@@ -1,0 +1,18 @@
+"""The pipeline file: its typed models (`models`) and how it is read (`reading`)."""
+
+from flow.config.models import (
+    BUILTIN_POST_STEPS,
+    KEYED_POST_STEPS,
+    RESERVED_PARAMS,
+    CallConfig,
+    LoadConfig,
+    MessageConfig,
+    PipelineConfig,
+    PriceConfig,
+    RetryConfig,
+)
+from flow.config.reading import check_api_key, load_config, parse_config
+
+__all__ = ["BUILTIN_POST_STEPS", "KEYED_POST_STEPS", "RESERVED_PARAMS", "CallConfig",
+           "LoadConfig", "MessageConfig", "PipelineConfig", "PriceConfig", "RetryConfig",
+           "check_api_key", "load_config", "parse_config"]

@@ -1,0 +1,190 @@
+"""The pipeline file's keys, as typed and validated models."""
+
+from __future__ import annotations
+
+import codecs
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+RESERVED_PARAMS = ("model", "messages", "stream", "n")
+BUILTIN_POST_STEPS = ("strip", "json", "lower")
+KEYED_POST_STEPS = ("regex", "python")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class LoadConfig(_Strict):
+    """Where the items come from."""
+
+    path: Path
+    id: str | None = None
+    format: Literal["jsonl", "csv", "txt"] | None = None
+    encoding: str = "utf-8"
+    max_row_bytes: int = Field(default=1_000_000, gt=0)
+    max_row_lines: int = Field(default=100, gt=0)  # a CSV record's, quoted line breaks
+    # CSV values arrive as text: a field named here is read as this type
+    types: dict[str, Literal["str", "int", "float", "bool", "json"]] = Field(
+        default_factory=dict)
+
+    @field_validator("encoding")
+    @classmethod
+    def _line_based_encoding(cls, encoding: str) -> str:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding '{encoding}'") from None
+        if "\n".encode(encoding) != b"\n" or "a,{".encode(encoding) != b"a,{":
+            raise ValueError(
+                f"'{encoding}' is not supported: rows are read line by line as bytes, which "
+                f"only works for UTF-8 and ASCII-based encodings; convert the file to UTF-8 "
+                f"(iconv -f {encoding} -t utf-8)")
+        return encoding
+
+    @property
+    def resolved_format(self) -> str:
+        """The format given, or the one the file's suffix names."""
+        if self.format:
+            return self.format
+        suffix = self.path.suffix.lower().lstrip(".")
+        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "txt": "txt"}.get(suffix, "")
+
+
+class MessageConfig(_Strict):
+    """One chat message; `content` is a Jinja2 template over the item's fields."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class RetryConfig(_Strict):
+    """How long one item keeps trying before it is given up."""
+
+    max_tries: int = Field(default=8, ge=1)
+    max_time_s: float = Field(default=600, gt=0)
+    first_wait_s: float = Field(default=0.5, ge=0)
+    max_wait_s: float = Field(default=60, ge=0)
+
+
+class PriceConfig(_Strict):
+    """US dollars per million tokens."""
+
+    input_per_1m: float = Field(ge=0)
+    output_per_1m: float = Field(ge=0)
+    cached_input_per_1m: float | None = Field(default=None, ge=0)
+
+
+class CallConfig(_Strict):
+    """The request sent for each item, and how requests are paced and retried."""
+
+    model: str = Field(min_length=1)
+    messages: list[MessageConfig] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    concurrency: int = Field(default=32, ge=1, le=10_000)
+    timeout_s: float = Field(default=60, gt=0)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    base_url: str | None = None
+    # the name results are kept under: a server that moves (a new host or port) keeps them
+    endpoint_id: str | None = Field(default=None, min_length=1)
+    api_key: str | None = None
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    expected_output_tokens: int | None = Field(default=None, gt=0)
+    price: PriceConfig | None = None
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    drain_s: float = Field(default=30, ge=0)
+    stop_after_failures: int = Field(default=20, ge=0)  # in a row, the same way; 0: never
+    max_response_bytes: int = Field(default=10_000_000, gt=0)
+    # sent with every request, never stored nor part of a request's key: gateway tokens
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"'{name}' is not a valid header name")
+            if not value.isascii() or not value.isprintable() or value != value.strip():
+                raise ValueError(f"the value of '{name}' has characters a header cannot "
+                                 "carry (line breaks, spaces around it, or non-ASCII)")
+        return headers
+
+    def secrets(self) -> list[str]:
+        """The values of headers that carry credentials (`Authorization`, `api-key`,
+        `*-key`, `*-token`, `*-secret`), with and without their scheme (`Bearer `)."""
+        found = []
+        for name, value in self.headers.items():
+            lowered = name.lower()
+            if "auth" in lowered or lowered == "api-key" or lowered.endswith(
+                    ("-key", "-token", "-secret")):
+                found += [value, value.partition(" ")[2]]
+        return [secret for secret in found if secret]
+
+    @field_validator("params")
+    @classmethod
+    def _no_reserved_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        for name in RESERVED_PARAMS:
+            if name in params:
+                hint = "set call.model instead" if name == "model" else "flow sets it itself"
+                raise ValueError(f"'{name}' cannot be a param ({hint})")
+        _check_json(params, "params")
+        return params
+
+
+class PipelineConfig(_Strict):
+    """A whole pipeline file."""
+
+    store: Path
+    store_busy_timeout_s: float = Field(default=5, ge=0)
+    # the longest one row's templates, or one reply's post steps, may take
+    step_timeout_s: float = Field(default=10, gt=0)
+    load: LoadConfig
+    call: CallConfig
+    post: list[str | dict[str, str]] = Field(default_factory=list)
+
+    _file: Path = PrivateAttr(default=Path("pipeline.yaml"))
+
+    @property
+    def file(self) -> Path:
+        """The pipeline file this config was read from."""
+        return self._file
+
+    @field_validator("post")
+    @classmethod
+    def _known_post_steps(cls, steps: list[str | dict[str, str]]) -> list[str | dict[str, str]]:
+        for index, step in enumerate(steps):
+            if isinstance(step, str):
+                if step not in BUILTIN_POST_STEPS:
+                    raise ValueError(
+                        f"step {index}: unknown step '{step}'; expected one of "
+                        f"{', '.join(BUILTIN_POST_STEPS)}, or a mapping with one of "
+                        f"{', '.join(KEYED_POST_STEPS)}"
+                    )
+            elif len(step) != 1 or next(iter(step)) not in KEYED_POST_STEPS:
+                raise ValueError(
+                    f"step {index}: expected a mapping with exactly one key out of "
+                    f"{', '.join(KEYED_POST_STEPS)}, got {sorted(step)}"
+                )
+        return steps
+
+
+def _check_json(value: Any, where: str) -> None:
+    """A `ValueError` naming the first value in `value` that JSON cannot carry."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}, which JSON cannot carry")
+    elif not isinstance(value, (str, int, float, bool)) and value is not None:
+        raise ValueError(f"{where} is a {type(value).__name__} (a YAML !!{type(value).__name__}?),"
+                         " which JSON cannot carry; write it as a list or quote it as text")
+
+
