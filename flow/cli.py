@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # the read commands (`status`, `export`, ...) start in a fraction of the time without them.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("run", "status", "export", "failures", "show", "simulate")
+COMMANDS = ("run", "status", "export", "failures", "show", "browse", "simulate")
 PLAIN_EVERY_S = 5.0
 FAILURES_SHOWN = 50
 
@@ -118,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("pipeline", type=Path)
     show.add_argument("item_id", metavar="ID")
     show.set_defaults(handler=_show)
+
+    browse = commands.add_parser("browse", help="open the store in Datasette (flow[browse])")
+    browse.add_argument("pipeline", type=Path)
+    browse.add_argument("--host", default="127.0.0.1")
+    browse.add_argument("--port", type=int, default=8001)
+    browse.set_defaults(handler=_browse)
 
     simulate = commands.add_parser("simulate", help="serve the OpenAI-compatible simulator")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -337,6 +343,18 @@ def _show(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
     print(render_json(show_item(config.store, args.item_id)))
     return EXIT_OK
+
+
+def _browse(args: argparse.Namespace, err: Console) -> int:
+    from flow.browse import serve_store
+
+    config = load_config(args.pipeline)
+    try:
+        code = serve_store(config.store, config.file, args.host, args.port, lambda url: err.print(
+            f"Datasette on {config.store}: {url} (Ctrl-C to stop)", markup=False))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK if code == 0 else EXIT_USAGE
 
 
 def _simulate(args: argparse.Namespace, err: Console) -> int:
