@@ -1,10 +1,11 @@
-"""`flow browse`: Datasette on the store, with its metadata."""
+"""`flow browse`: Datasette on the store, with its metadata; checked in a real browser."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ from flow.browse import browse_columns, browse_url, datasette_metadata
 from flow.errors import StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 HAS_DATASETTE = importlib.util.find_spec("datasette") is not None
 ROWS = [{"id": "b", "question": "Two?", "<i>tag</i>": "x"}, {"id": "a", "question": "One?"}]
 
@@ -136,3 +138,18 @@ def test_flow_browse_serves_the_browse_view_with_its_facets(make_pipeline, simul
     assert meta["databases"]["flow"]["tables"]["browse"]["title"] == "Results, for reading"
     assert f"http://127.0.0.1:{port}/flow/browse?_nocol=input" in err
     assert server.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DATASETTE, reason="Datasette (flow[browse]) is not installed")
+@pytest.mark.skipif(not any(shutil.which(name) for name in BROWSERS),
+                    reason="no headless Chromium (apt-get install chromium)")
+def test_a_real_browser_shows_rows_in_input_order_fields_labels_and_costs(
+        tmp_path: Path) -> None:
+    screenshot = tmp_path / "browse.png"
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "browse_check.py"), "--screenshot",
+         str(screenshot)], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr
+    assert "ok: 8 rows in input order" in check.stdout
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
