@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 
 from flow.config import load_config
+from flow.endpoints import endpoint_origin
 from flow.errors import PostError
-from flow.execute.online import endpoint_origin
 from flow.keys import key_of_json
 from flow.post import PostProcessor
 from flow.prices import cost_usd, price_for

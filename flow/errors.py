@@ -5,6 +5,7 @@
     +-- SourceError             the input file cannot be read at all (exit 2)
     +-- StoreError              the store cannot be opened or written
     |   +-- StoreLockedError    another live run holds the store
+    +-- MissingExtraError       a command needs an optional extra that is not installed (exit 2)
     +-- FatalCallError          no request can succeed (a refused key, no quota, no file
     |                           descriptor left for a connection): stop the run (exit 2)
     +-- RetryableError          an attempt failed; another attempt may succeed
@@ -44,6 +45,10 @@ class StoreError(FlowError):
 
 class StoreLockedError(StoreError):
     """Another live run is using the store."""
+
+
+class MissingExtraError(FlowError):
+    """A command needs an optional extra (`flow[browse]`) that is not installed."""
 
 
 class FatalCallError(FlowError):

@@ -44,6 +44,13 @@ def test_missing_input_file_exits_2(make_pipeline: Any, capsys: Any) -> None:
     assert "missing.jsonl: input file not found (load.path)" in capsys.readouterr().err
 
 
+def test_error_messages_keep_their_square_brackets(make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline()
+    pipeline.config["load"]["path"] = "[draft] rows.jsonl"
+    assert pipeline.run("--simulate") == 2
+    assert "[draft] rows.jsonl: input file not found" in capsys.readouterr().err
+
+
 def test_no_api_key_says_how_to_set_one(make_pipeline: Any, capsys: Any,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline = make_pipeline()

@@ -117,7 +117,18 @@ def test_a_0_1_0_store_migrates_keeps_every_result_and_reruns_without_paying(
             assert after[item_id][2] == error_class, item_id
 
     assert query(store, "SELECT name FROM migrations") == [
-        ("m001_create_runs_items_calls",), ("m002_split_responses_from_outputs",)]
+        ("m001_create_runs_items_calls",), ("m002_split_responses_from_outputs",),
+        ("m003_results_output_text_and_browse",)]
+    # the outputs were strings: their plain text sits beside the JSON, and `browse` shows it
+    # beside the input's field, in input order
+    for item_id, output in query(store, "SELECT item_id, output FROM results "
+                                        "WHERE status = 'done'"):
+        assert query(store, f"SELECT output_text FROM results WHERE item_id = '{item_id}'"
+                     ) == [(json.loads(output),)]
+    browsed = query(store, "SELECT item_id, question, output FROM browse")
+    assert [item_id for item_id, _, _ in browsed] == [
+        item_id for (item_id,) in query(store, "SELECT item_id FROM items ORDER BY row")]
+    assert ("q01", "What is 1 plus 1?", "what is 1 plus 1?") in browsed
     assert not query(store, "SELECT name FROM sqlite_master WHERE name = 'calls'")
     errors = dict(query(store, "SELECT item_id, error FROM results WHERE status = 'failed'"))
     assert set(errors) == {"q06", "q07", "q08", "#row9"}

@@ -15,10 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from flow import __version__
 from flow.cli.codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from flow.cli.inspect import export_command, failures_command, show_command, status_command
+from flow.cli.inspect import (
+    browse_command,
+    export_command,
+    failures_command,
+    show_command,
+    status_command,
+)
 from flow.cli.running import run_command
 from flow.errors import FlowError
 from flow.open_files import is_out_of_files, out_of_files_hint
@@ -27,7 +34,7 @@ from flow.simulator.options import add_simulator_options, positive_int, simulato
 # `run`, `simulate` and `--dry-run` import the openai SDK and aiohttp inside their handlers:
 # the read commands (`status`, `export`, ...) start in a fraction of the time without them.
 
-COMMANDS = ("run", "status", "export", "failures", "show", "simulate")
+COMMANDS = ("run", "status", "export", "failures", "show", "browse", "simulate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args, err))
     except FlowError as e:
-        err.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -125,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("pipeline", type=Path)
     show.add_argument("item_id", metavar="ID")
     show.set_defaults(handler=show_command)
+
+    browse = commands.add_parser("browse", help="open the store in Datasette (flow[browse])")
+    browse.add_argument("pipeline", type=Path)
+    browse.add_argument("--host", default="127.0.0.1")
+    browse.add_argument("--port", type=int, default=8001)
+    browse.set_defaults(handler=browse_command)
 
     simulate = commands.add_parser("simulate", help="serve the OpenAI-compatible simulator")
     simulate.add_argument("--host", default="127.0.0.1")

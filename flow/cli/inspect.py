@@ -1,4 +1,4 @@
-"""The read-only commands: `status`, `export`, `failures`, `show`."""
+"""The read-only commands: `status`, `export`, `failures`, `show`, `browse`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from flow.cli.codes import EXIT_OK
+from flow.cli.codes import EXIT_OK, EXIT_USAGE
 from flow.config import load_config
 from flow.endpoints import SIMULATED_ORIGIN
 from flow.errors import SourceError
@@ -113,3 +113,15 @@ def show_command(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
     print(render_json(show_item(config.store, args.item_id)))
     return EXIT_OK
+
+
+def browse_command(args: argparse.Namespace, err: Console) -> int:
+    from flow.browse import serve_store
+
+    config = load_config(args.pipeline)
+    try:
+        code = serve_store(config.store, config.file, args.host, args.port, lambda url: err.print(
+            f"Datasette on {config.store}: {url} (Ctrl-C to stop)", markup=False))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK if code == 0 else EXIT_USAGE

@@ -14,6 +14,7 @@ from pathlib import Path
 from flow.errors import StoreError
 from flow.prices import cost_usd, price_for
 from flow.store.sqlite_sql import store_error
+from flow.store.views import m003_results_output_text_and_browse
 
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
@@ -263,6 +264,10 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
             ON outputs.stage = items.stage AND outputs.item_id = items.item_id
             AND outputs.request_key = items.request_key AND outputs.origin = items.origin
         LEFT JOIN responses ON responses.id = outputs.response_id""")
+
+
+# the views people read, beside the code that makes `browse` again for each store
+migration(m003_results_output_text_and_browse)
 
 
 def _list_cost(model: str, prompt: object, completion: object, cached: object) -> float | None:

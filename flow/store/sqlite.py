@@ -42,6 +42,7 @@ from flow.store.sqlite_sql import (
     run_in_transaction,
     store_error,
 )
+from flow.store.views import refresh_browse_view
 from flow.store.writer import GroupWriter
 
 CHUNK = 5000
@@ -90,7 +91,8 @@ class SQLiteStore:
         return self.run_id
 
     async def finish_run(self, state: str, message: str | None, counts: dict[str, int]) -> None:
-        """Flush every pending result, then record the run's end; its spend is what it stored.
+        """Flush every pending result, then record the run's end; its spend is what it stored;
+        `browse` is made again with the input's fields.
 
         After a failed write the end is still recorded, if the store takes it (and a write
         that fails here is raised once it is)."""
@@ -110,6 +112,12 @@ class SQLiteStore:
         await self._reconcile(self.run_id, counts.get("calls_made"))
         if failure is not None:
             raise failure
+        # last: `browse` is made from the items, and nothing of the run's record waits on it
+        async with self._transaction:
+            try:
+                await self._in_thread(refresh_browse_view, self._db._conn)
+            except sqlite3.Error as e:
+                raise self._error("cannot make the browse view", e) from None
 
     async def _reconcile(self, run_id: int, calls_made: int | None) -> None:
         """A run's tokens and cost from the replies it stored; its attempts, when unknown,
@@ -286,7 +294,7 @@ class SQLiteStore:
             await self._in_thread(run_in_transaction, self._db._conn, statements)
         self._next_response_id = next_id
 
-    async def _in_thread(self, function: Callable[..., None], *args: Any) -> None:
+    async def _in_thread(self, function: Callable[..., object], *args: Any) -> None:
         """Run `function` on the connection's own thread: one hop for many statements."""
         await self._db._execute(function, *args)  # type: ignore[no-untyped-call]
 
