@@ -1,7 +1,7 @@
 """Does `flow browse` show a person the results? Checked in a real headless Chromium.
 
 Runs a small review-labelling pipeline on flow's simulator (`flow run --simulate`: no key,
-no cost; one review gets a 400, one a reply cut short), starts `flow browse` on its store,
+no cost; one review gets a 400, one a reply withheld by the content filter), starts `flow browse` on its store,
 loads the `browse` view in headless Chromium and reads the page it rendered: the rows in
 input order (not id order), the input fields in columns of their own, the outputs as plain
 text (no JSON quotes), every cost rounded to 6 places, and facets on status and error class.
@@ -42,7 +42,7 @@ REVIEWS = [  # input order on purpose unlike id order
     {"id": "r-233", "text": "It does what it says.", "stars": 3},
     {"id": "r-051", "text": "[sim:status=400] Not a review at all.", "stars": 2},
     {"id": "r-009", "text": "Great value; I bought a second one.", "stars": 5},
-    {"id": "r-310", "text": "[sim:finish=length] A very long review.", "stars": 4},
+    {"id": "r-310", "text": "[sim:finish=content_filter] A review withheld.", "stars": 4},
     {"id": "r-122", "text": "Smaller than the pictures suggest.", "stars": 2},
     {"id": "r-078", "text": "The battery lasts all week.", "stars": 4},
 ]

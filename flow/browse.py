@@ -59,6 +59,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "item_id": "the item's id: the value of load.id, or the row number",
         "output": "the output: plain text when it is a string, else JSON",
         "status": STATUS,
+        "truncated": "1 when its output was made from a reply cut short at max_tokens",
         "error_class": "why it failed, e.g. BadRequestError, PostError, RowError",
         "error": "what went wrong",
         "cost_usd": "dollars, rounded to 6 places, when this item bought its reply "
@@ -76,6 +77,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "status": STATUS,
         "output": "the output, JSON (a string output keeps its quotes)",
         "output_text": "the output as plain text when it is a string; empty otherwise",
+        "truncated": "1 when its output was made from a reply cut short at max_tokens",
         "error_class": "why it failed",
         "error": "what went wrong",
         "prompt_tokens": "tokens in, when this item bought its reply (else 0)",

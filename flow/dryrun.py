@@ -58,7 +58,8 @@ class DryRunReport:
 async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     """Render every row, look up what is done, and estimate what is left."""
     builder = RequestBuilder(config.call, f"{config.file}: ", config.step_timeout_s)
-    post_key = PostProcessor(config.post, config.file.parent, config.step_timeout_s).fingerprint
+    post_key = PostProcessor(config.post, config.file.parent, config.step_timeout_s,
+                                   config.call.on_truncated).fingerprint
     report = DryRunReport(model=config.call.model,
                           price=price_for(config.call.model, config.call.price),
                           origin=endpoint_origin(config.call.base_url, options.simulate,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flow.bounded import OutOfTime, bounded
+from flow.endpoints.chat import CUT_SHORT
 from flow.errors import ConfigError, PostError
 from flow.keys import canonical_json, content_key
 from flow.records import OutputRecord, Reply
@@ -27,9 +28,12 @@ class PostProcessor:
     """The configured post steps, compiled once and applied to each response text."""
 
     def __init__(self, steps: list[str | dict[str, str]], base_dir: Path,
-                 timeout_s: float = 10) -> None:
-        self.fingerprint = content_key(steps)
+                 timeout_s: float = 10, on_truncated: str = "keep") -> None:
+        # `on_truncated: fail` makes other outputs of the same replies: posted again
+        self.fingerprint = content_key(steps if on_truncated == "keep" else
+                                       {"steps": steps, "on_truncated": on_truncated})
         self._timeout_s = timeout_s
+        self._keep_truncated = on_truncated == "keep"
         self._steps: list[tuple[str, Step]] = [
             _compile(step, index, base_dir) for index, step in enumerate(steps)
         ]
@@ -40,12 +44,18 @@ class PostProcessor:
         """What an item becomes: the post steps' output of `reply`, or why it failed."""
         output = OutputRecord(item_id, request_key, "failed", self.fingerprint,
                               error_class=error_class, error=error, attempts=attempts)
-        if reply is not None:
+        if reply is not None and reply.truncated and not self._keep_truncated:
+            output.error_class = "ResponseError"
+            output.error = f"{CUT_SHORT}; raise max_tokens and run again (call.on_truncated)"
+        elif reply is not None:
+            output.truncated = reply.truncated
             try:
                 output.output = _json(bounded(self._timeout_s, self.apply, reply.text))
                 output.status, output.error_class, output.error = "done", None, None
             except PostError as e:
-                output.error_class, output.error = e.error_class, str(e)
+                cut = ("the reply was cut short at max_tokens (finish_reason=length), and "
+                       if reply.truncated else "")
+                output.error_class, output.error = e.error_class, cut + str(e)
             except OutOfTime:
                 output.error_class = "PostError"
                 output.error = (f"the post steps took longer than {self._timeout_s:g} s on "

@@ -32,6 +32,7 @@ class RunProgress:
     skipped: int = 0
     completed: int = 0
     reused: int = 0  # items whose output came from a stored or shared reply: no call
+    truncated: int = 0  # done items made from replies cut short at max_tokens
     rerendered: int = 0
     removed: int = 0
     in_flight: int = 0
@@ -206,6 +207,9 @@ def summarize(summary: RunSummary) -> str:
         lines.append(f"the input or pipeline changed since the last run: {p.rerendered:,} items "
                      f"now render a different request; {p.removed:,} items whose rows left the "
                      "input were dropped from the results (their calls stay in the store)")
+    if p.truncated:
+        lines.append(f"{p.truncated:,} replies were cut short at max_tokens: kept as done and "
+                     "flagged `truncated` (call.on_truncated: fail fails them instead)")
     if p.limited is not None:
         lines.append(f"--limit {p.limited}: the run stopped there; the items after are left "
                      "pending (exit 0 when nothing failed): run again to go on")

@@ -70,6 +70,11 @@ class Reply:
     text: str
     finish_reason: str
 
+    @property
+    def truncated(self) -> bool:
+        """Cut short at `max_tokens`: kept, and flagged."""
+        return self.finish_reason == "length"
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -133,6 +138,7 @@ class OutputRecord:
     response_id: int | None = None
     bought: bool = False
     attempts: int = 0
+    truncated: bool = False  # made from a reply cut short at max_tokens
 
 
 @dataclass(slots=True)

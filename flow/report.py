@@ -23,7 +23,7 @@ from flow.records import STAGE
 from flow.store.read_only import read_only_uri
 
 EXPORT_FORMATS = ("jsonl", "csv")
-EXPORT_COLUMNS = ("id", "status", "output", "error_class", "error")
+EXPORT_COLUMNS = ("id", "status", "output", "truncated", "error_class", "error")
 
 
 @contextmanager
@@ -73,6 +73,8 @@ def store_status(path: Path) -> dict[str, Any]:
             if status == "failed":
                 by_error[error_class] = by_error.get(error_class, 0) + count
         by_error = dict(sorted(by_error.items(), key=lambda item: -item[1]))
+        (truncated,) = db.execute("SELECT COUNT(*) FROM outputs "
+                                  "WHERE stage = ? AND truncated", (STAGE,)).fetchone()
         origins = dict(db.execute(
             f"SELECT origin, COUNT(*) FROM results WHERE stage = '{STAGE}' AND status = 'done' "
             "GROUP BY origin").fetchall())
@@ -87,6 +89,7 @@ def store_status(path: Path) -> dict[str, Any]:
     counts = {status: by_status.get(status, 0) for status in ("done", "failed", "pending")}
     return {"store": str(path), "items": sum(by_status.values()), **counts,
             "failed_by_error_class": by_error, "done_by_origin": origins,
+            "truncated": truncated,
             "tokens": {"prompt": prompt, "completion": completion},
             "cost_usd": round(cost, 6), "cost_of_results_usd": round(results_cost, 6),
             "replies_paid": replies,
@@ -111,16 +114,17 @@ def show_item(path: Path, item_id: str) -> dict[str, Any]:
         found = db.execute(
             "SELECT items.stage, items.row, items.input, items.request_key, items.origin, "
             "results.status, results.output, results.error_class, results.error, "
-            "results.response_id, results.cost_usd FROM items JOIN results "
+            "results.response_id, results.cost_usd, results.truncated FROM items JOIN results "
             "ON results.stage = items.stage AND results.item_id = items.item_id "
             "WHERE items.item_id=? ORDER BY items.stage", (item_id,)).fetchone()
         if found is None:
             raise ConfigError(f"{path}: no item with id {item_id!r}")
         (stage, row, raw_input, key, origin, status, output, error_class, error, response_id,
-         paid) = found
+         paid, truncated) = found
         item: dict[str, Any] = {"id": item_id, "stage": stage, "row": row,
                                 "input": _loads(raw_input), "request_key": key,
                                 "status": status, "output": _loads(output),
+                                "truncated": bool(truncated),
                                 "error_class": error_class, "error": error}
         reply = db.execute(
             "SELECT id, model, request, body, prompt_tokens, completion_tokens, cost_usd, "
@@ -231,13 +235,16 @@ def _export_sql(fmt: str, fields: list[str], only: str | None) -> str:
                         f"COALESCE(items.input -> {p}, 'null')" for f, p in zip(fields, paths))
         columns = (f"""'{{"id":' || json_quote(results.item_id){extra} || ',"status":"' || """
                    """results.status || '","output":' || COALESCE(results.output, 'null') || """
+                   """',"truncated":' || CASE WHEN results.truncated THEN 'true' """
+                   """ELSE 'false' END || """
                    """',"error_class":' || json_quote(results.error_class) || ',"error":' || """
                    """json_quote(results.error) || '}'""")
     else:
         extra = "".join(f"items.input ->> {p}, " for p in paths)
         columns = (f"results.item_id, {extra}results.status, "
                    "CASE json_type(results.output) WHEN 'text' THEN results.output ->> '$' "
-                   "ELSE results.output END, results.error_class, results.error")
+                   "ELSE results.output END, CASE WHEN results.truncated THEN 'true' "
+                   "ELSE 'false' END, results.error_class, results.error")
     join = (" JOIN items ON items.stage = results.stage AND items.item_id = results.item_id"
             if fields else "")
     return (f"SELECT {columns} FROM results{join} WHERE results.stage = '{STAGE}'" +
@@ -252,8 +259,8 @@ def _write(rows: sqlite3.Cursor, stream: IO[str], fmt: str, fields: list[str]) -
     count = 0
     if fmt == "csv":
         writer = csv.writer(stream)
-        writer.writerow(["id", *map(_column, fields), "status", "output", "error_class",
-                         "error"])
+        writer.writerow(["id", *map(_column, fields), "status", "output", "truncated",
+                         "error_class", "error"])
         while batch := rows.fetchmany(10_000):
             writer.writerows(batch)
             count += len(batch)

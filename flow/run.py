@@ -74,7 +74,8 @@ class Run:
         self.progress = RunProgress(simulated=options.simulate)
         self._on_progress = on_progress
         self._builder = RequestBuilder(config.call, f"{config.file}: ", config.step_timeout_s)
-        self._post = PostProcessor(config.post, config.file.parent, config.step_timeout_s)
+        self._post = PostProcessor(config.post, config.file.parent, config.step_timeout_s,
+                                   config.call.on_truncated)
         self._price: Price | None = price_for(config.call.model, config.call.price)
         self._origin = endpoint_origin(options.base_url or config.call.base_url,
                                        options.simulate, f"{config.file}: ",

@@ -75,6 +75,7 @@ class Outcomes:
         for output in outputs:
             if output.status == "done":
                 self._progress.done += 1
+                self._progress.truncated += output.truncated
             else:
                 self._progress.failed += 1
             self._breaker.observe(output.error_class, output.error)

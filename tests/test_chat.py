@@ -66,10 +66,12 @@ def test_parse_reply_keeps_an_empty_answer() -> None:
     assert reply == Reply("", "stop")
 
 
-def test_parse_reply_fails_a_reply_cut_short_at_max_tokens() -> None:
-    with pytest.raises(ResponseError, match=r"cut short at max_tokens \(finish_reason=length\); "
-                                            "raise max_tokens and run again"):
-        parse_reply(completion(finish_reason="length"))
+def test_parse_reply_keeps_a_reply_cut_short_at_max_tokens_and_flags_it() -> None:
+    reply, _ = parse_reply(completion(finish_reason="length"))
+    assert reply.truncated and reply.finish_reason == "length" and reply.text
+    with pytest.raises(ResponseError, match=r"cut short at max_tokens \(finish_reason=length\) "
+                                            "before any text"):
+        parse_reply(completion({"role": "assistant", "content": None}, finish_reason="length"))
 
 
 def test_parse_reply_fails_a_reply_withheld_by_the_content_filter() -> None:
@@ -86,7 +88,8 @@ def test_parse_reply_fails_a_refusal_with_the_models_words() -> None:
 
 def test_response_errors_fail_the_item_without_a_retry() -> None:
     with pytest.raises(ResponseError) as caught:
-        parse_reply(completion(finish_reason="length"))
+        parse_reply(completion({"role": "assistant", "content": None},
+                               finish_reason="content_filter"))
     assert isinstance(caught.value, ItemError)
     assert not isinstance(caught.value, RetryableError)
     assert caught.value.error_class == "ResponseError"

@@ -99,7 +99,8 @@ def test_export_to_file_is_complete_and_in_input_order(make_pipeline: Any, simul
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"q{i:05d}" for i in range(20)]
     assert rows[0]["question"] == "What is 0 plus 0?"
-    assert set(rows[0]) == {"id", "question", "status", "output", "error_class", "error"}
+    assert set(rows[0]) == {"id", "question", "status", "output", "truncated", "error_class",
+                            "error"}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
@@ -397,15 +398,15 @@ def test_export_carries_the_input_and_takes_its_format_from_the_file_name(
     assert pipeline.run() == 0
     records = pipeline.export(capsys)
     assert list(records[0]) == ["id", "question", "stars", "input.status", "status", "output",
-                                "error_class", "error"]
+                                "truncated", "error_class", "error"]
     assert (records[2]["stars"], records[2]["input.status"]) == (2, "vip")
     out = tmp_path / "out.csv"
     assert pipeline.cli("export", "-o", str(out), "--fields", "id,stars,stars") == 0
     lines = out.read_text().splitlines()
-    assert lines[0] == "id,stars,status,output,error_class,error"
+    assert lines[0] == "id,stars,status,output,truncated,error_class,error"
     assert lines[1].startswith("r0,0,done,")
     assert pipeline.cli("export", "-o", str(out), "--no-input") == 0
-    assert out.read_text().splitlines()[0] == "id,status,output,error_class,error"
+    assert out.read_text().splitlines()[0] == "id,status,output,truncated,error_class,error"
     capsys.readouterr()
     assert pipeline.cli("export", "-o", str(out), "--format", "jsonl") == 2
     assert "names a .csv file" in capsys.readouterr().err

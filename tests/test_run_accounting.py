@@ -83,7 +83,7 @@ def test_identical_requests_are_paid_once_across_a_kill_9(make_pipeline: Any,
 def test_editing_post_steps_reposts_without_calls_and_keeps_every_cost(
         make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
     rows = questions(10)
-    rows[3]["question"] = "[sim:finish=length] a long story"
+    rows[3]["question"] = "[sim:finish=content_filter] a long story"
     (make_pipeline().folder / "cleaning.py").write_text(CLEAN)
     pipeline = make_pipeline(rows=rows, base_url=simulator.url, post=["strip"])
     assert pipeline.run() == 1
@@ -106,26 +106,39 @@ def test_editing_post_steps_reposts_without_calls_and_keeps_every_cost(
     assert all("SIMULATED" in o for o in outputs) and len(outputs) == 9
 
 
-def test_a_reply_cut_short_is_processed_once_and_keeps_its_cost_and_message(
+def test_a_reply_cut_short_is_kept_as_done_flagged_and_on_truncated_fail_fails_it_unpaid(
         make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
     rows = questions(4)
     rows[1]["question"] = "[sim:finish=length] a long story"
     rows[2]["question"] = "[sim:finish=content_filter] something"
     pipeline = make_pipeline(rows=rows, base_url=simulator.url)
-    assert pipeline.run() == 1
-    failed = pipeline.query("SELECT item_id, error, cost_usd > 0, finished_at FROM results "
-                            "WHERE status = 'failed' ORDER BY item_id")
-    assert [(i, paid) for i, _, paid, _ in failed] == [("q00001", 1), ("q00002", 1)]
-    assert "raise max_tokens" in failed[0][1] and "content_filter" in failed[1][1]
-
-    assert pipeline.run() == 1
-    assert pipeline.query("SELECT item_id, error, cost_usd > 0, finished_at FROM results "
-                          "WHERE status = 'failed' ORDER BY item_id") == failed
-    assert simulator.stats.requests == 4
     capsys.readouterr()
-    assert pipeline.run("--dry-run") == 0
-    out = capsys.readouterr().out
-    assert "0 to post-process again" in out and "2 failed with a paid response" in out
+    assert pipeline.run() == 1  # the filtered one fails
+    assert "1 replies were cut short at max_tokens: kept as done" in capsys.readouterr().err
+    assert pipeline.query("SELECT item_id, status, truncated, cost_usd > 0 FROM results "
+                          "ORDER BY row") == [("q00000", "done", 0, 1), ("q00001", "done", 1, 1),
+                                              ("q00002", "failed", 0, 1), ("q00003", "done", 0, 1)]
+    assert pipeline.cli("status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] == 1
+    assert pipeline.cli("show", "q00001") == 0
+    assert json.loads(capsys.readouterr().out)["truncated"] is True
+    assert [r["truncated"] for r in pipeline.export(capsys)] == [False, True, False, False]
+
+    # a post step that cannot use a reply cut short says so
+    pipeline.config["post"] = ["json"]
+    assert pipeline.run() == 1
+    error = pipeline.query("SELECT error FROM results WHERE item_id = 'q00001'")[0][0]
+    assert error.startswith("the reply was cut short at max_tokens (finish_reason=length), and ")
+
+    # today's behaviour on request: the stored reply fails its item, nothing is bought again
+    pipeline.config["post"] = ["strip"]
+    pipeline.config["call"]["on_truncated"] = "fail"
+    assert pipeline.run() == 1
+    assert pipeline.query("SELECT status, error_class, error FROM results "
+                          "WHERE item_id = 'q00001'") == [
+        ("failed", "ResponseError", "response cut short at max_tokens (finish_reason=length); "
+                                    "raise max_tokens and run again (call.on_truncated)")]
+    assert simulator.stats.requests == 4
 
 
 def test_every_cost_figure_agrees_after_a_kill_a_post_edit_and_a_template_edit(

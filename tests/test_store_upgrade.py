@@ -111,14 +111,20 @@ def test_a_0_1_0_store_migrates_keeps_every_result_and_reruns_without_paying(
         # a bad row's generated id is `#row9` now, never a bare number a real id could hold
         after["9"] = after.pop("#row9")
         assert after.keys() == before.keys()
+        # a reply cut short is kept as done now, flagged: made from the stored reply, unpaid
+        status, output, error_class = after.pop("q06")
+        assert (status, error_class) == ("done", None) and json.loads(output)
+        assert query(store, "SELECT truncated FROM results WHERE item_id = 'q06'") == [(1,)]
         for item_id, (status, output, error_class) in before.items():
+            if item_id == "q06":
+                continue
             assert after[item_id][0] == status, item_id
             assert after[item_id][1] == output, item_id
             assert after[item_id][2] == error_class, item_id
 
     assert query(store, "SELECT name FROM migrations") == [
         ("m001_create_runs_items_calls",), ("m002_split_responses_from_outputs",),
-        ("m003_results_output_text_and_browse",)]
+        ("m003_results_output_text_and_browse",), ("m004_truncated_outputs",)]
     # the outputs were strings: their plain text sits beside the JSON, and `browse` shows it
     # beside the input's field, in input order
     for item_id, output in query(store, "SELECT item_id, output FROM results "
@@ -131,10 +137,10 @@ def test_a_0_1_0_store_migrates_keeps_every_result_and_reruns_without_paying(
     assert ("q01", "What is 1 plus 1?", "what is 1 plus 1?") in browsed
     assert not query(store, "SELECT name FROM sqlite_master WHERE name = 'calls'")
     errors = dict(query(store, "SELECT item_id, error FROM results WHERE status = 'failed'"))
-    assert set(errors) == {"q06", "q07", "q08", "#row9"}
+    assert set(errors) == {"q07", "q08", "#row9"}
     assert before["9"][2] == "RowError" and "invalid JSON" in errors["#row9"]
     assert before["q08"][2] == "BadRequestError" and "400" in errors["q08"]
-    assert before["q06"][2] == "ResponseError" and "finish_reason=length" in errors["q06"]
+    assert before["q06"][2] == "ResponseError"  # cut short: kept as done now, flagged
     assert before["q07"][2] == "PostError"
     # the shared reply is paid once, by the first item
     assert query(store, "SELECT item_id, bought FROM outputs WHERE item_id IN ('q04', 'q05') "
@@ -149,7 +155,7 @@ def test_a_0_1_0_store_migrates_keeps_every_result_and_reruns_without_paying(
     assert status["cost_usd"] == round(replies_cost, 6)
     assert status["cost_usd"] == pytest.approx(runs_cost, abs=5e-7)
     assert status["replies_paid"] == replies_before
-    assert (status["done"], status["failed"], status["pending"]) == (8, 4, 0)
+    assert (status["done"], status["failed"], status["pending"]) == (9, 3, 0)
     assert query(store, "PRAGMA integrity_check") == [("ok",)]
 
 

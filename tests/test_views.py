@@ -58,7 +58,7 @@ def test_browse_shows_items_in_input_order_with_a_column_per_field(make_pipeline
     names, rows = browse(pipeline)
     # the id field is `item_id` already; every other field has a column, in order of coming
     assert names == ["row", "item_id", "question", "lang", "meta", "output", "status",
-                     "error_class", "error", "cost_usd", "prompt_tokens",
+                     "truncated", "error_class", "error", "cost_usd", "prompt_tokens",
                      "completion_tokens", "model", "finished_at", "input"]
     assert [row["item_id"] for row in rows] == ["c", "a", "b", "#row4"]
     assert [row["question"] for row in rows] == ["Is it?", "Est-ce ?", "Ist es?", None]

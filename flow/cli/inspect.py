@@ -47,6 +47,9 @@ def status_command(args: argparse.Namespace, err: Console) -> int:
     for name in ("done", "failed", "pending"):
         table.add_row(name, f"{status[name]:,}")
     out.print(table)
+    if status["truncated"]:
+        out.print(f"{status['truncated']:,} outputs come from replies cut short at max_tokens "
+                  "(flagged `truncated`; call.on_truncated: fail fails them)")
     if status["failed_by_error_class"]:
         errors = Table("error class", "items", header_style="bold")
         for name, count in status["failed_by_error_class"].items():

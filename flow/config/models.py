@@ -99,6 +99,8 @@ class CallConfig(_Strict):
     max_cost_usd: float | None = Field(default=None, gt=0)
     drain_s: float = Field(default=30, ge=0)
     stop_after_failures: int = Field(default=20, ge=0)  # in a row, the same way; 0: never
+    # a reply cut short at max_tokens: kept as done and flagged `truncated`, or failed
+    on_truncated: Literal["keep", "fail"] = "keep"
     max_response_bytes: int = Field(default=10_000_000, gt=0)
     # sent with every request, never stored nor part of a request's key: gateway tokens
     headers: dict[str, str] = Field(default_factory=dict)

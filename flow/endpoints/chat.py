@@ -68,11 +68,15 @@ def check_params(params: Mapping[str, Any]) -> None:
                           "a provider's own parameters go under call.params.extra_body")
 
 
+CUT_SHORT = "response cut short at max_tokens (finish_reason=length)"
+
+
 def parse_reply(body: str) -> tuple[Reply, dict[str, Any]]:
     """The usable text of a chat completion body, and the body as a value.
 
-    Raises `ResponseError` for a reply that was paid for but carries nothing usable (cut
-    short, filtered, refused) and `RetryableError` for a body that is not a chat completion.
+    A reply cut short at `max_tokens` is usable, and flagged (`Reply.truncated`). Raises
+    `ResponseError` for a reply that was paid for but carries nothing usable (filtered,
+    refused, cut short before any text) and `RetryableError` for a body that is not a chat completion.
     """
     try:
         value = json.loads(body)
@@ -86,9 +90,9 @@ def parse_reply(body: str) -> tuple[Reply, dict[str, Any]]:
         finish = choice.get("finish_reason")
     except (KeyError, IndexError, TypeError, AttributeError):
         raise RetryableError(f"malformed response body: {body[:120]!r}", "ResponseError") from None
-    if finish == "length":
-        raise ResponseError("response cut short at max_tokens (finish_reason=length); "
-                            "raise max_tokens and run again")
+    if finish == "length" and not isinstance(message.get("content") if isinstance(
+            message, dict) else None, str):
+        raise ResponseError(f"{CUT_SHORT} before any text; raise max_tokens and run again")
     if finish == "content_filter":
         raise ResponseError("response withheld by the provider's content filter "
                             "(finish_reason=content_filter)")

@@ -202,6 +202,10 @@ class OnlineExecutor:
         task = asyncio.current_task()
         if task is not None:
             self._idle.add(task)  # until its next attempt is let through by the limiter
+            if self._stop.is_set():
+                # the stop came while this attempt was in flight: no wait begins
+                self._woken.add(task)
+                task.cancel()
         self.counters.retries += 1
         progress: _Progress = details["args"][2]
         if progress.log:

@@ -14,7 +14,7 @@ from pathlib import Path
 from flow.errors import StoreError
 from flow.prices import cost_usd, price_for
 from flow.store.sqlite_sql import store_error
-from flow.store.views import m003_results_output_text_and_browse
+from flow.store.views import m003_results_output_text_and_browse, m004_truncated_outputs
 
 Migration = Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[str, Migration]] = []
@@ -268,6 +268,7 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
 
 # the views people read, beside the code that makes `browse` again for each store
 migration(m003_results_output_text_and_browse)
+migration(m004_truncated_outputs)
 
 
 def _list_cost(model: str, prompt: object, completion: object, cached: object) -> float | None:

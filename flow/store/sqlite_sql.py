@@ -60,7 +60,7 @@ def group_statements(group: list[Settled], run_id: int,
             outputs.append((
                 settled.stage, out.item_id, out.request_key, settled.origin, out.status,
                 out.output, out.post_key, out.error_class, out.error, out.response_id,
-                out.bought, out.attempts, settled.finished_at, run_id))
+                out.bought, out.attempts, settled.finished_at, run_id, out.truncated))
     statements = [
         *inserts("INSERT INTO responses (id, request_key, origin, model, request, body, "
                  "prompt_tokens, completion_tokens, cached_tokens, cost_usd, attempts, "
@@ -69,7 +69,7 @@ def group_statements(group: list[Settled], run_id: int,
                  "latency_ms, status_code, outcome, error, wait_s) VALUES", attempts),
         *inserts("INSERT OR REPLACE INTO outputs (stage, item_id, request_key, origin, "
                  "status, output, post_key, error_class, error, response_id, bought, "
-                 "attempts, finished_at, run_id) VALUES", outputs)]
+                 "attempts, finished_at, run_id, truncated) VALUES", outputs)]
     reassign = sorted({reply for settled in group for reply in settled.reassign})
     if reassign:
         statements.append(reassign_payer(reassign))

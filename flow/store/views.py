@@ -24,8 +24,9 @@ from flow.store.sqlite_sql import run_in_transaction
 SAMPLE_ROWS = 1000  # rows read for their fields when `browse` is made again
 MAX_FIELDS = 50  # field columns at most; wider inputs keep the rest in `input`
 FIELD_PREFIX = "input_"  # for a field whose name a column of `browse` already has
-BROWSE_COLUMNS = ("row", "item_id", "output", "status", "error_class", "error", "cost_usd",
-                  "prompt_tokens", "completion_tokens", "model", "finished_at", "input")
+BROWSE_COLUMNS = ("row", "item_id", "output", "status", "truncated", "error_class", "error",
+                  "cost_usd", "prompt_tokens", "completion_tokens", "model", "finished_at",
+                  "input")
 
 
 def m003_results_output_text_and_browse(db: sqlite3.Connection) -> None:
@@ -86,6 +87,70 @@ def m003_results_output_text_and_browse(db: sqlite3.Connection) -> None:
         ORDER BY results.row""")
 
 
+def m004_truncated_outputs(db: sqlite3.Connection) -> None:
+    """A reply cut short at `max_tokens` is kept as done and flagged: `outputs.truncated`,
+    shown in `results` and `browse`.
+
+    Landed: never edit this SQL. `browse_view_sql` makes the same view with field columns.
+    """
+    db.execute("ALTER TABLE outputs ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX outputs_truncated ON outputs (stage) WHERE truncated")
+    db.execute("DROP VIEW browse")
+    db.execute("DROP VIEW results")
+    db.execute("""
+        CREATE VIEW results AS
+        SELECT
+            items.stage,
+            items.item_id,
+            items.row,
+            CASE
+                WHEN items.error_class IS NOT NULL THEN 'failed'
+                WHEN outputs.status IS NULL THEN 'pending'
+                ELSE outputs.status
+            END AS status,
+            outputs.output,
+            CASE WHEN json_type(outputs.output) = 'text' THEN outputs.output ->> '$' END
+                AS output_text,
+            COALESCE(outputs.truncated, 0) AS truncated,
+            COALESCE(items.error_class, outputs.error_class) AS error_class,
+            COALESCE(items.error, outputs.error) AS error,
+            CASE WHEN outputs.bought THEN responses.prompt_tokens ELSE 0 END AS prompt_tokens,
+            CASE WHEN outputs.bought THEN responses.completion_tokens ELSE 0 END
+                AS completion_tokens,
+            CASE WHEN outputs.bought THEN responses.cost_usd ELSE 0 END AS cost_usd,
+            responses.model,
+            outputs.attempts,
+            CASE WHEN outputs.bought THEN responses.latency_ms END AS latency_ms,
+            outputs.finished_at,
+            items.origin,
+            outputs.response_id
+        FROM items
+        LEFT JOIN outputs
+            ON outputs.stage = items.stage AND outputs.item_id = items.item_id
+            AND outputs.request_key = items.request_key AND outputs.origin = items.origin
+        LEFT JOIN responses ON responses.id = outputs.response_id""")
+    db.execute("""
+        CREATE VIEW browse AS
+        SELECT
+            results.row,
+            results.item_id,
+            COALESCE(results.output_text, results.output) AS output,
+            results.status,
+            results.truncated,
+            results.error_class,
+            results.error,
+            ROUND(results.cost_usd, 6) AS cost_usd,
+            results.prompt_tokens,
+            results.completion_tokens,
+            results.model,
+            results.finished_at,
+            items.input
+        FROM results
+        JOIN items ON items.stage = results.stage AND items.item_id = results.item_id
+        WHERE results.stage = 'call'
+        ORDER BY results.row""")
+
+
 def browse_view_sql(fields: Sequence[str]) -> str:
     """`CREATE VIEW browse` with a column for each of the input's `fields` after `item_id`."""
     extra = "".join(f"\n    items.input ->> {_text(_path(field))} AS {_name(column)},"
@@ -96,6 +161,7 @@ SELECT
     results.item_id,{extra}
     COALESCE(results.output_text, results.output) AS output,
     results.status,
+    results.truncated,
     results.error_class,
     results.error,
     ROUND(results.cost_usd, 6) AS cost_usd,
