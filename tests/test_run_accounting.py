@@ -343,6 +343,7 @@ def test_an_origin_stored_before_origins_were_normal_is_still_the_same_endpoint(
     origin = endpoint_origin("HTTP://LocalHost:8000//v1/", False)
     assert origin == "http://localhost:8000/v1"
     assert endpoint_origin("https://api.openai.com:443/v1", False) == "https://api.openai.com/v1"
+    assert endpoint_origin(None, True, endpoint_id="team-vllm") == "simulator"
     known = ["simulator", "http://127.0.0.1:8000/v1"]
     assert same_origin(origin, known) == "http://127.0.0.1:8000/v1"
     assert same_origin("http://localhost:9000/v1", known) == "http://localhost:9000/v1"

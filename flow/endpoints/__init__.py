@@ -23,10 +23,10 @@ def endpoint_origin(base_url: str | None, simulated: bool, where: str = "",
     keeps its results), `simulator`, or the endpoint's base URL in a normal form, so that
     one server written two ways (`localhost` or `127.0.0.1`, a trailing slash, `:443`) is
     one origin. `where` (the pipeline file) begins every error."""
+    if simulated:
+        return SIMULATED_ORIGIN  # never a real endpoint's name: a simulated reply is no answer
     if endpoint_id:
         return endpoint_id
-    if simulated:
-        return SIMULATED_ORIGIN
     url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
     try:
         parts = urlsplit(url)
