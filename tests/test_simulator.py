@@ -132,3 +132,21 @@ def test_models_and_stats_endpoints() -> None:
 @pytest.mark.parametrize("seconds, text", [(0.02, "20ms"), (1.5, "1.5s"), (360, "6m0s")])
 def test_durations_are_formatted_like_openai(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(("shape", "at_once", "in_first_60s"), [
+    ("bucket-1s", 100, 100 + 5900), ("bucket-60s", 6000, 6000 + 5900),
+    ("sliding-1s", 100, 100 + 5800), ("sliding-60s", 6000, 6000), ("fixed-60s", 6000, 6000)])
+def test_each_limit_shape_admits_what_it_should(shape: str, at_once: int,
+                                                 in_first_60s: int) -> None:
+    limit = Limit(6000, shape, 0.0)
+    taken = sum(limit.try_take(1, 0.0) == 0 for _ in range(10_000))
+    assert taken == at_once
+    assert limit.headers("requests", 0.0)["x-ratelimit-remaining-requests"] == "0"
+    # then at a steady 200 a second (twice the limit) until just before the minute's end
+    for step in range(1, 11_800):
+        taken += limit.try_take(1, step / 200) == 0
+    assert abs(taken - in_first_60s) <= 10, taken
+    if shape.startswith("sliding"):
+        # no window of the span holds more than the limit allows
+        assert limit.used <= limit.capacity

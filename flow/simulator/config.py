@@ -15,7 +15,7 @@ class SimulatorConfig:
     jitter_ms: float = 0.0
     rpm: int | None = None
     tpm: int | None = None
-    window: str = "second"
+    window: str = "bucket-1s"  # the limits' shape: flow.simulator.limits.SHAPES
     error_rate: float = 0.0
     rate_limit_rate: float = 0.0
     drop_rate: float = 0.0

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from flow.simulator.config import SimulatorConfig
+from flow.simulator.limits import ALIASES, SHAPES
 
 
 def add_simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
@@ -22,8 +23,10 @@ def add_simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
         group.add_argument(f"--{prefix}{name}", type=_non_negative_float, default=0.0, help=text)
     group.add_argument(f"--{prefix}rpm", type=positive_int, help="requests per minute allowed")
     group.add_argument(f"--{prefix}tpm", type=positive_int, help="tokens per minute allowed")
-    group.add_argument(f"--{prefix}window", choices=("second", "minute"), default="second",
-                       help="enforce limits paced per second, or per 60 s window")
+    group.add_argument(f"--{prefix}window", choices=(*SHAPES, *ALIASES), default="bucket-1s",
+                       help="the shape of the limits: a token bucket of 1 s or of 60 s (full at "
+                            "the start), a sliding window of 1 s or 60 s, or fixed 60 s windows "
+                            "(second = bucket-1s, minute = fixed-60s)")
     group.add_argument(f"--{prefix}outage", action="append", default=[], type=_outage,
                        metavar="START:END", help="answer every request 503 from START to END "
                        "seconds after the simulator starts (repeatable)")
