@@ -410,3 +410,27 @@ def test_export_carries_the_input_and_takes_its_format_from_the_file_name(
     capsys.readouterr()
     assert pipeline.cli("export", "-o", str(out), "--format", "jsonl") == 2
     assert "names a .csv file" in capsys.readouterr().err
+
+
+def test_simulate_answers_a_one_word_label_within_twenty_tokens_and_a_schema_in_its_shape(
+        make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline(rows=questions(5), post=["json"], call={
+        "messages": [{"role": "system", "content": 'Reply as JSON {"label": ...}: positive, '
+                                                   "negative or neutral."},
+                     {"role": "user", "content": "{{ question }}"}],
+        "params": {"max_tokens": 20, "response_format": {"type": "json_object"}}})
+    assert pipeline.run("--simulate") == 0
+    records = pipeline.export(capsys)
+    assert [r["truncated"] for r in records] == [False] * 5
+    assert {r["output"]["label"] for r in records} <= {"positive", "negative", "neutral"}
+    schema = {"type": "object", "additionalProperties": False, "required": ["stars", "tags"],
+              "properties": {"stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                             "tags": {"type": "array", "items": {"type": "string"},
+                                      "minItems": 1}}}
+    pipeline.config["call"]["params"] = {"max_tokens": 40, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "review", "strict": True,
+                                               "schema": schema}}}
+    assert pipeline.run("--simulate") == 0
+    for record in pipeline.export(capsys):
+        assert set(record["output"]) == {"stars", "tags"} and 1 <= record["output"]["stars"] <= 5
+        assert record["output"]["tags"] and not record["truncated"]

@@ -100,3 +100,17 @@ def _write_step(target: str, folder: Path) -> None:
     for depth in range(len(packages)):
         (folder.joinpath(*packages[:depth + 1]) / "__init__.py").touch()
     (where / f"{leaf}.py").write_text(IDENTITY_STEP.format(name=function), encoding="utf-8")
+
+
+def test_the_readme_shows_every_pipeline_key_and_command() -> None:
+    from flow.cli import COMMANDS
+    from flow.config.models import CallConfig, LoadConfig, PipelineConfig, RetryConfig
+
+    text = README.read_text("utf-8")
+    keys = [key for model in (PipelineConfig, LoadConfig, CallConfig, RetryConfig)
+            for key in model.model_fields]
+    assert [key for key in keys if f"{key}:" not in text] == []
+    assert [command for command in COMMANDS if f"flow {command} " not in text] == []
+    options = ("--simulate", "--limit", "--retry-failed", "--error-class", "--recall",
+               "--take-over-store", "--no-input")
+    assert [option for option in options if option not in text] == []

@@ -508,3 +508,14 @@ def test_ctrl_c_ends_the_run_even_while_a_post_step_holds_the_process(
         assert "run the same command again to resume" in child.stderr.read()
         with sqlite3.connect(pipeline.store) as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_an_item_given_up_on_max_time_s_says_so_not_max_tries(make_pipeline: Any, simulator:
+                                                              SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(rows=[{"id": "hung", "question": "[sim:hang] hello"}],
+                             base_url=simulator.url,
+                             call={"timeout_s": 0.3, "retry": {"max_tries": 50, "max_time_s": 1}})
+    assert pipeline.run() == 1
+    [row] = pipeline.export(capsys)
+    assert row["error_class"] == "APITimeoutError", row
+    assert "(call.retry.max_time_s is 1 s)" in row["error"] and "max_tries" not in row["error"]
