@@ -1,93 +1,84 @@
-"""Pace requests at the provider's limits: requests per minute and tokens per minute.
+"""Pace requests at the provider's limits, whatever the shape of those limits.
 
-Two token buckets, one counting requests and one counting tokens, each refilled at a little
-under its limit and holding at most one second's worth, so a burst never exceeds what a
-per-second limiter upstream allows. Waiters are served in order by one lock: only the head
-sleeps, and each waiter takes capacity at the moment it is admitted.
+Providers count in different shapes: a token bucket of one second or of a whole minute, a
+sliding window of one second or of sixty, fixed minutes. flow is not told the shape; it
+paces so that every shape holds, and uses what the server says it has:
 
-The limits are learned as the run goes: `x-ratelimit-limit-*` headers set or lower them,
-and with no limits configured only one request is sent until the first response tells what
-the server allows. A 429 pauses every sender until the server's `retry-after`, drains the
-buckets, cuts the pace and lets it climb back linearly, so waiters are released a few at a
-time at the reduced pace, never all at once.
+- **Pace.** Each limit (requests, tokens) is a pace just under it, admissions spaced evenly
+  (flow/pace.py). A waiter woken a few milliseconds late loses no turn; a turn missed by
+  more is not made up for, so no one-second window ever sees more than the limit.
+- **Capacity the server reports.** `x-ratelimit-remaining-*` says what may be sent now. When
+  it holds more than a couple of seconds of pace (a bucket of a minute, full at the start; a
+  window of a minute not yet used), flow sends it on top of the pace, counting everything
+  sent since the answering request left, so the estimate only ever errs low. `remaining: 0`
+  holds everyone until the reset.
+- **Limits learned.** `x-ratelimit-limit-*` sets or lowers a limit; with no limit known, one
+  request goes first, to hear what the server says.
+- **429s.** Everyone pauses until the server's `retry-after`. A 429 while flow runs well below
+  its pace means a burst was the problem: bursts stop, the pace stays. A 429 at the pace cuts
+  it, and it climbs back within seconds (slower if it is cut again soon). With no limit known
+  at all (a server that sends no headers), the pace is set from the rate seen and doubles
+  every second while no 429 comes, so one early 429 costs a pause, not the run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from flow.pace import Credit, Pace, header_number, parse_duration
+from flow.tokens import OutputReserve
+
+__all__ = ["HEADROOM", "LimiterStats", "RateLimiter", "Reservation", "parse_duration"]
+
+KINDS = ("requests", "tokens")
 HEADROOM = 0.98
-BURST_S = 1.0
-SLOWDOWN = 0.7
+TOLERANCE_S = 0.01  # how late a waiter may wake without losing its turn
+CREDIT_MIN_S = 2.0  # reported capacity worth more seconds of pace than this is sent at once
+SLOWDOWN = 0.8
 MIN_FACTOR = 0.2
-RAMP_PER_S = 0.04
-DEFAULT_PAUSE_S = 1.0
+RAMP_PER_S = 0.1  # a cut pace is back within seconds to just under where the 429 came ...
+CEILING = 0.97  # ... this share of the pace it had then ...
+CREEP_PER_S = 0.001  # ... and climbs past it only slowly
+BELOW_PACE = 0.9  # a 429 at less than this share of the pace: a burst, not the rate
+SOFT_ARMED_S = 5.0  # with no limit known, a 429 this soon after the last pause sets a pace
+SOFT_DOUBLING_S = 1.0  # a pace learned from 429s alone doubles this often at first
+SOFT_DOUBLING_MAX_S = 16.0
+SOFT_GONE = 64.0  # ... and is no limit once it has grown this much
+PAUSE_S = 0.25  # a 429 that names no wait: a short pause, doubling while 429s keep coming
+PAUSE_MAX_S = 8.0
 RATE_WINDOW_S = 10.0
-DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
-def _header_number(headers: Mapping[str, str], name: str) -> float | None:
-    """A header's number; None when absent or not a finite number (`inf`, `1e400`, `nan`)."""
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def parse_duration(text: str) -> float | None:
-    """Seconds in an OpenAI reset header value such as `1s`, `6m0s`, `20ms` or `0.5`."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parts = DURATION_PART.findall(text)
-    if not parts or "".join(number + unit for number, unit in parts) != text:
-        return None
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(number) * scale[unit] for number, unit in parts)
-
-
-@dataclass(slots=True)
-class Bucket:
-    """Capacity refilled continuously at `per_s`, holding at most `capacity`."""
-
-    per_s: float
-    capacity: float
-    level: float
-    updated: float
-
-    def refill(self, now: float) -> None:
-        """Add what the time since the last update earned."""
-        if now > self.updated:
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.per_s)
-            self.updated = now
-
-    def delay(self, cost: float) -> float:
-        """Seconds until `cost` (at most a full bucket) is available."""
-        need = min(cost, self.capacity) - self.level
-        # below a millionth of a unit, floating-point rounding is all that is missing
-        return need / self.per_s if need > 1e-6 else 0.0
-
-
 @dataclass(slots=True)
 class Reservation:
-    """What one admitted request took from the token budget, to settle later."""
+    """What one admitted request took, to settle later: its token estimate, how much had
+    been sent up to and including it (to read the capacity its answer reports), and whether
+    its tokens went at the pace (or on reported capacity)."""
 
     tokens: int
+    sent_through: dict[str, float] = field(default_factory=dict)
+    tokens_paced: bool = False
+
+
+@dataclass(slots=True)
+class Soft:
+    """A pace set by a 429 when no limit is known: `per_minute` from `since`, doubling every
+    `doubling_s`."""
+
+    per_minute: float
+    since: float
+    doubling_s: float
+
+    def at(self, now: float) -> float:
+        return self.per_minute * 2 ** (max(0.0, now - self.since) / self.doubling_s)
 
 
 @dataclass(slots=True)
@@ -107,73 +98,95 @@ class RateLimiter:
 
     def __init__(self, rpm: int | None = None, tpm: int | None = None, *,
                  clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
-                 learn: bool = True) -> None:
+                 learn: bool = True, reserve: OutputReserve | None = None) -> None:
         self._clock = clock
+        self._reserve = reserve
         self._sleep = sleep
         self._lock = asyncio.Lock()
         self._configured = {"requests": rpm, "tokens": tpm}
         self._learned: dict[str, int | None] = {"requests": None, "tokens": None}
-        self._buckets: dict[str, Bucket | None] = {"requests": None, "tokens": None}
+        self._paces: dict[str, Pace | None] = {"requests": None, "tokens": None}
+        self._credit: dict[str, Credit | None] = {"requests": None, "tokens": None}
+        self._sent_units = {"requests": 0.0, "tokens": 0.0}
         self._learn = learn
         self._knows_limits = not learn or rpm is not None or tpm is not None
         self._probe_in_flight = False
         self._probe_done = asyncio.Event()
-        self._paused_until = 0.0
+        self._paused_until = -1e9  # no pause yet
+        self._pause_streak = 0
         self._factor = 1.0
         self._slowed_at = -1e9
         self._slowed_factor = 1.0
-        self._sent: deque[float] = deque()
+        self._ceiling = 1.0
+        self._bursts_ok = True
+        self._soft: Soft | None = None
+        self._soft_doubling_s = SOFT_DOUBLING_S
+        self._soft_armed_until = -1.0
+        self._sent: deque[tuple[float, int]] = deque()  # (when, estimated tokens)
         self._used_tokens: deque[tuple[float, int]] = deque()
         self.rate_limited = 0
         self._started = self._clock()
         self._rebuild(self._started)
 
     def limit(self, kind: str) -> int | None:
-        """The limit per minute in force for `requests` or `tokens`: the lower of both."""
+        """The limit per minute in force for `requests` or `tokens`: the lowest known."""
         values = [v for v in (self._configured[kind], self._learned[kind]) if v is not None]
+        if kind == "requests" and self._soft is not None:
+            values.append(max(1, int(self._soft.at(self._clock()))))
         return min(values) if values else None
 
-    async def acquire(self, tokens: int) -> Reservation:
-        """Wait until one request costing `tokens` fits both budgets, and take it."""
+    async def acquire(self, prompt_tokens: int) -> Reservation:
+        """Wait until one request of `prompt_tokens` (and the completion `reserve` holds for
+        it, reckoned when it goes) may go, and take its turn."""
         if self._is_open():
-            self._sent.append(self._clock())
-            return Reservation(tokens)
+            return self._take(self._clock(), self._cost(prompt_tokens), ())
         await self._wait_for_probe()
         async with self._lock:
             while True:
                 now = self._clock()
-                delay = self._delay(now, tokens)
+                tokens = self._cost(prompt_tokens)
+                delay, on_credit = self._admission(now, tokens)
                 if delay <= 0:
-                    break
-                await self._sleep(delay)
-            self._take(now, tokens)
-        return Reservation(tokens)
+                    return self._take(now, tokens, on_credit)
+                # a look again now and then: tokens given back, or a new report, come sooner
+                await self._sleep(min(delay, RECHECK_S))
+
+    def note_reply(self, completion_tokens: int) -> None:
+        """A reply's completion tokens: what later reservations are reckoned from."""
+        if self._reserve is not None:
+            self._reserve.note(completion_tokens)
+
+    def _cost(self, prompt_tokens: int) -> int:
+        if self._reserve is None or self._paces["tokens"] is None:
+            return prompt_tokens
+        return prompt_tokens + self._reserve.tokens()
 
     def settle(self, reservation: Reservation, used_tokens: int | None) -> None:
-        """Correct the token budget by what the request really used (a refund or a charge)."""
-        now = self._clock()
+        """Correct the token pace by what the request really used (a refund or a charge)."""
         if used_tokens is None:
             return
-        self._used_tokens.append((now, used_tokens))
-        bucket = self._buckets["tokens"]
-        if bucket is not None:
-            bucket.refill(now)
-            bucket.level = min(bucket.capacity, bucket.level + reservation.tokens - used_tokens)
+        self._used_tokens.append((self._clock(), used_tokens))
+        self._sent_units["tokens"] += used_tokens - reservation.tokens
+        pace = self._paces["tokens"]
+        if pace is not None and reservation.tokens_paced:
+            pace.give_back(reservation.tokens - used_tokens, self._clock())
 
-    def observe(self, headers: Mapping[str, str] | None, reached_server: bool = True) -> None:
-        """Learn limits from a response's `x-ratelimit-*` headers."""
+    def observe(self, headers: Mapping[str, str] | None, reached_server: bool = True,
+                reservation: Reservation | None = None) -> None:
+        """Learn limits and reported capacity from a response's `x-ratelimit-*` headers."""
         if headers and self._learn:
             now = self._clock()
             changed = False
-            for kind in ("requests", "tokens"):
-                limit = _header_number(headers, f"x-ratelimit-limit-{kind}")
+            for kind in KINDS:
+                limit = header_number(headers, f"x-ratelimit-limit-{kind}")
                 # a limit below one a minute is no limit a server means: ignored
                 if limit is not None and limit >= 1 and int(limit) != self._learned[kind]:
                     self._learned[kind] = int(limit)
                     changed = True
-                self._hold_if_exhausted(headers, kind, now)
             if changed:
                 self._rebuild(now)
+            for kind in KINDS:
+                self._note_capacity(headers, kind, reservation, now)
         if reached_server and not self._knows_limits:
             self._knows_limits = True
             self._probe_done.set()
@@ -181,51 +194,46 @@ class RateLimiter:
             self._probe_in_flight = False
             self._probe_done.set()
 
-    def _hold_if_exhausted(self, headers: Mapping[str, str], kind: str, now: float) -> None:
-        """The server has nothing left (someone else shares the key): wait for its reset."""
-        remaining = _header_number(headers, f"x-ratelimit-remaining-{kind}")
-        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
-        if remaining is not None and remaining <= 0 and reset is not None and reset > 0:
-            self._paused_until = max(self._paused_until, now + min(reset, 60.0))
-
     def on_rate_limited(self, retry_after_s: float | None) -> None:
-        """A 429: pause everyone until `retry_after_s`, drain the buckets, slow the pace."""
+        """A 429: pause everyone until `retry_after_s`; stop bursts or slow the pace."""
         now = self._clock()
         self.rate_limited += 1
-        pause = retry_after_s if retry_after_s is not None and retry_after_s >= 0 else DEFAULT_PAUSE_S
-        self._paused_until = max(self._paused_until, now + pause)
-        if self.limit("requests") is None:
-            seen = self._recent_rate(now) * 60
-            if seen > 0 and self._learn:
-                self._learned["requests"] = max(1, int(seen))
-                self._rebuild(now)
-        if now > self._slowed_at + 1.0:
-            # one cut per episode: 429s answered for requests already in flight don't compound
-            self._factor = max(MIN_FACTOR, self._current_factor(now) * SLOWDOWN)
-            self._slowed_factor = self._factor
-            self._slowed_at = self._paused_until
+        in_episode = now < self._paused_until
+        resumed_at = max(self._paused_until, now - RATE_WINDOW_S)
+        if retry_after_s is not None and retry_after_s >= 0:
+            self._paused_until = max(self._paused_until, now + retry_after_s)
+        elif not in_episode:
+            # answers to requests already in flight belong to the same episode
+            recent = now < self._paused_until + 2.0
+            self._pause_streak = self._pause_streak + 1 if recent else 0
+            self._paused_until = now + min(PAUSE_MAX_S, PAUSE_S * 2 ** self._pause_streak)
+        self._credit = {"requests": None, "tokens": None}
+        if in_episode:
+            return
+        if self.limit("requests") is None and self.limit("tokens") is None:
+            self._soften(now, resumed_at)
+        elif self._bursts_ok and self._below_pace(now):
+            self._bursts_ok = False  # bunched, not too fast: keep the rate, stop the bursts
             self._rebuild(now)
-        for bucket in self._buckets.values():
-            if bucket is not None:
-                bucket.refill(now)
-                bucket.level = min(bucket.level, 0.0)
-                bucket.updated = max(bucket.updated, self._paused_until)
+        elif self._soft is not None:
+            self._soften(now, resumed_at)
+        else:
+            self._cut(now)
 
     def stats(self) -> LimiterStats:
         """Requests and tokens per minute over the last few seconds, against the limits."""
         now = self._clock()
-        rpm = self._recent_rate(now) * 60
+        rpm = self._recent_rates(now)[0] * 60
         while self._used_tokens and self._used_tokens[0][0] < now - RATE_WINDOW_S:
             self._used_tokens.popleft()
-        span = min(RATE_WINDOW_S, max(now - self._started, 1e-9))
-        tpm = sum(tokens for _, tokens in self._used_tokens) / span * 60
+        tpm = sum(tokens for _, tokens in self._used_tokens) / self._span(now) * 60
         return LimiterStats(rpm, tpm, self.limit("requests"), self.limit("tokens"),
                             max(0.0, self._paused_until - now), self.rate_limited)
 
     def _is_open(self) -> bool:
-        """No budget, no pause, no one waiting: admit without taking the lock."""
+        """No limit, no pause, no one waiting: admit without taking the lock."""
         return (self._knows_limits and not self._lock.locked()
-                and self._buckets["requests"] is None and self._buckets["tokens"] is None
+                and self._paces["requests"] is None and self._paces["tokens"] is None
                 and self._clock() >= self._paused_until)
 
     async def _wait_for_probe(self) -> None:
@@ -236,54 +244,131 @@ class RateLimiter:
                 return
             await self._probe_done.wait()
 
-    def _delay(self, now: float, tokens: int) -> float:
+    def _admission(self, now: float, tokens: int) -> tuple[float, tuple[str, ...]]:
+        """Seconds until a request costing `tokens` may go, and the kinds it would take
+        from reported capacity rather than from the pace."""
         if now < self._paused_until:
-            return self._paused_until - now
+            return self._paused_until - now, ()
         self._rescale(now)
-        delays = [0.0]
+        delays, on_credit = [0.0], []
         for kind, cost in (("requests", 1), ("tokens", tokens)):
-            bucket = self._buckets[kind]
-            if bucket is not None:
-                bucket.refill(now)
-                delays.append(bucket.delay(cost))
-        return max(delays)
+            pace = self._paces[kind]
+            wait = pace.delay(now) if pace is not None else 0.0
+            credit = self._credit[kind]
+            if wait > 0 and credit is not None:
+                if credit.left(self._sent_units[kind]) >= cost:
+                    on_credit.append(kind)
+                    continue
+                self._credit[kind] = None  # spent, by its own count: the pace again
+            delays.append(wait)
+        return max(delays), tuple(on_credit)
 
-    def _take(self, now: float, tokens: int) -> None:
+    def _take(self, now: float, tokens: int, on_credit: tuple[str, ...]) -> Reservation:
+        reservation = Reservation(tokens)
         for kind, cost in (("requests", 1), ("tokens", tokens)):
-            bucket = self._buckets[kind]
-            if bucket is not None:
-                bucket.level -= cost
-        self._sent.append(now)
+            self._sent_units[kind] += cost
+            reservation.sent_through[kind] = self._sent_units[kind]
+            pace = self._paces[kind]
+            if pace is not None and kind not in on_credit:
+                pace.take(cost, now)
+                reservation.tokens_paced |= kind == "tokens"
+        self._sent.append((now, tokens))
+        return reservation
 
-    def _recent_rate(self, now: float) -> float:
-        while self._sent and self._sent[0] < now - RATE_WINDOW_S:
+    def _note_capacity(self, headers: Mapping[str, str], kind: str,
+                       reservation: Reservation | None, now: float) -> None:
+        """Keep a report of capacity worth more than `CREDIT_MIN_S` of pace (a smaller one
+        means the server holds no burst beyond the pace); hold everyone when none is left."""
+        remaining = header_number(headers, f"x-ratelimit-remaining-{kind}")
+        if remaining is None:
+            return
+        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
+        if remaining <= 0 and reset is not None and reset > 0:
+            # a burst spent it, or someone else shares the key: wait for the reset
+            self._paused_until = max(self._paused_until, now + min(reset, 60.0))
+        limit = self.limit(kind)
+        if reservation is None or limit is None:
+            return
+        sent_through = reservation.sent_through.get(kind, 0.0)
+        credit = self._credit[kind]
+        if credit is not None and sent_through < credit.sent_through:
+            return  # an older answer than the report in hand
+        if self._bursts_ok and remaining >= limit / 60 * CREDIT_MIN_S:
+            self._credit[kind] = Credit(remaining, sent_through)
+        else:
+            self._credit[kind] = None
+
+    def _below_pace(self, now: float) -> bool:
+        """Whether every pace in force ran well below itself over the last few seconds."""
+        rates = dict(zip(KINDS, self._recent_rates(now), strict=True))
+        paces = [(kind, pace) for kind, pace in self._paces.items() if pace is not None]
+        return bool(paces) and all(rates[kind] < pace.per_s * BELOW_PACE for kind, pace in paces)
+
+    def _soften(self, now: float, resumed_at: float) -> None:
+        """No limit is known, or the one learned from 429s was outgrown. A first 429 only
+        pauses; one soon after the run resumed paces a little below the rate sent since, then
+        climbs back, slower each time the climb overshoots."""
+        if not self._learn:
+            return
+        if self._soft is None and now > self._soft_armed_until:
+            self._soft_armed_until = self._paused_until + SOFT_ARMED_S
+            return
+        if self._soft is not None:
+            self._soft_doubling_s = min(SOFT_DOUBLING_MAX_S, self._soft_doubling_s * 2)
+        sent = sum(1 for when, _ in self._sent if when >= resumed_at)
+        seen = sent / max(now - resumed_at, 1.0 / 60) * 60
+        self._soft = Soft(max(1.0, seen * SLOWDOWN), self._paused_until, self._soft_doubling_s)
+        self._rebuild(now)
+
+    def _cut(self, now: float) -> None:
+        """A 429 at the pace: slow it by `SLOWDOWN`, to climb back from the pause's end, fast
+        to just under the pace that met the 429, slowly beyond."""
+        if now < self._slowed_at + 1.0:
+            return  # 429s answered for requests sent before the cut don't compound it
+        factor = self._current_factor(now)
+        self._ceiling = factor * CEILING
+        self._factor = max(MIN_FACTOR, factor * SLOWDOWN)
+        self._slowed_factor = self._factor
+        self._slowed_at = self._paused_until
+        self._rebuild(now)
+
+    def _recent_rates(self, now: float) -> tuple[float, float]:
+        """Requests and estimated tokens sent a second, over the last few seconds."""
+        while self._sent and self._sent[0][0] < now - RATE_WINDOW_S:
             self._sent.popleft()
-        span = min(RATE_WINDOW_S, max(now - self._started, 1e-9))
-        return len(self._sent) / span
+        span = self._span(now)
+        return len(self._sent) / span, sum(tokens for _, tokens in self._sent) / span
+
+    def _span(self, now: float) -> float:
+        return min(RATE_WINDOW_S, max(now - self._started, 1e-9))
 
     def _current_factor(self, now: float) -> float:
-        return min(1.0, self._slowed_factor + max(0.0, now - self._slowed_at) * RAMP_PER_S)
+        since = max(0.0, now - self._slowed_at)
+        fast_s = max(0.0, self._ceiling - self._slowed_factor) / RAMP_PER_S
+        if since <= fast_s:
+            return min(1.0, self._slowed_factor + since * RAMP_PER_S)
+        return min(1.0, max(self._slowed_factor, self._ceiling) + (since - fast_s) * CREEP_PER_S)
 
     def _rescale(self, now: float) -> None:
         factor = self._current_factor(now)
-        if factor != self._factor:
+        if self._soft is not None and self._soft.at(now) >= self._soft.per_minute * SOFT_GONE:
+            self._soft = None  # grown past anything it was: no limit any more
+            self._rebuild(now)
+        if factor != self._factor or self._soft is not None:
             self._factor = factor
             self._rebuild(now)
 
     def _rebuild(self, now: float) -> None:
-        for kind in ("requests", "tokens"):
+        for kind in KINDS:
+            # a token limit holds a request's whole cost at once: no lateness to absorb there
+            tolerance = TOLERANCE_S if self._bursts_ok and kind == "requests" else 0.0
             limit = self.limit(kind)
-            old = self._buckets[kind]
+            old = self._paces[kind]
             if limit is None:
-                self._buckets[kind] = None
+                self._paces[kind] = None
                 continue
             per_s = limit / 60 * HEADROOM * self._factor
-            capacity = max(1.0, per_s * BURST_S)
             if old is None:
-                # start empty: a full burst on top of a steady pace just under the limit
-                # would leave the server no slack for requests that arrive bunched
-                self._buckets[kind] = Bucket(per_s, capacity, 0.0, now)
+                self._paces[kind] = Pace(per_s, now, tolerance)
             else:
-                old.refill(now)
-                old.per_s, old.capacity = per_s, capacity
-                old.level = min(old.level, capacity)
+                old.per_s, old.tolerance_s = per_s, tolerance

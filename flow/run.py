@@ -37,7 +37,7 @@ from flow.records import STAGE, Call, CallResult
 from flow.render import RequestBuilder
 from flow.settle import Outcomes
 from flow.store import Store, check_error_class, check_owner, open_store
-from flow.tokens import expected_output_tokens
+from flow.tokens import OutputReserve, expected_output_tokens
 
 TICK_S = 0.25
 STOPPED_BY = {
@@ -134,7 +134,8 @@ class Run:
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
             self.progress.spent_before_usd = self._budget.spent_before_usd
             self.progress.cap_usd = call.max_cost_usd
-            limiter = RateLimiter(call.rpm, call.tpm)
+            limiter = RateLimiter(call.rpm, call.tpm, reserve=OutputReserve(
+                call.params, call.expected_output_tokens))
             executor = OnlineExecutor(call, client, limiter, [api_key, *call.secrets()],
                                       self._stop_feeding)
             try:

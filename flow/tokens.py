@@ -7,6 +7,7 @@ each request and corrects the reservation when the response's `usage` arrives.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import toktok
@@ -50,3 +51,26 @@ def expected_output_tokens(params: dict[str, Any], configured: int | None) -> in
         if isinstance(value, int) and value > 0:
             return value
     return DEFAULT_EXPECTED_OUTPUT_TOKENS
+
+
+class OutputReserve:
+    """Completion tokens the limiter reserves for each request, corrected from `usage`: the
+    configured expectation as it is; otherwise the request's cap (`max_tokens`) until replies
+    arrive, then the most any of the last `WINDOW` replies used (never above the cap), so an
+    estimate far above what replies use does not leave the token limit part unused."""
+
+    WINDOW = 50
+
+    def __init__(self, params: dict[str, Any], configured: int | None) -> None:
+        self._cap = expected_output_tokens(params, configured)
+        self._fixed = configured is not None
+        self._seen: deque[int] = deque(maxlen=self.WINDOW)
+
+    def tokens(self) -> int:
+        if self._fixed or len(self._seen) < self.WINDOW // 5:
+            return self._cap
+        return min(self._cap, max(self._seen))
+
+    def note(self, completion_tokens: int) -> None:
+        """A reply's `usage.completion_tokens`."""
+        self._seen.append(max(0, completion_tokens))

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from flow.limiter import HEADROOM, RateLimiter, parse_duration
+from flow.limiter import CEILING, HEADROOM, TOLERANCE_S, RateLimiter, parse_duration
 
 
 class FakeClock:
@@ -48,12 +48,13 @@ async def test_rpm_paces_requests_just_under_the_limit() -> None:
     assert clock.now == pytest.approx(200 / rate, rel=0.01)
 
 
-async def test_after_idle_one_seconds_worth_may_go_at_once() -> None:
+async def test_after_idle_requests_still_go_evenly_spaced_never_bunched() -> None:
     clock = FakeClock()
     lim = limiter(clock, rpm=600)
     clock.now = 5.0
     await admit(lim, 9)
-    assert clock.now == 5.0
+    # a burst after idling would put twice the limit into a sliding one-second window
+    assert clock.now == pytest.approx(5.0 + 8 / (10 * HEADROOM) - TOLERANCE_S)
 
 
 async def test_tpm_paces_by_estimated_tokens() -> None:
@@ -61,7 +62,7 @@ async def test_tpm_paces_by_estimated_tokens() -> None:
     lim = limiter(clock, tpm=60_000)
     await admit(lim, 50, tokens=1000)
     per_s = 1000 * HEADROOM
-    assert clock.now == pytest.approx(50 * 1000 / per_s, rel=0.01)
+    assert clock.now == pytest.approx(49 * 1000 / per_s, rel=0.01)
 
 
 async def test_settle_refunds_unused_tokens() -> None:
@@ -69,11 +70,12 @@ async def test_settle_refunds_unused_tokens() -> None:
     lim = limiter(clock, tpm=60_000)
     clock.now = 1.0
     reservations = [await lim.acquire(490) for _ in range(2)]
-    assert clock.now == 1.0
+    assert clock.now == pytest.approx(1.0 + 490 / (1000 * HEADROOM))
+    now = clock.now
     for reservation in reservations:
         lim.settle(reservation, 10)
-    await admit(lim, 1, tokens=900)
-    assert clock.now == 1.0
+    await admit(lim, 1, tokens=900)  # the 960 tokens given back are its turn
+    assert clock.now == now
 
 
 async def test_settle_charges_tokens_used_beyond_the_estimate() -> None:
@@ -142,9 +144,13 @@ async def test_a_429_pauses_everyone_then_resumes_slower_and_ramps_back() -> Non
     await lim.acquire(1)
     assert clock.now >= 2.0
     start = clock.now
+    await admit(lim, 6)
+    slowed = 5 / (clock.now - start)
+    assert slowed < 600 / 60 * HEADROOM * 0.85
+    clock.now += 3  # back within seconds to just under the pace that met the 429
+    start = clock.now
     await admit(lim, 20)
-    slowed = 20 / (clock.now - start)
-    assert slowed < 600 / 60 * HEADROOM * 0.8
+    assert 19 / (clock.now - start) == pytest.approx(600 / 60 * HEADROOM * CEILING, rel=0.01)
     clock.now += 60
     start = clock.now
     await admit(lim, 200)
@@ -186,16 +192,75 @@ async def test_waiters_are_admitted_in_arrival_order() -> None:
     assert order == list(range(10))
 
 
-async def test_a_429_with_no_known_limit_sets_one_from_the_observed_rate() -> None:
+async def test_a_429_with_no_known_limit_pauses_then_paces_only_if_they_keep_coming() -> None:
     clock = FakeClock()
     lim = limiter(clock)
     lim.observe({})
     for _ in range(100):
         await lim.acquire(1)
         clock.now += 0.01
+    lim.on_rate_limited(None)  # one 429 from a server that names no limit: a pause, no pace
+    assert lim.limit("requests") is None
+    await lim.acquire(1)
+    resumed = clock.now
+    assert 0 < resumed - 1.0 <= 1.0
+    for _ in range(100):  # at 100 a second, soon after: now the pace is set from that rate
+        await lim.acquire(1)
+        clock.now += 0.01
     lim.on_rate_limited(None)
     learned = lim.limit("requests")
-    assert learned is not None and 3000 < learned < 7000
+    assert learned is not None and 0.7 * 6000 < learned < 6000
+    paused = lim.stats().paused_s
+    clock.now += paused + 3  # the pause, then three doublings
+    assert lim.limit("requests") == pytest.approx(learned * 8, rel=0.01)
+    await lim.acquire(1)
+    clock.now += 3  # grown past anything it was: no limit any more
+    await lim.acquire(1)
+    assert lim.limit("requests") is None
+
+
+async def test_a_429_below_the_pace_stops_bursts_and_keeps_the_rate() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=6000)
+    clock.now = 30.0
+    await admit(lim, 10)  # far below 100 a second
+    lim.on_rate_limited(0.5)
+    clock.now += 0.5
+    start = clock.now
+    await admit(lim, 50)
+    assert 49 / (clock.now - start) == pytest.approx(100 * HEADROOM, rel=0.01)
+
+
+async def test_capacity_the_server_reports_goes_at_once_and_no_more() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    probe = await lim.acquire(1)
+    # a bucket of a minute, full: 1,199 may go now on top of the pace of 20 a second
+    lim.observe({"x-ratelimit-limit-requests": "1200", "x-ratelimit-remaining-requests": "1199",
+                 "x-ratelimit-reset-requests": "50ms"}, reservation=probe)
+    sent = [await lim.acquire(1) for _ in range(1199)]
+    assert clock.now == 0.0
+    # spent, by its own count: the next waits for the pace, or for a newer report
+    late = asyncio.create_task(lim.acquire(1))
+    await asyncio.sleep(0)
+    assert not late.done()
+    lim.observe({"x-ratelimit-limit-requests": "1200", "x-ratelimit-remaining-requests": "3",
+                 "x-ratelimit-reset-requests": "3s"}, reservation=sent[-1])
+    await late
+    assert clock.now <= 0.1
+    start = clock.now
+    await admit(lim, 20)
+    assert 20 / (clock.now - start) == pytest.approx(20 * HEADROOM, rel=0.06)
+
+
+async def test_a_small_reported_capacity_is_no_burst() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    probe = await lim.acquire(1)
+    lim.observe({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "99",
+                 "x-ratelimit-reset-requests": "10ms"}, reservation=probe)
+    await admit(lim, 50)
+    assert clock.now == pytest.approx(49 / (100 * HEADROOM) - TOLERANCE_S, rel=0.01)
 
 
 async def test_stats_report_rates_against_limits() -> None:

@@ -39,7 +39,6 @@ from flow.limiter import RateLimiter
 from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.records import Attempt, Call, CallResult, Reply, Usage, utc_now
 from flow.redact import Redactor
-from flow.tokens import expected_output_tokens
 
 
 @dataclass(slots=True)
@@ -88,7 +87,6 @@ class OnlineExecutor:
         self._client = client
         self._limiter = limiter
         self._redact = Redactor(secrets)
-        self._output_tokens = expected_output_tokens(config.params, config.expected_output_tokens)
         self.counters = ExecutorCounters()
         # built once: a decorator per call measured 8% of a run's CPU at 900 requests/s
         self._send = backoff.on_exception(
@@ -138,7 +136,7 @@ class OnlineExecutor:
         estimate = 0
         if self._limiter.limit("tokens") is not None:
             # the tokenizer (tens of MB, tens of µs a request) is loaded only for a token budget
-            estimate = estimate_prompt_tokens(call.request) + self._output_tokens
+            estimate = estimate_prompt_tokens(call.request)
         result = CallResult(call, started_at, started_at, 0.0, progress.log)
         task = asyncio.current_task()
         try:
@@ -244,7 +242,7 @@ class OnlineExecutor:
                     received = await read_capped(raw.iter_bytes(), self._config.max_response_bytes)
         except openai.APIStatusError as e:
             headers = rate_headers(e.response.headers)
-            self._limiter.observe(headers)
+            self._limiter.observe(headers, reservation=reservation)
             self._limiter.settle(reservation, 0)
             # the key is taken out before any message is cut, so no part of it is ever kept
             error = classify_status(e.status_code, self._redact.value(e.body),
@@ -277,7 +275,7 @@ class OnlineExecutor:
                     "APIConnectionError")
                 log(None, "connection error", str(error))
             raise _tagged(error, progress) from None
-        self._limiter.observe(rate_headers(raw.headers))
+        self._limiter.observe(rate_headers(raw.headers), reservation=reservation)
         if received.content is None:
             # paid for, too large to keep: a stub with its usage reads as unusable below
             body = not_kept_body(received.size, self._config.max_response_bytes,
@@ -301,6 +299,8 @@ class OnlineExecutor:
             return _Paid(body, usage, e)
         usage = read_usage(value)
         self._limiter.settle(reservation, _total(usage))
+        if usage is not None:
+            self._limiter.note_reply(usage.completion_tokens)
         log(raw.status_code, "ok")
         return body, usage, reply
 
