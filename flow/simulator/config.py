@@ -16,6 +16,7 @@ class SimulatorConfig:
     rpm: int | None = None
     tpm: int | None = None
     window: str = "bucket-1s"  # the limits' shape: flow.simulator.limits.SHAPES
+    rate_headers: bool = True  # x-ratelimit-* and retry-after, as OpenAI sends them
     error_rate: float = 0.0
     rate_limit_rate: float = 0.0
     drop_rate: float = 0.0

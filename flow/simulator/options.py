@@ -27,6 +27,9 @@ def add_simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
                        help="the shape of the limits: a token bucket of 1 s or of 60 s (full at "
                             "the start), a sliding window of 1 s or 60 s, or fixed 60 s windows "
                             "(second = bucket-1s, minute = fixed-60s)")
+    group.add_argument(f"--{prefix}no-rate-headers", action="store_true",
+                       help="send no x-ratelimit-* or retry-after headers, as many "
+                            "OpenAI-compatible servers do (limits are still enforced)")
     group.add_argument(f"--{prefix}outage", action="append", default=[], type=_outage,
                        metavar="START:END", help="answer every request 503 from START to END "
                        "seconds after the simulator starts (repeatable)")
@@ -43,7 +46,8 @@ def simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
 
     return SimulatorConfig(
         latency_ms=get("latency-ms"), jitter_ms=get("jitter-ms"), rpm=get("rpm"), tpm=get("tpm"),
-        window=get("window"), error_rate=get("error-rate"),
+        window=get("window"), rate_headers=not get("no-rate-headers"),
+        error_rate=get("error-rate"),
         rate_limit_rate=get("rate-limit-rate"), drop_rate=get("drop-rate"),
         hang_rate=get("hang-rate"), malformed_rate=get("malformed-rate"),
         truncate_rate=get("truncate-rate"), filter_rate=get("filter-rate"),

@@ -223,8 +223,9 @@ class Simulator:
         message = (f"Rate limit reached for {kind}. Please try again in "
                    f"{format_duration(wait)}.")
         response = self._error(429, kind, "rate_limit_exceeded", message, now)
-        response.headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
-        response.headers["retry-after"] = str(max(1, math.ceil(wait)))
+        if self.config.rate_headers:
+            response.headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+            response.headers["retry-after"] = str(max(1, math.ceil(wait)))
         return response
 
     def _status_fault(self, code: str, authorization: str) -> web.Response:
@@ -244,7 +245,8 @@ class Simulator:
         if status == 429:
             response = self._error(429, "requests", "rate_limit_exceeded",
                                    "Rate limit reached (injected).")
-            response.headers["retry-after-ms"] = "50"
+            if self.config.rate_headers:
+                response.headers["retry-after-ms"] = "50"
             return response
         kinds = {400: "invalid_request_error", 401: "invalid_request_error",
                  403: "permission_error", 404: "invalid_request_error"}
@@ -260,7 +262,7 @@ class Simulator:
         self.stats.by_status[status] += 1
         headers = {"x-request-id": f"req_{self.stats.requests}"}
         now = time.monotonic() if now is None else now
-        for kind, limit in self._limits.items():
+        for kind, limit in self._limits.items() if self.config.rate_headers else ():
             headers.update(limit.headers(kind, now))
         return web.Response(status=status, text=text, content_type="application/json",
                             headers=headers)
