@@ -300,6 +300,20 @@ def test_run_under_a_server_limit_learns_it_and_meets_few_429s(make_pipeline: An
         assert server.stats.by_status[429] <= 3  # the pace it kept: bench/rate_limits.py
 
 
+@pytest.mark.parametrize("rpm", [None, 3000], ids=["learned", "rpm-in-yaml"])
+def test_a_short_job_under_a_sliding_one_second_window_meets_few_429s(
+        make_pipeline: Any, capsys: Any, rpm: int | None) -> None:
+    # at most 50 in any one second: a pace that bunches (a full second's burst after a
+    # pause, turns made up for after a late wake) goes over it
+    config = SimulatorConfig(rpm=3000, window="sliding-1s", latency_ms=20)
+    with SimulatorThread(config) as server:
+        call: dict[str, Any] = {"concurrency": 50} | ({"rpm": rpm} if rpm else {})
+        pipeline = make_pipeline(rows=questions(150), base_url=server.url, call=call)
+        assert pipeline.run() == 0
+        assert {r["status"] for r in pipeline.export(capsys)} == {"done"}
+        assert server.stats.by_status[429] <= 3
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_live_store_is_refused_naming_the_process(make_pipeline: Any) -> None:
     with SimulatorThread(SimulatorConfig(latency_ms=300)) as server:
