@@ -5,49 +5,46 @@ sliding window of one second or of sixty, fixed minutes. flow is not told the sh
 paces so that every shape holds, and uses what the server says it has:
 
 - **Pace.** Each limit (requests, tokens) is a pace just under it, admissions spaced evenly
-  (flow/pace.py). A waiter woken a few milliseconds late loses no turn; a turn missed by
-  more is not made up for, so no one-second window ever sees more than the limit.
+  (flow/pace.py). A waiter woken late by a busy event loop makes up its turns, but never so
+  that the last second holds more than the limit: no one-second window, sliding or not,
+  sees more.
 - **Capacity the server reports.** `x-ratelimit-remaining-*` says what may be sent now. When
   it holds more than a couple of seconds of pace (a bucket of a minute, full at the start; a
   window of a minute not yet used), flow sends it on top of the pace, counting everything
   sent since the answering request left, so the estimate only ever errs low. `remaining: 0`
   holds everyone until the reset.
 - **Limits learned.** `x-ratelimit-limit-*` sets or lowers a limit; with no limit known, one
-  request goes first, to hear what the server says.
-- **429s.** Everyone pauses until the server's `retry-after`. A 429 while flow runs well below
-  its pace means a burst was the problem: bursts stop, the pace stays. A 429 at the pace cuts
-  it, and it climbs back within seconds (slower if it is cut again soon). With no limit known
-  at all (a server that sends no headers), the pace is set from the rate seen and doubles
-  every second while no 429 comes, so one early 429 costs a pause, not the run.
+  request goes first, to hear what the server says. Token costs are the prompt's tokens and
+  the completion reserved (flow/tokens.py), corrected when `usage` arrives.
+- **429s.** Everyone pauses until the server's `retry-after` (a short pause, doubling, when it
+  names none). A 429 while flow runs well below its pace means a burst was the problem:
+  bursts stop, the pace stays. A 429 at the pace cuts it, and it climbs back within seconds
+  to just under where the 429 came (flow/slowdown.py). With no limit known at all (a server
+  that sends no headers), one 429 only pauses; more soon after set a pace from the rate
+  seen, which doubles every second while no 429 comes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from flow.pace import Credit, Pace, header_number, parse_duration
+from flow.pace import Credit, LastSecond, Pace, header_number, parse_duration
+from flow.slowdown import SLOWDOWN, SOFT_DOUBLING_MAX_S, SOFT_DOUBLING_S, Slowdown, Soft
 from flow.tokens import OutputReserve
 
 __all__ = ["HEADROOM", "LimiterStats", "RateLimiter", "Reservation", "parse_duration"]
 
 KINDS = ("requests", "tokens")
 HEADROOM = 0.98
-TOLERANCE_S = 0.01  # how late a waiter may wake without losing its turn
+TOLERANCE_S = 0.25  # how late a waiter kept waiting may wake and still make up its turns
 CREDIT_MIN_S = 2.0  # reported capacity worth more seconds of pace than this is sent at once
-SLOWDOWN = 0.8
-MIN_FACTOR = 0.2
-RAMP_PER_S = 0.1  # a cut pace is back within seconds to just under where the 429 came ...
-CEILING = 0.97  # ... this share of the pace it had then ...
-CREEP_PER_S = 0.001  # ... and climbs past it only slowly
 BELOW_PACE = 0.9  # a 429 at less than this share of the pace: a burst, not the rate
 SOFT_ARMED_S = 5.0  # with no limit known, a 429 this soon after the last pause sets a pace
-SOFT_DOUBLING_S = 1.0  # a pace learned from 429s alone doubles this often at first
-SOFT_DOUBLING_MAX_S = 16.0
-SOFT_GONE = 64.0  # ... and is no limit once it has grown this much
 PAUSE_S = 0.25  # a 429 that names no wait: a short pause, doubling while 429s keep coming
 PAUSE_MAX_S = 8.0
 RATE_WINDOW_S = 10.0
@@ -60,25 +57,12 @@ Sleep = Callable[[float], Awaitable[None]]
 @dataclass(slots=True)
 class Reservation:
     """What one admitted request took, to settle later: its token estimate, how much had
-    been sent up to and including it (to read the capacity its answer reports), and whether
-    its tokens went at the pace (or on reported capacity)."""
+    been sent up to and including it (to read the capacity its answer reports), and, if its
+    tokens went at the pace (not on reported capacity), their count in the last second."""
 
     tokens: int
     sent_through: dict[str, float] = field(default_factory=dict)
-    tokens_paced: bool = False
-
-
-@dataclass(slots=True)
-class Soft:
-    """A pace set by a 429 when no limit is known: `per_minute` from `since`, doubling every
-    `doubling_s`."""
-
-    per_minute: float
-    since: float
-    doubling_s: float
-
-    def at(self, now: float) -> float:
-        return self.per_minute * 2 ** (max(0.0, now - self.since) / self.doubling_s)
+    tokens_counted: list[float] | None = None  # its entry in the last second's tokens
 
 
 @dataclass(slots=True)
@@ -108,16 +92,15 @@ class RateLimiter:
         self._paces: dict[str, Pace | None] = {"requests": None, "tokens": None}
         self._credit: dict[str, Credit | None] = {"requests": None, "tokens": None}
         self._sent_units = {"requests": 0.0, "tokens": 0.0}
+        self._last_second = {"requests": LastSecond(), "tokens": LastSecond()}
         self._learn = learn
         self._knows_limits = not learn or rpm is not None or tpm is not None
         self._probe_in_flight = False
         self._probe_done = asyncio.Event()
         self._paused_until = -1e9  # no pause yet
         self._pause_streak = 0
+        self._slowdown = Slowdown()
         self._factor = 1.0
-        self._slowed_at = -1e9
-        self._slowed_factor = 1.0
-        self._ceiling = 1.0
         self._bursts_ok = True
         self._soft: Soft | None = None
         self._soft_doubling_s = SOFT_DOUBLING_S
@@ -139,17 +122,19 @@ class RateLimiter:
         """Wait until one request of `prompt_tokens` (and the completion `reserve` holds for
         it, reckoned when it goes) may go, and take its turn."""
         if self._is_open():
-            return self._take(self._clock(), self._cost(prompt_tokens), ())
+            return self._take(self._clock(), self._cost(prompt_tokens), (), waited=False)
         await self._wait_for_probe()
+        waited = self._lock.locked()  # behind others: its turn came while it queued
         async with self._lock:
             while True:
                 now = self._clock()
                 tokens = self._cost(prompt_tokens)
                 delay, on_credit = self._admission(now, tokens)
                 if delay <= 0:
-                    return self._take(now, tokens, on_credit)
+                    return self._take(now, tokens, on_credit, waited)
                 # a look again now and then: tokens given back, or a new report, come sooner
                 await self._sleep(min(delay, RECHECK_S))
+                waited = True
 
     def note_reply(self, completion_tokens: int) -> None:
         """A reply's completion tokens: what later reservations are reckoned from."""
@@ -168,8 +153,11 @@ class RateLimiter:
         self._used_tokens.append((self._clock(), used_tokens))
         self._sent_units["tokens"] += used_tokens - reservation.tokens
         pace = self._paces["tokens"]
-        if pace is not None and reservation.tokens_paced:
+        if pace is not None and reservation.tokens_counted is not None:
             pace.give_back(reservation.tokens - used_tokens, self._clock())
+        if reservation.tokens_counted is not None:
+            self._last_second["tokens"].correct(reservation.tokens_counted,
+                                                reservation.tokens - used_tokens, self._clock())
 
     def observe(self, headers: Mapping[str, str] | None, reached_server: bool = True,
                 reservation: Reservation | None = None) -> None:
@@ -253,7 +241,8 @@ class RateLimiter:
         delays, on_credit = [0.0], []
         for kind, cost in (("requests", 1), ("tokens", tokens)):
             pace = self._paces[kind]
-            wait = pace.delay(now) if pace is not None else 0.0
+            wait = 0.0 if pace is None else max(
+                pace.delay(now), self._last_second[kind].delay(cost, _second(kind, pace), now))
             credit = self._credit[kind]
             if wait > 0 and credit is not None:
                 if credit.left(self._sent_units[kind]) >= cost:
@@ -263,15 +252,18 @@ class RateLimiter:
             delays.append(wait)
         return max(delays), tuple(on_credit)
 
-    def _take(self, now: float, tokens: int, on_credit: tuple[str, ...]) -> Reservation:
+    def _take(self, now: float, tokens: int, on_credit: tuple[str, ...],
+              waited: bool) -> Reservation:
         reservation = Reservation(tokens)
         for kind, cost in (("requests", 1), ("tokens", tokens)):
             self._sent_units[kind] += cost
             reservation.sent_through[kind] = self._sent_units[kind]
             pace = self._paces[kind]
             if pace is not None and kind not in on_credit:
-                pace.take(cost, now)
-                reservation.tokens_paced |= kind == "tokens"
+                pace.take(cost, now, waited)
+                entry = self._last_second[kind].add(cost, now)
+                if kind == "tokens":
+                    reservation.tokens_counted = entry
         self._sent.append((now, tokens))
         return reservation
 
@@ -321,16 +313,9 @@ class RateLimiter:
         self._rebuild(now)
 
     def _cut(self, now: float) -> None:
-        """A 429 at the pace: slow it by `SLOWDOWN`, to climb back from the pause's end, fast
-        to just under the pace that met the 429, slowly beyond."""
-        if now < self._slowed_at + 1.0:
-            return  # 429s answered for requests sent before the cut don't compound it
-        factor = self._current_factor(now)
-        self._ceiling = factor * CEILING
-        self._factor = max(MIN_FACTOR, factor * SLOWDOWN)
-        self._slowed_factor = self._factor
-        self._slowed_at = self._paused_until
-        self._rebuild(now)
+        """A 429 at the pace: slow it, to climb back from the pause's end."""
+        if self._slowdown.cut(now, self._paused_until):
+            self._rebuild(now)
 
     def _recent_rates(self, now: float) -> tuple[float, float]:
         """Requests and estimated tokens sent a second, over the last few seconds."""
@@ -342,17 +327,10 @@ class RateLimiter:
     def _span(self, now: float) -> float:
         return min(RATE_WINDOW_S, max(now - self._started, 1e-9))
 
-    def _current_factor(self, now: float) -> float:
-        since = max(0.0, now - self._slowed_at)
-        fast_s = max(0.0, self._ceiling - self._slowed_factor) / RAMP_PER_S
-        if since <= fast_s:
-            return min(1.0, self._slowed_factor + since * RAMP_PER_S)
-        return min(1.0, max(self._slowed_factor, self._ceiling) + (since - fast_s) * CREEP_PER_S)
-
     def _rescale(self, now: float) -> None:
-        factor = self._current_factor(now)
-        if self._soft is not None and self._soft.at(now) >= self._soft.per_minute * SOFT_GONE:
-            self._soft = None  # grown past anything it was: no limit any more
+        factor = self._slowdown.factor(now)
+        if self._soft is not None and self._soft.outgrown(now):
+            self._soft = None
             self._rebuild(now)
         if factor != self._factor or self._soft is not None:
             self._factor = factor
@@ -360,8 +338,7 @@ class RateLimiter:
 
     def _rebuild(self, now: float) -> None:
         for kind in KINDS:
-            # a token limit holds a request's whole cost at once: no lateness to absorb there
-            tolerance = TOLERANCE_S if self._bursts_ok and kind == "requests" else 0.0
+            tolerance = TOLERANCE_S if self._bursts_ok else 0.0
             limit = self.limit(kind)
             old = self._paces[kind]
             if limit is None:
@@ -372,3 +349,10 @@ class RateLimiter:
                 self._paces[kind] = Pace(per_s, now, tolerance)
             else:
                 old.per_s, old.tolerance_s = per_s, tolerance
+
+
+def _second(kind: str, pace: Pace) -> float:
+    """What one second may hold at this pace: the limit itself (turns made up may fill it,
+    never pass it), and for requests at least the whole requests even spacing puts in it."""
+    limit = pace.per_s / HEADROOM
+    return max(limit, math.floor(pace.per_s) + 1) if kind == "requests" else limit

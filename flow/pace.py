@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,21 +16,23 @@ DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 @dataclass(slots=True)
 class Pace:
     """Admissions spaced evenly at `per_s` units a second (GCRA, the generic cell rate
-    algorithm): `due` is when the next unit's turn comes; an admission may go up to
-    `tolerance_s` before it, so a waiter woken a little late by a busy event loop loses no
-    turn, and a turn missed by more is not made up for (no bunching after a stall)."""
+    algorithm): `due` is when the next unit's turn comes. A waiter that was kept waiting and
+    woke late (a busy event loop) keeps the turns it missed, up to `tolerance_s` of them, so
+    the pace holds on a loaded machine; one that finds the pace idle starts afresh, so a quiet
+    spell never builds a burst. `LastSecond` keeps the turns made up from bunching."""
 
     per_s: float
     due: float
     tolerance_s: float
 
     def delay(self, now: float) -> float:
-        """Seconds until the next admission may go."""
-        return max(0.0, self.due - self.tolerance_s - now)
+        """Seconds until the next admission's turn."""
+        return max(0.0, self.due - now)
 
-    def take(self, cost: float, now: float) -> None:
-        """Admit `cost` units."""
-        self.due = max(self.due, now) + cost / self.per_s
+    def take(self, cost: float, now: float, waited: bool) -> None:
+        """Admit `cost` units; `waited`: the admission was kept waiting for its turn."""
+        start = max(self.due, now - self.tolerance_s) if waited else max(self.due, now)
+        self.due = start + cost / self.per_s
 
     def give_back(self, units: float, now: float) -> None:
         """Correct an admission's cost once it is known: units taken and not used (a token
@@ -37,6 +40,49 @@ class Pace:
         unused in the past is gone: using it now would be a burst); units used beyond the
         estimate push it later."""
         self.due = max(min(self.due, now), self.due - units / self.per_s)
+
+
+class LastSecond:
+    """Units admitted at the pace over the last second: what no one-second window may exceed,
+    however the admissions bunched (a loop that woke late making up its turns)."""
+
+    def __init__(self) -> None:
+        self._taken: deque[list[float]] = deque()  # [when, units]
+        self._sum = 0.0
+
+    def delay(self, cost: float, capacity: float, now: float) -> float:
+        """Seconds until `cost` more fits in a second of `capacity` (at once if nothing is in
+        it)."""
+        self._expire(now)
+        excess = self._sum + cost - capacity
+        if excess <= 1e-9 or not self._taken:
+            return 0.0
+        for when, taken in self._taken:
+            excess -= taken
+            if excess <= 1e-9:
+                return when + 1.0 - now
+        return 1.0
+
+    def add(self, cost: float, now: float) -> list[float]:
+        """Count `cost` units admitted now; the entry, to correct once its cost is known."""
+        entry = [now, cost]
+        self._taken.append(entry)
+        self._sum += cost
+        return entry
+
+    def correct(self, entry: list[float], units: float, now: float) -> None:
+        """An admission cost `units` less than counted (more, if negative)."""
+        self._expire(now)
+        if entry[0] > now - 1.0 and self._taken:
+            units = min(units, entry[1])
+            entry[1] -= units
+            self._sum -= units
+
+    def _expire(self, now: float) -> None:
+        while self._taken and self._taken[0][0] <= now - 1.0:
+            self._sum -= self._taken.popleft()[1]
+        if not self._taken:
+            self._sum = 0.0
 
 
 @dataclass(slots=True)

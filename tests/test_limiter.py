@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from flow.limiter import CEILING, HEADROOM, TOLERANCE_S, RateLimiter, parse_duration
+from flow.limiter import HEADROOM, RateLimiter, parse_duration
+from flow.slowdown import CEILING
 
 
 class FakeClock:
@@ -54,7 +55,7 @@ async def test_after_idle_requests_still_go_evenly_spaced_never_bunched() -> Non
     clock.now = 5.0
     await admit(lim, 9)
     # a burst after idling would put twice the limit into a sliding one-second window
-    assert clock.now == pytest.approx(5.0 + 8 / (10 * HEADROOM) - TOLERANCE_S)
+    assert clock.now == pytest.approx(5.0 + 8 / (10 * HEADROOM))
 
 
 async def test_tpm_paces_by_estimated_tokens() -> None:
@@ -260,7 +261,7 @@ async def test_a_small_reported_capacity_is_no_burst() -> None:
     lim.observe({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "99",
                  "x-ratelimit-reset-requests": "10ms"}, reservation=probe)
     await admit(lim, 50)
-    assert clock.now == pytest.approx(49 / (100 * HEADROOM) - TOLERANCE_S, rel=0.01)
+    assert clock.now == pytest.approx(49 / (100 * HEADROOM), rel=0.01)
 
 
 async def test_stats_report_rates_against_limits() -> None:
