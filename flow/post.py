@@ -8,6 +8,7 @@ own code, which gets the value so far and returns the next one.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import sys
@@ -29,14 +30,17 @@ class PostProcessor:
 
     def __init__(self, steps: list[str | dict[str, str]], base_dir: Path,
                  timeout_s: float = 10, on_truncated: str = "keep") -> None:
-        # `on_truncated: fail` makes other outputs of the same replies: posted again
-        self.fingerprint = content_key(steps if on_truncated == "keep" else
-                                       {"steps": steps, "on_truncated": on_truncated})
         self._timeout_s = timeout_s
         self._keep_truncated = on_truncated == "keep"
         self._steps: list[tuple[str, Step]] = [
             _compile(step, index, base_dir) for index, step in enumerate(steps)
         ]
+        # `on_truncated: fail` makes other outputs of the same replies: posted again; so does
+        # an edit of a `python:` step's module (its source is part of the fingerprint)
+        code = [_source_key(step) for name, step in self._steps if name.startswith("python ")]
+        extra = ({"on_truncated": on_truncated} if on_truncated != "keep" else {}) | \
+            ({"code": code} if code else {})
+        self.fingerprint = content_key({"steps": steps, **extra} if extra else steps)
 
     def output_for(self, item_id: str, request_key: str, reply: Reply | None,
                    error_class: str | None, error: str | None,
@@ -139,6 +143,19 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else canonical_json(value)
 
 
+def _source_key(function: Step) -> str:
+    """What a user's step is made of: its module's source (a helper beside the function may
+    change what it returns), else the function's own, else its name."""
+    module = inspect.getmodule(function)
+    try:
+        path = inspect.getsourcefile(module) if module is not None else None
+        if path is not None:
+            return content_key(Path(path).read_bytes().decode("utf-8", "replace"))
+        return content_key(inspect.getsource(function))
+    except (OSError, TypeError):
+        return getattr(function, "__qualname__", repr(function))
+
+
 def _import_function(target: str, where: str, base_dir: Path) -> Step:
     module_name, _, function_name = target.partition(":")
     if not module_name or not function_name:
@@ -147,6 +164,8 @@ def _import_function(target: str, where: str, base_dir: Path) -> Step:
         sys.path.insert(0, str(base_dir))
     try:
         module = importlib.import_module(module_name)
+        if getattr(module, "__file__", None):
+            module = importlib.reload(module)  # the code as it is now, not as a run saw it
     except Exception as e:  # the user's module may fail to import in any way
         raise ConfigError(f"{where}: cannot import {module_name}: {type(e).__name__}: {e}") from None
     function = getattr(module, function_name, None)

@@ -179,6 +179,23 @@ def test_post_failure_keeps_the_paid_response_and_edited_post_reuses_it(
     assert all(isinstance(o, str) and len(o) == 8 for o in outputs)
 
 
+def test_editing_a_python_post_steps_module_reapplies_it_without_calling(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    pipeline = make_pipeline(base_url=simulator.url, post=[{"python": "tagging:tag"}])
+    module = pipeline.folder / "tagging.py"
+    module.write_text("def tag(text):\n    return 'v1:' + text[:10]\n")
+    assert pipeline.run() == 0
+    assert {r["output"][:3] for r in pipeline.export(capsys)} == {"v1:"}
+    # a helper the function calls changes: the same step name, other code
+    module.write_text("def helper(text):\n    return 'v2:' + text[:10]\n\n"
+                      "def tag(text):\n    return helper(text)\n")
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 20
+    assert {r["output"][:3] for r in pipeline.export(capsys)} == {"v2:"}
+    assert pipeline.run() == 0  # unchanged since: nothing to post again
+    assert pipeline.query("SELECT COUNT(DISTINCT post_key) FROM outputs") == [(1,)]
+
+
 def test_hangs_time_out_and_dropped_connections_are_retried(make_pipeline: Any, simulator:
                                                             SimulatorThread, capsys: Any) -> None:
     rows = questions(6)
