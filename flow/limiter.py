@@ -49,6 +49,7 @@ PAUSE_S = 0.25  # a 429 that names no wait: a short pause, doubling while 429s k
 PAUSE_MAX_S = 8.0
 RATE_WINDOW_S = 10.0
 RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
+HOLD_MIN_S = 0.05  # `remaining: 0` holds everyone at least this long
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -260,7 +261,7 @@ class RateLimiter:
             reservation.sent_through[kind] = self._sent_units[kind]
             pace = self._paces[kind]
             if pace is not None and kind not in on_credit:
-                pace.take(cost, now, waited)
+                pace.take(cost, now, waited, self._paused_until)
                 entry = self._last_second[kind].add(cost, now)
                 if kind == "tokens":
                     reservation.tokens_counted = entry
@@ -275,10 +276,13 @@ class RateLimiter:
         if remaining is None:
             return
         reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
-        if remaining <= 0 and reset is not None and reset > 0:
-            # a burst spent it, or someone else shares the key: wait for the reset
-            self._paused_until = max(self._paused_until, now + min(reset, 60.0))
         limit = self.limit(kind)
+        if remaining <= 0 and reset is not None and reset > 0:
+            # a burst spent it, or someone else shares the key: wait until some is back. The
+            # reset is when all of it is (a second, a minute); one request's worth may come
+            # back sooner (a bucket refills as it goes), and a 429 then says how long exactly
+            back_s = HOLD_MIN_S if limit is None else max(HOLD_MIN_S, 60 / limit)
+            self._paused_until = max(self._paused_until, now + min(reset, back_s, 60.0))
         if reservation is None or limit is None:
             return
         sent_through = reservation.sent_through.get(kind, 0.0)
@@ -352,7 +356,7 @@ class RateLimiter:
 
 
 def _second(kind: str, pace: Pace) -> float:
-    """What one second may hold at this pace: the limit itself (turns made up may fill it,
-    never pass it), and for requests at least the whole requests even spacing puts in it."""
-    limit = pace.per_s / HEADROOM
-    return max(limit, math.floor(pace.per_s) + 1) if kind == "requests" else limit
+    """What one second may hold at this pace, so turns made up never bunch past the limit:
+    the requests even spacing puts in a second (99 at a pace of 98: a sliding window of 100
+    never reports none left), or the token limit itself."""
+    return math.floor(pace.per_s) + 1 if kind == "requests" else pace.per_s / HEADROOM

@@ -29,9 +29,10 @@ class Pace:
         """Seconds until the next admission's turn."""
         return max(0.0, self.due - now)
 
-    def take(self, cost: float, now: float, waited: bool) -> None:
-        """Admit `cost` units; `waited`: the admission was kept waiting for its turn."""
-        start = max(self.due, now - self.tolerance_s) if waited else max(self.due, now)
+    def take(self, cost: float, now: float, waited: bool, not_before: float) -> None:
+        """Admit `cost` units; `waited`: the admission was kept waiting for its turn;
+        `not_before`: no turn before it is made up (the end of a pause)."""
+        start = max(self.due, now - self.tolerance_s if waited else now, not_before)
         self.due = start + cost / self.per_s
 
     def give_back(self, units: float, now: float) -> None:

@@ -56,8 +56,9 @@ def expected_output_tokens(params: dict[str, Any], configured: int | None) -> in
 class OutputReserve:
     """Completion tokens the limiter reserves for each request, corrected from `usage`: the
     configured expectation as it is; otherwise the request's cap (`max_tokens`) until replies
-    arrive, then the most any of the last `WINDOW` replies used (never above the cap), so an
-    estimate far above what replies use does not leave the token limit part unused."""
+    arrive, then the 90th percentile of what the last `WINDOW` replies used (never above the
+    cap), so an estimate far above what replies use does not leave the token limit part
+    unused; the few replies above it are charged when their `usage` arrives."""
 
     WINDOW = 50
 
@@ -69,7 +70,7 @@ class OutputReserve:
     def tokens(self) -> int:
         if self._fixed or len(self._seen) < self.WINDOW // 5:
             return self._cap
-        return min(self._cap, max(self._seen))
+        return min(self._cap, sorted(self._seen)[len(self._seen) * 9 // 10])
 
     def note(self, completion_tokens: int) -> None:
         """A reply's `usage.completion_tokens`."""

@@ -277,12 +277,18 @@ async def test_stats_report_rates_against_limits() -> None:
     assert stats.tokens_per_min == pytest.approx(30_000, rel=0.01)
 
 
-async def test_nothing_remaining_holds_everyone_until_the_reset() -> None:
+async def test_nothing_remaining_holds_everyone_until_some_is_back() -> None:
     clock = FakeClock()
-    lim = limiter(clock, rpm=6000)
+    lim = limiter(clock, rpm=60)
     clock.now = 1.0
-    lim.observe({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "0",
+    # all of it back in 2.5 s; one request's worth of a 60-a-minute limit, in 1 s
+    lim.observe({"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
                  "x-ratelimit-reset-requests": "2.5s"})
     await lim.acquire(1)
-    assert clock.now >= 3.5
+    assert clock.now == pytest.approx(2.0)
+    lim.observe({"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
+                 "x-ratelimit-reset-requests": "300ms"})
+    start = clock.now
+    await lim.acquire(1)
+    assert clock.now - start == pytest.approx(1.0 / HEADROOM, rel=0.01)  # the pace's turn
     assert lim.rate_limited == 0
