@@ -43,6 +43,7 @@ KINDS = ("requests", "tokens")
 HEADROOM = 0.98
 TOLERANCE_S = 0.25  # how late a waiter kept waiting may wake and still make up its turns
 CREDIT_MIN_S = 2.0  # reported capacity worth more seconds of pace than this is sent at once
+CREDIT_429_S = 60.0  # a 429 this soon after a request went on reported capacity only pauses
 BELOW_PACE = 0.9  # a 429 at less than this share of the pace: a burst, not the rate
 SOFT_ARMED_S = 5.0  # with no limit known, a 429 this soon after the last pause sets a pace
 PAUSE_S = 0.25  # a 429 that names no wait: a short pause, doubling while 429s keep coming
@@ -103,6 +104,7 @@ class RateLimiter:
         self._slowdown = Slowdown()
         self._factor = 1.0
         self._bursts_ok = True
+        self._credit_spent_at = -1e9  # when a request last went on reported capacity
         self._soft: Soft | None = None
         self._soft_doubling_s = SOFT_DOUBLING_S
         self._soft_armed_until = -1.0
@@ -197,7 +199,9 @@ class RateLimiter:
             self._pause_streak = self._pause_streak + 1 if recent else 0
             self._paused_until = now + min(PAUSE_MAX_S, PAUSE_S * 2 ** self._pause_streak)
         self._credit = {"requests": None, "tokens": None}
-        if in_episode:
+        if in_episode or now < self._credit_spent_at + CREDIT_429_S:
+            # capacity the server reported ran out before its window came round again
+            # (a fixed minute, say): the pause is all there is to it, not the pace's fault
             return
         if self.limit("requests") is None and self.limit("tokens") is None:
             self._soften(now, resumed_at)
@@ -265,6 +269,8 @@ class RateLimiter:
                 entry = self._last_second[kind].add(cost, now)
                 if kind == "tokens":
                     reservation.tokens_counted = entry
+        if on_credit:
+            self._credit_spent_at = now
         self._sent.append((now, tokens))
         return reservation
 

@@ -72,7 +72,8 @@ async def run(items: int, per_minute: int, shape: str, *, configured: bool,
               headers: bool = True, latency_s: float = LATENCY_S, late_s: float = 0.0,
               limit_at: set[int] | None = None, kind: str = "requests",
               prompt_tokens: int = 0, completion_tokens: int = 0,
-              max_tokens: int = 0) -> tuple[Outcome, float]:
+              max_tokens: int = 0, names_waits: bool = True,
+              concurrency: int = CONCURRENCY) -> tuple[Outcome, float]:
     """Send `items` through a limiter to one limit (on `kind`: requests, or tokens, each
     request's completion reserved as flow reserves it); the outcome and the seconds."""
     clock = VirtualTime()
@@ -89,7 +90,10 @@ async def run(items: int, per_minute: int, shape: str, *, configured: bool,
     tokens = prompt_tokens + completion_tokens
 
     def reply_headers() -> dict[str, str]:
-        return server.headers(kind, clock.now) if headers else {}
+        if not headers:
+            return {}
+        sent = server.headers(kind, clock.now)
+        return sent if names_waits else {k: v for k, v in sent.items() if "reset" not in k}
 
     async def worker() -> None:
         while queue:
@@ -106,7 +110,7 @@ async def run(items: int, per_minute: int, shape: str, *, configured: bool,
                     outcome.limited += 1
                     lim.observe(reply_headers(), reservation=reservation)
                     lim.settle(reservation, 0)
-                    lim.on_rate_limited(wait if headers else None)
+                    lim.on_rate_limited(wait if headers and names_waits else None)
                     continue
                 await clock.sleep(latency_s)
                 lim.observe(reply_headers(), reservation=reservation)
@@ -116,7 +120,7 @@ async def run(items: int, per_minute: int, shape: str, *, configured: bool,
                 outcome.finished_at.append(clock.now - start)
                 break
 
-    await clock.run(asyncio.gather(*(worker() for _ in range(CONCURRENCY))))
+    await clock.run(asyncio.gather(*(worker() for _ in range(concurrency))))
     return outcome, clock.now - start
 
 
@@ -176,3 +180,12 @@ async def test_one_early_429_from_a_server_without_headers_costs_a_pause_not_the
                                  limit_at={2990})
     assert outcome.done == 3000 and outcome.limited == 1
     assert seconds <= unlimited * 1.25 + 0.5
+
+
+async def test_a_fixed_minute_that_names_no_wait_is_used_whole_each_minute() -> None:
+    # as LiteLLM's proxy limits: limit and remaining headers, no reset, a 429 with no wait
+    outcome, seconds = await run(1500, 600, "fixed-60s", configured=False, latency_s=0.15,
+                                 names_waits=False, concurrency=100)
+    assert outcome.done == 1500
+    assert seconds < 2 * 60 + 10  # a minute's 600 at the start of each; paced: 150 s
+    assert outcome.limited_share <= 0.03

@@ -317,6 +317,22 @@ def test_run_under_a_server_limit_learns_it_and_meets_few_429s(make_pipeline: An
         assert server.stats.by_status[429] <= 3  # the pace it kept: bench/rate_limits.py
 
 
+def test_latency_is_the_servers_not_the_wait_for_the_rate_limiter(make_pipeline: Any,
+                                                                   capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(latency_ms=20)) as server:
+        # 30 a second: the last of 30 waits about a second for its turn, then takes 20 ms
+        pipeline = make_pipeline(rows=questions(30), base_url=server.url,
+                                 call={"concurrency": 30, "rpm": 1800})
+        assert pipeline.run() == 0
+    # the first few pay for the client's start (connections, lazy imports); the last waited
+    # about a second for its turn, and that wait is not the server's
+    latencies = [ms for (ms,) in pipeline.query(
+        "SELECT latency_ms FROM responses ORDER BY started_at")]
+    assert 20 <= latencies[-1] < 400 and sorted(latencies)[15] < 400
+    [(first, last)] = pipeline.query("SELECT MIN(started_at), MAX(started_at) FROM responses")
+    assert first < last  # when each was sent, not when it was picked up
+
+
 @pytest.mark.parametrize("rpm", [None, 3000], ids=["learned", "rpm-in-yaml"])
 def test_a_short_job_under_a_sliding_one_second_window_meets_few_429s(
         make_pipeline: Any, capsys: Any, rpm: int | None) -> None:
