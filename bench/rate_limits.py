@@ -9,8 +9,8 @@ reads the outcome from the store and the simulator's `/sim/stats`. Prints one ro
     python bench/rate_limits.py --only rpm-sliding-1s learned-bucket-60s
 
 Scenarios, for each shape S of bucket-1s, bucket-60s, sliding-1s, sliding-60s, fixed-60s:
-`rpm-S` (rpm: 6000 in the YAML), `learned-S` (no limit in the YAML; counted after the first
-10 s), `tpm-S` (tpm: 300000, items of about 300 tokens); and `no-headers` (a server that sends
+`rpm-S` (rpm: 6000 in the YAML), `learned-S` (no limit in the YAML; for the 1 s shapes,
+counted after the first 10 s), `tpm-S` (tpm: 300000, items of about 300 tokens); and `no-headers` (a server that sends
 no rate-limit headers answers one 429 early: against `no-headers-base`, the same without it),
 `full-bucket` (a minute-sized bucket of 1,200, full at the start, nothing in the YAML, 1,800
 items at 100 ms: against the ideal, 1,200 at once and the rest at the rate), `busy` (the 1 s
@@ -60,7 +60,11 @@ def shape_scenarios(shape: str) -> list[Scenario]:
     return [
         Scenario(f"rpm-{shape}", items, ["--rpm", "6000", *window], {"rpm": 6000},
                  targets={"per_s": 95, "max_429_pct": 1}),
-        Scenario(f"learned-{shape}", items, ["--rpm", "6000", *window], {}, warmup_s=10,
+        # after a burst of a minute's worth, a 60 s shape has nothing to give until its
+        # window comes round: the rate after the first 10 s would count against the burst
+        # what is the fastest run there is, so those are held to the whole run's rate
+        Scenario(f"learned-{shape}", items, ["--rpm", "6000", *window], {},
+                 warmup_s=10 if shape.endswith("1s") else 0,
                  targets={"per_s": 95, "max_429_pct": 1}),
         Scenario(f"tpm-{shape}", 1500 if shape.endswith("1s") else 2000,
                  ["--tpm", "300000", *window], {"tpm": 300000}, long_prompts=True,

@@ -45,7 +45,11 @@ class Pace:
 
 class LastSecond:
     """Units admitted at the pace over the last second: what no one-second window may exceed,
-    however the admissions bunched (a loop that woke late making up its turns)."""
+    however the admissions bunched (a loop that woke late making up its turns). The second is
+    counted a little long (`span_s`), so that requests a few milliseconds apart on their way
+    to the server, one sent late, the next on time, still fall in different seconds there."""
+
+    span_s = 1.01
 
     def __init__(self) -> None:
         self._taken: deque[list[float]] = deque()  # [when, units]
@@ -61,8 +65,8 @@ class LastSecond:
         for when, taken in self._taken:
             excess -= taken
             if excess <= 1e-9:
-                return when + 1.0 - now
-        return 1.0
+                return when + self.span_s - now
+        return self.span_s
 
     def add(self, cost: float, now: float) -> list[float]:
         """Count `cost` units admitted now; the entry, to correct once its cost is known."""
@@ -74,13 +78,13 @@ class LastSecond:
     def correct(self, entry: list[float], units: float, now: float) -> None:
         """An admission cost `units` less than counted (more, if negative)."""
         self._expire(now)
-        if entry[0] > now - 1.0 and self._taken:
+        if entry[0] > now - self.span_s and self._taken:
             units = min(units, entry[1])
             entry[1] -= units
             self._sum -= units
 
     def _expire(self, now: float) -> None:
-        while self._taken and self._taken[0][0] <= now - 1.0:
+        while self._taken and self._taken[0][0] <= now - self.span_s:
             self._sum -= self._taken.popleft()[1]
         if not self._taken:
             self._sum = 0.0
