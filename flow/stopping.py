@@ -8,7 +8,9 @@ second signal), `on_overdue` is called from a watchdog thread: whatever holds th
 committed stays committed, as under `kill -9`.
 
 The handlers are Python-level (`signal.signal`), not the event loop's: they run in the main
-thread between two bytecodes even while the loop is busy, which a loop callback would not.
+thread between two bytecodes even while the loop is busy, which a loop callback would not. A
+watchdog thread needs the GIL, which C code (a catastrophic regex in a post step) gives up only
+for a signal: from the first signal on, bounded work is woken often (`flow.bounded`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from flow.bounded import wake_often
+
 HARD_STOP_S = 1.0  # after a second signal
 GRACE_S = 5.0  # after drain_s, for the last results to be committed
+WAKE_S = 0.1  # how often work holding the main thread lets the watchdog run
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -46,6 +51,7 @@ class StopSignals:
 
     def __exit__(self, *_: object) -> None:
         self._ended.set()
+        wake_often(None)
         for timer in self._timers:
             timer.cancel()
         for sig, handler in self._previous.items():
@@ -54,6 +60,9 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
         self._loop.call_soon_threadsafe(self._request_stop)
+        # a post step inside C code (a catastrophic regex) holds the GIL: woken often, it
+        # lets the watchdog thread below run when its time is up
+        wake_often(WAKE_S)
         deadline = self._drain_s + GRACE_S if self.count == 1 else HARD_STOP_S
         timer = threading.Timer(deadline, self._overdue)
         timer.daemon = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -351,7 +352,13 @@ def test_a_body_too_large_is_never_held_whole_and_keeps_its_usage() -> None:
     async def read() -> Body:
         return await read_capped(chunks(), 1_000_000)
 
-    body = asyncio.run(read())
+    tracemalloc.start()
+    try:
+        body = asyncio.run(read())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000  # bounded while read: 30 MB held, then cut, would pass 30 MB
     assert body.content is None and body.size > 30_000_000
     assert len(body.tail) <= TAIL_BYTES
     assert usage_of_tail(body.tail.decode()) == Usage(12, 3456, 0)

@@ -307,17 +307,20 @@ def test_call_headers_are_sent_but_never_stored_hashed_or_shown(
         make_pipeline: Any, simulator: SimulatorThread, capsys: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_TOKEN", "gw-token-first-4455")
-    rows = [*questions(3), {"id": "echo", "question": "[sim:status=400-echo] hi"}]
+    rows = [*questions(3), {"id": "echo", "question": "[sim:status=400-echo] hi"},
+            {"id": "echo-ok", "question": "[sim:echo] hi"}]
     pipeline = make_pipeline(rows=rows, base_url=simulator.url,
                              call={"headers": {"X-Gateway-Key": "${GATEWAY_TOKEN}"}})
     assert pipeline.run() == 1  # the echo row fails, quoting the headers it was sent
     assert simulator.stats.last_headers["x-gateway-key"] == "gw-token-first-4455"
     assert pipeline.run("--dry-run") == 0
-    for command in ("status", "show", "failures"):
-        pipeline.cli(command, *(["q00001"] if command == "show" else []))
+    for command in ("status", "show", "failures", "export"):
+        pipeline.cli(command, *(["echo-ok"] if command == "show" else []))
     captured = capsys.readouterr()
     assert "4455" not in captured.out + captured.err
-    assert b"4455" not in pipeline.store.read_bytes()
+    assert "x-gateway-key: [REDACTED]" in captured.out  # a 200 reply quoting it
+    for path in pipeline.folder.glob("flow.db*"):
+        assert b"4455" not in path.read_bytes(), path
     # a rotated token is the same request: nothing is paid again
     monkeypatch.setenv("GATEWAY_TOKEN", "gw-token-second-6677")
     sent = simulator.stats.requests

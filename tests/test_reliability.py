@@ -62,6 +62,23 @@ def test_second_ctrl_c_stops_at_once_keeping_what_was_received(make_pipeline: An
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def test_a_stop_with_every_remaining_item_in_flight_ends_after_drain_s(
+        make_pipeline: Any) -> None:
+    # the tail of every run, or an input smaller than concurrency: the replies never come
+    with SimulatorThread(SimulatorConfig(hang_rate=1.0)) as server:
+        pipeline = make_pipeline(rows=questions(6), base_url=server.url,
+                                 call={"concurrency": 8, "rpm": 60_000, "drain_s": 0.5,
+                                       "timeout_s": 60})
+        child = flow_process(pipeline)
+        wait_for_requests(server, 6)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(20) == 130
+        # ended by the drain, not by the watchdog (which leaves the run `running`)
+        assert pipeline.query("SELECT state FROM runs") == [("interrupted",)]
+        assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'pending'") == [(6,)]
+        assert server.stats.requests == 6
+
+
 @pytest.mark.slow
 def test_sigterm_drains_like_ctrl_c(make_pipeline: Any) -> None:
     with SimulatorThread(SimulatorConfig(latency_ms=300)) as server:
@@ -90,6 +107,8 @@ def test_server_faults_follow_the_documented_policy(make_pipeline: Any, simulato
         "huge": "[sim:huge] bounded",
         "forbidden": "[sim:status=403] failed at once",
         "conflict-once": "[sim:status=409*1] retried",
+        "garbage-once": "[sim:garbage*1] retried",
+        "garbage-always": "[sim:garbage] given up",
     }
     rows = [{"id": key, "question": ask} for key, ask in asks.items()]
     pipeline = make_pipeline(rows=rows, base_url=simulator.url,
@@ -97,7 +116,7 @@ def test_server_faults_follow_the_documented_policy(make_pipeline: Any, simulato
                                    "max_response_bytes": 1_000_000})
     assert pipeline.run() == 1
     results = {r["id"]: r for r in pipeline.export(capsys)}
-    for key in ("malformed-once", "cut-once", "no-finish-once", "conflict-once"):
+    for key in ("malformed-once", "cut-once", "no-finish-once", "conflict-once", "garbage-once"):
         assert results[key]["status"] == "done", results[key]
     assert results["malformed-always"]["error_class"] == "ResponseError"
     assert "gave up after 3 attempts" in results["malformed-always"]["error"]
@@ -106,16 +125,19 @@ def test_server_faults_follow_the_documented_policy(make_pipeline: Any, simulato
     assert "content_filter" in results["filtered"]["error"]
     assert "larger than call.max_response_bytes" in results["huge"]["error"]
     assert results["forbidden"]["error_class"] == "PermissionDeniedError"
+    assert results["garbage-always"]["error_class"] == "APIConnectionError"
+    assert "Bad status line" in results["garbage-always"]["error"]
     kept = dict(pipeline.query(
         "SELECT item_id, response_id IS NOT NULL FROM results WHERE status = 'failed'"))
-    assert kept == {"filtered": 1, "huge": 1, "malformed-always": 0, "forbidden": 0}
+    assert kept == {"filtered": 1, "huge": 1, "malformed-always": 0, "forbidden": 0,
+                    "garbage-always": 0}
 
     before = dict(simulator.stats.by_request)
     assert pipeline.run() == 1
     keys = dict(pipeline.query("SELECT item_id, request_key FROM items"))
     called_again = {item for item, key in keys.items()
                     if simulator.stats.by_request[key] > before.get(key, 0)}
-    assert called_again == {"malformed-always", "forbidden"}
+    assert called_again == {"malformed-always", "forbidden", "garbage-always"}
 
 
 def test_an_outage_of_503s_is_ridden_out(make_pipeline: Any, capsys: Any) -> None:
@@ -388,6 +410,22 @@ def test_a_row_with_half_a_character_fails_alone(make_pipeline: Any, simulator:
     assert pipeline.query("SELECT state FROM runs") == [("finished",)]
 
 
+@pytest.mark.parametrize("post", [["strip"], ["json"]])
+def test_half_a_character_in_a_reply_is_kept_and_the_run_goes_on(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any, post: list[str]) -> None:
+    # a reply, or the JSON in it, holding half an emoji (\\ud83d): once it killed the writer
+    rows = [{"id": f"h{i}", "question": f"[sim:half] {i}"} for i in range(3)]
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url, post=post)
+    assert pipeline.run() == 0
+    text = '{"text": "half \ud83d an emoji"}'
+    output = json.loads(text) if post == ["json"] else text
+    assert [(r["status"], r["output"]) for r in pipeline.export(capsys)] == [
+        ("done", output)] * 3
+    assert pipeline.query("SELECT state FROM runs") == [("finished",)]
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 3
+
+
 def test_ctrl_c_sends_nothing_the_rate_limiter_was_holding_back(make_pipeline: Any) -> None:
     with SimulatorThread(SimulatorConfig()) as server:
         pipeline = make_pipeline(rows=questions(100), base_url=server.url,
@@ -408,13 +446,16 @@ def test_a_key_a_server_echoes_is_never_kept_not_even_in_part(
         monkeypatch: pytest.MonkeyPatch) -> None:
     key = "sk-" + "k" * 39  # 42 characters, as in the report
     monkeypatch.setenv("OPENAI_API_KEY", key)
-    rows = questions(2)
+    rows = questions(3)
     rows[1]["question"] = "[sim:status=400-echo]"
+    rows[2]["question"] = "[sim:echo]"  # a 200 reply quoting the Authorization header
     pipeline = make_pipeline(rows=rows, base_url=simulator.url)
     assert pipeline.run() == 1
     with sqlite3.connect(pipeline.store) as db:
         dump = "\n".join(db.iterdump())
     assert "kkkkk" not in dump
+    assert pipeline.export(capsys)[2]["output"].endswith(
+        "You sent: Authorization: Bearer [REDACTED]")
     assert "You sent: Authorization: Bearer [REDAC" in dump, dump[dump.find("You sent"):][:80]  # the key straddled the 500-character cut
     capsys.readouterr()
     assert pipeline.cli("failures") == 0
@@ -449,6 +490,20 @@ def test_a_retry_after_longer_than_any_item_may_wait_stops_the_run_clearly(
     assert "86,400 s" in err and "max_time_s" in err and "Traceback" not in err
     assert pipeline.query("SELECT state FROM runs") == [("stopped",)]
     assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'done'") == [(1,)]
+
+
+def test_a_long_retry_after_is_waited_only_up_to_max_wait_s(make_pipeline: Any,
+                                                            simulator: SimulatorThread) -> None:
+    # 500 s asked, within max_time_s: neither the item nor the run waits longer than
+    # max_wait_s (0 in tests)
+    rows = questions(3)
+    rows[1]["question"] = "[sim:status=429-500*1] once"
+    pipeline = make_pipeline(rows=rows, base_url=simulator.url,
+                             call={"concurrency": 1, "rpm": 60_000, "retry": {"max_time_s": 600}})
+    child = flow_process(pipeline)
+    assert child.wait(30) == 0
+    assert simulator.stats.by_status[429] == 1
+    assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'done'") == [(3,)]
 
 
 def test_timeout_bounds_the_whole_request_not_each_read(make_pipeline: Any, simulator:
@@ -489,13 +544,17 @@ def test_slow_post_steps_and_templates_fail_their_item_alone(
     assert [results[i]["status"] for i in ("q00000", "q00005")] == ["done", "done"], results
 
 
+@pytest.mark.parametrize("step", ["sleep", "regex"])  # a regex holds the GIL, inside C code
 @pytest.mark.parametrize("signals", [1, 2])
 def test_ctrl_c_ends_the_run_even_while_a_post_step_holds_the_process(
-        make_pipeline: Any, signals: int) -> None:
+        make_pipeline: Any, signals: int, step: str) -> None:
     # the step never returns and its bound is an hour: only the stop's own deadline helps
     with SimulatorThread(SimulatorConfig()) as server:
-        pipeline = make_pipeline(rows=questions(3), base_url=server.url, step_timeout_s=3600,
-                                 call={"drain_s": 0.2}, post=[{"python": "steps:stall"}])
+        rows = [{**row, "question": "a" * 40 + "b"} for row in questions(3)]
+        post = ([{"python": "steps:stall"}] if step == "sleep" else
+                [{"regex": "^(Simulated).*?(?:(a+)+c)?$"}])  # catastrophic on the echo
+        pipeline = make_pipeline(rows=rows, base_url=server.url, step_timeout_s=3600,
+                                 call={"drain_s": 0.2}, post=post)
         (pipeline.folder / "steps.py").write_text(
             "import time\n\ndef stall(text):\n    time.sleep(3600)\n")
         child = flow_process(pipeline)
@@ -503,7 +562,9 @@ def test_ctrl_c_ends_the_run_even_while_a_post_step_holds_the_process(
         time.sleep(0.2)  # the first reply is in its post step
         for _ in range(signals):
             child.send_signal(signal.SIGINT)
-        assert child.wait(15) == 130  # drain_s + 5 s of grace at most, 1 s after a second
+            time.sleep(0.2)  # two signals at once would be one
+        # drain_s + 5 s of grace at most, 1 s after a second
+        assert child.wait(15 if signals == 1 else 4) == 130
         assert child.stderr is not None
         assert "run the same command again to resume" in child.stderr.read()
         with sqlite3.connect(pipeline.store) as db:

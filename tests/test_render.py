@@ -43,6 +43,22 @@ def test_syntax_error_is_a_config_error() -> None:
         RequestBuilder(call(messages=[{"role": "user", "content": "{{ oops"}]))
 
 
+def test_a_message_past_the_limit_fails_while_it_renders_not_after() -> None:
+    # 10^11 characters, or 2 TB in one step: measured only once made, they would take the
+    # time (step_timeout_s) or the memory before the limit was looked at
+    loops = RequestBuilder(call(messages=[{"role": "user", "content": (
+        "{% for a in range(100000) %}{% for b in range(100000) %}{{ question }}"
+        "{% endfor %}{% endfor %}")}]))
+    with pytest.raises(TemplateError, match="renders to more than 4000000 characters"):
+        loops.build({"question": "0123456789"}, "row 1")
+    for template, refusal in (("{{ question * 1000000000000 }}", "a repetition too large"),
+                              ("{{ [question] * 1000000000000 }}", "a repetition too large"),
+                              ("{{ 2 ** 100000000 }}", "exponent 100000000 is too large")):
+        builder = RequestBuilder(call(messages=[{"role": "user", "content": template}]))
+        with pytest.raises(TemplateError, match=refusal):
+            builder.build({"question": "ab"}, "row 1")
+
+
 def test_content_key_ignores_key_order_and_changes_with_content() -> None:
     a = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
     b = {"temperature": 0, "messages": [{"content": "hi", "role": "user"}], "model": "m"}

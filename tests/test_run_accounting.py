@@ -214,14 +214,21 @@ def test_a_shared_reply_keeps_one_payer_when_its_buyer_leaves_or_moves(
 def test_a_post_step_returning_what_json_cannot_hold_fails_only_its_item(
         make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
     (make_pipeline().folder / "sets.py").write_text(
-        "def to_set(value):\n    return {value} if '3 plus' in value else value\n")
+        "import datetime\n\n"
+        "def to_set(value):\n"
+        "    if '1 plus' in value:\n        return datetime.datetime(2024, 1, 1)\n"
+        "    if '2 plus' in value:\n"
+        "        deep = []\n        for _ in range(100_000):\n            deep = [deep]\n"
+        "        return deep\n"
+        "    return {value} if '3 plus' in value else value\n")
     pipeline = make_pipeline(rows=questions(5), base_url=simulator.url,
                              post=[{"python": "sets:to_set"}])
     assert pipeline.run() == 1
     results = {r["id"]: r for r in pipeline.export(capsys)}
-    assert results["q00003"]["error_class"] == "PostError"
-    assert "not JSON" in results["q00003"]["error"]
-    assert sum(r["status"] == "done" for r in results.values()) == 4
+    for item, kind in (("q00001", "datetime"), ("q00002", "list"), ("q00003", "set")):
+        assert results[item]["error_class"] == "PostError"
+        assert f"returned a {kind} that is not JSON" in results[item]["error"]
+    assert sum(r["status"] == "done" for r in results.values()) == 2
     assert pipeline.query("SELECT COUNT(*) FROM responses") == [(5,)]
     assert pipeline.run() == 1
     assert simulator.stats.requests == 5

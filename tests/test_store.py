@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -87,6 +88,28 @@ async def test_saved_results_are_committed_before_save_returns(tmp_path: Path) -
         assert known["b"].output_key is None and known["b"].reply_id is None
         other = await store.known("call", "other-origin", [("a", "k1")])
         assert other["a"].output_key is None and other["a"].reply_id is None
+    finally:
+        await store.close()
+
+
+async def test_any_failure_to_commit_stops_the_writer_clearly_never_a_hang(
+        tmp_path: Path) -> None:
+    # half a character is no sqlite3.Error: the writer used to die on it, and the run hung
+    path = tmp_path / "flow.db"
+    store = await SQLiteStore.open(path)
+    try:
+        await store.start_run(Path("p.yaml"), "test", "http://x")
+        await store.save_items("call", "test", [ItemRecord("a", 1, "{}", "k1"),
+                                                ItemRecord("b", 2, "{}", "k2")])
+        await store.save(settled("k1", "a"))
+        bad = settled("k2", "b")
+        bad.outputs[0].output = '"half \ud83d"'
+        for _ in range(2):  # the failure, then every later caller
+            with pytest.raises(StoreError, match="cannot write results"):
+                await asyncio.wait_for(store.save(bad), 10)
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT item_id, status FROM results").fetchall() == [
+                ("a", "done"), ("b", "pending")]
     finally:
         await store.close()
 

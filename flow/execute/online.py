@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import backoff
 import httpx2
 import openai
@@ -260,9 +261,11 @@ class OnlineExecutor:
             if isinstance(error, FatalCallError):
                 raise error from None
             raise _tagged(error, progress) from None
-        except (openai.APIConnectionError, httpx2.HTTPError, TimeoutError) as e:
+        except (openai.APIConnectionError, httpx2.HTTPError, aiohttp.ClientError,
+                TimeoutError) as e:
             # a body cut short while read is an httpx2 error, which the SDK does not wrap; the
-            # aiohttp transport reports a dropped connection as a timeout: tell them apart
+            # aiohttp transport passes on what it does not map (a reply that is not HTTP: a
+            # bad status line) and reports a dropped connection as a timeout: tell them apart
             self._limiter.observe(None, reached_server=False)
             if is_out_of_files(e):
                 # every new connection would fail alike: start no more, let the calls in

@@ -14,7 +14,10 @@ A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` 
 `[sim:huge]` (a 20 MB body), `[sim:drip]` (the body a byte every `drip_s`), `[sim:finish=none]` (no finish_reason),
 `[sim:finish=tool_calls]` (a tool call, as a request with `tools` always gets),
 `[sim:status=400-echo]` (an error quoting the request's credential headers),
-`[sim:status=429-day]` (a daily limit: retry after 86400 s). A count makes the fault pass: `[sim:drop*2]`
+`[sim:status=429-day]` (a daily limit: retry after 86400 s; `429-40` asks for 40 s),
+`[sim:garbage]` (an answer that is not HTTP: a bad status line), `[sim:half]` (a reply
+holding half a character, `\\ud83d`, in JSON text), `[sim:echo]` (a 200 reply quoting the
+request's credential headers). A count makes the fault pass: `[sim:drop*2]`
 drops the first two times that request arrives and answers it normally the third time.
 """
 
@@ -38,7 +41,8 @@ from flow.simulator.schemas import SchemaError
 from flow.tokens import count_prompt_tokens
 
 MARKER = re.compile(
-    r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge|drip))(?:\*(\d+))?\]")
+    r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge|drip|garbage|half|echo))"
+    r"(?:\*(\d+))?\]")
 HUGE_BYTES = 20_000_000
 
 
@@ -123,16 +127,26 @@ class Simulator:
             raise asyncio.CancelledError
         if fault == "hang":
             await asyncio.sleep(self.config.hang_s)
+        if fault == "garbage":
+            # a server that does not answer in HTTP: a status line that is none
+            if request.transport is not None:
+                request.transport.write(b"HTTP/1.1 abc OK\r\n\r\n")
+                request.transport.close()
+            raise asyncio.CancelledError
+        # what a careless gateway quotes back: every header that carries a credential
+        quoted = " ".join(f"{name}: {value}" for name, value in request.headers.items()
+                          if "auth" in name.lower() or "key" in name.lower())
         if fault and fault.startswith("status="):
-            # what a careless gateway quotes back: every header that carries a credential
-            quoted = " ".join(f"{name}: {value}" for name, value in request.headers.items()
-                              if "auth" in name.lower() or "key" in name.lower())
             return self._status_fault(fault.removeprefix("status="), quoted)
         if fault and fault.startswith("finish="):
             finish = fault.removeprefix("finish=")
             finish = None if finish == "none" else finish
         if fault == "huge":
             reply = "x" * HUGE_BYTES
+        if fault == "half":
+            reply = '{"text": "half \ud83d an emoji"}'  # half a character, as JSON text
+        if fault == "echo":
+            reply = f"{reply} You sent: {quoted}"
         self.stats.tokens += prompt_tokens + completion_tokens
         if fault == "malformed":
             return self._respond(200, '{"id": "chatcmpl-broken", "choices": [{"mess')
@@ -233,10 +247,11 @@ class Simulator:
             # a careless gateway: the caller's own header, quoted at the end of a long message
             return self._error(int(code.split("-")[0]), "invalid_request_error", None,
                                "The request was refused. " * 18 + f"You sent: {authorization}")
-        if code == "429-day":
+        if code == "429-day" or (code.startswith("429-") and code[4:].isdigit()):
+            daily = code == "429-day"
             response = self._error(429, "requests", "rate_limit_exceeded",
-                                   "Rate limit reached for requests per day.")
-            response.headers["retry-after"] = "86400"
+                                   f"Rate limit reached for requests{' per day' * daily}.")
+            response.headers["retry-after"] = "86400" if daily else code[4:]
             return response
         if code == "429-quota":
             return self._error(429, "insufficient_quota", "insufficient_quota",
