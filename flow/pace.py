@@ -45,13 +45,12 @@ class Pace:
 
 class LastSecond:
     """Units admitted at the pace over the last second: what no one-second window may exceed,
-    however the admissions bunched (a loop that woke late making up its turns). The second is
-    counted a little long (`span_s`), so that requests a few milliseconds apart on their way
+    however the admissions bunched (a loop that woke late making up its turns). `span_s` may
+    count the second a little long, so that requests a few milliseconds apart on their way
     to the server, one sent late, the next on time, still fall in different seconds there."""
 
-    span_s = 1.01
-
-    def __init__(self) -> None:
+    def __init__(self, span_s: float = 1.0) -> None:
+        self.span_s = span_s
         self._taken: deque[list[float]] = deque()  # [when, units]
         self._sum = 0.0
 
