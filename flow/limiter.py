@@ -46,7 +46,7 @@ CREDIT_MIN_S = 2.0  # reported capacity worth more seconds of pace than this is 
 CREDIT_429_S = 60.0  # a 429 this soon after a request went on reported capacity only pauses
 BELOW_PACE = 0.9  # a 429 at less than this share of the pace: a burst, not the rate
 SOFT_ARMED_S = 5.0  # with no limit known, a 429 this soon after the last pause sets a pace
-PAUSE_S = 0.25  # a 429 that names no wait: a short pause, doubling while 429s keep coming
+PAUSE_S = 0.05  # a 429 that names no wait: a short pause, doubling while no reply comes
 PAUSE_MAX_S = 8.0
 RATE_WINDOW_S = 10.0
 RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
@@ -142,7 +142,9 @@ class RateLimiter:
                 waited = True
 
     def note_reply(self, completion_tokens: int) -> None:
-        """A reply's completion tokens: what later reservations are reckoned from."""
+        """A reply came: what later reservations are reckoned from (its completion tokens),
+        and the server answers again, so the next 429 that names no wait pauses briefly."""
+        self._pause_streak = 0
         if self._reserve is not None:
             self._reserve.note(completion_tokens)
 
@@ -207,9 +209,12 @@ class RateLimiter:
             return
         if self.limit("requests") is None and self.limit("tokens") is None:
             self._soften(now, resumed_at)
-        elif self._bursts_ok and self._below_pace(now):
-            self._bursts_ok = False  # bunched, not too fast: keep the rate, stop the bursts
-            self._rebuild(now)
+        elif self._below_pace(now):
+            # well below the pace: requests bunched, or a 429 the server sends for reasons of
+            # its own; the rate is not the problem: keep it, stop the bursts
+            if self._bursts_ok:
+                self._bursts_ok = False
+                self._rebuild(now)
         elif self._soft is not None:
             self._soften(now, resumed_at)
         else:
@@ -311,13 +316,16 @@ class RateLimiter:
     def _soften(self, now: float, resumed_at: float) -> None:
         """No limit is known, or the one learned from 429s was outgrown. A first 429 only
         pauses; one soon after the run resumed paces a little below the rate sent since, then
-        climbs back, slower each time the climb overshoots."""
+        climbs back, slower each time the climb overshoots, and is cut at most once a
+        doubling."""
         if not self._learn:
             return
         if self._soft is None and now > self._soft_armed_until:
             self._soft_armed_until = self._paused_until + SOFT_ARMED_S
             return
         if self._soft is not None:
+            if now < self._soft.since + self._soft.doubling_s:
+                return  # one cut per doubling: 429s that come whatever the rate don't sink it
             self._soft_doubling_s = min(SOFT_DOUBLING_MAX_S, self._soft_doubling_s * 2)
         sent = sum(1 for when, _ in self._sent if when >= resumed_at)
         seen = sent / max(now - resumed_at, 1.0 / 60) * 60
