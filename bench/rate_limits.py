@@ -10,8 +10,9 @@ reads the outcome from the store and the simulator's `/sim/stats`. Prints one ro
 
 Scenarios, for each shape S of bucket-1s, bucket-60s, sliding-1s, sliding-60s, fixed-60s:
 `rpm-S` (rpm: 6000 in the YAML), `learned-S` (no limit in the YAML; for the 1 s shapes,
-counted after the first 10 s), `tpm-S` (tpm: 300000, items of about 300 tokens); and `no-headers` (a server that sends
-no rate-limit headers answers one 429 early: against `no-headers-base`, the same without it),
+counted after the first 10 s), `tpm-S` (tpm: 300000, items of about 300 tokens); and
+`no-headers` (a server that sends no rate-limit headers answers one 429 early: against
+`no-headers-base`, the same without it),
 `full-bucket` (a minute-sized bucket of 1,200, full at the start, nothing in the YAML, 1,800
 items at 100 ms: against the ideal, 1,200 at once and the rest at the rate), `busy` (the 1 s
 sliding window while `python -c 'while 1: pass'` runs beside flow).
