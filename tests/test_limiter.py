@@ -232,13 +232,20 @@ async def test_a_429_below_the_pace_stops_bursts_and_keeps_the_rate() -> None:
     assert 49 / (clock.now - start) == pytest.approx(100 * HEADROOM, rel=0.01)
 
 
-async def test_capacity_the_server_reports_goes_at_once_and_no_more() -> None:
-    clock = FakeClock()
+async def probed(clock: FakeClock, limit: int, remaining: int) -> RateLimiter:
+    """A limiter whose first request's answer reported `limit` and `remaining`."""
     lim = limiter(clock)
     probe = await lim.acquire(1)
-    # a bucket of a minute, full: 1,199 may go now on top of the pace of 20 a second
-    lim.observe({"x-ratelimit-limit-requests": "1200", "x-ratelimit-remaining-requests": "1199",
+    lim.observe({"x-ratelimit-limit-requests": str(limit),
+                 "x-ratelimit-remaining-requests": str(remaining),
                  "x-ratelimit-reset-requests": "50ms"}, reservation=probe)
+    return lim
+
+
+async def test_capacity_the_server_reports_goes_at_once_and_no_more() -> None:
+    clock = FakeClock()
+    # a bucket of a minute, full: 1,199 may go now on top of the pace of 20 a second
+    lim = await probed(clock, 1200, 1199)
     sent = [await lim.acquire(1) for _ in range(1199)]
     assert clock.now == 0.0
     # spent, by its own count: the next waits for the pace, or for a newer report
@@ -256,10 +263,7 @@ async def test_capacity_the_server_reports_goes_at_once_and_no_more() -> None:
 
 async def test_a_small_reported_capacity_is_no_burst() -> None:
     clock = FakeClock()
-    lim = limiter(clock)
-    probe = await lim.acquire(1)
-    lim.observe({"x-ratelimit-limit-requests": "6000", "x-ratelimit-remaining-requests": "99",
-                 "x-ratelimit-reset-requests": "10ms"}, reservation=probe)
+    lim = await probed(clock, 6000, 99)
     await admit(lim, 50)
     assert clock.now == pytest.approx(49 / (100 * HEADROOM), rel=0.01)
 
