@@ -25,14 +25,22 @@ T = TypeVar("T")
 
 _deadline: float | None = None  # of the bounded work running now
 _wake_s: float | None = None  # while a stop is under way: how often the alarm comes
+_stop_at: float | None = None  # a stop's deadline: bounded work still running then ends
 
 
 class OutOfTime(BaseException):
     """The bounded work ran past its time."""
 
 
+class Stopped(OutOfTime):
+    """The run is stopping and its deadline came: the bounded work was ended."""
+
+
 def _raise(signum: int, frame: Any) -> None:
-    if _wake_s is not None and _deadline is not None and time.monotonic() < _deadline:
+    now = time.monotonic()
+    if _stop_at is not None and now >= _stop_at:
+        raise Stopped
+    if _wake_s is not None and _deadline is not None and now < _deadline:
         return  # only a wake-up: the work still has time
     raise OutOfTime
 
@@ -53,6 +61,13 @@ def wake_often(every_s: float | None) -> None:
     _wake_s = every_s
     if _deadline is not None and threading.current_thread() is threading.main_thread():
         _arm()
+
+
+def stop_by(deadline: float | None) -> None:
+    """Bounded work still running at `deadline` (monotonic seconds; None: no stop) ends with
+    `Stopped`, so what a stop must commit is not held up by a post step or a template."""
+    global _stop_at
+    _stop_at = deadline if deadline is None or _stop_at is None else min(deadline, _stop_at)
 
 
 def bounded(seconds: float, work: Callable[..., T], *args: Any) -> T:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flow.bounded import OutOfTime, bounded
+from flow.bounded import OutOfTime, Stopped, bounded
 from flow.endpoints.chat import CUT_SHORT
 from flow.errors import ConfigError, PostError
 from flow.keys import canonical_json, content_key
@@ -60,6 +60,10 @@ class PostProcessor:
                 cut = ("the reply was cut short at max_tokens (finish_reason=length), and "
                        if reply.truncated else "")
                 output.error_class, output.error = e.error_class, cut + str(e)
+            except Stopped:
+                output.error_class = "PostError"
+                output.error = ("the run was stopped while the post steps ran on this reply; "
+                                "the reply is kept: --retry-failed posts it again, unpaid")
             except OutOfTime:
                 output.error_class = "PostError"
                 output.error = (f"the post steps took longer than {self._timeout_s:g} s on "

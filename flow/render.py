@@ -15,7 +15,7 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
-from flow.bounded import OutOfTime, bounded
+from flow.bounded import OutOfTime, Stopped, bounded
 from flow.config import CallConfig
 from flow.endpoints.chat import check_params
 from flow.errors import ConfigError, TemplateError
@@ -102,6 +102,9 @@ class RequestBuilder:
                 timeout_s: float) -> str:
         try:
             text = bounded(timeout_s, _render_capped, template, fields)
+        except Stopped:
+            raise TemplateError(f"{where}: call.messages[{index}].content was still rendering "
+                                "when the run was stopped; nothing was sent") from None
         except OutOfTime:
             raise TemplateError(f"{where}: call.messages[{index}].content took longer than "
                                 f"{timeout_s:g} s to render (step_timeout_s)") from None

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from flow.bounded import wake_often
+from flow.bounded import stop_by, wake_often
 
 HARD_STOP_S = 1.0  # after a second signal
 GRACE_S = 5.0  # after drain_s, for the last results to be committed
@@ -52,6 +53,7 @@ class StopSignals:
     def __exit__(self, *_: object) -> None:
         self._ended.set()
         wake_often(None)
+        stop_by(None)
         for timer in self._timers:
             timer.cancel()
         for sig, handler in self._previous.items():
@@ -63,6 +65,9 @@ class StopSignals:
         # a post step inside C code (a catastrophic regex) holds the GIL: woken often, it
         # lets the watchdog thread below run when its time is up
         wake_often(WAKE_S)
+        # a post step or template still running when the drain ends (at once, on a second
+        # signal) is ended, so the reply it was posting is committed, not lost to the watchdog
+        stop_by(time.monotonic() + (self._drain_s if self.count == 1 else 0.0))
         deadline = self._drain_s + GRACE_S if self.count == 1 else HARD_STOP_S
         timer = threading.Timer(deadline, self._overdue)
         timer.daemon = True

@@ -563,12 +563,18 @@ def test_ctrl_c_ends_the_run_even_while_a_post_step_holds_the_process(
         for _ in range(signals):
             child.send_signal(signal.SIGINT)
             time.sleep(0.2)  # two signals at once would be one
-        # drain_s + 5 s of grace at most, 1 s after a second
+        # the step is ended when drain_s is up, at once on a second Ctrl-C
         assert child.wait(15 if signals == 1 else 4) == 130
         assert child.stderr is not None
         assert "run the same command again to resume" in child.stderr.read()
         with sqlite3.connect(pipeline.store) as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        # the reply whose post step was ended is kept, its item failed saying why
+        stopped = pipeline.query("SELECT error, response_id IS NOT NULL FROM results "
+                                 "WHERE status = 'failed'")
+        assert stopped and all("stopped while the post steps ran" in error and kept
+                               for error, kept in stopped), stopped
+        assert pipeline.query("SELECT state FROM runs") == [("interrupted",)]
 
 
 def test_an_item_given_up_on_max_time_s_says_so_not_max_tries(make_pipeline: Any, simulator:
