@@ -126,8 +126,11 @@ class RateLimiter:
     async def acquire(self, prompt_tokens: int) -> Reservation:
         """Wait until one request of `prompt_tokens` (and the completion `reserve` holds for
         it, reckoned when it goes) may go, and take its turn."""
-        if self._is_open():
-            return self._take(self._clock(), self._cost(prompt_tokens), (), waited=False)
+        if self._is_open():  # no limit known at all: the hot path of an unlimited server
+            self._sent_units["requests"] += 1
+            self._sent_units["tokens"] += prompt_tokens
+            self._sent.append((self._clock(), prompt_tokens))
+            return Reservation(prompt_tokens)
         await self._wait_for_probe()
         waited = self._lock.locked()  # behind others: its turn came while it queued
         async with self._lock:
