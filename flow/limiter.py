@@ -12,29 +12,25 @@ paces so that every shape holds, and uses what the server says it has:
   it holds more than a couple of seconds of pace (a bucket of a minute, full at the start; a
   window of a minute not yet used), flow sends it on top of the pace, counting everything
   sent since the answering request left, so the estimate only ever errs low. `remaining: 0`
-  holds everyone until the reset.
+  holds everyone until one request's worth is back.
 - **Limits learned.** `x-ratelimit-limit-*` sets or lowers a limit; with no limit known, one
   request goes first, to hear what the server says. Token costs are the prompt's tokens and
   the completion reserved (flow/tokens.py), corrected when `usage` arrives.
-- **429s.** Everyone pauses until the server's `retry-after` (a short pause, doubling, when it
-  names none). A 429 while flow runs well below its pace means a burst was the problem:
-  bursts stop, the pace stays. A 429 at the pace cuts it, and it climbs back within seconds
-  to just under where the 429 came (flow/slowdown.py). With no limit known at all (a server
-  that sends no headers), one 429 only pauses; more soon after set a pace from the rate
-  seen, which doubles every second while no 429 comes.
+- **429s.** Everyone pauses (flow/slowdown.py). A 429 well below the pace means a burst was
+  the problem: bursts stop, the pace stays; one at the pace cuts it, to climb back within
+  seconds; with no limit known at all, 429s soon after one another set a pace of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from flow.pace import Credit, LastSecond, Pace, header_number, parse_duration
-from flow.slowdown import SLOWDOWN, SOFT_DOUBLING_MAX_S, SOFT_DOUBLING_S, Slowdown, Soft
+from flow.slowdown import Pause, Slowdown, SoftPace
 from flow.tokens import OutputReserve
 
 __all__ = ["HEADROOM", "LimiterStats", "RateLimiter", "Reservation", "parse_duration"]
@@ -45,9 +41,6 @@ TOLERANCE_S = 0.25  # how late a waiter kept waiting may wake and still make up 
 CREDIT_MIN_S = 2.0  # reported capacity worth more seconds of pace than this is sent at once
 CREDIT_429_S = 60.0  # a 429 this soon after a request went on reported capacity only pauses
 BELOW_PACE = 0.9  # a 429 at less than this share of the pace: a burst, not the rate
-SOFT_ARMED_S = 5.0  # with no limit known, a 429 this soon after the last pause sets a pace
-PAUSE_S = 0.05  # a 429 that names no wait: a short pause, doubling while no reply comes
-PAUSE_MAX_S = 8.0
 RATE_WINDOW_S = 10.0
 RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
 HOLD_MIN_S = 0.05  # `remaining: 0` holds everyone at least this long
@@ -101,15 +94,12 @@ class RateLimiter:
         self._knows_limits = not learn or rpm is not None or tpm is not None
         self._probe_in_flight = False
         self._probe_done = asyncio.Event()
-        self._paused_until = -1e9  # no pause yet
-        self._pause_streak = 0
+        self._pause = Pause()
         self._slowdown = Slowdown()
         self._factor = 1.0
         self._bursts_ok = True
         self._credit_spent_at = -1e9  # when a request last went on reported capacity
-        self._soft: Soft | None = None
-        self._soft_doubling_s = SOFT_DOUBLING_S
-        self._soft_armed_until = -1.0
+        self._soft = SoftPace()
         self._sent: deque[tuple[float, int]] = deque()  # (when, estimated tokens)
         self._used_tokens: deque[tuple[float, int]] = deque()
         self.rate_limited = 0
@@ -119,8 +109,9 @@ class RateLimiter:
     def limit(self, kind: str) -> int | None:
         """The limit per minute in force for `requests` or `tokens`: the lowest known."""
         values = [v for v in (self._configured[kind], self._learned[kind]) if v is not None]
-        if kind == "requests" and self._soft is not None:
-            values.append(max(1, int(self._soft.at(self._clock()))))
+        soft = self._soft.per_minute(self._clock()) if kind == "requests" else None
+        if soft is not None:
+            values.append(soft)
         return min(values) if values else None
 
     async def acquire(self, prompt_tokens: int) -> Reservation:
@@ -147,7 +138,7 @@ class RateLimiter:
     def note_reply(self, completion_tokens: int) -> None:
         """A reply came: what later reservations are reckoned from (its completion tokens),
         and the server answers again, so the next 429 that names no wait pauses briefly."""
-        self._pause_streak = 0
+        self._pause.reply()
         if self._reserve is not None:
             self._reserve.note(completion_tokens)
 
@@ -196,15 +187,9 @@ class RateLimiter:
         """A 429: pause everyone until `retry_after_s`; stop bursts or slow the pace."""
         now = self._clock()
         self.rate_limited += 1
-        in_episode = now < self._paused_until
-        resumed_at = max(self._paused_until, now - RATE_WINDOW_S)
-        if retry_after_s is not None and retry_after_s >= 0:
-            self._paused_until = max(self._paused_until, now + retry_after_s)
-        elif not in_episode:
-            # answers to requests already in flight belong to the same episode
-            recent = now < self._paused_until + 2.0
-            self._pause_streak = self._pause_streak + 1 if recent else 0
-            self._paused_until = now + min(PAUSE_MAX_S, PAUSE_S * 2 ** self._pause_streak)
+        in_episode = now < self._pause.until
+        resumed_at = max(self._pause.until, now - RATE_WINDOW_S)
+        self._pause.on_429(now, retry_after_s)
         self._credit = {"requests": None, "tokens": None}
         if in_episode or now < self._credit_spent_at + CREDIT_429_S:
             # capacity the server reported ran out before its window came round again
@@ -218,7 +203,7 @@ class RateLimiter:
             if self._bursts_ok:
                 self._bursts_ok = False
                 self._rebuild(now)
-        elif self._soft is not None:
+        elif self._soft.current is not None:
             self._soften(now, resumed_at)
         else:
             self._cut(now)
@@ -231,13 +216,13 @@ class RateLimiter:
             self._used_tokens.popleft()
         tpm = sum(tokens for _, tokens in self._used_tokens) / self._span(now) * 60
         return LimiterStats(rpm, tpm, self.limit("requests"), self.limit("tokens"),
-                            max(0.0, self._paused_until - now), self.rate_limited)
+                            max(0.0, self._pause.until - now), self.rate_limited)
 
     def _is_open(self) -> bool:
         """No limit, no pause, no one waiting: admit without taking the lock."""
         return (self._knows_limits and not self._lock.locked()
                 and self._paces["requests"] is None and self._paces["tokens"] is None
-                and self._clock() >= self._paused_until)
+                and self._clock() >= self._pause.until)
 
     async def _wait_for_probe(self) -> None:
         while not self._knows_limits:
@@ -250,14 +235,14 @@ class RateLimiter:
     def _admission(self, now: float, tokens: int) -> tuple[float, tuple[str, ...]]:
         """Seconds until a request costing `tokens` may go, and the kinds it would take
         from reported capacity rather than from the pace."""
-        if now < self._paused_until:
-            return self._paused_until - now, ()
+        if now < self._pause.until:
+            return self._pause.until - now, ()
         self._rescale(now)
         delays, on_credit = [0.0], []
         for kind, cost in (("requests", 1), ("tokens", tokens)):
             pace = self._paces[kind]
             wait = 0.0 if pace is None else max(
-                pace.delay(now), self._last_second[kind].delay(cost, _second(kind, pace), now))
+                pace.delay(now), self._last_second[kind].delay(cost, pace.second(kind, HEADROOM), now))
             credit = self._credit[kind]
             if wait > 0 and credit is not None:
                 if credit.left(self._sent_units[kind]) >= cost:
@@ -275,7 +260,7 @@ class RateLimiter:
             reservation.sent_through[kind] = self._sent_units[kind]
             pace = self._paces[kind]
             if pace is not None and kind not in on_credit:
-                pace.take(cost, now, waited, self._paused_until)
+                pace.take(cost, now, waited, self._pause.until)
                 entry = self._last_second[kind].add(cost, now)
                 if kind == "tokens":
                     reservation.tokens_counted = entry
@@ -298,7 +283,7 @@ class RateLimiter:
             # reset is when all of it is (a second, a minute); one request's worth may come
             # back sooner (a bucket refills as it goes), and a 429 then says how long exactly
             back_s = HOLD_MIN_S if limit is None else max(HOLD_MIN_S, 60 / limit)
-            self._paused_until = max(self._paused_until, now + min(reset, back_s, 60.0))
+            self._pause.hold(now + min(reset, back_s, 60.0))
         if reservation is None or limit is None:
             return
         sent_through = reservation.sent_through.get(kind, 0.0)
@@ -317,27 +302,18 @@ class RateLimiter:
         return bool(paces) and all(rates[kind] < pace.per_s * BELOW_PACE for kind, pace in paces)
 
     def _soften(self, now: float, resumed_at: float) -> None:
-        """No limit is known, or the one learned from 429s was outgrown. A first 429 only
-        pauses; one soon after the run resumed paces a little below the rate sent since, then
-        climbs back, slower each time the climb overshoots, and is cut at most once a
-        doubling."""
-        if not self._learn:
-            return
-        if self._soft is None and now > self._soft_armed_until:
-            self._soft_armed_until = self._paused_until + SOFT_ARMED_S
-            return
-        if self._soft is not None:
-            if now < self._soft.since + self._soft.doubling_s:
-                return  # one cut per doubling: 429s that come whatever the rate don't sink it
-            self._soft_doubling_s = min(SOFT_DOUBLING_MAX_S, self._soft_doubling_s * 2)
-        sent = sum(1 for when, _ in self._sent if when >= resumed_at)
-        seen = sent / max(now - resumed_at, 1.0 / 60) * 60
-        self._soft = Soft(max(1.0, seen * SLOWDOWN), self._paused_until, self._soft_doubling_s)
-        self._rebuild(now)
+        """No limit is known, or the one 429s set was outgrown (`SoftPace`)."""
+
+        def per_minute_seen() -> float:
+            sent = sum(1 for when, _ in self._sent if when >= resumed_at)
+            return sent / max(now - resumed_at, 1.0 / 60) * 60
+
+        if self._learn and self._soft.on_429(now, self._pause.until, per_minute_seen):
+            self._rebuild(now)
 
     def _cut(self, now: float) -> None:
         """A 429 at the pace: slow it, to climb back from the pause's end."""
-        if self._slowdown.cut(now, self._paused_until):
+        if self._slowdown.cut(now, self._pause.until):
             self._rebuild(now)
 
     def _recent_rates(self, now: float) -> tuple[float, float]:
@@ -352,10 +328,9 @@ class RateLimiter:
 
     def _rescale(self, now: float) -> None:
         factor = self._slowdown.factor(now)
-        if self._soft is not None and self._soft.outgrown(now):
-            self._soft = None
+        if self._soft.expire(now):
             self._rebuild(now)
-        if factor != self._factor or self._soft is not None:
+        if factor != self._factor or self._soft.current is not None:
             self._factor = factor
             self._rebuild(now)
 
@@ -373,9 +348,3 @@ class RateLimiter:
             else:
                 old.per_s, old.tolerance_s = per_s, tolerance
 
-
-def _second(kind: str, pace: Pace) -> float:
-    """What one second may hold at this pace, so turns made up never bunch past the limit:
-    the requests even spacing puts in a second (99 at a pace of 98: a sliding window of 100
-    never reports none left), or the token limit itself."""
-    return math.floor(pace.per_s) + 1 if kind == "requests" else pace.per_s / HEADROOM

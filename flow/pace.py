@@ -35,6 +35,12 @@ class Pace:
         start = max(self.due, now - self.tolerance_s if waited else now, not_before)
         self.due = start + cost / self.per_s
 
+    def second(self, kind: str, headroom: float) -> float:
+        """What one second may hold at this pace, so turns made up never bunch past the limit:
+        the requests even spacing puts in a second (99 at a pace of 98: a sliding window of
+        100 never reports none left), or the token limit itself (the pace over `headroom`)."""
+        return math.floor(self.per_s) + 1 if kind == "requests" else self.per_s / headroom
+
     def give_back(self, units: float, now: float) -> None:
         """Correct an admission's cost once it is known: units taken and not used (a token
         estimate too high) bring the next turn sooner, never before `now` (capacity left

@@ -37,7 +37,7 @@ from flow.records import STAGE, Call, CallResult
 from flow.render import RequestBuilder
 from flow.settle import Outcomes
 from flow.store import Store, check_error_class, check_owner, open_store
-from flow.tokens import OutputReserve, expected_output_tokens
+from flow.tokens import OutputReserve
 
 TICK_S = 0.25
 STOPPED_BY = {
@@ -88,8 +88,7 @@ class Run:
                 f"{config.file}: call.max_cost_usd: flow does not know the price of model "
                 f"'{config.call.model}', so it cannot count spend; add call.price: "
                 "{input_per_1m: ..., output_per_1m: ...} (US dollars per million tokens)")
-        self._output_tokens = expected_output_tokens(config.call.params,
-                                                     config.call.expected_output_tokens)
+        self._reserve = OutputReserve(config.call.params, config.call.expected_output_tokens)
         self._base_url = options.base_url or config.call.base_url
         self._stop_feeding = asyncio.Event()
         self._abort = asyncio.Event()
@@ -134,8 +133,7 @@ class Run:
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
             self.progress.spent_before_usd = self._budget.spent_before_usd
             self.progress.cap_usd = call.max_cost_usd
-            limiter = RateLimiter(call.rpm, call.tpm, reserve=OutputReserve(
-                call.params, call.expected_output_tokens))
+            limiter = RateLimiter(call.rpm, call.tpm, reserve=self._reserve)
             executor = OnlineExecutor(call, client, limiter, [api_key, *call.secrets()],
                                       self._stop_feeding)
             try:
@@ -248,7 +246,7 @@ class Run:
         """
         while not self._stop_feeding.is_set():
             estimate = 0.0 if self._budget.cap_usd is None else estimate_call_usd(
-                self._price, call.request_json, self._output_tokens)
+                self._price, call.request_json, self._reserve.cap)
             verdict = self._budget.take(self.progress.cost_usd, estimate)
             if verdict is Verdict.GO:
                 return True

@@ -63,14 +63,14 @@ class OutputReserve:
     WINDOW = 50
 
     def __init__(self, params: dict[str, Any], configured: int | None) -> None:
-        self._cap = expected_output_tokens(params, configured)
+        self.cap = expected_output_tokens(params, configured)
         self._fixed = configured is not None
         self._seen: deque[int] = deque(maxlen=self.WINDOW)
 
     def tokens(self) -> int:
         if self._fixed or len(self._seen) < self.WINDOW // 5:
-            return self._cap
-        return min(self._cap, sorted(self._seen)[len(self._seen) * 9 // 10])
+            return self.cap
+        return min(self.cap, sorted(self._seen)[len(self._seen) * 9 // 10])
 
     def note(self, completion_tokens: int) -> None:
         """A reply's `usage.completion_tokens`."""

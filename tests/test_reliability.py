@@ -42,15 +42,22 @@ def test_twenty_kills_at_random_moments_lose_nothing_and_pay_nothing_twice() -> 
     assert "exported 3000 once each" in done.stdout
 
 
+def running_with_every_call_in_flight(make_pipeline: Any, server: SimulatorThread, rows: int,
+                                      drain_s: float) -> tuple[Any, subprocess.Popen[str]]:
+    """A run against a server that never answers, once all its 8 workers have a call out."""
+    pipeline = make_pipeline(rows=questions(rows), base_url=server.url,
+                             call={"concurrency": 8, "drain_s": drain_s, "timeout_s": 60,
+                                   "rpm": 60_000})
+    child = flow_process(pipeline)
+    wait_for_requests(server, min(rows, 8))
+    return pipeline, child
+
+
 @pytest.mark.slow
 def test_second_ctrl_c_stops_at_once_keeping_what_was_received(make_pipeline: Any) -> None:
     # replies never come: only the second Ctrl-C can end the run before drain_s (60 s)
     with SimulatorThread(SimulatorConfig(hang_rate=1.0)) as server:
-        pipeline = make_pipeline(rows=questions(100), base_url=server.url,
-                                 call={"concurrency": 8, "drain_s": 60, "timeout_s": 60,
-                                       "rpm": 60_000})
-        child = flow_process(pipeline)
-        wait_for_requests(server, 8)
+        pipeline, child = running_with_every_call_in_flight(make_pipeline, server, 100, 60)
         child.send_signal(signal.SIGINT)
         assert child.stderr is not None
         while "stopping" not in child.stderr.readline():
@@ -66,11 +73,7 @@ def test_a_stop_with_every_remaining_item_in_flight_ends_after_drain_s(
         make_pipeline: Any) -> None:
     # the tail of every run, or an input smaller than concurrency: the replies never come
     with SimulatorThread(SimulatorConfig(hang_rate=1.0)) as server:
-        pipeline = make_pipeline(rows=questions(6), base_url=server.url,
-                                 call={"concurrency": 8, "rpm": 60_000, "drain_s": 0.5,
-                                       "timeout_s": 60})
-        child = flow_process(pipeline)
-        wait_for_requests(server, 6)
+        pipeline, child = running_with_every_call_in_flight(make_pipeline, server, 6, 0.5)
         child.send_signal(signal.SIGINT)
         assert child.wait(20) == 130
         # ended by the drain, not by the watchdog (which leaves the run `running`)

@@ -62,8 +62,7 @@ class _Progress:
     retried_usage: Usage | None = None
     retried_body: str | None = None
     # when its first attempt went: the time before it waited for the limiter, not the server
-    first_sent_at: str | None = None
-    first_sent: float | None = None
+    first_sent: tuple[str, float] | None = None  # (UTC time, monotonic seconds)
 
     def add_retried(self, body: str, usage: Usage) -> None:
         """Count a paid reply that is retried."""
@@ -177,8 +176,8 @@ class OnlineExecutor:
         if progress.retried_usage is not None:
             result.usage = progress.retried_usage.plus(result.usage)
         result.finished_at = utc_now()
-        if progress.first_sent_at is not None and progress.first_sent is not None:
-            result.started_at, started = progress.first_sent_at, progress.first_sent
+        if progress.first_sent is not None:
+            result.started_at, started = progress.first_sent
         result.latency_ms = round((time.monotonic() - started) * 1000, 1)
         return result
 
@@ -233,8 +232,7 @@ class OnlineExecutor:
         number = len(progress.log) + 1
         started_at = utc_now()
         started = time.monotonic()
-        if progress.first_sent is None:
-            progress.first_sent_at, progress.first_sent = started_at, started
+        progress.first_sent = progress.first_sent or (started_at, started)
 
         def log(status: int | None, outcome: str, error: str | None = None) -> None:
             progress.log.append(Attempt(

@@ -133,11 +133,8 @@ class Simulator:
                 request.transport.write(b"HTTP/1.1 abc OK\r\n\r\n")
                 request.transport.close()
             raise asyncio.CancelledError
-        # what a careless gateway quotes back: every header that carries a credential
-        quoted = " ".join(f"{name}: {value}" for name, value in request.headers.items()
-                          if "auth" in name.lower() or "key" in name.lower())
         if fault and fault.startswith("status="):
-            return self._status_fault(fault.removeprefix("status="), quoted)
+            return self._status_fault(fault.removeprefix("status="), _credentials(request))
         if fault and fault.startswith("finish="):
             finish = fault.removeprefix("finish=")
             finish = None if finish == "none" else finish
@@ -146,7 +143,7 @@ class Simulator:
         if fault == "half":
             reply = '{"text": "half \ud83d an emoji"}'  # half a character, as JSON text
         if fault == "echo":
-            reply = f"{reply} You sent: {quoted}"
+            reply = f"{reply} You sent: {_credentials(request)}"
         self.stats.tokens += prompt_tokens + completion_tokens
         if fault == "malformed":
             return self._respond(200, '{"id": "chatcmpl-broken", "choices": [{"mess')
@@ -281,6 +278,12 @@ class Simulator:
             headers.update(limit.headers(kind, now))
         return web.Response(status=status, text=text, content_type="application/json",
                             headers=headers)
+
+
+def _credentials(request: web.Request) -> str:
+    """What a careless gateway quotes back: every header that carries a credential."""
+    return " ".join(f"{name}: {value}" for name, value in request.headers.items()
+                    if "auth" in name.lower() or "key" in name.lower())
 
 
 def _tool_call(tools: Any, messages: list[Any], digest: str) -> dict[str, Any]:
