@@ -39,7 +39,7 @@ TABLES: dict[str, tuple[str, str]] = {
                "own, the output as plain text when it is a string, the cost rounded to a "
                "millionth of a dollar."),
     "results": ("Results",
-                "One row per item, as flow's own commands read it: outputs are JSON "
+                "One row per item and stage, as flow's own commands read it: outputs are JSON "
                 "(output_text is a string output as plain text), costs unrounded."),
     "runs": ("Runs", "One row per flow run: when, how it ended, what it did and spent."),
     "items": ("Items", "One row per input row and stage: its fields, as JSON, and the "
@@ -52,7 +52,7 @@ TABLES: dict[str, tuple[str, str]] = {
     "migrations": ("Migrations", "The schema migrations applied to this store."),
 }
 
-STATUS = "done, failed or pending"
+STATUS = "done, failed, pending, or skipped (a stage's when: was false)"
 COLUMNS: dict[str, dict[str, str]] = {
     "browse": {
         "row": "line in the input file where the row starts",
@@ -90,6 +90,7 @@ COLUMNS: dict[str, dict[str, str]] = {
         "origin": "the endpoint, or simulator",
         "response_id": "the reply its output came from (shared by items that render the "
                        "same request)",
+        "stopped_at": "the earlier stage whose failure stopped the item before this one",
     },
 }
 

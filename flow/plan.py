@@ -35,16 +35,19 @@ class Action(enum.Enum):
 
 
 def decide(known: Known, key: str, post_key: str, retry_failed: bool = False,
-           error_class: str | None = None, recall: bool = False) -> Action:
+           error_class: str | None = None, recall: bool = False,
+           retry_here: bool = True) -> Action:
     """The action for an item whose current request is `key`, given what the store holds.
 
     `--retry-failed` sends a failed item's request again, except when it failed in a post
     step: then the post steps are applied to its stored reply again (a step fixed in a
-    module), and nothing is paid unless `recall` says so.
+    module), and nothing is paid unless `recall` says so. At a stage it does not name
+    (`--stage`, `retry_here` false) nothing is retried: only what is done goes on.
     """
     current = known.output_key == key
     if retry_failed:
-        if current and known.status == "failed" and error_class in (None, known.error_class):
+        if (current and known.status == "failed" and retry_here
+                and error_class in (None, known.error_class)):
             if known.error_class == "PostError" and known.reply_id is not None and not recall:
                 return Action.POST
             return Action.CALL
@@ -62,6 +65,30 @@ def decide(known: Known, key: str, post_key: str, retry_failed: bool = False,
     return Action.CALL
 
 
+@dataclass
+class RunOptions:
+    """How to run, beyond the pipeline file."""
+
+    simulate: bool = False
+    base_url: str | None = None
+    api_key: str | None = None
+    limit: int | None = None
+    retry_failed: bool = False
+    error_class: str | None = None
+    take_over_store: bool = False
+    recall: bool = False  # --retry-failed: buy replies again even for post-step failures
+    stage: str | None = None  # --retry-failed: only the failures of this stage
+
+    def decide(self, known: Known, key: str, post_key: str, stage: str,
+               fresh: bool = False) -> Action:
+        """The action for an item at `stage`; an item an earlier stage made anew in this
+        run (`fresh`) goes on as in a full run, whatever `--retry-failed` says."""
+        if fresh or not self.retry_failed:
+            return decide(known, key, post_key)
+        return decide(known, key, post_key, True, self.error_class, self.recall,
+                      self.stage in (None, stage))
+
+
 @dataclass(slots=True)
 class Planned:
     """One row on its way: its record, its call (when it renders), or why it fails."""
@@ -71,6 +98,10 @@ class Planned:
     error: ItemError | None
     call: Call | None = None
     known: Known = field(default_factory=Known)
+    # what earlier stages made of the item, by stage name: {"answer": {"output": ...}}
+    upstream: dict[str, Any] = field(default_factory=dict)
+    # an earlier stage made a new output for it in this run: it goes on as in a full run
+    fresh: bool = False
 
 
 def batches(rows: Iterator[Row], size: int = BATCH_ROWS) -> Iterator[list[Row]]:
@@ -87,20 +118,24 @@ def batches(rows: Iterator[Row], size: int = BATCH_ROWS) -> Iterator[list[Row]]:
 
 def prepare(rows: Sequence[Row], builder: RequestBuilder, source: str) -> list[Planned]:
     """Render each row's request and key it (the CPU half of planning a batch)."""
-    prepared = []
-    for row in rows:
-        planned = Planned(row, ItemRecord(row.item_id, row.number, None, None), row.error)
-        if planned.error is None and row.fields is not None:
-            try:
-                request, request_json = builder.build_with_json(
-                    row.fields, f"{source} row {row.number}")
-                key = key_of_json(request_json)
-                planned.call = Call(key, request, request_json)
-                planned.record.request_key = key
-            except TemplateError as e:
-                planned.error = e
-        prepared.append(planned)
-    return prepared
+    return [render_planned(Planned(row, ItemRecord(row.item_id, row.number, None, None),
+                                   row.error), builder, source) for row in rows]
+
+
+def render_planned(planned: Planned, builder: RequestBuilder, source: str) -> Planned:
+    """Render `planned`'s request over its row's fields and earlier stages' outputs, and
+    key it; a template that fails sets its error."""
+    row = planned.row
+    if planned.error is None and row.fields is not None:
+        try:
+            fields = {**row.fields, **planned.upstream} if planned.upstream else row.fields
+            request, request_json = builder.build_with_json(fields, f"{source} row {row.number}")
+            key = key_of_json(request_json)
+            planned.call = Call(key, request, request_json)
+            planned.record.request_key = key
+        except TemplateError as e:
+            planned.error = e
+    return planned
 
 
 class PlanStore(Protocol):
@@ -119,8 +154,8 @@ class PlanStore(Protocol):
     async def save_items(self, stage: str, origin: str,
                          items: Sequence[ItemRecord]) -> None: ...
 
-    async def known(self, stage: str, origin: str,
-                    items: Sequence[tuple[str, str]]) -> dict[str, Known]: ...
+    async def known(self, stage: str, origin: str, items: Sequence[tuple[str, str]],
+                    with_output: bool = False) -> dict[str, Known]: ...
 
 
 @dataclass(slots=True)
@@ -133,12 +168,16 @@ class PlanCounts:
 
 
 class Planner:
-    """Records each batch of rows in the store and looks up what it holds for them."""
+    """Records each batch of items of one stage in the store and looks up what it holds for
+    them; an item that fails here is recorded as stopped at each later stage."""
 
-    def __init__(self, store: PlanStore, origin: str, source: str) -> None:
+    def __init__(self, store: PlanStore, origin: str, source: str, stage: str = STAGE,
+                 later: Sequence[str] = ()) -> None:
         self._store = store
         self._origin = origin
         self._source = source
+        self.stage = stage
+        self._later = list(later)
         self.counts = PlanCounts()
 
     def take_counts(self) -> PlanCounts:
@@ -185,8 +224,27 @@ class Planner:
                 callable_items.append(planned)
         if held:
             await self._store.hold(held)
-        await self._store.save_items(STAGE, self._origin, await self._changed(named))
+        await self.save(named)
+        await self.stop_later([record for record in named if record.error_class is not None])
         return callable_items
+
+    async def save(self, records: list[ItemRecord]) -> None:
+        """Save this stage's records that differ from what the store holds."""
+        await self._store.save_items(self.stage, self._origin,
+                                     await self._changed(self.stage, records))
+
+    async def stop_later(self, failed: Sequence[ItemRecord]) -> None:
+        """Record items that failed at this stage (with their row, class and error) as
+        stopped at every later stage, so that no later stage keeps an output made from what
+        they were before."""
+        if not self._later or not failed:
+            return
+        for stage in self._later:
+            records = [ItemRecord(f.item_id, f.row, None, None, f.error_class,
+                                  f"stopped at stage '{self.stage}': {f.error}",
+                                  stopped_at=self.stage) for f in failed]
+            await self._store.save_items(stage, self._origin,
+                                         await self._changed(stage, records))
 
     async def name_held(self) -> None:
         """Name and save the held rows, the whole input read: `#row7` for a bad row,
@@ -197,7 +255,8 @@ class Planner:
                                   error_class, error)
                        for number, base, error_class, error in chunk]
             await self._claim(records)
-            await self._store.save_items(STAGE, self._origin, await self._changed(records))
+            await self.save(records)
+            await self.stop_later(records)
             after = chunk[-1][0]
 
     async def _claim(self, records: list[ItemRecord]) -> None:
@@ -212,26 +271,27 @@ class Planner:
                 record.item_id = f"{base[id(record)]}#{attempt}"
 
     async def look_up(self, items: list[Planned]) -> None:
-        """Fill in what the store holds for each item (its output, its request's reply)."""
-        known = await self._store.known(STAGE, self._origin, [
-            (p.record.item_id, p.call.key) for p in items if p.call is not None])
+        """Fill in what the store holds for each item (its output, its request's reply; the
+        output's JSON too when a later stage renders from it)."""
+        known = await self._store.known(self.stage, self._origin, [
+            (p.record.item_id, p.call.key) for p in items if p.call is not None],
+            with_output=bool(self._later))
         for planned in items:
             planned.known = known.get(planned.record.item_id, Known())
 
-    async def _changed(self, records: list[ItemRecord]) -> list[ItemRecord]:
+    async def _changed(self, stage: str, records: list[ItemRecord]) -> list[ItemRecord]:
         """The records that differ from what the store holds (most re-runs write nothing).
 
         The row's own fields count too: a field no template reads still shows in `flow show`
         and `flow export --fields`.
         """
-        stored = await self._store.known_items(STAGE, [r.item_id for r in records])
+        stored = await self._store.known_items(stage, [r.item_id for r in records])
         changed = []
         for record in records:
             before = stored.get(record.item_id)
-            if before == (record.row, record.request_key, self._origin, record.error_class,
-                          record.error, record.input):
+            if before == record.stored(self._origin):
                 continue
-            if before is not None and before[1] != record.request_key:
+            if before is not None and before[1] != record.request_key and stage == self.stage:
                 self.counts.rerendered += 1
             changed.append(record)
         return changed

@@ -20,8 +20,23 @@ from flow.limiter import LimiterStats
 
 
 @dataclass
+class StageCounts:
+    """One stage's items so far in a chain: done, failed, and skipped by its `when:`."""
+
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    already_done: int = 0  # done before this run
+
+
+@dataclass
 class RunProgress:
-    """Counters of a run in progress, read by the progress display."""
+    """Counters of a run in progress, read by the progress display.
+
+    In a chain, `done` and `skipped` count items at the last stage and `failed` items that
+    failed at any stage (an item stops at the stage where it fails); `stages` has each
+    stage's own counts.
+    """
 
     total: int = 0  # the input's lines (less a CSV header): known before reading it
     rows: int = 0  # rows read so far
@@ -48,17 +63,26 @@ class RunProgress:
     limits: LimiterStats | None = None
     simulated: bool = False
     stopping: str | None = None
+    stages: dict[str, StageCounts] = field(default_factory=dict)
+    passed_over: int = 0  # items the last stage's `when:` skipped: finished, neither way
 
     @property
     def elapsed_s(self) -> float:
         """Seconds since the run started."""
         return time.monotonic() - self.started
 
-    def observe(self, counters: ExecutorCounters, limits: LimiterStats) -> None:
-        """Take in the executor's counts and the limiter's pace."""
-        self.calls, self.retries = counters.attempts, counters.retries
-        self.rate_limited, self.in_flight = counters.rate_limited, counters.in_flight
+    def observe(self, counters: list[ExecutorCounters], limits: LimiterStats) -> None:
+        """Take in the executors' counts (one per stage) and the first limiter's pace."""
+        self.calls = sum(c.attempts for c in counters)
+        self.retries = sum(c.retries for c in counters)
+        self.rate_limited = sum(c.rate_limited for c in counters)
+        self.in_flight = sum(c.in_flight for c in counters)
         self.limits = limits
+
+    @property
+    def finished(self) -> int:
+        """Items at the end of the chain: done, failed at a stage, or skipped at the last."""
+        return self.done + self.failed + self.passed_over
 
     def counts(self) -> dict[str, int]:
         """What the `runs` row records of the run's items and calls."""
@@ -95,7 +119,7 @@ def _duration(seconds: float) -> str:
 
 def rate_and_eta(progress: RunProgress) -> tuple[float, float | None]:
     """Items finished by calls per second in this run, and seconds left at that rate."""
-    finished = progress.done + progress.failed
+    finished = progress.finished
     rate = progress.completed / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
     left = max(0, progress.total - finished)
     eta = left / rate if rate > 0 else None
@@ -125,7 +149,7 @@ def cost_text(progress: RunProgress) -> str:
     if progress.cap_usd is not None:
         spent = progress.spent_before_usd + progress.cost_usd
         text = f"${spent:.2f} of ${progress.cap_usd:.2f}"
-    left = max(0, progress.total - progress.done - progress.failed)
+    left = max(0, progress.total - progress.finished)
     if progress.completed and left and progress.cost_usd:
         projected = progress.cost_usd * (1 + left / progress.completed)
         text += f" (~${projected:.2f} projected for the run)"
@@ -135,7 +159,7 @@ def cost_text(progress: RunProgress) -> str:
 def describe(progress: RunProgress) -> str:
     """One plain line: counts, rate, ETA, tokens, cost, retries, 429s, failures, limits."""
     rate, eta = rate_and_eta(progress)
-    finished = progress.done + progress.failed
+    finished = progress.finished
     share = f" {100 * finished / progress.total:.0f}%" if progress.total else ""
     parts = [
         f"{finished:,}/{progress.total:,}{share}",
@@ -148,6 +172,8 @@ def describe(progress: RunProgress) -> str:
         f"429s {progress.rate_limited:,}",
         f"failed {progress.failed:,}",
     ]
+    if len(progress.stages) > 1:
+        parts.append(stage_line(progress))
     limits = _limits(progress)
     if limits:
         parts.append(limits)
@@ -158,7 +184,7 @@ def describe(progress: RunProgress) -> str:
 
 def render(progress: RunProgress) -> RenderableType:
     """The live panel for a terminal: a bar and the counters under it."""
-    finished = progress.done + progress.failed
+    finished = progress.finished
     rate, eta = rate_and_eta(progress)
     bar = Table.grid(padding=(0, 1))
     bar.add_row(
@@ -182,12 +208,27 @@ def render(progress: RunProgress) -> RenderableType:
         ("  cost ", "dim"), (cost_text(progress), "bold"),
     )
     lines: list[RenderableType] = [bar, detail]
+    if len(progress.stages) > 1:
+        lines.append(Text(stage_line(progress), style="dim"))
     limits = _limits(progress)
     if limits:
         lines.append(Text(f"pace {limits}", style="dim"))
     if progress.stopping:
         lines.append(Text(f"stopping: {progress.stopping}", style="yellow"))
     return Group(*lines)
+
+
+def stage_line(progress: RunProgress) -> str:
+    """Each stage's counts: `answer 450 done 3 failed · grade 300 done 100 skipped`."""
+    parts = []
+    for name, counts in progress.stages.items():
+        text = f"{name} {counts.done:,} done"
+        if counts.failed:
+            text += f" {counts.failed:,} failed"
+        if counts.skipped:
+            text += f" {counts.skipped:,} skipped"
+        parts.append(text)
+    return " · ".join(parts)
 
 
 def summarize(summary: RunSummary) -> str:
@@ -200,6 +241,8 @@ def summarize(summary: RunSummary) -> str:
         f"cost ${p.cost_usd:.4f}, {_duration(p.elapsed_s)} wall time",
         f"store: {summary.store}",
     ]
+    if len(p.stages) > 1:
+        lines.insert(1, f"by stage: {stage_line(p)} (done includes done before)")
     if p.reused:
         lines.append(f"{p.reused:,} items took their output from a reply already stored or "
                      "bought for another item with the same request: no call, no cost")

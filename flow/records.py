@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-STAGE = "call"  # the one call stage today; `items` and `outputs` are keyed by stage already
+STAGE = "call"  # the stage of a pipeline of one `call:`; a chain names its own stages
 
 _second: list[Any] = [-1, ""]
 
@@ -35,6 +35,13 @@ class ItemRecord:
     request_key: str | None
     error_class: str | None = None
     error: str | None = None
+    skipped: bool = False  # `when:` was false at this stage
+    stopped_at: str | None = None  # the earlier stage whose failure stopped the item
+
+    def stored(self, origin: str) -> tuple[Any, ...]:
+        """What the store's `items` row holds of it, to tell whether it changed."""
+        return (self.row, self.request_key, origin, self.error_class, self.error, self.input,
+                int(self.skipped), self.stopped_at)
 
 
 @dataclass(slots=True)
@@ -173,3 +180,6 @@ class Known:
     response_id: int | None = None
     bought: bool = False
     reply_id: int | None = None
+    # asked for when a later stage renders from the output: its JSON, and why it failed
+    output: str | None = None
+    error: str | None = None

@@ -29,9 +29,10 @@ PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 class RequestBuilder:
     """Renders the configured messages over an item's fields into a chat completion request."""
 
-    def __init__(self, call: CallConfig, where: str = "", timeout_s: float = 10) -> None:
+    def __init__(self, call: CallConfig, where: str = "", timeout_s: float = 10,
+                 key: str = "call") -> None:
         """`where` (the pipeline file) begins every configuration error; `timeout_s` bounds
-        the rendering of one message."""
+        the rendering of one message; `key` is where the call is in the file (`stages[1]`)."""
         self._timeout_s = timeout_s
         env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False,
                                    keep_trailing_newline=True)
@@ -54,10 +55,11 @@ class RequestBuilder:
                 template = env.from_string(message.content)
             except jinja2.TemplateSyntaxError as e:
                 raise ConfigError(
-                    f"{where}call.messages[{index}].content: invalid template at line {e.lineno}: "
+                    f"{where}{key}.messages[{index}].content: invalid template at line {e.lineno}: "
                     f"{e.message}") from None
             self._parts.append((message.role, template))
         self._roles = [json.dumps(role) for role, _ in self._parts]
+        self._labels = [f"{key}.messages[{index}].content" for index in range(len(self._parts))]
         self._static = {index: canonical_json({"content": part, "role": role})
                         for index, (role, part) in enumerate(self._parts)
                         if isinstance(part, str)}
@@ -81,9 +83,9 @@ class RequestBuilder:
                 pieces.append(self._static[index])
                 continue
             if isinstance(part, _Placeholders):
-                content = part.render(fields, index, where)
+                content = part.render(fields, self._labels[index], where)
             else:
-                content = self._render(part, fields, index, where, self._timeout_s)
+                content = render_text(part, fields, self._labels[index], where, self._timeout_s)
             messages.append({"role": role, "content": content})
             pieces.append(f'{{"content":{json.dumps(content, ensure_ascii=False)},'
                           f'"role":{self._roles[index]}}}')
@@ -97,27 +99,44 @@ class RequestBuilder:
         head, _, tail = whole.partition(json.dumps(marker, ensure_ascii=False))
         return head, tail
 
-    @staticmethod
-    def _render(template: jinja2.Template, fields: dict[str, Any], index: int, where: str,
+def render_text(template: jinja2.Template, fields: dict[str, Any], label: str, where: str,
                 timeout_s: float) -> str:
-        try:
-            text = bounded(timeout_s, _render_capped, template, fields)
-        except Stopped:
-            raise TemplateError(f"{where}: call.messages[{index}].content was still rendering "
-                                "when the run was stopped; nothing was sent") from None
-        except OutOfTime:
-            raise TemplateError(f"{where}: call.messages[{index}].content took longer than "
-                                f"{timeout_s:g} s to render (step_timeout_s)") from None
-        except _TooLong:
-            raise TemplateError(f"{where}: call.messages[{index}].content renders to more "
-                                f"than {MAX_RENDERED_CHARS} characters") from None
-        except jinja2.UndefinedError as e:
-            raise TemplateError(
-                f"{where}: call.messages[{index}].content: {_undefined_reason(e)}") from None
-        except Exception as e:  # a sandbox refusal or a filter failing on this row's data
-            raise TemplateError(
-                f"{where}: call.messages[{index}].content: {type(e).__name__}: {e}") from None
-        return text
+    """`template` rendered over `fields`, bounded in time and size; a `TemplateError` that
+    names `where` (the row) and `label` (the key in the file) otherwise."""
+    try:
+        return bounded(timeout_s, _render_capped, template, fields)
+    except Stopped:
+        raise TemplateError(f"{where}: {label} was still rendering when the run was stopped; "
+                            "nothing was sent") from None
+    except OutOfTime:
+        raise TemplateError(f"{where}: {label} took longer than {timeout_s:g} s to render "
+                            "(step_timeout_s)") from None
+    except _TooLong:
+        raise TemplateError(f"{where}: {label} renders to more than {MAX_RENDERED_CHARS} "
+                            "characters") from None
+    except jinja2.UndefinedError as e:
+        raise TemplateError(f"{where}: {label}: {_undefined_reason(e)}") from None
+    except Exception as e:  # a sandbox refusal or a filter failing on this row's data
+        raise TemplateError(f"{where}: {label}: {type(e).__name__}: {e}") from None
+
+
+class Condition:
+    """A stage's `when:`: a Jinja2 expression over the item's fields and earlier outputs,
+    true or false for one item (`{{ x > 1 }}`, or `x > 1` as it is)."""
+
+    FALSE_TEXTS = frozenset({"", "false", "0", "no", "none", "null"})
+
+    def __init__(self, when: str, label: str, timeout_s: float = 10) -> None:
+        env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False)
+        source = when if "{{" in when or "{%" in when else "{{ " + when + " }}"
+        self._template = env.from_string(source)
+        self._label = label
+        self._timeout_s = timeout_s
+
+    def holds(self, fields: dict[str, Any], where: str) -> bool:
+        """Whether the stage applies to this item; a `TemplateError` when it cannot tell."""
+        text = render_text(self._template, fields, self._label, where, self._timeout_s)
+        return text.strip().lower() not in self.FALSE_TEXTS
 
 
 class _Sandbox(SandboxedEnvironment):
@@ -177,18 +196,17 @@ class _Placeholders:
             return None  # `none`, `true`, `range`...: Jinja's own names, left to Jinja
         return cls(literals, names)
 
-    def render(self, fields: dict[str, Any], index: int, where: str) -> str:
+    def render(self, fields: dict[str, Any], label: str, where: str) -> str:
         out = [self._pieces[0]]
         for name, literal in zip(self._names, self._pieces[1:]):
             if name not in fields:
-                raise TemplateError(f"{where}: call.messages[{index}].content: missing "
-                                    f"template field {name!r}")
+                raise TemplateError(f"{where}: {label}: missing template field {name!r}")
             value = fields[name]
             out.append(value if isinstance(value, str) else str(value))
             out.append(literal)
         text = "".join(out)
         if len(text) > MAX_RENDERED_CHARS:
-            raise TemplateError(f"{where}: call.messages[{index}].content renders to "
+            raise TemplateError(f"{where}: {label} renders to "
                                 f"{len(text)} characters, more than {MAX_RENDERED_CHARS}")
         return text
 

@@ -12,7 +12,7 @@ from flow.endpoints.chat import read_stored_reply
 from flow.plan import Planned
 from flow.post import PostProcessor
 from flow.prices import Price, priced_reply
-from flow.progress import RunProgress
+from flow.progress import RunProgress, StageCounts
 from flow.records import STAGE, Attempt, CallResult, OutputRecord, ResponseRecord, Settled, utc_now
 
 
@@ -20,12 +20,16 @@ class Outcomes:
     """Turns results into outputs to commit, counting them as they go."""
 
     def __init__(self, post: PostProcessor, price: Price | None, origin: str,
-                 progress: RunProgress, breaker: Breaker) -> None:
+                 progress: RunProgress, breaker: Breaker, stage: str = STAGE,
+                 last: bool = True) -> None:
         self._post = post
         self._breaker = breaker
         self._price = price
         self.origin = origin
         self._progress = progress
+        self._stage = stage
+        self._last = last  # the chain's last stage: its done items are the run's
+        self.counts = progress.stages.setdefault(stage, StageCounts())
 
     def response(self, result: CallResult) -> ResponseRecord | None:
         """The paid reply to store, with its cost; counted into the run's spend once."""
@@ -48,8 +52,8 @@ class Outcomes:
                 result.error, len(result.attempts)))
         self._count(outputs)
         before = sorted({p.known.response_id for p in items if p.known.response_id is not None})
-        return Settled(STAGE, self.origin, result.call.key, result.finished_at, response,
-                       attempts, outputs, before)
+        return Settled(self._stage, self.origin, result.call.key, result.finished_at,
+                       response, attempts, outputs, before)
 
     def from_stored(self, items: list[Planned], bodies: dict[int, str]) -> Settled:
         """The outputs stored replies give `items` (their post steps or requests changed)."""
@@ -69,13 +73,34 @@ class Outcomes:
             outputs.append(output)
         self._count(outputs)
         self._progress.reused += len(outputs)
-        return Settled(STAGE, self.origin, "", utc_now(), None, [], outputs, sorted(reassign))
+        return Settled(self._stage, self.origin, "", utc_now(), None, [], outputs,
+                       sorted(reassign))
 
     def _count(self, outputs: list[OutputRecord]) -> None:
         for output in outputs:
             if output.status == "done":
-                self._progress.done += 1
+                self.counts.done += 1
+                self._progress.done += self._last
                 self._progress.truncated += output.truncated
             else:
-                self._progress.failed += 1
+                self.count_failed()
             self._breaker.observe(output.error_class, output.error)
+
+    def count_failed(self, items: int = 1) -> None:
+        """Items failed at this stage: failed for the run too (they stop here)."""
+        self.counts.failed += items
+        self._progress.failed += items
+
+    def count_done_before(self, items: int) -> None:
+        """Items whose output at this stage was done before this run."""
+        self.counts.done += items
+        self.counts.already_done += items
+        if self._last:
+            self._progress.done += items
+            self._progress.skipped += items
+
+    def count_skipped(self, items: int) -> None:
+        """Items this stage's `when:` skipped; at the last stage they are finished."""
+        self.counts.skipped += items
+        if self._last:
+            self._progress.passed_over += items

@@ -82,18 +82,18 @@ class FakePlanStore:
 
     async def known_items(self, stage: str,
                           item_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
-        return {item_id: (r.row, r.request_key, ORIGIN, r.error_class, r.error, r.input)
+        return {item_id: r.stored(ORIGIN)
                 for item_id in item_ids if (r := self.items.get((stage, item_id)))}
 
     async def save_items(self, stage: str, origin: str, items: Sequence[ItemRecord]) -> None:
         assert origin == ORIGIN
         self.saves.append([ItemRecord(r.item_id, r.row, r.input, r.request_key, r.error_class,
-                                      r.error) for r in items])
+                                      r.error, r.skipped, r.stopped_at) for r in items])
         for record in self.saves[-1]:
             self.items[(stage, record.item_id)] = record
 
-    async def known(self, stage: str, origin: str,
-                    items: Sequence[tuple[str, str]]) -> dict[str, Known]:
+    async def known(self, stage: str, origin: str, items: Sequence[tuple[str, str]],
+                    with_output: bool = False) -> dict[str, Known]:
         self.known_calls.append(list(items))
         return {item_id: self.known_by_id[item_id] for item_id, _ in items
                 if item_id in self.known_by_id}

@@ -37,7 +37,7 @@ def readme_pipelines() -> list[tuple[str, str]]:
     for number, (language, text) in enumerate(BLOCK.findall(README.read_text("utf-8")), 1):
         if language == "yaml":
             config = yaml.safe_load(text)
-            if isinstance(config, dict) and {"load", "call"} <= set(config):
+            if isinstance(config, dict) and "load" in config and ({"call", "stages"} & set(config)):
                 found.append((f"README block {number}", text))
         elif language == "sh":
             files += [name for name in COMMAND_FILE.findall(text) if name not in files]
@@ -56,35 +56,38 @@ def test_the_readme_shows_pipelines_in_blocks_and_runs_pipeline_files() -> None:
     assert any(w.startswith("README block") for w in wheres) and "pipeline.yaml" in wheres
 
 
-@pytest.mark.parametrize("text", [text for _, text in PIPELINES],
-                         ids=[where for where, _ in PIPELINES])
-def test_a_readme_pipeline_runs_green_under_simulate(text: str, tmp_path: Path,
+@pytest.mark.parametrize(("where", "text"), PIPELINES, ids=[where for where, _ in PIPELINES])
+def test_a_readme_pipeline_runs_green_under_simulate(where: str, text: str, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     for name, default in VARIABLE.findall(text):
         if default:
             monkeypatch.delenv(name, raising=False)  # the example's own default applies
         else:
             monkeypatch.setenv(name, f"readme-{name.lower()}")
-    file = tmp_path / "pipeline.yaml"
+    # a pipeline file in a folder (examples/) reads its data from where it sits
+    inside = Path(where).parent if not where.startswith("README") else Path()
+    file = tmp_path / inside / "pipeline.yaml"
+    file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(text, encoding="utf-8")
     config: dict[str, Any] = yaml.safe_load(text)
-    _copy_rows(config["load"]["path"], tmp_path)
-    for step in config.get("post", []):
+    _copy_rows(str(inside / config["load"]["path"]), tmp_path)
+    stages = config.get("stages") or [{"name": "call", "post": config.get("post", [])}]
+    for step in (step for stage in stages for step in stage.get("post", [])):
         if isinstance(step, dict) and "python" in step:
-            _write_step(step["python"], tmp_path)
+            _write_step(step["python"], file.parent)
 
     assert main(["run", str(file), "--simulate"]) == 0
-    with sqlite3.connect(tmp_path / config["store"]) as db:
-        statuses = db.execute("SELECT item_id, status, error FROM results").fetchall()
-    assert len(statuses) == ROWS
-    assert [row for row in statuses if row[1] != "done"] == []
+    with sqlite3.connect(file.parent / config["store"]) as db:
+        statuses = db.execute("SELECT stage, item_id, status, error FROM results").fetchall()
+    assert len(statuses) == ROWS * len(stages)
+    assert [row for row in statuses if row[2] != "done"] == []
 
 
 def _copy_rows(name: str, folder: Path) -> None:
     """The first rows of the repository's data file `name`, at the same place in `folder`."""
-    source = ROOT / name
+    source = (ROOT / name).resolve()
     assert source.is_file(), f"the pipeline reads {name}, which the repository does not ship"
-    target = folder / name
+    target = (folder / name).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     with source.open(encoding="utf-8") as rows, target.open("w", encoding="utf-8") as out:
         lines = rows.readlines()
@@ -104,13 +107,19 @@ def _write_step(target: str, folder: Path) -> None:
 
 def test_the_readme_shows_every_pipeline_key_and_command() -> None:
     from flow.cli import COMMANDS
-    from flow.config.models import CallConfig, LoadConfig, PipelineConfig, RetryConfig
+    from flow.config.models import (
+        CallConfig,
+        LoadConfig,
+        PipelineConfig,
+        RetryConfig,
+        StageConfig,
+    )
 
     text = README.read_text("utf-8")
-    keys = [key for model in (PipelineConfig, LoadConfig, CallConfig, RetryConfig)
+    keys = [key for model in (PipelineConfig, LoadConfig, CallConfig, RetryConfig, StageConfig)
             for key in model.model_fields]
     assert [key for key in keys if f"{key}:" not in text] == []
     assert [command for command in COMMANDS if f"flow {command} " not in text] == []
     options = ("--simulate", "--limit", "--retry-failed", "--error-class", "--recall",
-               "--take-over-store", "--no-input")
+               "--take-over-store", "--no-input", "--stage", "--dry-run")
     assert [option for option in options if option not in text] == []

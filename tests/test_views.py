@@ -117,7 +117,8 @@ def test_a_field_with_quotes_or_dots_is_read_by_its_whole_name(tmp_path: Path) -
     path = tmp_path / "flow.db"
     prepare_store(path)
     with sqlite3.connect(path, isolation_level=None) as db:
-        db.execute("INSERT INTO items VALUES ('call', 'x', 1, ?, NULL, 'o', NULL, NULL, 't')",
+        db.execute("INSERT INTO items VALUES ('call', 'x', 1, ?, NULL, 'o', NULL, NULL, 't', 0, "
+                   "NULL)",
                    (json.dumps({"it's": 1, "a.b": 2, "a": {"b": 3}}),))
         db.execute("DROP VIEW browse")
         db.execute(browse_view_sql(["it's", "a.b", "a"]))

@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --retry-failed: only failures of this class")
     run.add_argument("--recall", action="store_true",
                      help="with --retry-failed: buy replies again for post-step failures too")
+    run.add_argument("--stage", metavar="NAME",
+                     help="with --retry-failed: only the failures of this stage")
     run.add_argument("--take-over-store", action="store_true",
                      help="make a store another pipeline used this pipeline's own")
     run.add_argument("--dry-run", action="store_true",

@@ -31,9 +31,12 @@ def run_command(args: argparse.Namespace, err: Console) -> int:
     from flow.run import RunOptions
 
     config = load_config(args.pipeline)
+    if args.stage and not args.retry_failed:
+        raise FlowError("--stage needs --retry-failed")
     options = RunOptions(simulate=args.simulate, limit=args.limit,
                          retry_failed=args.retry_failed, error_class=args.error_class,
-                         take_over_store=args.take_over_store, recall=args.recall)
+                         take_over_store=args.take_over_store, recall=args.recall,
+                         stage=args.stage)
     if args.dry_run:
         return _dry_run(config, options)
     simulator = None
@@ -69,21 +72,40 @@ def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
         out.print(render_json(request), markup=False)
     for message in report.bad_samples:
         out.print(f"bad row: {message}", style="red", markup=False)
-    cost = report.cost_usd
-    price = ("unknown price for this model: set call.price" if cost is None
-             else f"about ${cost:.4f} at list prices of {PRICES_TAKEN_ON}")
-    out.print(f"dry run against {report.origin}: {report.rows:,} rows; "
-              f"{report.done:,} already done, {report.to_call:,} to call"
-              f"{f' ({report.shared:,} more items share those requests)' if report.shared else ''}, "
-              f"{report.reposts:,} to post-process again, {report.failed_kept:,} failed with a "
-              f"paid response (kept), {report.bad_rows:,} bad rows", markup=False)
+    chained = len(report.stages) > 1
+    if chained:
+        out.print(f"dry run against {report.origin}: {report.rows:,} rows, "
+                  f"{report.bad_rows:,} bad rows", markup=False)
+    for stage in report.stages:
+        shared = f" ({stage.shared:,} more items share those requests)" if stage.shared else ""
+        unknown = (f", {stage.unknown:,} of them after an earlier stage's call (at most)"
+                   if stage.unknown else "")
+        skipped = f", {stage.skipped:,} skipped by when:" if stage.skipped else ""
+        counts = (f"{stage.done:,} already done, {stage.to_call:,} to call{shared}{unknown}, "
+                  f"{stage.reposts:,} to post-process again, {stage.failed_kept:,} failed with "
+                  f"a paid response (kept){skipped}")
+        cost = stage.cost_usd
+        price = ("unknown price for this model: set price:" if cost is None
+                 else f"about ${cost:.4f} at list prices of {PRICES_TAKEN_ON}")
+        tokens = (f"{stage.prompt_tokens:,} prompt tokens + up to {stage.completion_tokens:,} "
+                  f"completion tokens ({stage.model}), {price}")
+        if chained:
+            out.print(f"stage {stage.name}: {counts}", markup=False)
+            out.print(f"stage {stage.name} estimate: {tokens}", markup=False)
+        else:
+            out.print(f"dry run against {report.origin}: {report.rows:,} rows; {counts}, "
+                      f"{report.bad_rows:,} bad rows", markup=False)
     if report.stopped_at_row is not None:
         out.print(f"--limit {options.limit}: the run sends nothing from row "
                   f"{report.stopped_at_row} on, and reads no batch of {BATCH_ROWS:,} rows after "
                   "that row's; the rest is left for a later run", markup=False)
-    out.print(f"estimate: {report.prompt_tokens:,} prompt tokens + up to "
-              f"{report.completion_tokens:,} completion tokens ({report.model}), {price}; "
-              "nothing was called", markup=False)
+    if chained:
+        total = report.cost_usd
+        out.print("estimate for every stage: "
+                  + ("unknown (a model's price is not known)" if total is None
+                     else f"about ${total:.4f}") + "; nothing was called", markup=False)
+    else:
+        out.print(f"estimate: {tokens}; nothing was called", markup=False)
     return EXIT_OK
 
 
@@ -110,7 +132,7 @@ async def _signalled(run: Run, err: Console) -> RunSummary:
         run.request_stop()
         if first:
             err.print(f"\nstopping: finishing {run.progress.in_flight} requests in flight "
-                      f"(up to {run.config.call.drain_s:g} s); press Ctrl-C again to stop now",
+                      f"(up to {run.config.run_keys.drain_s:g} s); press Ctrl-C again to stop now",
                       markup=False)
 
     def on_overdue() -> None:
@@ -121,7 +143,7 @@ async def _signalled(run: Run, err: Console) -> RunSummary:
         os._exit(EXIT_INTERRUPTED)
 
     loop = asyncio.get_running_loop()
-    with StopSignals(loop, on_signal, run.config.call.drain_s, on_overdue):
+    with StopSignals(loop, on_signal, run.config.run_keys.drain_s, on_overdue):
         return await run.execute()
 
 

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 RESERVED_PARAMS = ("model", "messages", "stream", "n")
 BUILTIN_POST_STEPS = ("strip", "json", "lower")
 KEYED_POST_STEPS = ("regex", "python")
+STAGE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # a name templates can use: `{{ answer.output }}`
+# keys that belong to the run, not to one stage: every stage of a chain must agree on them
+RUN_WIDE_KEYS = ("base_url", "endpoint_id", "api_key", "max_cost_usd", "drain_s",
+                 "stop_after_failures")
 
 
 class _Strict(BaseModel):
@@ -138,41 +142,86 @@ class CallConfig(_Strict):
         return params
 
 
+PostSteps = list[str | dict[str, str]]
+
+
+class StageConfig(CallConfig):
+    """One call stage of a chain: its call, when it applies, and its post steps.
+
+    The one-stage form (`call:` and `post:`) is a chain of one stage named `call`.
+    """
+
+    name: str = Field(pattern=STAGE_NAME)
+    # a Jinja2 expression over the row and earlier outputs; false: the stage is skipped
+    when: str | None = Field(default=None, min_length=1)
+    post: PostSteps = Field(default_factory=list)
+
+    @field_validator("post")
+    @classmethod
+    def _known_post_steps(cls, steps: PostSteps) -> PostSteps:
+        return check_post_steps(steps)
+
+
 class PipelineConfig(_Strict):
-    """A whole pipeline file."""
+    """A whole pipeline file: one `call:` with its `post:`, or a chain of `stages:`."""
 
     store: Path
     store_busy_timeout_s: float = Field(default=5, ge=0)
     # the longest one row's templates, or one reply's post steps, may take
     step_timeout_s: float = Field(default=10, gt=0)
     load: LoadConfig
-    call: CallConfig
-    post: list[str | dict[str, str]] = Field(default_factory=list)
+    call: CallConfig | None = None
+    post: PostSteps = Field(default_factory=list)
+    # any call key, inherited by every stage (checked as part of each stage)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageConfig] | None = Field(default=None, min_length=1)
 
     _file: Path = PrivateAttr(default=Path("pipeline.yaml"))
+    _chain: list[StageConfig] | None = PrivateAttr(default=None)
 
     @property
     def file(self) -> Path:
         """The pipeline file this config was read from."""
         return self._file
 
+    @property
+    def chain(self) -> list[StageConfig]:
+        """The call stages in order; the one-stage form is one stage named `call`."""
+        if self.stages is not None:
+            return self.stages
+        if self._chain is None:
+            assert self.call is not None
+            self._chain = [StageConfig(name="call", post=self.post, **dict(self.call))]
+        return self._chain
+
+    @property
+    def run_keys(self) -> StageConfig:
+        """The stage whose run-wide keys (endpoint, key, budget, drain) the run reads: the
+        first; every stage has the same values (checked when the file is read)."""
+        return self.chain[0]
+
     @field_validator("post")
     @classmethod
-    def _known_post_steps(cls, steps: list[str | dict[str, str]]) -> list[str | dict[str, str]]:
-        for index, step in enumerate(steps):
-            if isinstance(step, str):
-                if step not in BUILTIN_POST_STEPS:
-                    raise ValueError(
-                        f"step {index}: unknown step '{step}'; expected one of "
-                        f"{', '.join(BUILTIN_POST_STEPS)}, or a mapping with one of "
-                        f"{', '.join(KEYED_POST_STEPS)}"
-                    )
-            elif len(step) != 1 or next(iter(step)) not in KEYED_POST_STEPS:
+    def _known_post_steps(cls, steps: PostSteps) -> PostSteps:
+        return check_post_steps(steps)
+
+
+def check_post_steps(steps: PostSteps) -> PostSteps:
+    """The steps, or a `ValueError` naming the first one flow does not know."""
+    for index, step in enumerate(steps):
+        if isinstance(step, str):
+            if step not in BUILTIN_POST_STEPS:
                 raise ValueError(
-                    f"step {index}: expected a mapping with exactly one key out of "
-                    f"{', '.join(KEYED_POST_STEPS)}, got {sorted(step)}"
+                    f"step {index}: unknown step '{step}'; expected one of "
+                    f"{', '.join(BUILTIN_POST_STEPS)}, or a mapping with one of "
+                    f"{', '.join(KEYED_POST_STEPS)}"
                 )
-        return steps
+        elif len(step) != 1 or next(iter(step)) not in KEYED_POST_STEPS:
+            raise ValueError(
+                f"step {index}: expected a mapping with exactly one key out of "
+                f"{', '.join(KEYED_POST_STEPS)}, got {sorted(step)}"
+            )
+    return steps
 
 
 def _check_json(value: Any, where: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from flow.config.chain import check_chain, inherit_defaults
 from flow.config.models import PipelineConfig
 from flow.errors import ConfigError
 
@@ -79,13 +80,15 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
         raise ConfigError(f"{file}: invalid YAML: {type(e).__name__}") from None
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else f"a {type(raw).__name__}"
-        raise ConfigError(f"{file}: expected a mapping of keys (store, load, call, post), got {got}")
+        raise ConfigError(f"{file}: expected a mapping of keys (store, load, call, post, or "
+                          f"stages), got {got}")
     _count_values(raw, file)
-    raw = _substitute_env(raw, file, ())
+    raw = inherit_defaults(_substitute_env(raw, file, ()), file)
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_describe_errors(file, e)) from None
+    check_chain(config, file)
     base = file.resolve().parent
     config.store = base / config.store
     config.load.path = base / config.load.path
@@ -203,5 +206,7 @@ def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
         annotation = getattr(field, "annotation", None)
         inner = getattr(annotation, "__args__", None)
         model = inner[0] if inner else annotation
+        while getattr(model, "__origin__", None) is list:  # `stages`: a list of models
+            model = model.__args__[0]
     fields = getattr(model, "model_fields", {})
     return sorted(fields)

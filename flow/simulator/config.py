@@ -38,6 +38,7 @@ class SimulatorStats:
     requests: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
     by_request: Counter[str] = field(default_factory=Counter)
+    by_model: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
     last_headers: dict[str, str] = field(default_factory=dict)
 
@@ -49,6 +50,6 @@ class SimulatorStats:
     def as_json(self) -> dict[str, Any]:
         """A summary for `GET /sim/stats`."""
         return {"requests": self.requests, "distinct": len(self.by_request),
-                "max_per_request": self.max_per_request,
+                "max_per_request": self.max_per_request, "by_model": dict(self.by_model),
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "tokens": self.tokens}

@@ -93,6 +93,7 @@ class Simulator:
                                "The request body is not a valid chat completion request.")
         request_key = content_key(body)
         self.stats.by_request[request_key] += 1
+        self.stats.by_model[model] += 1
         key = self.config.api_key
         if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
             given = request.headers.get("Authorization", "").removeprefix("Bearer ")

@@ -8,7 +8,7 @@ the same contract tests. Reports read only the documented tables and the `result
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -26,8 +26,8 @@ class Store(PlanStore, Protocol):
 
     async def start_run(self, pipeline: Path, origin: str, endpoint: str) -> int: ...
 
-    async def finish_run(self, state: str, message: str | None,
-                         counts: dict[str, int]) -> None: ...
+    async def finish_run(self, state: str, message: str | None, counts: dict[str, int],
+                         stages: Sequence[str] = ...) -> None: ...
 
     async def last_pipeline(self) -> str | None: ...
 
@@ -40,6 +40,8 @@ class Store(PlanStore, Protocol):
     async def begin_seen_ids(self) -> None: ...
 
     async def forget_unseen(self, stage: str) -> int: ...
+
+    async def forget_stages(self, stages: Sequence[str]) -> int: ...
 
     async def reply_bodies(self, response_ids: Iterable[int]) -> dict[int, str]: ...
 

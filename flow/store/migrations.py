@@ -14,6 +14,7 @@ from pathlib import Path
 from flow.errors import StoreError
 from flow.prices import cost_usd, price_for
 from flow.store.sqlite_sql import store_error
+from flow.store.stages_schema import m005_stages
 from flow.store.views import m003_results_output_text_and_browse, m004_truncated_outputs
 
 Migration = Callable[[sqlite3.Connection], None]
@@ -269,6 +270,7 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
 # the views people read, beside the code that makes `browse` again for each store
 migration(m003_results_output_text_and_browse)
 migration(m004_truncated_outputs)
+migration(m005_stages)
 
 
 def _list_cost(model: str, prompt: object, completion: object, cached: object) -> float | None:

@@ -20,7 +20,7 @@ from typing import Any
 import aiosqlite
 
 from flow.errors import StoreError
-from flow.records import ItemRecord, Known, Settled, utc_now
+from flow.records import STAGE, ItemRecord, Known, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.opening import connect_locked, connect_read_only
 from flow.store.sqlite_sql import (
@@ -90,7 +90,8 @@ class SQLiteStore:
         self.run_id = cursor.lastrowid or 0
         return self.run_id
 
-    async def finish_run(self, state: str, message: str | None, counts: dict[str, int]) -> None:
+    async def finish_run(self, state: str, message: str | None, counts: dict[str, int],
+                         stages: Sequence[str] = (STAGE,)) -> None:
         """Flush every pending result, then record the run's end; its spend is what it stored;
         `browse` is made again with the input's fields.
 
@@ -115,7 +116,7 @@ class SQLiteStore:
         # last: `browse` is made from the items, and nothing of the run's record waits on it
         async with self._transaction:
             try:
-                await self._in_thread(refresh_browse_view, self._db._conn)
+                await self._in_thread(refresh_browse_view, self._db._conn, stages)
             except sqlite3.Error as e:
                 raise self._error("cannot make the browse view", e) from None
 
@@ -148,28 +149,30 @@ class SQLiteStore:
         return float(rows[0][0])
 
     async def known_items(self, stage: str, item_ids: Sequence[str]) -> dict[str, tuple[Any, ...]]:
-        """Stored (row, request_key, origin, error_class, error, input) per item id, for
-        those known."""
+        """Stored (row, request_key, origin, error_class, error, input, skipped, stopped_at)
+        per item id, for those known (`ItemRecord.stored`)."""
         found: dict[str, tuple[Any, ...]] = {}
         for chunk in _chunks(item_ids, CHUNK):
             marks = ",".join("?" * len(chunk))
             rows = await self._query(
-                f"SELECT item_id, row, request_key, origin, error_class, error, input FROM items "
-                f"WHERE stage=? AND item_id IN ({marks})", (stage, *chunk))
+                f"SELECT item_id, row, request_key, origin, error_class, error, input, skipped, "
+                f"stopped_at FROM items WHERE stage=? AND item_id IN ({marks})", (stage, *chunk))
             for item_id, *rest in rows:
                 found[item_id] = tuple(rest)
         return found
 
-    async def known(self, stage: str, origin: str,
-                    items: Sequence[tuple[str, str]]) -> dict[str, Known]:
-        """For each (item id, request key): its stored output and its request's latest reply."""
+    async def known(self, stage: str, origin: str, items: Sequence[tuple[str, str]],
+                    with_output: bool = False) -> dict[str, Known]:
+        """For each (item id, request key): its stored output and its request's latest reply;
+        `with_output`: the output's JSON too (a later stage renders from it)."""
         found: dict[str, Known] = {}
         for chunk in _chunks(items, CHUNK):
-            rows = await self._query(known_sql(len(chunk)), (
+            rows = await self._query(known_sql(len(chunk), with_output), (
                 stage, origin, *(value for pair in chunk for value in pair)))
-            for item_id, key, post_key, status, error_class, response_id, bought, reply in rows:
+            for (item_id, key, post_key, status, error_class, response_id, bought, reply,
+                 *output) in rows:
                 found[item_id] = Known(key, post_key, status, error_class, response_id,
-                                       bool(bought), reply)
+                                       bool(bought), reply, *output)
         return found
 
     async def reply_bodies(self, response_ids: Iterable[int]) -> dict[int, str]:
@@ -200,12 +203,14 @@ class SQLiteStore:
                 f"({marks}) AND response_id IS NOT NULL", (stage, *chunk)))
         statements = inserts(
             "INSERT INTO items (stage, item_id, row, input, request_key, origin, error_class, "
-            "error, updated_at) VALUES",
+            "error, skipped, stopped_at, updated_at) VALUES",
             [(stage, item.item_id, item.row, item.input, item.request_key, origin,
-              item.error_class, item.error, now) for item in items],
+              item.error_class, item.error, item.skipped, item.stopped_at, now)
+             for item in items],
             " ON CONFLICT (stage, item_id) DO UPDATE SET row=excluded.row, "
             "input=excluded.input, request_key=excluded.request_key, origin=excluded.origin, "
             "error_class=excluded.error_class, error=excluded.error, "
+            "skipped=excluded.skipped, stopped_at=excluded.stopped_at, "
             "updated_at=excluded.updated_at")
         statements += [reassign_payer(list(chunk)) for chunk in _chunks(used, CHUNK)]
         await self._write("cannot write items", statements)
@@ -249,6 +254,23 @@ class SQLiteStore:
                     f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", names):
                 first[item_id] = row
         return first
+
+    async def forget_stages(self, stages: Sequence[str]) -> int:
+        """Drop the items and outputs of stages the pipeline no longer has (replies stay,
+        and one they paid for is credited to another item that uses it)."""
+        marks = ",".join("?" * len(stages))
+        gone_where = f"stage NOT IN ({marks})"
+        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {gone_where}",
+                                      stages))[0]
+        gone = [reply for (reply,) in await self._query(
+            f"SELECT DISTINCT response_id FROM outputs WHERE {gone_where} AND bought", stages)]
+        if not count and not gone:
+            return 0
+        await self._write("cannot write", [
+            (f"DELETE FROM outputs WHERE {gone_where}", list(stages)),
+            (f"DELETE FROM items WHERE {gone_where}", list(stages)),
+            *(reassign_payer(list(chunk)) for chunk in _chunks(gone, CHUNK))])
+        return int(count)
 
     async def forget_unseen(self, stage: str) -> int:
         """Drop the items of rows this run did not read (gone from the input); replies stay,

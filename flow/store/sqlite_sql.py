@@ -122,14 +122,16 @@ def run_in_transaction(db: sqlite3.Connection, statements: list[Statement]) -> N
         raise
 
 
-def known_sql(items: int) -> str:
+def known_sql(items: int, with_output: bool = False) -> str:
     """For `items` (item id, request key) pairs bound from ?3 on, with the stage as ?1 and
-    the origin as ?2: each item's output, and its request's latest reply.
+    the origin as ?2: each item's output, and its request's latest reply; `with_output`:
+    the output's JSON and error last.
 
     An output already done for the same request needs no look into `responses` (a re-run
     over a million done items makes a million of these).
     """
     wanted = ", ".join(f"(?{3 + 2 * n}, ?{4 + 2 * n})" for n in range(items))
+    output = ", outputs.output, outputs.error" if with_output else ""
     return f"""
         WITH wanted (item_id, request_key) AS (VALUES {wanted})
         SELECT wanted.item_id, outputs.request_key, outputs.post_key, outputs.status,
@@ -138,7 +140,7 @@ def known_sql(items: int) -> str:
                       AND outputs.status = 'done' THEN outputs.response_id
                  ELSE (SELECT MAX(id) FROM responses
                        WHERE responses.request_key = wanted.request_key
-                         AND responses.origin = ?2) END
+                         AND responses.origin = ?2) END{output}
         FROM wanted LEFT JOIN outputs ON outputs.stage = ?1
             AND outputs.item_id = wanted.item_id AND outputs.origin = ?2"""
 

@@ -24,6 +24,7 @@ from flow.store.sqlite_sql import run_in_transaction
 SAMPLE_ROWS = 1000  # rows read for their fields when `browse` is made again
 MAX_FIELDS = 50  # field columns at most; wider inputs keep the rest in `input`
 FIELD_PREFIX = "input_"  # for a field whose name a column of `browse` already has
+OUTPUT_SUFFIX = "_output"  # an earlier stage's output in `browse`: `answer_output`
 BROWSE_COLUMNS = ("row", "item_id", "output", "status", "truncated", "error_class", "error",
                   "cost_usd", "prompt_tokens", "completion_tokens", "model", "finished_at",
                   "input")
@@ -151,14 +152,20 @@ def m004_truncated_outputs(db: sqlite3.Connection) -> None:
         ORDER BY results.row""")
 
 
-def browse_view_sql(fields: Sequence[str]) -> str:
-    """`CREATE VIEW browse` with a column for each of the input's `fields` after `item_id`."""
+def browse_view_sql(fields: Sequence[str], stages: Sequence[str] = (STAGE,)) -> str:
+    """`CREATE VIEW browse` with a column for each of the input's `fields` after `item_id`:
+    the last stage's results, each earlier stage's output beside them (`<stage>_output`)."""
     extra = "".join(f"\n    items.input ->> {_text(_path(field))} AS {_name(column)},"
-                    for field, column in field_columns(fields))
+                    for field, column in field_columns(fields, stages[:-1]))
+    earlier = "".join(f"\n    COALESCE(s{n}.output_text, s{n}.output) AS "
+                      f"{_name(name + OUTPUT_SUFFIX)},"
+                      for n, name in enumerate(stages[:-1]))
+    joins = "".join(f"\nLEFT JOIN results AS s{n} ON s{n}.stage = {_text(name)} "
+                    f"AND s{n}.item_id = results.item_id" for n, name in enumerate(stages[:-1]))
     return f"""CREATE VIEW browse AS
 SELECT
     results.row,
-    results.item_id,{extra}
+    results.item_id,{extra}{earlier}
     COALESCE(results.output_text, results.output) AS output,
     results.status,
     results.truncated,
@@ -171,19 +178,21 @@ SELECT
     results.finished_at,
     items.input
 FROM results
-JOIN items ON items.stage = results.stage AND items.item_id = results.item_id
-WHERE results.stage = {_text(STAGE)}
+JOIN items ON items.stage = {_text(stages[0])} AND items.item_id = results.item_id{joins}
+WHERE results.stage = {_text(stages[-1])}
 ORDER BY results.row"""
 
 
-def field_columns(fields: Sequence[str]) -> list[tuple[str, str]]:
+def field_columns(fields: Sequence[str], earlier: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(field, column name) for the fields `browse` shows in columns of their own.
 
-    A field named like a column of `browse` is shown as `input_<name>`; one that a JSON path
-    cannot name (a `"` in it, or empty), or clashes even so, is left in `input`. SQLite's
-    names are case-insensitive, and so are these clashes.
+    A field named like a column of `browse` (an earlier stage's `<stage>_output` among them)
+    is shown as `input_<name>`; one that a JSON path cannot name (a `"` in it, or empty), or
+    clashes even so, is left in `input`. SQLite's names are case-insensitive, and so are
+    these clashes.
     """
-    taken = {column.lower() for column in BROWSE_COLUMNS}
+    taken = {column.lower() for column in (*BROWSE_COLUMNS,
+                                           *(name + OUTPUT_SUFFIX for name in earlier))}
     columns = []
     for field in fields:
         if not field or '"' in field or any(ord(char) < 32 for char in field):
@@ -219,13 +228,13 @@ def input_fields(db: sqlite3.Connection, stage: str = STAGE) -> list[str]:
     return [field for field, is_id in fields.items() if not is_id]
 
 
-def refresh_browse_view(db: sqlite3.Connection) -> bool:
+def refresh_browse_view(db: sqlite3.Connection, stages: Sequence[str] = (STAGE,)) -> bool:
     """Make `browse` again with the store's input fields; False when it already has them.
 
     Runs on the connection's own thread, in one transaction: a reader sees the old view or
     the new one, never none.
     """
-    sql = browse_view_sql(input_fields(db))
+    sql = browse_view_sql(input_fields(db, stages[0]), stages)
     current = db.execute("SELECT sql FROM sqlite_master WHERE type = 'view' "
                          "AND name = 'browse'").fetchone()
     if current is not None and current[0] == sql:

@@ -1,0 +1,330 @@
+"""One call stage of a run: its items planned, its calls sent, their results settled, and
+each item it finishes handed to the next stage as soon as it is committed.
+
+The first stage reads the input; a later stage reads its `Inbox`, filled by the stage
+before it, so there is no barrier between stages: an item enters stage 2 once its stage-1
+output is on disk. A stage's templates see the row's fields and each earlier stage's
+`output` by name. An item that fails at a stage is recorded as stopped at every later one;
+one whose `when:` is false is recorded as skipped there and goes on without that stage.
+
+Items that render a request already in flight wait for its reply instead of paying for it
+again; the in-flight table changes only under the stage's plan lock, so planning never
+misses a reply committed while it looked up the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flow.budget import Breaker, Budget, Verdict
+from flow.config import PipelineConfig
+from flow.errors import TemplateError
+from flow.inbox import Inbox
+from flow.load import read_rows
+from flow.plan import (
+    BATCH_ROWS,
+    Action,
+    Planned,
+    Planner,
+    RunOptions,
+    batches,
+    prepare,
+    render_planned,
+)
+from flow.post import PostProcessor
+from flow.prices import Price, estimate_call_usd, price_for
+from flow.progress import RunProgress
+from flow.records import Call, CallResult, ItemRecord, OutputRecord
+from flow.render import Condition, RequestBuilder
+from flow.settle import Outcomes
+from flow.store import Store
+from flow.tokens import OutputReserve
+
+INBOX_ITEMS = 4 * BATCH_ROWS  # items waiting for a stage at most: the stage before waits
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    config: PipelineConfig
+    options: RunOptions
+    store: Store
+    origin: str
+    progress: RunProgress
+    budget: Budget
+    breaker: Breaker
+    stop_feeding: asyncio.Event
+    settled: asyncio.Event  # a call sent has its result: the budget may look again
+    stop_if_tripped: Callable[[], None]
+
+
+class Stage:
+    """One stage of the chain: what it renders, sends and makes of replies, and its items
+    on their way. Built before the store opens (config errors first); `attach` starts it."""
+
+    def __init__(self, config: PipelineConfig, index: int, progress: RunProgress,
+                 breaker: Breaker) -> None:
+        chain = config.chain
+        self.config = chain[index]
+        self.name = self.config.name
+        self.first = index == 0
+        key = "call" if config.stages is None else f"stages[{index}]"
+        where = f"{config.file}: "
+        self.builder = RequestBuilder(self.config, where, config.step_timeout_s, key)
+        self.when = (None if self.config.when is None else
+                     Condition(self.config.when, f"{key}.when", config.step_timeout_s))
+        self.post = PostProcessor(self.config.post, config.file.parent, config.step_timeout_s,
+                                  self.config.on_truncated)
+        self.price: Price | None = price_for(self.config.model, self.config.price)
+        self.reserve = OutputReserve(self.config.params, self.config.expected_output_tokens)
+        self.outcomes = Outcomes(self.post, self.price, "", progress, breaker, self.name,
+                                 last=index == len(chain) - 1)
+        self.inbox: Inbox[Planned] | None = None if self.first else Inbox(INBOX_ITEMS)
+        self.next: Stage | None = None
+        self._later = [stage.name for stage in chain[index + 1:]]
+        self._source = config.load.path.name
+        self._in_flight: dict[str, list[Planned]] = {}
+        self._plan_lock = asyncio.Lock()
+        self._run: RunContext | None = None
+        self._planner: Planner | None = None
+
+    def attach(self, run: RunContext) -> None:
+        """Start the stage in a run whose store is open."""
+        self._run = run
+        self.outcomes.origin = run.origin
+        self._planner = Planner(run.store, run.origin, self._source, self.name, self._later)
+
+    async def calls(self) -> AsyncIterator[Call]:
+        """The distinct calls this stage needs, batch after batch.
+
+        The first stage renders batch N+1 while batch N's look-ups run on the store's
+        thread; at the input's end it names held rows and forgets items whose rows are gone.
+        A later stage plans what its inbox holds as it comes.
+        """
+        run, planner = self._context()
+        if not self.first:
+            assert self.inbox is not None
+            while (batch := await self.inbox.take(BATCH_ROWS)) is not None:
+                if run.stop_feeding.is_set():
+                    return
+                calls = await self._plan(batch)
+                for call in calls:
+                    if not await self._may_send(calls, call):
+                        return
+                    yield call
+            return
+        await run.store.begin_seen_ids()
+        planning: asyncio.Task[list[Call]] | None = None
+        try:
+            for rows in itertools.chain(batches(read_rows(run.config.load)), [None]):
+                run.progress.rows += len(rows or ())
+                prepared = prepare(rows, self.builder, self._source) if rows else None
+                if planning is not None:
+                    calls, planning = await planning, None
+                    for call in calls:
+                        if not await self._may_send(calls, call):
+                            return
+                        yield call
+                if prepared is None:
+                    break
+                if run.stop_feeding.is_set():
+                    return
+                planning = asyncio.create_task(self._plan(prepared))
+        finally:
+            if planning is not None:
+                planning.cancel()
+        await planner.name_held()
+        run.progress.input_read = True
+        names = list(run.progress.stages)
+        run.progress.removed = await run.store.forget_unseen(self.name)
+        for name in names[1:]:
+            await run.store.forget_unseen(name)
+        await run.store.forget_stages(names)
+
+    async def _plan(self, prepared: list[Planned]) -> list[Call]:
+        """Record a batch, decide each item, post what stored replies serve, pass on what is
+        done: the batch's new calls."""
+        run, planner = self._context()
+        if self.first:
+            callable_items = await planner.record(prepared)
+        else:
+            callable_items = await self._record(prepared)
+        counts = planner.take_counts()
+        self.outcomes.count_failed(counts.failed)
+        for error_class, error in counts.errors:
+            run.breaker.observe(error_class, error)
+        run.stop_if_tripped()
+        run.progress.rerendered += counts.rerendered
+        async with self._plan_lock:
+            await planner.look_up(callable_items)
+            calls, reposts, done, failed = self._sort(callable_items)
+        if reposts:
+            await self._repost(reposts)
+        await self._forward([(p, p.known.output) for p in done], fresh=False)
+        await planner.stop_later([ItemRecord(p.record.item_id, p.row.number, None, None,
+                                             p.known.error_class, p.known.error)
+                                  for p in failed])
+        return calls
+
+    async def _record(self, entered: list[Planned]) -> list[Planned]:
+        """A later stage's batch: `when:` decided, requests rendered, records saved; the
+        items that can be called. Skipped items go on at once."""
+        run, planner = self._context()
+        records, callable_items, skipped, failed = [], [], [], []
+        for planned in entered:
+            where = f"{self._source} row {planned.row.number}"
+            try:
+                fields = {**(planned.row.fields or {}), **planned.upstream}
+                planned.record.skipped = (self.when is not None
+                                          and not self.when.holds(fields, where))
+            except TemplateError as e:  # the item fails at this stage
+                planned.error = e
+            if planned.record.skipped:
+                skipped.append(planned)
+            elif (error := render_planned(planned, self.builder, self._source).error):
+                planned.record.error_class, planned.record.error = error.error_class, str(error)
+                failed.append(planned.record)
+            else:
+                callable_items.append(planned)
+            records.append(planned.record)
+        await planner.save(records)
+        self.outcomes.count_skipped(len(skipped))
+        self.outcomes.count_failed(len(failed))
+        for record in failed:
+            run.breaker.observe(record.error_class, record.error)
+        await planner.stop_later(failed)
+        await self._forward([(p, None) for p in skipped], fresh=False)
+        return callable_items
+
+    def _sort(self, items: list[Planned]) -> tuple[list[Call], list[Planned], list[Planned],
+                                                   list[Planned]]:
+        """Decide each item: the new calls to send, the items to post from stored replies,
+        those done before and those failed before (with a paid reply)."""
+        run, _ = self._context()
+        calls, reposts, done, failed = [], [], [], []
+        for planned in items:
+            assert planned.call is not None
+            key = planned.call.key
+            action = run.options.decide(planned.known, key, self.post.fingerprint, self.name,
+                                        planned.fresh)
+            if action is Action.SKIP_DONE:
+                done.append(planned)
+            elif action is Action.SKIP_FAILED:
+                failed.append(planned)
+            elif action is Action.POST:
+                reposts.append(planned)
+            elif action is Action.CALL:
+                waiting = self._in_flight.get(key)
+                if waiting is not None:
+                    waiting.append(planned)  # the same request is on its way: share its reply
+                    run.progress.reused += 1
+                    continue
+                self._in_flight[key] = [planned]
+                calls.append(planned.call)
+        self.outcomes.count_done_before(len(done))
+        self.outcomes.count_failed(len(failed))
+        return calls, reposts, done, failed
+
+    async def _may_send(self, calls: list[Call], call: Call) -> bool:
+        """Count `call` as sent, or (stopping, over budget) drop it and the rest of `calls`.
+
+        When the calls in flight are expected to bring spend to the cap, wait for them to
+        settle and look again.
+        """
+        run, _ = self._context()
+        budget, progress = run.budget, run.progress
+        while not run.stop_feeding.is_set():
+            estimate = 0.0 if budget.cap_usd is None else estimate_call_usd(
+                self.price, call.request_json, self.reserve.cap)
+            verdict = budget.take(progress.cost_usd, estimate)
+            if verdict is Verdict.GO:
+                return True
+            if verdict is Verdict.STOP:
+                break
+            run.settled.clear()
+            await run.settled.wait()
+        if budget.reached is not None:
+            progress.stopping = "budget reached"
+        elif budget.limit is not None and budget.sent >= budget.limit:
+            progress.limited = budget.limit
+        for unsent in calls[calls.index(call):]:
+            self._in_flight.pop(unsent.key, None)  # their items stay pending
+        return False
+
+    async def _repost(self, items: list[Planned]) -> None:
+        """Make outputs from stored replies (post steps or the items changed): no call."""
+        run, _ = self._context()
+        bodies = await run.store.reply_bodies(p.known.reply_id for p in items
+                                              if p.known.reply_id is not None)
+        settled = self.outcomes.from_stored(items, bodies)
+        await run.store.save(settled)
+        await self._pass_on(items, settled.outputs)
+
+    async def deliver(self, result: CallResult) -> None:
+        """Post-process a call's result for every item waiting on it, commit it all, and
+        pass the items on."""
+        run, _ = self._context()
+        key = result.call.key
+        run.budget.settle()
+        run.settled.set()
+        if result.unsent:
+            async with self._plan_lock:
+                self._in_flight.pop(key, None)
+            return
+        waiting = self._in_flight[key]
+        taken = len(waiting)
+        response = self.outcomes.response(result)
+        settled = self.outcomes.for_result(result, waiting, response, result.attempts)
+        settled.outputs[0].bought = response is not None
+        await run.store.save(settled)
+        if self.next is None:
+            run.progress.completed += taken
+        run.stop_if_tripped()
+        async with self._plan_lock:
+            late = self._in_flight.pop(key)[taken:]
+        outputs = settled.outputs
+        if late:
+            # items that came to wait while the result was being committed
+            more = self.outcomes.for_result(result, late, None, [])
+            for output in more.outputs:
+                output.response_id = response.id if response is not None else None
+            await run.store.save(more)
+            outputs = outputs + more.outputs
+        await self._pass_on(waiting[:taken] + late, outputs)
+
+    async def _pass_on(self, items: list[Planned], outputs: list[OutputRecord]) -> None:
+        """Hand the items made anew here to the next stage; record the failed ones as
+        stopped at every later stage."""
+        _, planner = self._context()
+        done = [(p, o.output) for p, o in zip(items, outputs) if o.status == "done"]
+        await self._forward(done, fresh=True)
+        await planner.stop_later([
+            ItemRecord(o.item_id, p.row.number, None, None, o.error_class, o.error)
+            for p, o in zip(items, outputs) if o.status != "done"])
+
+    async def _forward(self, items: list[tuple[Planned, str | None]], fresh: bool) -> None:
+        """Hand items to the next stage, each with this stage's output (None: skipped here,
+        so templates after see no `<stage>` at all)."""
+        if self.next is None or not items:
+            return
+        assert self.next.inbox is not None
+        entered = []
+        for planned, output in items:
+            upstream: dict[str, Any] = dict(planned.upstream)
+            if output is not None:
+                upstream[self.name] = {"output": json.loads(output)}
+            entered.append(Planned(planned.row, ItemRecord(planned.record.item_id,
+                                                           planned.row.number, None, None),
+                                   None, upstream=upstream, fresh=fresh or planned.fresh))
+        await self.next.inbox.put(entered)
+
+    def _context(self) -> tuple[RunContext, Planner]:
+        assert self._run is not None and self._planner is not None
+        return self._run, self._planner
+
