@@ -18,11 +18,12 @@ import string
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from flow.errors import MissingExtraError, StoreError
+from flow.store.views import OUTPUT_SUFFIX
 
 FACETS = ["status", "error_class"]
 URL_SAFE = string.ascii_letters + string.digits + "_-"
@@ -120,9 +121,14 @@ def browse_columns(store: Path) -> list[str]:
     return columns
 
 
-def datasette_metadata(store: Path, pipeline: Path, columns: list[str]) -> dict[str, Any]:
-    """Datasette's metadata for `store`, whose `browse` view has `columns`."""
-    described = {column: COLUMNS["browse"].get(column, "an input field") for column in columns}
+def datasette_metadata(store: Path, pipeline: Path, columns: list[str],
+                       stages: Sequence[str] = ()) -> dict[str, Any]:
+    """Datasette's metadata for `store`, whose `browse` view has `columns`; `stages` are the
+    pipeline's stages, in order (each earlier one's output has a column)."""
+    outputs = {name + OUTPUT_SUFFIX: f"the output of stage {name}, before the last stage's"
+               for name in stages[:-1]}
+    described = {column: COLUMNS["browse"].get(column) or outputs.get(column, "an input field")
+                 for column in columns}
     tables: dict[str, dict[str, Any]] = {
         name: {"title": title, "description": description}
         for name, (title, description) in TABLES.items()}
@@ -162,14 +168,14 @@ def browse_url(store: Path, host: str, port: int, columns: list[str]) -> str:
 
 
 def serve_store(store: Path, pipeline: Path, host: str, port: int,
-                on_start: Callable[[str], None]) -> int:
+                on_start: Callable[[str], None], stages: Sequence[str] = ()) -> int:
     """Run Datasette on `store` until it stops (Ctrl-C), telling `on_start` the address of
     the `browse` view first; Datasette's exit code."""
     if not has_datasette():
         raise MissingExtraError("flow browse needs Datasette, an optional extra: "
                                 "pip install 'flow[browse]'")
     columns = browse_columns(store)
-    metadata = datasette_metadata(store, pipeline, columns)
+    metadata = datasette_metadata(store, pipeline, columns, stages)
     with tempfile.TemporaryDirectory(prefix="flow-browse-") as folder:
         metadata_file = Path(folder) / "metadata.json"
         metadata_file.write_text(json.dumps(metadata, indent=2), encoding="utf-8")
