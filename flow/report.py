@@ -1,33 +1,36 @@
-"""Read a store: status counts, failures, one item in full, and exports.
+"""Read a store: status counts, failures and one item in full (`export.py` writes results).
 
 These open the store read-only with the standard `sqlite3` module, so they work while a run
 is writing (WAL readers never block the writer) and on a read-only mount, and never change
 what they read. They read only what `docs/store.md` documents (the `results` view and the
 tables beneath it), the same SQL a person would write.
+
+Each takes the pipeline's stage names in order. A chain is read stage by stage; what it says
+of a whole item is its last stage's word on the items of its first (an item has a row at a
+later stage only once it has reached it, so a missing row there is pending).
 """
 
 from __future__ import annotations
 
-import csv
+import heapq
+import itertools
 import json
-import os
 import sqlite3
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from flow.errors import ConfigError, StoreError
 from flow.records import STAGE
 from flow.store.read_only import read_only_uri
 
-EXPORT_FORMATS = ("jsonl", "csv")
-EXPORT_COLUMNS = ("id", "status", "output", "truncated", "error_class", "error")
+FAILURE_COLUMNS = ("id", "row", "error_class", "error", "attempts")
 
 
 @contextmanager
-def _open_read_only(path: Path) -> Iterator[sqlite3.Connection]:
+def open_read_only(path: Path) -> Iterator[sqlite3.Connection]:
     """The store at `path`, read-only; a clear error when there is none yet."""
     if not path.exists():
         raise StoreError(f"{path}: no store yet; run the pipeline first")
@@ -52,32 +55,49 @@ def _open_read_only(path: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def store_status(path: Path) -> dict[str, Any]:
+def stage_named(stages: Sequence[str], name: str) -> str:
+    """`name` if the pipeline has a stage of that name, else a ConfigError naming them."""
+    if name not in stages:
+        raise ConfigError(f"--stage: the pipeline has no stage {name!r}; its stages are "
+                          + ", ".join(stages))
+    return name
+
+
+@dataclass
+class _Tally:
+    """One stage's results counted: by status, failed by class, done by origin, and spend."""
+
+    by_status: dict[str, int] = field(default_factory=dict)
+    by_error: dict[str, int] = field(default_factory=dict)
+    by_origin: dict[str, int] = field(default_factory=dict)
+    failed_here: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+
+def store_status(path: Path, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]:
     """Counts by status and error class, tokens and cost, and the history of runs.
 
     Money is read from `responses`, where each paid reply is counted once: the runs' cost,
     the budget cap and the total here are the same sum. The part of it that bought the
     current results is the sum of the `results` view's `cost_usd`; the rest paid for
     requests no item renders any more (an edited template, a re-bought reply).
+
+    For a chain the counts are the last stage's over the first stage's items, and `stages`
+    counts each stage (`failed_here`: failed at that stage, not stopped by an earlier one).
     """
-    with _open_read_only(path) as db:
-        by_status: dict[str, int] = {}
-        by_error: dict[str, int] = {}
-        results_cost = 0.0
-        # one pass over the view; `stage` lets SQLite read items through a covering index
-        for status, error_class, count, cost in db.execute(
-                "SELECT status, error_class, COUNT(*), SUM(cost_usd) FROM results "
-                f"WHERE stage = '{STAGE}' GROUP BY 1, 2"):
-            by_status[status] = by_status.get(status, 0) + count
-            results_cost += cost or 0.0
-            if status == "failed":
-                by_error[error_class] = by_error.get(error_class, 0) + count
-        by_error = dict(sorted(by_error.items(), key=lambda item: -item[1]))
-        (truncated,) = db.execute("SELECT COUNT(*) FROM outputs "
-                                  "WHERE stage = ? AND truncated", (STAGE,)).fetchone()
-        origins = dict(db.execute(
-            f"SELECT origin, COUNT(*) FROM results WHERE stage = '{STAGE}' AND status = 'done' "
-            "GROUP BY origin").fetchall())
+    chained = len(stages) > 1
+    with open_read_only(path) as db:
+        tallies = [_tally(db, stage, chained) for stage in stages]
+        (truncated,) = db.execute(
+            "SELECT COUNT(*) FROM outputs WHERE stage = ? AND truncated" if not chained else
+            f"SELECT COUNT(*) FROM outputs WHERE stage IN ({', '.join('?' * len(stages))}) "
+            "AND truncated", tuple(stages)).fetchone()
+        if not chained:
+            tallies[0].by_origin = dict(db.execute(
+                f"SELECT origin, COUNT(*) FROM results WHERE stage = {sql_text(stages[0])} "
+                "AND status = 'done' GROUP BY origin").fetchall())
         prompt, completion, cost, replies = db.execute(
             "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
             "COALESCE(SUM(cost_usd), 0), COUNT(*) FROM responses").fetchone()
@@ -86,193 +106,168 @@ def store_status(path: Path) -> dict[str, Any]:
                 for row in db.execute(
                     "SELECT id, started_at, finished_at, state, origin, items_done, "
                     "items_failed, items_skipped, calls_made, cost_usd FROM runs ORDER BY id")]
-    counts = {status: by_status.get(status, 0) for status in ("done", "failed", "pending")}
-    return {"store": str(path), "items": sum(by_status.values()), **counts,
-            "failed_by_error_class": by_error, "done_by_origin": origins,
+    items = sum(tallies[0].by_status.values())
+    last = tallies[-1]
+    counts: dict[str, Any] = {name: last.by_status.get(name, 0)
+                              for name in ("done", "failed", "pending")}
+    if chained:
+        counts["skipped"] = last.by_status.get("skipped", 0)
+        counts["pending"] = items - counts["done"] - counts["failed"] - counts["skipped"]
+        counts["stages"] = [_stage_counts(name, tally, items)
+                            for name, tally in zip(stages, tallies)]
+    by_error = dict(sorted(last.by_error.items(), key=lambda item: -item[1]))
+    return {"store": str(path), "items": items, **counts,
+            "failed_by_error_class": by_error, "done_by_origin": last.by_origin,
             "truncated": truncated,
             "tokens": {"prompt": prompt, "completion": completion},
-            "cost_usd": round(cost, 6), "cost_of_results_usd": round(results_cost, 6),
+            "cost_usd": round(cost, 6),
+            "cost_of_results_usd": round(sum(tally.cost for tally in tallies), 6),
             "replies_paid": replies,
             "attempts": sum(run["calls_made"] for run in runs), "runs": runs}
 
 
-def list_failures(path: Path, error_class: str | None = None,
-                  limit: int | None = None) -> list[dict[str, Any]]:
-    """Failed items in input order, with error class, message and attempts."""
+def _tally(db: sqlite3.Connection, stage: str, chained: bool) -> _Tally:
+    """One pass over a stage's results; `stage` lets SQLite read items through a covering
+    index. One stage reads what it always did (and so a store from before chains)."""
+    tally = _Tally()
+    if chained:
+        rows = db.execute(
+            "SELECT status, error_class, COUNT(*), SUM(cost_usd), stopped_at IS NULL, "
+            "SUM(prompt_tokens), SUM(completion_tokens), origin FROM results "
+            f"WHERE stage = {sql_text(stage)} GROUP BY 1, 2, 5, 8").fetchall()
+    else:
+        rows = [(*row, True, 0, 0, None) for row in db.execute(
+            "SELECT status, error_class, COUNT(*), SUM(cost_usd) FROM results "
+            f"WHERE stage = {sql_text(stage)} GROUP BY 1, 2")]
+    for status, error_class, count, cost, here, prompt, completion, origin in rows:
+        tally.by_status[status] = tally.by_status.get(status, 0) + count
+        tally.cost += cost or 0.0
+        tally.prompt_tokens += prompt or 0
+        tally.completion_tokens += completion or 0
+        if status == "failed":
+            tally.by_error[error_class] = tally.by_error.get(error_class, 0) + count
+            tally.failed_here += count if here else 0
+        if chained and status == "done":
+            tally.by_origin[origin] = tally.by_origin.get(origin, 0) + count
+    return tally
+
+
+def _stage_counts(stage: str, tally: _Tally, items: int) -> dict[str, Any]:
+    """A stage's line in `flow status`: an item with no row there yet is pending there."""
+    done, failed, skipped = (tally.by_status.get(name, 0)
+                             for name in ("done", "failed", "skipped"))
+    return {"stage": stage, "done": done, "failed": failed,
+            "pending": items - done - failed - skipped, "skipped": skipped,
+            "failed_here": tally.failed_here, "prompt_tokens": tally.prompt_tokens,
+            "completion_tokens": tally.completion_tokens, "cost_usd": round(tally.cost, 6)}
+
+
+def list_failures(path: Path, error_class: str | None = None, limit: int | None = None,
+                  stages: Sequence[str] = (STAGE,), stage: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """Failed items in input order, with error class, message and attempts.
+
+    In a chain, each failure at the stage where it happened (not again at the later stages
+    it stopped), with that `stage`; `stage` keeps one stage's.
+    """
+    chained = len(stages) > 1
+    shown = [stage_named(stages, stage)] if stage is not None else list(stages)
     where = " AND error_class=?" if error_class else ""
-    sql = ("SELECT item_id, row, error_class, error, attempts FROM results "
-           f"WHERE stage = '{STAGE}' AND status = 'failed'{where} ORDER BY row"
-           + (f" LIMIT {int(limit)}" if limit else ""))
-    with _open_read_only(path) as db:
-        rows = db.execute(sql, (error_class,) if error_class else ()).fetchall()
-    return [dict(zip(("id", "row", "error_class", "error", "attempts"), row)) for row in rows]
+    if chained:
+        where = " AND stopped_at IS NULL" + where
+    with open_read_only(path) as db:
+        # each stage in input order, merged: a stage's failures read as one stage's do
+        per_stage = [
+            [(row[1], order, name, row) for row in db.execute(
+                "SELECT item_id, row, error_class, error, attempts FROM results "
+                f"WHERE stage = {sql_text(name)} AND status = 'failed'{where} ORDER BY row"
+                + (f" LIMIT {int(limit)}" if limit else ""),
+                (error_class,) if error_class else ())]
+            for order, name in enumerate(shown)]
+    merged = itertools.islice(heapq.merge(*per_stage), limit or None)
+    if not chained:
+        return [dict(zip(FAILURE_COLUMNS, row)) for _, _, _, row in merged]
+    return [{"id": row[0], "stage": name, **dict(zip(FAILURE_COLUMNS[1:], row[1:]))}
+            for _, _, name, row in merged]
 
 
-def show_item(path: Path, item_id: str) -> dict[str, Any]:
-    """One item in full: input, the exact request, the raw reply, output, every attempt."""
-    with _open_read_only(path) as db:
-        found = db.execute(
-            "SELECT items.stage, items.row, items.input, items.request_key, items.origin, "
-            "results.status, results.output, results.error_class, results.error, "
-            "results.response_id, results.cost_usd, results.truncated FROM items JOIN results "
-            "ON results.stage = items.stage AND results.item_id = items.item_id "
-            "WHERE items.item_id=? ORDER BY items.stage", (item_id,)).fetchone()
+def show_item(path: Path, item_id: str, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]:
+    """One item in full: input, the exact request, the raw reply, output, every attempt.
+
+    For a chain: the input once, the item's status (its last stage's), and each stage in
+    full; a stage it has not reached yet is pending there.
+    """
+    with open_read_only(path) as db:
+        if len(stages) == 1:
+            item = _show_stage(db, stages[0], item_id, chained=False)
+            if item is None:
+                raise ConfigError(f"{path}: no item with id {item_id!r}")
+            return item
+        found = db.execute("SELECT row, input FROM items WHERE stage = ? AND item_id = ?",
+                           (stages[0], item_id)).fetchone()
         if found is None:
             raise ConfigError(f"{path}: no item with id {item_id!r}")
-        (stage, row, raw_input, key, origin, status, output, error_class, error, response_id,
-         paid, truncated) = found
-        item: dict[str, Any] = {"id": item_id, "stage": stage, "row": row,
-                                "input": _loads(raw_input), "request_key": key,
-                                "status": status, "output": _loads(output),
-                                "truncated": bool(truncated),
-                                "error_class": error_class, "error": error}
-        reply = db.execute(
-            "SELECT id, model, request, body, prompt_tokens, completion_tokens, cost_usd, "
-            "attempts, latency_ms, started_at, finished_at, run_id FROM responses "
-            "WHERE request_key=? AND origin=? AND (id=? OR ? IS NULL) ORDER BY id DESC LIMIT 1",
-            (key, origin, response_id, response_id)).fetchone()
-        if reply is not None:
-            (reply_id, model, request, body, prompt, completion, cost, attempts, latency,
-             started, finished, run_id) = reply
-            item.update(model=model, request=_loads(request), response=_loads(body),
-                        response_id=reply_id, tokens={"prompt": prompt, "completion": completion},
-                        cost_usd=cost, paid_by_this_item=bool(paid) or cost in (None, 0),
-                        latency_ms=latency, started_at=started, finished_at=finished)
-        item["attempts"] = [
-            dict(zip(("run", "number", "started_at", "latency_ms", "status_code",
-                      "outcome", "error", "wait_s"), attempt))
-            for attempt in db.execute(
-                "SELECT run_id, number, started_at, latency_ms, status_code, outcome, "
-                "error, wait_s FROM attempts WHERE request_key=? AND origin=? "
-                "ORDER BY rowid", (key, origin))]
-        if not item["attempts"] and reply is not None and attempts == 1:
-            # a reply at its first attempt: its `responses` row says it all
-            item["attempts"] = [{"run": run_id, "number": 1, "started_at": started,
-                                 "latency_ms": latency, "status_code": 200, "outcome": "ok",
-                                 "error": None, "wait_s": None}]
+        shown = [_show_stage(db, stage, item_id, chained=True) or
+                 {"stage": stage, "status": "pending"} for stage in stages]
+    return {"id": item_id, "row": found[0], "input": json_or_text(found[1]),
+            "status": shown[-1]["status"], "stages": shown}
+
+
+def _show_stage(db: sqlite3.Connection, stage: str, item_id: str,
+                chained: bool) -> dict[str, Any] | None:
+    """The item at one stage, or None when it has no row there."""
+    found = db.execute(
+        "SELECT items.row, items.input, items.request_key, items.origin, "
+        "results.status, results.output, results.error_class, results.error, "
+        "results.response_id, results.cost_usd, results.truncated, "
+        f"{'results.stopped_at' if chained else 'NULL'} FROM items JOIN results "
+        "ON results.stage = items.stage AND results.item_id = items.item_id "
+        "WHERE items.stage = ? AND items.item_id = ?", (stage, item_id)).fetchone()
+    if found is None:
+        return None
+    (row, raw_input, key, origin, status, output, error_class, error, response_id,
+     paid, truncated, stopped_at) = found
+    head = ({"stage": stage} if chained else
+            {"id": item_id, "stage": stage, "row": row, "input": json_or_text(raw_input)})
+    item: dict[str, Any] = {**head, "request_key": key, "status": status,
+                            "output": json_or_text(output), "truncated": bool(truncated),
+                            "error_class": error_class, "error": error}
+    if chained:
+        item["stopped_at"] = stopped_at
+    reply = db.execute(
+        "SELECT id, model, request, body, prompt_tokens, completion_tokens, cost_usd, "
+        "attempts, latency_ms, started_at, finished_at, run_id FROM responses "
+        "WHERE request_key=? AND origin=? AND (id=? OR ? IS NULL) ORDER BY id DESC LIMIT 1",
+        (key, origin, response_id, response_id)).fetchone()
+    if reply is not None:
+        (reply_id, model, request, body, prompt, completion, cost, attempts, latency,
+         started, finished, run_id) = reply
+        item.update(model=model, request=json_or_text(request), response=json_or_text(body),
+                    response_id=reply_id, tokens={"prompt": prompt, "completion": completion},
+                    cost_usd=cost, paid_by_this_item=bool(paid) or cost in (None, 0),
+                    latency_ms=latency, started_at=started, finished_at=finished)
+    item["attempts"] = [
+        dict(zip(("run", "number", "started_at", "latency_ms", "status_code",
+                  "outcome", "error", "wait_s"), attempt))
+        for attempt in db.execute(
+            "SELECT run_id, number, started_at, latency_ms, status_code, outcome, "
+            "error, wait_s FROM attempts WHERE request_key=? AND origin=? "
+            "ORDER BY rowid", (key, origin))]
+    if not item["attempts"] and reply is not None and attempts == 1:
+        # a reply at its first attempt: its `responses` row says it all
+        item["attempts"] = [{"run": run_id, "number": 1, "started_at": started,
+                             "latency_ms": latency, "status_code": 200, "outcome": "ok",
+                             "error": None, "wait_s": None}]
     return item
 
 
-def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str | None = None,
-                   only: str | None = None, fields: list[str] | None = None,
-                   with_input: bool = True, id_field: str | None = None) -> int:
-    """Write one record per item in input order; to `out` atomically, else to `stream`.
-
-    The format is `fmt`, or the one `out`'s suffix names (JSONL otherwise). Each record has
-    the item's id, its input fields (`fields` only, when given; none without `with_input`),
-    then status, output, error class and error. An input field named like one of those
-    (or like `id`, when it is not the id field) comes out as `input.<name>`.
-    """
-    fmt = _export_format(fmt, out)
-    if only not in (None, "done", "failed", "pending"):
-        raise ConfigError(f"--only: expected done, failed or pending, got {only!r}")
-    with _open_read_only(path) as db:
-        if fields is None:
-            fields = _input_fields(db) if with_input else []
-        # the `id` column holds the id field already; no column twice
-        fields = [f for f in dict.fromkeys(fields) if f != id_field]
-        rows = db.execute(_export_sql(fmt, fields, only), (only,) if only else ())
-        if out is None:
-            return _write(rows, stream, fmt, fields)
-        if out.is_dir():
-            raise ConfigError(f"-o {out}: is a folder; name the file to write")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            # closed by the `with` below, then renamed into place
-            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
-                "w", encoding="utf-8", dir=out.parent, prefix=f".{out.name}.", delete=False,
-                newline="")
-        except OSError as e:
-            raise ConfigError(f"-o {out}: cannot write there: {e.strerror or e}") from None
-        try:
-            with handle:
-                count = _write(rows, handle, fmt, fields)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, out)
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-        return count
-
-
-def _export_format(fmt: str | None, out: Path | None) -> str:
-    """The format asked for, or the one the output file's suffix names."""
-    named = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(
-        out.suffix.lower() if out is not None else "")
-    if fmt is None:
-        return named or "jsonl"
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    if named is not None and named != fmt:
-        raise ConfigError(f"--format {fmt}, but -o {out} names a .{named} file; give one, or "
-                          "the same format in both")
-    return fmt
-
-
-def _input_fields(db: sqlite3.Connection) -> list[str]:
-    """The input's field names, in the order the first rows give them."""
-    names: dict[str, None] = {}
-    for (text,) in db.execute("SELECT input FROM items WHERE stage = ? AND input IS NOT NULL "
-                              "ORDER BY row LIMIT 1000", (STAGE,)):
-        value = _loads(text)
-        if isinstance(value, dict):
-            names.update(dict.fromkeys(map(str, value)))
-    return list(names)
-
-
-def _column(field: str) -> str:
-    """An input field's name in the export: `input.<name>` when flow's columns have it."""
-    return f"input.{field}" if field in EXPORT_COLUMNS else field
-
-
-def _export_sql(fmt: str, fields: list[str], only: str | None) -> str:
-    """Records built by SQLite itself: a million rows need no per-row work in Python."""
-    paths = [_quote('$."' + f.replace('"', "") + '"') for f in fields]
-    if fmt == "jsonl":
-        # outputs are stored as JSON text: spliced in as they are, never parsed again
-        extra = "".join(f" || ',' || {_quote(json.dumps(_column(f)))} || ':' || "
-                        f"COALESCE(items.input -> {p}, 'null')" for f, p in zip(fields, paths))
-        columns = (f"""'{{"id":' || json_quote(results.item_id){extra} || ',"status":"' || """
-                   """results.status || '","output":' || COALESCE(results.output, 'null') || """
-                   """',"truncated":' || CASE WHEN results.truncated THEN 'true' """
-                   """ELSE 'false' END || """
-                   """',"error_class":' || json_quote(results.error_class) || ',"error":' || """
-                   """json_quote(results.error) || '}'""")
-    else:
-        extra = "".join(f"items.input ->> {p}, " for p in paths)
-        columns = (f"results.item_id, {extra}results.status, "
-                   "CASE json_type(results.output) WHEN 'text' THEN results.output ->> '$' "
-                   "ELSE results.output END, CASE WHEN results.truncated THEN 'true' "
-                   "ELSE 'false' END, results.error_class, results.error")
-    join = (" JOIN items ON items.stage = results.stage AND items.item_id = results.item_id"
-            if fields else "")
-    return (f"SELECT {columns} FROM results{join} WHERE results.stage = '{STAGE}'" +
-            (" AND results.status = ?" if only else "") + " ORDER BY results.row")
-
-
-def _quote(text: str) -> str:
+def sql_text(text: str) -> str:
+    """`text` as an SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 
-def _write(rows: sqlite3.Cursor, stream: IO[str], fmt: str, fields: list[str]) -> int:
-    count = 0
-    if fmt == "csv":
-        writer = csv.writer(stream)
-        writer.writerow(["id", *map(_column, fields), "status", "output", "truncated",
-                         "error_class", "error"])
-        while batch := rows.fetchmany(10_000):
-            writer.writerows(batch)
-            count += len(batch)
-        return count
-    while batch := rows.fetchmany(10_000):
-        stream.write("\n".join(line for (line,) in batch))
-        stream.write("\n")
-        count += len(batch)
-    return count
-
-
-def _loads(text: str | None) -> Any:
+def json_or_text(text: str | None) -> Any:
+    """A stored JSON column's value; text that is not JSON as it is."""
     if text is None:
         return None
     try:

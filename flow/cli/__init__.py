@@ -115,9 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     export.add_argument("--format", choices=("jsonl", "csv"),
                         help="default: the one -o's suffix names, else jsonl")
-    export.add_argument("--only", choices=("done", "failed", "pending"))
+    export.add_argument("--only", choices=("done", "failed", "pending", "skipped"),
+                        help="only the items of this status (at the stage exported)")
     export.add_argument("--fields", help="comma-separated input fields to include "
-                                         "(default: all of them)")
+                                         "(default: all of them), or a stage's output: "
+                                         "answer.output, grade.output.<key>")
+    export.add_argument("--stage", metavar="NAME",
+                        help="export this stage's results (default: the last stage's)")
     export.add_argument("--no-input", action="store_true", help="leave the input fields out")
     export.set_defaults(handler=export_command)
 
@@ -127,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="only failures of this class (as `flow status` lists them)")
     failures.add_argument("--limit", type=positive_int, metavar="N",
                           help="show the first N failures, in input order")
+    failures.add_argument("--stage", metavar="NAME", help="only the failures of this stage")
     failures.add_argument("--json", action="store_true", help="machine-readable output")
     failures.set_defaults(handler=failures_command)
 

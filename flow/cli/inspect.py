@@ -10,23 +10,27 @@ from rich.console import Console
 from rich.table import Table
 
 from flow.cli.codes import EXIT_OK, EXIT_USAGE
-from flow.config import load_config
+from flow.config import PipelineConfig, load_config
 from flow.endpoints import SIMULATED_ORIGIN
 from flow.errors import SourceError
+from flow.export import export_results
 from flow.load import count_rows
-from flow.report import export_results, list_failures, render_json, show_item, store_status
+from flow.report import list_failures, render_json, show_item, store_status
 
 FAILURES_SHOWN = 50
 
 
 def status_command(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
-    status = store_status(config.store)
+    status = store_status(config.store, _stage_names(config))
     try:
-        # rows no run has read yet are pending too: counted from the input, as a run does
+        # rows no run has read yet are pending too (at every stage): counted from the input,
+        # as a run does
         status["input_rows"] = count_rows(config.load)
         status["not_read"] = max(0, status["input_rows"] - status["items"])
         status["pending"] += status["not_read"]
+        for stage in status.get("stages", []):
+            stage["pending"] += status["not_read"]
     except SourceError:
         status["input_rows"] = status["not_read"] = None
     if args.json:
@@ -44,9 +48,19 @@ def status_command(args: argparse.Namespace, err: Console) -> int:
     table = Table(show_header=True, header_style="bold")
     table.add_column("status")
     table.add_column("items", justify="right")
-    for name in ("done", "failed", "pending"):
-        table.add_row(name, f"{status[name]:,}")
+    for name in ("done", "failed", "pending", "skipped"):
+        if name in status:
+            table.add_row(name, f"{status[name]:,}")
     out.print(table)
+    if "stages" in status:
+        stages = Table("stage", header_style="bold")
+        for name in ("done", "failed", "skipped", "pending", "tokens in", "tokens out", "cost"):
+            stages.add_column(name, justify="right")
+        for stage in status["stages"]:
+            stages.add_row(stage["stage"], *(f"{stage[key]:,}" for key in (
+                "done", "failed", "skipped", "pending", "prompt_tokens", "completion_tokens")),
+                           f"${stage['cost_usd']:.4f}")
+        out.print(stages)
     if status["truncated"]:
         out.print(f"{status['truncated']:,} outputs come from replies cut short at max_tokens "
                   "(flagged `truncated`; call.on_truncated: fail fails them)")
@@ -80,11 +94,16 @@ def _when(stamp: str | None) -> str:
     return stamp[:19].replace("T", " ") if stamp else "-"
 
 
+def _stage_names(config: PipelineConfig) -> list[str]:
+    return [stage.name for stage in config.chain]
+
+
 def export_command(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
     count = export_results(config.store, args.output, sys.stdout, args.format, args.only, fields,
-                           with_input=not args.no_input, id_field=config.load.id)
+                           with_input=not args.no_input, id_field=config.load.id,
+                           stages=_stage_names(config), stage=args.stage)
     if args.output is not None:
         err.print(f"wrote {count:,} items to {args.output}", markup=False)
     return EXIT_OK
@@ -92,18 +111,22 @@ def export_command(args: argparse.Namespace, err: Console) -> int:
 
 def failures_command(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
+    stages = _stage_names(config)
     if args.json:
-        failures = list_failures(config.store, args.error_class, args.limit)
+        failures = list_failures(config.store, args.error_class, args.limit, stages, args.stage)
         print(json.dumps(failures, indent=2, ensure_ascii=False))
         return EXIT_OK
     shown = args.limit or FAILURES_SHOWN
-    failures = list_failures(config.store, args.error_class, shown + 1)
+    failures = list_failures(config.store, args.error_class, shown + 1, stages, args.stage)
     if not failures:
         err.print("no failed items", markup=False)
         return EXIT_OK
-    table = Table("id", "row", "error class", "attempts", "error", header_style="bold")
+    chained = len(stages) > 1
+    table = Table("id", *(("stage",) if chained else ()), "row", "error class", "attempts",
+                  "error", header_style="bold")
     for failure in failures[:shown]:
-        table.add_row(str(failure["id"]), str(failure["row"]), str(failure["error_class"]),
+        table.add_row(str(failure["id"]), *((failure["stage"],) if chained else ()),
+                      str(failure["row"]), str(failure["error_class"]),
                       str(failure["attempts"] or 0), str(failure["error"]))
     Console(highlight=False).print(table)
     if len(failures) > shown and not args.limit:
@@ -114,7 +137,7 @@ def failures_command(args: argparse.Namespace, err: Console) -> int:
 
 def show_command(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
-    print(render_json(show_item(config.store, args.item_id)))
+    print(render_json(show_item(config.store, args.item_id, _stage_names(config))))
     return EXIT_OK
 
 
