@@ -230,3 +230,16 @@ def test_stages_on_one_model_share_one_limiter(env: None, tmp_path: Path) -> Non
     assert set(limiters) == {FIRST, SECOND}
     assert limiters[FIRST].limit("requests") == 600
     assert limiters[SECOND].limit("requests") is None
+
+
+def test_browse_shows_the_last_stage_with_each_earlier_output_beside_it(
+        env: None, simulator: SimulatorThread, tmp_path: Path) -> None:
+    pipeline = chain(tmp_path, simulator.url, rows(12))
+    assert pipeline.run() == 0
+    browse = pipeline.query("SELECT item_id, question, answer_output, output, status "
+                            "FROM browse ORDER BY row")
+    assert len(browse) == 12 and {row[4] for row in browse} == {"done"}
+    item_id, question, answer, grade, _ = browse[10]
+    assert (item_id, question, answer) == ("q00010", "What is 10 plus 10?",
+                                           "What is 10 plus 10? Think.")
+    assert grade == results(pipeline, "grade")["q00010"][1]

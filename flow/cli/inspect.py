@@ -147,7 +147,8 @@ def browse_command(args: argparse.Namespace, err: Console) -> int:
     config = load_config(args.pipeline)
     try:
         code = serve_store(config.store, config.file, args.host, args.port, lambda url: err.print(
-            f"Datasette on {config.store}: {url} (Ctrl-C to stop)", markup=False))
+            f"Datasette on {config.store}: {url} (Ctrl-C to stop)", markup=False),
+            [stage.name for stage in config.chain])
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK if code == 0 else EXIT_USAGE

@@ -157,11 +157,14 @@ def browse_view_sql(fields: Sequence[str], stages: Sequence[str] = (STAGE,)) -> 
     the last stage's results, each earlier stage's output beside them (`<stage>_output`)."""
     extra = "".join(f"\n    items.input ->> {_text(_path(field))} AS {_name(column)},"
                     for field, column in field_columns(fields, stages[:-1]))
-    earlier = "".join(f"\n    COALESCE(s{n}.output_text, s{n}.output) AS "
-                      f"{_name(name + OUTPUT_SUFFIX)},"
-                      for n, name in enumerate(stages[:-1]))
-    joins = "".join(f"\nLEFT JOIN results AS s{n} ON s{n}.stage = {_text(name)} "
-                    f"AND s{n}.item_id = results.item_id" for n, name in enumerate(stages[:-1]))
+    # each earlier stage's current output, looked up by key per row (a join of the `results`
+    # view would have SQLite build the whole view first)
+    earlier = "".join(f"""
+    (SELECT CASE WHEN json_type(o.output) = 'text' THEN o.output ->> '$' ELSE o.output END
+     FROM outputs AS o JOIN items AS i ON i.stage = o.stage AND i.item_id = o.item_id
+         AND i.request_key = o.request_key AND i.origin = o.origin
+     WHERE o.stage = {_text(name)} AND o.item_id = results.item_id) AS {_name(name + OUTPUT_SUFFIX)},"""
+                      for name in stages[:-1])
     return f"""CREATE VIEW browse AS
 SELECT
     results.row,
@@ -178,7 +181,7 @@ SELECT
     results.finished_at,
     items.input
 FROM results
-JOIN items ON items.stage = {_text(stages[0])} AND items.item_id = results.item_id{joins}
+JOIN items ON items.stage = {_text(stages[0])} AND items.item_id = results.item_id
 WHERE results.stage = {_text(stages[-1])}
 ORDER BY results.row"""
 
