@@ -1,7 +1,8 @@
 """An OpenAI-compatible server for trying pipelines and testing flow without a key.
 
 `server` answers requests, `serving` serves it, `limits` shapes its rate limits, `config` says how it behaves and
-`options` turns that into command-line options. `replies` makes each reply in the shape the request asks for and
+`options` turns that into command-line options. `completions` makes the answer to one chat completion request;
+`files` and `batches` (with `batch_lines`) serve the Batch API on the simulated `clock`. `replies` makes each reply in the shape the request asks for and
 within its token cap, from what `prompts` reads in the prompt, from `schemas` for a JSON schema, and from the
 deterministic `values`.
 """

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+BATCH_FAULT = re.compile(r"(expire|cancel):\d+|fail-validation(:\d+)?|token-limit|drop-create")
 
 
 @dataclass
@@ -29,6 +32,11 @@ class SimulatorConfig:
     outages: list[tuple[float, float]] = field(default_factory=list)
     api_key: str | None = None
     seed: int | None = None
+    # the Batch API (flow.simulator.batches): seconds on the simulated clock a batch takes
+    batch_s: float = 2.0
+    batch_faults: dict[int, str] = field(default_factory=dict)  # by create number, from 1
+    batch_token_limit: int | None = None  # enqueued tokens per model
+    batch_shuffle: bool = True  # output lines in a seeded shuffled order, as OpenAI's are not
 
 
 @dataclass
@@ -41,6 +49,9 @@ class SimulatorStats:
     by_model: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
     last_headers: dict[str, str] = field(default_factory=dict)
+    batch_creates: Counter[str] = field(default_factory=Counter)  # by metadata shard or file
+    batch_lines: int = 0
+    files_uploaded: int = 0
 
     @property
     def max_per_request(self) -> int:
@@ -52,4 +63,13 @@ class SimulatorStats:
         return {"requests": self.requests, "distinct": len(self.by_request),
                 "max_per_request": self.max_per_request, "by_model": dict(self.by_model),
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-                "tokens": self.tokens}
+                "tokens": self.tokens, "batch_creates": dict(self.batch_creates),
+                "batch_lines": self.batch_lines, "files_uploaded": self.files_uploaded}
+
+
+def check_batch_fault(text: str) -> str:
+    """`text` if it is a batch fault `batch_faults` takes, else ValueError."""
+    if not BATCH_FAULT.fullmatch(text):
+        raise ValueError(f"unknown batch fault {text!r}; expected expire:N, cancel:N, "
+                         "fail-validation[:LINE], token-limit or drop-create")
+    return text

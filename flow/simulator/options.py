@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flow.simulator.config import SimulatorConfig
+from flow.simulator.config import SimulatorConfig, check_batch_fault
 from flow.simulator.limits import ALIASES, SHAPES
 
 
@@ -33,6 +33,17 @@ def add_simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
     group.add_argument(f"--{prefix}outage", action="append", default=[], type=_outage,
                        metavar="START:END", help="answer every request 503 from START to END "
                        "seconds after the simulator starts (repeatable)")
+    group.add_argument(f"--{prefix}batch-s", type=_non_negative_float, default=2.0,
+                       help="simulated seconds a batch takes to run its lines (default 2)")
+    group.add_argument(f"--{prefix}batch-fault", action="append", default=[], type=_batch_fault,
+                       metavar="N=FAULT", help="make the Nth batch create (from 1) meet FAULT: "
+                       "expire:LINES, cancel:LINES, fail-validation[:LINE], token-limit or "
+                       "drop-create (repeatable)")
+    group.add_argument(f"--{prefix}batch-token-limit", type=positive_int,
+                       help="enqueued batch tokens per model beyond which a batch fails "
+                            "with token_limit_exceeded")
+    group.add_argument(f"--{prefix}no-batch-shuffle", action="store_true",
+                       help="write batch output lines in input order (default: shuffled)")
     if not prefix:
         group.add_argument("--api-key", help="refuse requests without this key (401)")
         group.add_argument("--seed", type=int, help="seed for the injected faults")
@@ -51,7 +62,8 @@ def simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
         rate_limit_rate=get("rate-limit-rate"), drop_rate=get("drop-rate"),
         hang_rate=get("hang-rate"), malformed_rate=get("malformed-rate"),
         truncate_rate=get("truncate-rate"), filter_rate=get("filter-rate"),
-        outages=get("outage"),
+        outages=get("outage"), batch_s=get("batch-s"), batch_faults=dict(get("batch-fault")),
+        batch_token_limit=get("batch-token-limit"), batch_shuffle=not get("no-batch-shuffle"),
         api_key=getattr(args, "api_key", None), seed=getattr(args, "seed", None))
 
 
@@ -64,6 +76,16 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
     return value
+
+
+def _batch_fault(text: str) -> tuple[int, str]:
+    number, _, fault = text.partition("=")
+    try:
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"expected N=FAULT with N a create's number from 1, got {text!r}")
+        return int(number), check_batch_fault(fault)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _outage(text: str) -> tuple[float, float]:

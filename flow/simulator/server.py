@@ -7,6 +7,11 @@ limits answered the way OpenAI answers them (429 body, `retry-after-ms`, `x-rate
 every response), and faults injected at given rates. `GET /v1/models` lists models;
 `GET /sim/stats` reports how many requests arrived, and how many times each distinct request
 did. A `json_schema` no value can be made for (a `$ref` that leads nowhere) is answered 400.
+The reply itself, or the error, is made by `completions`, which batch lines share.
+
+`/v1/files` (`files`) and `/v1/batches` (`batches`) serve OpenAI's Batch API, with faults of
+its own (`SimulatorConfig.batch_faults`); batches progress on a simulated clock that
+`POST /sim/advance` (`{"seconds": N}`) moves forward, so tests never wait for one.
 
 A prompt can ask for a fault by itself, for tests and demos: `[sim:status=400]` (any code;
 `429-quota` for insufficient quota), `[sim:finish=length]`, `[sim:finish=content_filter]`,
@@ -27,23 +32,28 @@ import asyncio
 import json
 import math
 import random
-import re
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from flow.keys import content_key
+from flow.simulator.batches import Batches
+from flow.simulator.clock import Clock
+from flow.simulator.completions import (
+    Reply,
+    draft_reply,
+    error_reply,
+    finish_reply,
+    invalid_body,
+    read_marker,
+    read_request,
+)
 from flow.simulator.config import SimulatorConfig, SimulatorStats
+from flow.simulator.files import Files, send_error
 from flow.simulator.limits import Limit, format_duration
-from flow.simulator.replies import compose_reply
-from flow.simulator.schemas import SchemaError
-from flow.tokens import count_prompt_tokens
 
-MARKER = re.compile(
-    r"\[sim:(?:(status|finish)=([\w-]+)|(malformed|drop|hang|cut|huge|drip|garbage|half|echo))"
-    r"(?:\*(\d+))?\]")
-HUGE_BYTES = 20_000_000
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Simulator:
@@ -57,14 +67,36 @@ class Simulator:
         self._started = now
         self._limits = {kind: Limit(value, config.window, now) for kind, value in
                         (("requests", config.rpm), ("tokens", config.tpm)) if value}
+        self.clock = Clock()
+        self.files = Files(self.clock, self.stats)
+        self.batches = Batches(config, self.stats, self.clock, self.files)
 
     def app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024,
+                              middlewares=[self._check_key])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        self.files.add_routes(app.router)
+        self.batches.add_routes(app.router)
         app.router.add_get("/sim/stats", self.stats_handler)
+        app.router.add_post("/sim/advance", self.advance_handler)
         return app
+
+    def advance(self, seconds: float) -> None:
+        """Move the simulated clock forward, and the batches with it."""
+        self.clock.advance(seconds)
+        self.batches.refresh()
+
+    @web.middleware
+    async def _check_key(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Files and batches refuse a request without the configured key, as chat does."""
+        if request.path.startswith(("/v1/files", "/v1/batches")):
+            refused = self._refuse_key(request)
+            if refused is not None:
+                return web.Response(status=refused.status, text=refused.text,
+                                    content_type="application/json")
+        return await handler(request)
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`."""
@@ -75,6 +107,7 @@ class Simulator:
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         """`GET /sim/stats`."""
+        self.batches.refresh()
         return web.json_response(self.stats.as_json())
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -83,36 +116,25 @@ class Simulator:
         self.stats.last_headers = {k.lower(): v for k, v in request.headers.items()}
         raw = await request.read()
         try:
-            body = json.loads(raw)
-            messages = body["messages"]
-            model = str(body["model"])
-            if not isinstance(messages, list) or not messages:
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            return self._error(400, "invalid_request_error", "invalid_body",
-                               "The request body is not a valid chat completion request.")
-        request_key = content_key(body)
+            chat = read_request(json.loads(raw))
+        except ValueError:
+            chat = None
+        if chat is None:
+            return self._send(invalid_body())
+        request_key = content_key(chat.body)
         self.stats.by_request[request_key] += 1
-        self.stats.by_model[model] += 1
-        key = self.config.api_key
-        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-            return self._error(401, "invalid_request_error", "invalid_api_key",
-                               f"Incorrect API key provided: {given}. You can find your API "
-                               "key in your account settings.")
-        text = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        marker = self._marker(text, self.stats.by_request[request_key])
-        prompt_tokens = count_prompt_tokens(messages, model)
-        finish: str | None
-        try:
-            reply, completion_tokens, finish = compose_reply(body, messages, model)
-        except SchemaError as e:
-            return self._error(400, "invalid_request_error", "invalid_json_schema",
-                               f"Invalid schema for response_format: {e}")
+        self.stats.by_model[chat.model] += 1
+        refused = self._refuse_key(request)
+        if refused is not None:
+            return self._send(refused)
+        marker = read_marker(chat.text, self.stats.by_request[request_key])
+        draft = draft_reply(chat)
+        if isinstance(draft, Reply):
+            return self._send(draft)
         # limits are checked on arrival, as OpenAI does: a 429 comes back at once
         now = time.monotonic()
         waits = {kind: limit.try_take(1 if kind == "requests" else
-                                      prompt_tokens + completion_tokens, now)
+                                      draft.prompt_tokens + draft.completion_tokens, now)
                  for kind, limit in self._limits.items()}
         if any(waits.values()):
             kind = max(waits, key=lambda k: waits[k])
@@ -134,44 +156,33 @@ class Simulator:
                 request.transport.write(b"HTTP/1.1 abc OK\r\n\r\n")
                 request.transport.close()
             raise asyncio.CancelledError
-        if fault and fault.startswith("status="):
-            return self._status_fault(fault.removeprefix("status="), _credentials(request))
-        if fault and fault.startswith("finish="):
-            finish = fault.removeprefix("finish=")
-            finish = None if finish == "none" else finish
-        if fault == "huge":
-            reply = "x" * HUGE_BYTES
-        if fault == "half":
-            reply = '{"text": "half \ud83d an emoji"}'  # half a character, as JSON text
-        if fault == "echo":
-            reply = f"{reply} You sent: {_credentials(request)}"
-        self.stats.tokens += prompt_tokens + completion_tokens
-        if fault == "malformed":
-            return self._respond(200, '{"id": "chatcmpl-broken", "choices": [{"mess')
-        payload = {
-            "id": "chatcmpl-" + content_key(body)[7:31],
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
-                         "message": {"role": "assistant", "content": reply, "refusal": None}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens,
-                      "prompt_tokens_details": {"cached_tokens": 0}},
-            "system_fingerprint": "fp_flow_simulator",
-        }
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None,
-                                  "message": {"role": "assistant", "content": reply,
-                                              "refusal": None}}
-        if finish == "tool_calls" or (body.get("tools") and finish == "stop"):
-            choice.update(finish_reason="tool_calls", message=_tool_call(
-                body.get("tools"), messages, digest=content_key(body)[7:15]))
-        payload["choices"] = [choice]
-        if fault == "cut":
-            return await self._cut_short(request, json.dumps(payload))
-        if fault == "drip":
-            return await self._drip(request, json.dumps(payload))
-        return self._respond(200, json.dumps(payload))
+        reply = finish_reply(chat, draft, fault, created=int(time.time()),
+                             credentials=_credentials(request),
+                             rate_headers=self.config.rate_headers)
+        self.stats.tokens += reply.tokens
+        if fault == "cut" and reply.status == 200:
+            return await self._cut_short(request, reply.text)
+        if fault == "drip" and reply.status == 200:
+            return await self._drip(request, reply.text)
+        return self._send(reply)
+
+    async def advance_handler(self, request: web.Request) -> web.Response:
+        """`POST /sim/advance` with `{"seconds": N}`: move the simulated clock forward."""
+        try:
+            self.advance(float((await request.json())["seconds"]))
+        except (ValueError, KeyError, TypeError):
+            return send_error(400, 'Expected {"seconds": N} with N >= 0.', "seconds")
+        return web.json_response({"offset_s": self.clock.offset_s, "now": self.clock.epoch()})
+
+    def _refuse_key(self, request: web.Request) -> Reply | None:
+        """The 401 for a request without the configured key, if one is configured."""
+        key = self.config.api_key
+        if key is None or request.headers.get("Authorization") == f"Bearer {key}":
+            return None
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return error_reply(401, "invalid_request_error", "invalid_api_key",
+                           f"Incorrect API key provided: {given}. You can find your API "
+                           "key in your account settings.")
 
     async def _cut_short(self, request: web.Request, text: str) -> web.StreamResponse:
         """Promise the whole body, send half of it, then close the connection."""
@@ -205,18 +216,6 @@ class Simulator:
             return "status=503"
         return None
 
-    def _marker(self, text: str, arrivals: int) -> str | None:
-        """The fault a prompt asks for, if it still applies to this arrival of the request."""
-        if "[sim:" not in text:
-            return None
-        match = MARKER.search(text)
-        if match is None:
-            return None
-        kind, value, bare, times = match.groups()
-        if times is not None and arrivals > int(times):
-            return None
-        return bare if bare else f"{kind}={value}"
-
     def _random_fault(self) -> str | None:
         config = self.config
         roll = self._random.random()
@@ -240,36 +239,14 @@ class Simulator:
             response.headers["retry-after"] = str(max(1, math.ceil(wait)))
         return response
 
-    def _status_fault(self, code: str, authorization: str) -> web.Response:
-        if code.endswith("-echo"):
-            # a careless gateway: the caller's own header, quoted at the end of a long message
-            return self._error(int(code.split("-")[0]), "invalid_request_error", None,
-                               "The request was refused. " * 18 + f"You sent: {authorization}")
-        if code == "429-day" or (code.startswith("429-") and code[4:].isdigit()):
-            daily = code == "429-day"
-            response = self._error(429, "requests", "rate_limit_exceeded",
-                                   f"Rate limit reached for requests{' per day' * daily}.")
-            response.headers["retry-after"] = "86400" if daily else code[4:]
-            return response
-        if code == "429-quota":
-            return self._error(429, "insufficient_quota", "insufficient_quota",
-                               "You exceeded your current quota, please check your plan.")
-        status = int(code) if code.isdigit() else 500
-        if status == 429:
-            response = self._error(429, "requests", "rate_limit_exceeded",
-                                   "Rate limit reached (injected).")
-            if self.config.rate_headers:
-                response.headers["retry-after-ms"] = "50"
-            return response
-        kinds = {400: "invalid_request_error", 401: "invalid_request_error",
-                 403: "permission_error", 404: "invalid_request_error"}
-        return self._error(status, kinds.get(status, "server_error"), None,
-                           f"Simulated error {status}.")
+    def _send(self, reply: Reply) -> web.Response:
+        response = self._respond(reply.status, reply.text)
+        response.headers.update(reply.headers)
+        return response
 
     def _error(self, status: int, kind: str, code: str | None, message: str,
                now: float | None = None) -> web.Response:
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        return self._respond(status, json.dumps(body), now)
+        return self._respond(status, error_reply(status, kind, code, message).text, now)
 
     def _respond(self, status: int, text: str, now: float | None = None) -> web.Response:
         self.stats.by_status[status] += 1
@@ -285,15 +262,3 @@ def _credentials(request: web.Request) -> str:
     """What a careless gateway quotes back: every header that carries a credential."""
     return " ".join(f"{name}: {value}" for name, value in request.headers.items()
                     if "auth" in name.lower() or "key" in name.lower())
-
-
-def _tool_call(tools: Any, messages: list[Any], digest: str) -> dict[str, Any]:
-    """The message of a model that calls the first tool it was given, as OpenAI sends it."""
-    first = tools[0] if isinstance(tools, list) and tools else {}
-    name = (first.get("function") or {}).get("name", "lookup") if isinstance(first, dict) \
-        else "lookup"
-    user = next((str(m.get("content", "")) for m in reversed(messages)
-                 if isinstance(m, dict) and m.get("role") == "user"), "")
-    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
-        {"id": f"call_{digest}", "type": "function",
-         "function": {"name": name, "arguments": json.dumps({"query": user[:200]})}}]}

@@ -62,6 +62,16 @@ class SimulatorThread:
         assert self.simulator is not None
         return self.simulator.stats
 
+    def advance(self, seconds: float) -> None:
+        """Move the simulated clock forward (batches progress on it), on the server's loop."""
+        assert self.simulator is not None
+        simulator = self.simulator
+
+        async def advance() -> None:
+            simulator.advance(seconds)
+
+        asyncio.run_coroutine_threadsafe(advance(), self._loop).result(120)
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._main())
