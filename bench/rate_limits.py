@@ -90,8 +90,8 @@ def prompt(index: int, long: bool, marker: bool = False) -> str:
         return f"[sim:status=429*1] Question {index}: what is {index} times {index}?"
     if not long:
         return f"Question {index}: what is {index} times {index}?"
-    # about 230 prompt tokens; the simulator's reply adds about 70
-    words = " ".join(f"w{(index * 7 + k) % 997}" for k in range(110))
+    # 199 prompt tokens; the simulator's reply adds 93 to 122: 298 on average (292 to 321)
+    words = " ".join(f"w{(index * 7 + k) % 997}" for k in range(92))
     return f"Question {index}: summarise these words: {words}"
 
 
