@@ -63,6 +63,10 @@ class Simulator:
         self.config = config
         self.stats = SimulatorStats()
         self._random = random.Random(config.seed)
+        if config.rpm or config.tpm:
+            # limits are checked on arrival: the tokenizer's first use (most of a second, the
+            # loop blocked) comes now, or the first requests would be stamped late, together
+            count_prompt_tokens([{"role": "user", "content": "warm"}], "gpt-4o-mini")
         now = time.monotonic()
         self._started = now
         self._limits = {kind: Limit(value, config.window, now) for kind, value in
