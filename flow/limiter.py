@@ -16,9 +16,11 @@ paces so that every shape holds, and uses what the server says it has:
 - **Limits learned.** `x-ratelimit-limit-*` sets or lowers a limit; with no limit known, one
   request goes first, to hear what the server says. Token costs are the prompt's tokens and
   the completion reserved (flow/tokens.py), corrected when `usage` arrives.
-- **429s.** Everyone pauses (flow/slowdown.py). A 429 well below the pace means a burst was
-  the problem: bursts stop, the pace stays; one at the pace cuts it, to climb back within
-  seconds; with no limit known at all, 429s soon after one another set a pace of their own.
+- **429s.** Everyone pauses (flow/slowdown.py). A near miss (a wait of a few ms: requests
+  reach the server a varying few ms after they leave) counts the last second longer by the
+  wait, the pace kept. A 429 well below the pace means a burst was the problem: bursts stop,
+  the pace stays; one at the pace cuts it, to climb back within seconds; with no limit known
+  at all, 429s soon after one another set a pace of their own.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ BELOW_PACE = 0.9  # a 429 at less than this share of the pace: a burst, not the 
 RATE_WINDOW_S = 10.0
 RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
 HOLD_MIN_S = 0.05  # `remaining: 0` holds everyone at least this long
+SECOND_MAX_S = 1.01  # a near miss lengthens the last second by its wait, up to this
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -87,9 +90,9 @@ class RateLimiter:
         self._paces: dict[str, Pace | None] = {"requests": None, "tokens": None}
         self._credit: dict[str, Credit | None] = {"requests": None, "tokens": None}
         self._sent_units = {"requests": 0.0, "tokens": 0.0}
-        # a request's second counted 1 % long; tokens come in lumps of a request's size, which
-        # fill a second less than full already (16 of 300 in 5,000)
-        self._last_second = {"requests": LastSecond(1.01), "tokens": LastSecond()}
+        # tokens come in lumps, which fill a second less than full already (16 of 300 in
+        # 5,000): their second is counted long only once near misses show it must be
+        self._last_second = {"requests": LastSecond(SECOND_MAX_S), "tokens": LastSecond()}
         self._learn = learn
         self._knows_limits = not learn or rpm is not None or tpm is not None
         self._probe_in_flight = False
@@ -197,6 +200,10 @@ class RateLimiter:
             return
         if self.limit("requests") is None and self.limit("tokens") is None:
             self._soften(now, resumed_at)
+        elif retry_after_s is not None and any([  # a near miss, not a rate over the limit
+                self._last_second[kind].widen(retry_after_s, SECOND_MAX_S)
+                for kind in KINDS if self._paces[kind] is not None]):
+            pass
         elif self._below_pace(now):
             # well below the pace: requests bunched, or a 429 the server sends for reasons of
             # its own; the rate is not the problem: keep it, stop the bursts

@@ -60,6 +60,15 @@ class LastSecond:
         self._taken: deque[list[float]] = deque()  # [when, units]
         self._sum = 0.0
 
+    def widen(self, seconds: float, most_s: float) -> bool:
+        """Count the second `seconds` longer, up to `most_s`: a 429 that a second counted
+        that much longer would have spared. False if it was no near miss (a wait longer than
+        a second of `most_s` leaves room for) or the second is that long already."""
+        if seconds > most_s - 1 or self.span_s >= most_s:
+            return False
+        self.span_s = min(most_s, self.span_s + seconds)
+        return True
+
     def delay(self, cost: float, capacity: float, now: float) -> float:
         """Seconds until `cost` more fits in a second of `capacity` (at once if nothing is in
         it)."""

@@ -296,3 +296,17 @@ async def test_nothing_remaining_holds_everyone_until_some_is_back() -> None:
     await lim.acquire(1)
     assert clock.now - start == pytest.approx(1.0 / HEADROOM, rel=0.01)  # the pace's turn
     assert lim.rate_limited == 0
+
+
+async def test_a_near_miss_429_counts_the_second_longer_and_keeps_the_pace() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, tpm=300_000)  # 5,000 tokens a second: 16 requests of 300, not 17
+    for _ in range(160):
+        await lim.acquire(300)
+    lim.on_rate_limited(0.002)  # the server's second, not ours, held a 17th: by 2 ms
+    times = []
+    for _ in range(160):
+        await lim.acquire(300)
+        times.append(clock.now)
+    assert min(b - a for a, b in zip(times, times[16:], strict=False)) >= 1.002 - 1e-9
+    assert 159 / (times[-1] - times[0]) >= 16 / 1.002 * 0.99  # not cut below the limit
