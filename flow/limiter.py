@@ -200,10 +200,8 @@ class RateLimiter:
             return
         if self.limit("requests") is None and self.limit("tokens") is None:
             self._soften(now, resumed_at)
-        elif retry_after_s is not None and any([  # a near miss, not a rate over the limit
-                self._last_second[kind].widen(retry_after_s, SECOND_MAX_S)
-                for kind in KINDS if self._paces[kind] is not None]):
-            pass
+        elif retry_after_s is not None and self._near_miss(retry_after_s):
+            return  # the last second is counted longer now; the rate was not the problem
         elif self._below_pace(now):
             # well below the pace: requests bunched, or a 429 the server sends for reasons of
             # its own; the rate is not the problem: keep it, stop the bursts
@@ -214,6 +212,12 @@ class RateLimiter:
             self._soften(now, resumed_at)
         else:
             self._cut(now)
+
+    def _near_miss(self, wait_s: float) -> bool:
+        """A 429 a last second counted `wait_s` longer would have spared: count it so."""
+        widened = [self._last_second[kind].widen(wait_s, SECOND_MAX_S)
+                   for kind in KINDS if self._paces[kind] is not None]
+        return any(widened)
 
     def stats(self) -> LimiterStats:
         """Requests and tokens per minute over the last few seconds, against the limits."""
