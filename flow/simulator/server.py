@@ -52,6 +52,7 @@ from flow.simulator.completions import (
 from flow.simulator.config import SimulatorConfig, SimulatorStats
 from flow.simulator.files import Files, send_error
 from flow.simulator.limits import Limit, format_duration
+from flow.tokens import count_prompt_tokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
