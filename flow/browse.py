@@ -51,6 +51,12 @@ TABLES: dict[str, tuple[str, str]] = {
     "attempts": ("Attempts", "HTTP attempts of the calls that needed more than one, or got "
                              "no reply."),
     "migrations": ("Migrations", "The schema migrations applied to this store."),
+    "batches": ("Batches", "One row per shard of calls sent through the Batch API: its state "
+                           "(planned, uploaded, creating, submitted, terminal, collected), the "
+                           "provider's batch and status, and its counts."),
+    "batch_lines": ("Batch lines", "The requests each batch holds, by content key, and "
+                                   "whether each was collected or sent again."),
+    "store_info": ("Store", "The store's own id, which names it in each batch's metadata."),
 }
 
 STATUS = "done, failed, pending, or skipped (a stage's when: was false)"

@@ -78,6 +78,7 @@ class RunOptions:
     take_over_store: bool = False
     recall: bool = False  # --retry-failed: buy replies again even for post-step failures
     stage: str | None = None  # --retry-failed: only the failures of this stage
+    detach: bool = False  # batch stages: submit the batches and return; a re-run collects
 
     def decide(self, known: Known, key: str, post_key: str, stage: str,
                fresh: bool = False) -> Action:

@@ -73,7 +73,15 @@ def priced_reply(result: CallResult, origin: str, price: Price | None) -> Respon
                           cost_usd(price, usage.prompt_tokens, usage.completion_tokens,
                                    usage.cached_tokens) if result.usage else None,
                           len(result.attempts), result.latency_ms, result.started_at,
-                          result.finished_at)
+                          result.finished_at, batch_id=result.batch_id)
+
+
+def batch_price(price: Price | None) -> Price | None:
+    """The Batch API's price: half the online list price, input, cached and output alike."""
+    if price is None:
+        return None
+    cached = None if price.cached_input_per_1m is None else price.cached_input_per_1m / 2
+    return Price(price.input_per_1m / 2, price.output_per_1m / 2, cached)
 
 
 def estimate_call_usd(price: Price | None, request_json: str, output_tokens: int) -> float:

@@ -15,8 +15,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from flow.execute import ExecutorCounters
+from flow.execute import BatchCounters, ExecutorCounters
 from flow.limiter import LimiterStats
+
+BATCH_FIELDS = ("batches_submitted", "batches_running", "batches_collected", "lines_done",
+                "lines_total")
 
 
 @dataclass
@@ -65,6 +68,7 @@ class RunProgress:
     stopping: str | None = None
     stages: dict[str, StageCounts] = field(default_factory=dict)
     passed_over: int = 0  # items the last stage's `when:` skipped: finished, neither way
+    batches: BatchCounters | None = None  # the Batch API executors' counts, if any
 
     @property
     def elapsed_s(self) -> float:
@@ -78,6 +82,10 @@ class RunProgress:
         self.rate_limited = sum(c.rate_limited for c in counters)
         self.in_flight = sum(c.in_flight for c in counters)
         self.limits = limits
+        batches = [c for c in counters if isinstance(c, BatchCounters)]
+        if batches:
+            self.batches = BatchCounters(**{name: sum(getattr(c, name) for c in batches)
+                                            for name in BATCH_FIELDS})
 
     @property
     def finished(self) -> int:
@@ -174,6 +182,8 @@ def describe(progress: RunProgress) -> str:
     ]
     if len(progress.stages) > 1:
         parts.append(stage_line(progress))
+    if progress.batches is not None:
+        parts.append(batch_line(progress))
     limits = _limits(progress)
     if limits:
         parts.append(limits)
@@ -210,12 +220,23 @@ def render(progress: RunProgress) -> RenderableType:
     lines: list[RenderableType] = [bar, detail]
     if len(progress.stages) > 1:
         lines.append(Text(stage_line(progress), style="dim"))
+    if progress.batches is not None:
+        lines.append(Text(batch_line(progress), style="cyan"))
     limits = _limits(progress)
     if limits:
         lines.append(Text(f"pace {limits}", style="dim"))
     if progress.stopping:
         lines.append(Text(f"stopping: {progress.stopping}", style="yellow"))
     return Group(*lines)
+
+
+def batch_line(progress: RunProgress) -> str:
+    """The batches: `batches 3 submitted, 1 running, 2 collected; lines 80/120 done`."""
+    b = progress.batches
+    if b is None:
+        return ""
+    return (f"batches {b.batches_submitted:,} submitted, {b.batches_running:,} running, "
+            f"{b.batches_collected:,} collected; lines {b.lines_done:,}/{b.lines_total:,} done")
 
 
 def stage_line(progress: RunProgress) -> str:
@@ -243,6 +264,8 @@ def summarize(summary: RunSummary) -> str:
     ]
     if len(p.stages) > 1:
         lines.insert(1, f"by stage: {stage_line(p)} (done includes done before)")
+    if p.batches is not None:
+        lines.insert(1, batch_line(p))
     if p.reused:
         lines.append(f"{p.reused:,} items took their output from a reply already stored or "
                      "bought for another item with the same request: no call, no cost")

@@ -111,6 +111,7 @@ class CallResult:
     error_class: str | None = None
     error: str | None = None
     unsent: bool = False  # the run stopped before it was sent: its items stay pending
+    batch_id: str | None = None  # it came through this Batch API batch (at batch prices)
 
 
 @dataclass(slots=True)
@@ -129,6 +130,7 @@ class ResponseRecord:
     started_at: str
     finished_at: str
     id: int | None = None
+    batch_id: str | None = None  # the Batch API batch it came through; None: sent online
 
 
 @dataclass(slots=True)
@@ -183,3 +185,27 @@ class Known:
     # asked for when a later stage renders from the output: its JSON, and why it failed
     output: str | None = None
     error: str | None = None
+
+
+@dataclass(slots=True)
+class Shard:
+    """A group of calls sent through the Batch API as one batch, and where it stands:
+    planned -> uploaded -> creating -> submitted -> terminal -> collected."""
+
+    id: int
+    stage: str
+    origin: str
+    endpoint: str
+    state: str
+    lines: int
+    bytes: int
+    worst_cost_usd: float | None = None
+    file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None  # the Batch API's own: in_progress, completed, expired, ...
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    error: str | None = None
+    updated_at: str = ""

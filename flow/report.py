@@ -106,6 +106,7 @@ def store_status(path: Path, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]
                 for row in db.execute(
                     "SELECT id, started_at, finished_at, state, origin, items_done, "
                     "items_failed, items_skipped, calls_made, cost_usd FROM runs ORDER BY id")]
+        batches = _batches(db)
     items = sum(tallies[0].by_status.values())
     last = tallies[-1]
     counts: dict[str, Any] = {name: last.by_status.get(name, 0)
@@ -115,6 +116,8 @@ def store_status(path: Path, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]
         counts["pending"] = items - counts["done"] - counts["failed"] - counts["skipped"]
         counts["stages"] = [_stage_counts(name, tally, items)
                             for name, tally in zip(stages, tallies)]
+    if batches:
+        counts["batches"] = batches
     by_error = dict(sorted(last.by_error.items(), key=lambda item: -item[1]))
     return {"store": str(path), "items": items, **counts,
             "failed_by_error_class": by_error, "done_by_origin": last.by_origin,
@@ -124,6 +127,32 @@ def store_status(path: Path, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]
             "cost_of_results_usd": round(sum(tally.cost for tally in tallies), 6),
             "replies_paid": replies,
             "attempts": sum(run["calls_made"] for run in runs), "runs": runs}
+
+
+BATCH_COLUMNS = ("shard", "stage", "state", "status", "batch_id", "lines", "completed",
+                 "failed", "created_at", "updated_at", "error", "cost_usd")
+
+
+def _batches(db: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Each batch the Batch API executor made: its state, counts, age and cost so far."""
+    try:
+        rows = db.execute(
+            "SELECT id, stage, state, status, batch_id, lines, completed, failed, created_at, "
+            "updated_at, error, (SELECT COALESCE(SUM(cost_usd), 0) FROM responses "
+            "WHERE responses.batch_id = batches.batch_id) FROM batches ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # a store from before batches
+        return []
+    return [dict(zip(BATCH_COLUMNS, row)) for row in rows]
+
+
+def _batch_of(db: sqlite3.Connection, response_id: int) -> str | None:
+    """The Batch API batch a reply came through, if it did."""
+    try:
+        found = db.execute("SELECT batch_id FROM responses WHERE id = ?",
+                           (response_id,)).fetchone()
+    except sqlite3.OperationalError:  # a store from before batches
+        return None
+    return None if found is None or found[0] is None else str(found[0])
 
 
 def _tally(db: sqlite3.Connection, stage: str, chained: bool) -> _Tally:
@@ -246,6 +275,9 @@ def _show_stage(db: sqlite3.Connection, stage: str, item_id: str,
                     response_id=reply_id, tokens={"prompt": prompt, "completion": completion},
                     cost_usd=cost, paid_by_this_item=bool(paid) or cost in (None, 0),
                     latency_ms=latency, started_at=started, finished_at=finished)
+        batch_id = _batch_of(db, reply_id)
+        if batch_id is not None:
+            item["batch_id"] = batch_id  # it came through the Batch API
     item["attempts"] = [
         dict(zip(("run", "number", "started_at", "latency_ms", "status_code",
                   "outcome", "error", "wait_s"), attempt))

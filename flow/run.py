@@ -17,19 +17,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import openai
 
 from flow.budget import Breaker, Budget
 from flow.config import PipelineConfig, check_api_key
 from flow.endpoints import endpoint_origin, same_origin
 from flow.errors import ConfigError, FatalCallError
+from flow.execute import Deliver, Executor
+from flow.execute.batch import BatchExecutor, BatchRun
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
 from flow.limiter import RateLimiter
 from flow.load import count_rows
 from flow.plan import RunOptions
+from flow.prices import batch_price, estimate_call_usd
 from flow.progress import RunProgress, RunSummary
+from flow.records import Call
 from flow.stage import RunContext, Stage
 from flow.store import Store, check_error_class, check_owner, open_store
 
@@ -41,6 +47,10 @@ STOPPED_BY = {
                 "and committed, nothing new was sent",
     "stopping": "stopped at once on a second request (Ctrl-C or SIGTERM): everything received "
                 "was committed"}
+DETACHED = ("the batches submitted go on at the provider: run the same command again to "
+            "collect them (nothing is created twice)")
+BUDGET_BATCH = ("stopped before creating a batch that could take spend past max_cost_usd "
+                "(each batch is counted at its worst case, at batch prices)")
 
 
 ProgressHook = Callable[[RunProgress], None]
@@ -78,6 +88,7 @@ class Run:
         self._stop_feeding = asyncio.Event()
         self._abort = asyncio.Event()
         self._budget = Budget(options.limit, keys.max_cost_usd)
+        self._batch_worst_usd = 0.0  # the batches this run created, each at its worst
 
     def request_stop(self) -> None:
         """First call: finish what is in flight, start nothing new. Second call: stop now."""
@@ -118,12 +129,17 @@ class Run:
                                  self._budget, self._breaker, self._stop_feeding,
                                  asyncio.Event(), self._stop_if_tripped)
             limiters = self._limiters()
-            executors = []
+            executors: list[Executor] = []
+            store_tag = await store.store_id()
             for stage, client in zip(self.stages, clients):
                 stage.attach(context)
-                executors.append(OnlineExecutor(
-                    stage.config, client, limiters[stage.config.model],
-                    [api_key, *stage.config.secrets()], self._stop_feeding))
+                online = OnlineExecutor(stage.config, client, limiters[stage.config.model],
+                                        [api_key, *stage.config.secrets()], self._stop_feeding)
+                if stage.config.executor == "batch":
+                    executors.append(self._batch_executor(stage, client, online, store,
+                                                          store_tag))
+                else:
+                    executors.append(online)
             try:
                 await self._conduct(executors, list(limiters.values()))
             except FatalCallError as e:
@@ -133,12 +149,20 @@ class Run:
                     await client.close()
             if fatal is None and self._breaker.tripped is not None:
                 fatal = FatalCallError(self._breaker.tripped)
+            batched = [e for e in executors if isinstance(e, BatchExecutor)]
             if fatal is not None:
                 state, message = "stopped", str(fatal)
             elif self._budget.reached is not None:
                 state, message = "stopped", self._budget.reached
+            elif any(e.stopped_by_budget for e in batched):
+                state, message = "stopped", BUDGET_BATCH
             elif self._stop_feeding.is_set():
                 state, message = "interrupted", STOPPED_BY.get(self.progress.stopping or "")
+                if batched:
+                    message = f"{message}; {DETACHED}"
+            elif self.options.detach and self.progress.batches is not None and (
+                    self.progress.batches.batches_running):
+                state, message = "detached", DETACHED
         except BaseException as e:
             state, message = "stopped", f"{type(e).__name__}: {e}"
             raise
@@ -159,6 +183,39 @@ class Run:
                     found[name] = found.get(name, 0) + count
         return found
 
+    def _batch_executor(self, stage: Stage, client: openai.AsyncOpenAI, online: OnlineExecutor,
+                        store: Store, store_tag: str) -> BatchExecutor:
+        """The Batch API executor of `stage`: its shards in the store, its budget checked
+        before each create at batch prices, and `online` for lines `on_expired` sends so."""
+        price = batch_price(stage.price)
+        reserve = stage.reserve
+
+        def worst_cost(request_json: str) -> float:
+            return estimate_call_usd(price, request_json, reserve.cap)
+
+        async def finish_online(calls: list[Call], deliver: Deliver) -> None:
+            async def each() -> AsyncIterator[Call]:
+                for call in calls:
+                    yield call
+            await online.execute(each(), deliver)
+
+        run = BatchRun(store.shards, stage.name, self._origin, store_tag, store.run_id,
+                       self._may_spend, worst_cost)
+        return BatchExecutor(stage.config, client, run, self._stop_feeding,
+                             self.options.detach, finish_online)
+
+    def _may_spend(self, worst_usd: float) -> bool:
+        """Whether a batch that may cost `worst_usd` fits the budget, with every batch this
+        run created counted at its worst; counted if so."""
+        cap = self._budget.cap_usd
+        if cap is None:
+            return True
+        spent = self._budget.spent_before_usd + self.progress.cost_usd + self._batch_worst_usd
+        if spent + worst_usd > cap:
+            return False
+        self._batch_worst_usd += worst_usd
+        return True
+
     def _limiters(self) -> dict[str, RateLimiter]:
         """One limiter per model (the endpoint and key are the run's): the lowest limits its
         stages configure, the completion reserve of its first stage."""
@@ -173,12 +230,11 @@ class Run:
             limiters[model] = RateLimiter(rpm, tpm, reserve=stage.reserve)
         return limiters
 
-    async def _conduct(self, executors: list[OnlineExecutor],
-                       limiters: list[RateLimiter]) -> None:
+    async def _conduct(self, executors: list[Executor], limiters: list[RateLimiter]) -> None:
         """Feed every stage until the input ends or a stop; drain on a stop request."""
         ticker = asyncio.create_task(self._tick(executors, limiters))
 
-        async def feed(stage: Stage, executor: OnlineExecutor) -> None:
+        async def feed(stage: Stage, executor: Executor) -> None:
             try:
                 await executor.execute(stage.calls(), stage.deliver)
             finally:
@@ -211,7 +267,7 @@ class Run:
             self.progress.stopping = "items keep failing the same way"
             self._stop_feeding.set()
 
-    async def _tick(self, executors: list[OnlineExecutor], limiters: list[RateLimiter]) -> None:
+    async def _tick(self, executors: list[Executor], limiters: list[RateLimiter]) -> None:
         while True:
             self.progress.observe([e.counters for e in executors], limiters[0].stats())
             if self._on_progress is not None:

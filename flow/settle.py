@@ -11,7 +11,7 @@ from flow.budget import Breaker
 from flow.endpoints.chat import read_stored_reply
 from flow.plan import Planned
 from flow.post import PostProcessor
-from flow.prices import Price, priced_reply
+from flow.prices import Price, batch_price, priced_reply
 from flow.progress import RunProgress, StageCounts
 from flow.records import STAGE, Attempt, CallResult, OutputRecord, ResponseRecord, Settled, utc_now
 
@@ -32,8 +32,10 @@ class Outcomes:
         self.counts = progress.stages.setdefault(stage, StageCounts())
 
     def response(self, result: CallResult) -> ResponseRecord | None:
-        """The paid reply to store, with its cost; counted into the run's spend once."""
-        response = priced_reply(result, self.origin, self._price)
+        """The paid reply to store, with its cost (at batch prices when it came through a
+        batch); counted into the run's spend once."""
+        price = batch_price(self._price) if result.batch_id is not None else self._price
+        response = priced_reply(result, self.origin, price)
         if response is not None:
             self._progress.prompt_tokens += response.usage.prompt_tokens
             self._progress.completion_tokens += response.usage.completion_tokens

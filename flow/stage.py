@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from flow.budget import Breaker, Budget, Verdict
 from flow.config import PipelineConfig
+from flow.delivery import Delivery
 from flow.errors import TemplateError
 from flow.inbox import Inbox
 from flow.load import read_rows
@@ -39,7 +38,7 @@ from flow.plan import (
 from flow.post import PostProcessor
 from flow.prices import Price, estimate_call_usd, price_for
 from flow.progress import RunProgress
-from flow.records import Call, CallResult, ItemRecord, OutputRecord
+from flow.records import Call, ItemRecord
 from flow.render import Condition, RequestBuilder
 from flow.settle import Outcomes
 from flow.store import Store
@@ -91,6 +90,11 @@ class Stage:
         self._source = config.load.path.name
         self._in_flight: dict[str, list[Planned]] = {}
         self._plan_lock = asyncio.Lock()
+        # a batch's items wait in the store, not in memory: they are found when it is collected
+        self._batched = self.config.executor == "batch"
+        self.delivery = Delivery(self.name, self.outcomes, [s.name for s in chain],
+                                 self._in_flight, self._plan_lock)
+        self.deliver = self.delivery.deliver
         self._run: RunContext | None = None
         self._planner: Planner | None = None
 
@@ -99,6 +103,9 @@ class Stage:
         self._run = run
         self.outcomes.origin = run.origin
         self._planner = Planner(run.store, run.origin, self._source, self.name, self._later)
+        self.delivery.attach(run, self._planner)
+        if self.next is not None:
+            self.delivery.next_inbox = self.next.inbox
 
     async def calls(self) -> AsyncIterator[Call]:
         """The distinct calls this stage needs, batch after batch.
@@ -165,8 +172,8 @@ class Stage:
             await planner.look_up(callable_items)
             calls, reposts, done, failed = self._sort(callable_items)
         if reposts:
-            await self._repost(reposts)
-        await self._forward([(p, p.known.output) for p in done], fresh=False)
+            await self.delivery.repost(reposts)
+        await self.delivery.forward([(p, p.known.output) for p in done], fresh=False)
         await planner.stop_later([ItemRecord(p.record.item_id, p.row.number, None, None,
                                              p.known.error_class, p.known.error)
                                   for p in failed])
@@ -199,7 +206,7 @@ class Stage:
         for record in failed:
             run.breaker.observe(record.error_class, record.error)
         await planner.stop_later(failed)
-        await self._forward([(p, None) for p in skipped], fresh=False)
+        await self.delivery.forward([(p, None) for p in skipped], fresh=False)
         return callable_items
 
     def _sort(self, items: list[Planned]) -> tuple[list[Call], list[Planned], list[Planned],
@@ -219,6 +226,8 @@ class Stage:
                 failed.append(planned)
             elif action is Action.POST:
                 reposts.append(planned)
+            elif action is Action.CALL and self._batched:
+                calls.append(planned.call)  # the batch executor skips what a batch holds
             elif action is Action.CALL:
                 waiting = self._in_flight.get(key)
                 if waiting is not None:
@@ -240,7 +249,8 @@ class Stage:
         run, _ = self._context()
         budget, progress = run.budget, run.progress
         while not run.stop_feeding.is_set():
-            estimate = 0.0 if budget.cap_usd is None else estimate_call_usd(
+            # a batch's cost is checked against the cap before each create, at batch prices
+            estimate = 0.0 if budget.cap_usd is None or self._batched else estimate_call_usd(
                 self.price, call.request_json, self.reserve.cap)
             verdict = budget.take(progress.cost_usd, estimate)
             if verdict is Verdict.GO:
@@ -256,73 +266,6 @@ class Stage:
         for unsent in calls[calls.index(call):]:
             self._in_flight.pop(unsent.key, None)  # their items stay pending
         return False
-
-    async def _repost(self, items: list[Planned]) -> None:
-        """Make outputs from stored replies (post steps or the items changed): no call."""
-        run, _ = self._context()
-        bodies = await run.store.reply_bodies(p.known.reply_id for p in items
-                                              if p.known.reply_id is not None)
-        settled = self.outcomes.from_stored(items, bodies)
-        await run.store.save(settled)
-        await self._pass_on(items, settled.outputs)
-
-    async def deliver(self, result: CallResult) -> None:
-        """Post-process a call's result for every item waiting on it, commit it all, and
-        pass the items on."""
-        run, _ = self._context()
-        key = result.call.key
-        run.budget.settle()
-        run.settled.set()
-        if result.unsent:
-            async with self._plan_lock:
-                self._in_flight.pop(key, None)
-            return
-        waiting = self._in_flight[key]
-        taken = len(waiting)
-        response = self.outcomes.response(result)
-        settled = self.outcomes.for_result(result, waiting, response, result.attempts)
-        settled.outputs[0].bought = response is not None
-        await run.store.save(settled)
-        if self.next is None:
-            run.progress.completed += taken
-        run.stop_if_tripped()
-        async with self._plan_lock:
-            late = self._in_flight.pop(key)[taken:]
-        outputs = settled.outputs
-        if late:
-            # items that came to wait while the result was being committed
-            more = self.outcomes.for_result(result, late, None, [])
-            for output in more.outputs:
-                output.response_id = response.id if response is not None else None
-            await run.store.save(more)
-            outputs = outputs + more.outputs
-        await self._pass_on(waiting[:taken] + late, outputs)
-
-    async def _pass_on(self, items: list[Planned], outputs: list[OutputRecord]) -> None:
-        """Hand the items made anew here to the next stage; record the failed ones as
-        stopped at every later stage."""
-        _, planner = self._context()
-        done = [(p, o.output) for p, o in zip(items, outputs) if o.status == "done"]
-        await self._forward(done, fresh=True)
-        await planner.stop_later([
-            ItemRecord(o.item_id, p.row.number, None, None, o.error_class, o.error)
-            for p, o in zip(items, outputs) if o.status != "done"])
-
-    async def _forward(self, items: list[tuple[Planned, str | None]], fresh: bool) -> None:
-        """Hand items to the next stage, each with this stage's output (None: skipped here,
-        so templates after see no `<stage>` at all)."""
-        if self.next is None or not items:
-            return
-        assert self.next.inbox is not None
-        entered = []
-        for planned, output in items:
-            upstream: dict[str, Any] = dict(planned.upstream)
-            if output is not None:
-                upstream[self.name] = {"output": json.loads(output)}
-            entered.append(Planned(planned.row, ItemRecord(planned.record.item_id,
-                                                           planned.row.number, None, None),
-                                   None, upstream=upstream, fresh=fresh or planned.fresh))
-        await self.next.inbox.put(entered)
 
     def _context(self) -> tuple[RunContext, Planner]:
         assert self._run is not None and self._planner is not None

@@ -121,5 +121,5 @@ def test_the_readme_shows_every_pipeline_key_and_command() -> None:
     assert [key for key in keys if f"{key}:" not in text] == []
     assert [command for command in COMMANDS if f"flow {command} " not in text] == []
     options = ("--simulate", "--limit", "--retry-failed", "--error-class", "--recall",
-               "--take-over-store", "--no-input", "--stage", "--dry-run")
+               "--take-over-store", "--no-input", "--stage", "--dry-run", "--detach")
     assert [option for option in options if option not in text] == []

@@ -26,7 +26,7 @@ from flow.cli.inspect import (
     show_command,
     status_command,
 )
-from flow.cli.running import run_command
+from flow.cli.running import cancel_command, run_command
 from flow.errors import FlowError
 from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.simulator.options import add_simulator_options, positive_int, simulator_config
@@ -34,7 +34,7 @@ from flow.simulator.options import add_simulator_options, positive_int, simulato
 # `run`, `simulate` and `--dry-run` import the openai SDK and aiohttp inside their handlers:
 # the read commands (`status`, `export`, ...) start in a fraction of the time without them.
 
-COMMANDS = ("run", "status", "export", "failures", "show", "browse", "simulate")
+COMMANDS = ("run", "status", "export", "failures", "show", "browse", "cancel", "simulate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --retry-failed: buy replies again for post-step failures too")
     run.add_argument("--stage", metavar="NAME",
                      help="with --retry-failed: only the failures of this stage")
+    run.add_argument("--detach", action="store_true",
+                     help="batch stages: submit the batches and exit; run again to collect")
     run.add_argument("--take-over-store", action="store_true",
                      help="make a store another pipeline used this pipeline's own")
     run.add_argument("--dry-run", action="store_true",
@@ -145,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     browse.add_argument("--host", default="127.0.0.1")
     browse.add_argument("--port", type=int, default=8001)
     browse.set_defaults(handler=browse_command)
+
+    cancel = commands.add_parser("cancel", help="cancel the pipeline's open batches "
+                                                "(their finished lines are kept)")
+    cancel.add_argument("pipeline", type=Path)
+    cancel.add_argument("--simulate", action="store_true",
+                        help="the batches were sent to flow's simulator (with --sim-url)")
+    cancel.add_argument("--sim-url", help=argparse.SUPPRESS)
+    cancel.set_defaults(handler=cancel_command)
 
     simulate = commands.add_parser("simulate", help="serve the OpenAI-compatible simulator")
     simulate.add_argument("--host", default="127.0.0.1")

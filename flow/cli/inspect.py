@@ -78,6 +78,16 @@ def status_command(args: argparse.Namespace, err: Console) -> int:
         out.print(f"  ${status['cost_of_results_usd']:.4f} bought the current results; "
                   f"${other:.4f} paid for requests no item makes any more "
                   "(an edited template, a reply bought again)")
+    if status.get("batches"):
+        batches = Table("batch", "stage", "state", "provider", "lines", "done", "failed",
+                        "age", "cost", header_style="bold")
+        for batch in status["batches"][-20:]:
+            batches.add_row(str(batch["shard"]), batch["stage"], batch["state"],
+                            f"{batch['status'] or '-'} {batch['batch_id'] or ''}".strip(),
+                            f"{batch['lines']:,}", f"{batch['completed']:,}",
+                            f"{batch['failed']:,}", _age(batch["created_at"]),
+                            f"${batch['cost_usd']:.4f}")
+        out.print(batches)
     runs = Table("run", "started", "finished", "state", "done", "failed", "skipped", "calls",
                  "cost", header_style="bold")
     for run in status["runs"][-10:]:
@@ -88,6 +98,19 @@ def status_command(args: argparse.Namespace, err: Console) -> int:
                      f"${run['cost_usd'] or 0:.4f}")
     out.print(runs)
     return EXIT_OK
+
+
+def _age(stamp: str) -> str:
+    """How long ago a time the store wrote was: `3h12m`, `4m`."""
+    from datetime import UTC, datetime
+
+    try:
+        seconds = (datetime.now(UTC) - datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+                   ).total_seconds()
+    except ValueError:
+        return "-"
+    hours, minutes = divmod(int(seconds) // 60, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
 
 
 def _when(stamp: str | None) -> str:

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -36,7 +36,7 @@ def run_command(args: argparse.Namespace, err: Console) -> int:
     options = RunOptions(simulate=args.simulate, limit=args.limit,
                          retry_failed=args.retry_failed, error_class=args.error_class,
                          take_over_store=args.take_over_store, recall=args.recall,
-                         stage=args.stage)
+                         stage=args.stage, detach=args.detach)
     if args.dry_run:
         return _dry_run(config, options)
     simulator = None
@@ -52,6 +52,8 @@ def run_command(args: argparse.Namespace, err: Console) -> int:
     from flow.progress import summarize
 
     err.print(summarize(summary), highlight=False, markup=False)
+    if summary.state == "detached":
+        return EXIT_OK
     if summary.state == "interrupted":
         err.print("interrupted: run the same command again to resume", markup=False)
         return EXIT_INTERRUPTED
@@ -176,3 +178,39 @@ class _Display:
             if self._progress is not None:
                 self._live.update(render(self._progress))
             self._live.stop()
+
+
+def cancel_command(args: argparse.Namespace, err: Console) -> int:
+    """`flow cancel`: ask the provider to cancel the pipeline's open batches."""
+    from flow.endpoints import SIMULATED_ORIGIN
+    from flow.execute.batch_cancel import cancel_batches
+    from flow.execute.client import make_client
+
+    config = load_config(args.pipeline)
+    keys = config.run_keys
+    base_url = args.sim_url if args.simulate else keys.base_url
+    if args.simulate and not base_url:
+        raise FlowError("--simulate: the simulator that holds the batches is gone with the "
+                        f"run that started it; its batches end with it ({SIMULATED_ORIGIN})")
+    api_key = keys.api_key or os.environ.get("OPENAI_API_KEY") or (
+        "sk-simulated" if args.simulate else None)
+    if not api_key:
+        raise FlowError(f"{config.file}: no API key: set OPENAI_API_KEY or call.api_key")
+
+    async def cancel() -> list[Any]:
+        client = make_client(keys, base_url, api_key)
+        try:
+            return await cancel_batches(config.store, client)
+        finally:
+            await client.close()
+
+    cancelled = asyncio.run(cancel())
+    if not cancelled:
+        err.print("no open batch to cancel", markup=False)
+    for batch in cancelled:
+        err.print(f"batch {batch.batch_id} (shard {batch.shard}, stage {batch.stage}): "
+                  f"{batch.status}", markup=False)
+    if cancelled:
+        err.print("run the pipeline again to collect what they finished; the rest is sent "
+                  "again", markup=False)
+    return EXIT_OK

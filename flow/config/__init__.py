@@ -4,15 +4,17 @@ from flow.config.models import (
     BUILTIN_POST_STEPS,
     KEYED_POST_STEPS,
     RESERVED_PARAMS,
+    BatchConfig,
     CallConfig,
     LoadConfig,
     MessageConfig,
     PipelineConfig,
     PriceConfig,
     RetryConfig,
+    StageConfig,
 )
 from flow.config.reading import check_api_key, load_config, parse_config
 
-__all__ = ["BUILTIN_POST_STEPS", "KEYED_POST_STEPS", "RESERVED_PARAMS", "CallConfig",
-           "LoadConfig", "MessageConfig", "PipelineConfig", "PriceConfig", "RetryConfig",
-           "check_api_key", "load_config", "parse_config"]
+__all__ = ["BUILTIN_POST_STEPS", "KEYED_POST_STEPS", "RESERVED_PARAMS", "BatchConfig",
+           "CallConfig", "LoadConfig", "MessageConfig", "PipelineConfig", "PriceConfig",
+           "RetryConfig", "StageConfig", "check_api_key", "load_config", "parse_config"]

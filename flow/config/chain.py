@@ -18,7 +18,8 @@ from jinja2.sandbox import SandboxedEnvironment
 from flow.config.models import RUN_WIDE_KEYS, CallConfig, PipelineConfig
 from flow.errors import ConfigError
 
-MERGED_MAPPINGS = ("params", "retry", "price", "headers")  # a stage adds to the defaults' keys
+# a stage adds to the defaults' keys of these
+MERGED_MAPPINGS = ("params", "retry", "price", "headers", "batch")
 
 
 def inherit_defaults(raw: dict[str, Any], file: Path) -> dict[str, Any]:

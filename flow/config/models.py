@@ -83,6 +83,23 @@ class PriceConfig(_Strict):
     cached_input_per_1m: float | None = Field(default=None, ge=0)
 
 
+class BatchConfig(_Strict):
+    """How the Batch API executor shards and waits (`executor: batch`)."""
+
+    completion_window: Literal["24h"] = "24h"
+    max_requests_per_batch: int = Field(default=50_000, ge=1, le=50_000)  # OpenAI's limit
+    max_bytes_per_batch: int = Field(default=190_000_000, ge=1_000, le=200_000_000)
+    # expired or cancelled lines: into a new batch, or finished through the online path
+    on_expired: Literal["requeue", "online"] = "requeue"
+    first_poll_s: float = Field(default=5, ge=0)  # polling backs off from here...
+    max_poll_s: float = Field(default=60, ge=0)  # ...to here
+    # calls arriving in a trickle (a later stage) are cut into a batch after this lull
+    gather_s: float = Field(default=5, ge=0)
+    # a create whose outcome is unknown (the process died) is looked up again after this
+    # long before it is made anew: a request still on its way is found by then
+    create_grace_s: float = Field(default=10, ge=0)
+
+
 class CallConfig(_Strict):
     """The request sent for each item, and how requests are paced and retried."""
 
@@ -108,6 +125,9 @@ class CallConfig(_Strict):
     max_response_bytes: int = Field(default=10_000_000, gt=0)
     # sent with every request, never stored nor part of a request's key: gateway tokens
     headers: dict[str, str] = Field(default_factory=dict)
+    # how calls are sent: now, `concurrency` at a time, or through the Batch API (half price)
+    executor: Literal["online", "batch"] = "online"
+    batch: BatchConfig = Field(default_factory=BatchConfig)
 
     @field_validator("headers")
     @classmethod

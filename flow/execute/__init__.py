@@ -26,10 +26,24 @@ class ExecutorCounters:
     in_flight: int = 0
 
 
+@dataclass(slots=True)
+class BatchCounters(ExecutorCounters):
+    """The Batch API executor's counts, with its batches'."""
+
+    batches_submitted: int = 0
+    batches_running: int = 0
+    batches_collected: int = 0
+    lines_done: int = 0
+    lines_total: int = 0
+
+
 class Executor(Protocol):
     """Sends calls and delivers how each one ended."""
 
-    counters: ExecutorCounters
+    @property
+    def counters(self) -> ExecutorCounters:
+        """Its run-wide counts."""
+        ...
 
     async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
         """Send every call of `calls`; await `deliver` with each result before the next."""

@@ -15,6 +15,7 @@ from typing import Protocol
 from flow.errors import ConfigError, FlowError
 from flow.plan import PlanStore
 from flow.records import Settled
+from flow.store.shards import SQLiteShards
 from flow.store.sqlite import SQLiteStore
 
 
@@ -35,6 +36,8 @@ class Store(PlanStore, Protocol):
 
     async def origins(self) -> list[str]: ...
 
+    async def store_id(self) -> str: ...
+
     async def spent_usd(self, origin: str) -> float: ...
 
     async def begin_seen_ids(self) -> None: ...
@@ -44,6 +47,9 @@ class Store(PlanStore, Protocol):
     async def forget_stages(self, stages: Sequence[str]) -> int: ...
 
     async def reply_bodies(self, response_ids: Iterable[int]) -> dict[int, str]: ...
+
+    @property
+    def shards(self) -> SQLiteShards: ...
 
     async def save(self, settled: Settled) -> None: ...
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flow.errors import StoreError
 from flow.prices import cost_usd, price_for
+from flow.store.batches_schema import m006_batches
 from flow.store.sqlite_sql import store_error
 from flow.store.stages_schema import m005_stages
 from flow.store.views import m003_results_output_text_and_browse, m004_truncated_outputs
@@ -271,6 +272,7 @@ def m002_split_responses_from_outputs(db: sqlite3.Connection) -> None:
 migration(m003_results_output_text_and_browse)
 migration(m004_truncated_outputs)
 migration(m005_stages)
+migration(m006_batches)
 
 
 def _list_cost(model: str, prompt: object, completion: object, cached: object) -> float | None:

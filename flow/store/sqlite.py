@@ -23,6 +23,7 @@ from flow.errors import StoreError
 from flow.records import STAGE, ItemRecord, Known, Settled, utc_now
 from flow.store.lock import StoreLock
 from flow.store.opening import connect_locked, connect_read_only
+from flow.store.shards import SQLiteShards
 from flow.store.sqlite_sql import (
     CRASHED_SQL,
     FINISH_RUN_SQL,
@@ -61,6 +62,7 @@ class SQLiteStore:
         self._transaction = asyncio.Lock()
         self._next_response_id = 1
         self.run_id = 0
+        self.shards = SQLiteShards(self._query, self._write)
 
     @classmethod
     async def open(cls, path: Path, busy_timeout_s: float = 5.0) -> SQLiteStore:
@@ -130,6 +132,11 @@ class SQLiteStore:
         """The pipeline file of the store's latest run, if it has run."""
         rows = await self._query("SELECT pipeline FROM runs ORDER BY id DESC LIMIT 1", ())
         return str(rows[0][0]) if rows else None
+
+    async def store_id(self) -> str:
+        """The store's own id (made when its schema was), naming it to the provider."""
+        ((value,),) = await self._query("SELECT value FROM store_info WHERE key = 'id'", ())
+        return str(value)
 
     async def origins(self) -> list[str]:
         """The origins the store's runs were made at."""

@@ -46,7 +46,7 @@ def group_statements(group: list[Settled], run_id: int,
                 response.request_json, response.body, usage.prompt_tokens,
                 usage.completion_tokens, usage.cached_tokens, response.cost_usd,
                 response.attempts, response.latency_ms, response.started_at,
-                response.finished_at, run_id))
+                response.finished_at, run_id, response.batch_id))
         # a reply at its first attempt is all in its `responses` row; writing that
         # attempt again cost a tenth of the throughput (the GIL, while binding its row)
         if response is None or len(settled.attempts) > 1:
@@ -64,7 +64,7 @@ def group_statements(group: list[Settled], run_id: int,
     statements = [
         *inserts("INSERT INTO responses (id, request_key, origin, model, request, body, "
                  "prompt_tokens, completion_tokens, cached_tokens, cost_usd, attempts, "
-                 "latency_ms, started_at, finished_at, run_id) VALUES", responses),
+                 "latency_ms, started_at, finished_at, run_id, batch_id) VALUES", responses),
         *inserts("INSERT INTO attempts (request_key, origin, run_id, number, started_at, "
                  "latency_ms, status_code, outcome, error, wait_s) VALUES", attempts),
         *inserts("INSERT OR REPLACE INTO outputs (stage, item_id, request_key, origin, "

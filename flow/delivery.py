@@ -1,0 +1,143 @@
+"""What a stage does with a result: commit it for every item waiting on it, then hand the
+items on to the next stage (or record them as stopped at every later one).
+
+Online, the items waiting on a call are in memory (the stage's in-flight table). A batch
+runs for hours, across runs: its results are matched to their items in the store, by
+request key, when they are collected, so nothing waits in memory meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from flow.inbox import Inbox
+from flow.load import Row
+from flow.plan import Planned, Planner
+from flow.records import CallResult, ItemRecord, Known, OutputRecord
+from flow.settle import Outcomes
+
+if TYPE_CHECKING:
+    from flow.stage import RunContext
+
+
+class Delivery:
+    """A stage's results, committed and handed on."""
+
+    def __init__(self, name: str, outcomes: Outcomes, stages: Sequence[str],
+                 in_flight: dict[str, list[Planned]], plan_lock: asyncio.Lock) -> None:
+        self._name = name
+        self._outcomes = outcomes
+        self._first = stages[0]
+        self._earlier = list(stages[:stages.index(name)])
+        self._in_flight = in_flight
+        self._plan_lock = plan_lock
+        self.next_inbox: Inbox[Planned] | None = None
+        self._run: RunContext | None = None
+        self._planner: Planner | None = None
+
+    def attach(self, run: RunContext, planner: Planner) -> None:
+        """Start delivering in a run whose store is open."""
+        self._run, self._planner = run, planner
+
+    async def deliver(self, result: CallResult) -> None:
+        """Post-process a call's result for every item waiting on it, commit it all, and
+        pass the items on."""
+        run, _ = self._context()
+        key = result.call.key
+        run.budget.settle()
+        run.settled.set()
+        if result.unsent:
+            async with self._plan_lock:
+                self._in_flight.pop(key, None)
+            return
+        async with self._plan_lock:
+            waiting = self._in_flight.get(key)
+        if waiting is None:
+            await self._deliver_stored(result)
+            return
+        taken = len(waiting)
+        response = self._outcomes.response(result)
+        settled = self._outcomes.for_result(result, waiting, response, result.attempts)
+        settled.outputs[0].bought = response is not None
+        await run.store.save(settled)
+        if self.next_inbox is None:
+            run.progress.completed += taken
+        run.stop_if_tripped()
+        async with self._plan_lock:
+            late = self._in_flight.pop(key)[taken:]
+        outputs = settled.outputs
+        if late:
+            # items that came to wait while the result was being committed
+            more = self._outcomes.for_result(result, late, None, [])
+            for output in more.outputs:
+                output.response_id = response.id if response is not None else None
+            await run.store.save(more)
+            outputs = outputs + more.outputs
+        await self.pass_on(waiting[:taken] + late, outputs)
+
+    async def _deliver_stored(self, result: CallResult) -> None:
+        """A result no item waits on in memory (a batch's): its reply is stored, and every
+        item of this stage whose request it answers is found in the store and settled."""
+        run, _ = self._context()
+        key = result.call.key
+        response = self._outcomes.response(result)
+        found = await run.store.shards.waiting_on(self._name, run.origin, [key], self._first)
+        upstream = await run.store.shards.outputs_of([f[0] for f in found], self._earlier)
+        items = []
+        for item_id, row, _, text, response_id, bought in found:
+            fields = json.loads(text) if text else None
+            planned = Planned(Row(row, item_id, fields), ItemRecord(item_id, row, None, key),
+                              None, result.call, Known(response_id=response_id, bought=bought))
+            planned.upstream = {stage: {"output": json.loads(output)} for stage, output
+                                in upstream.get(item_id, {}).items()}
+            items.append(planned)
+        settled = self._outcomes.for_result(result, items, response, result.attempts)
+        if settled.outputs:
+            settled.outputs[0].bought = response is not None
+        await run.store.save(settled)
+        if self.next_inbox is None:
+            run.progress.completed += len(items)
+        run.stop_if_tripped()
+        await self.pass_on(items, settled.outputs, fresh=True)
+
+    async def repost(self, items: list[Planned]) -> None:
+        """Make outputs from stored replies (post steps or the items changed): no call."""
+        run, _ = self._context()
+        bodies = await run.store.reply_bodies(p.known.reply_id for p in items
+                                              if p.known.reply_id is not None)
+        settled = self._outcomes.from_stored(items, bodies)
+        await run.store.save(settled)
+        await self.pass_on(items, settled.outputs)
+
+    async def pass_on(self, items: list[Planned], outputs: list[OutputRecord],
+                      fresh: bool = True) -> None:
+        """Hand the items made anew here to the next stage; record the failed ones as
+        stopped at every later stage."""
+        _, planner = self._context()
+        done = [(p, o.output) for p, o in zip(items, outputs) if o.status == "done"]
+        await self.forward(done, fresh=fresh)
+        await planner.stop_later([
+            ItemRecord(o.item_id, p.row.number, None, None, o.error_class, o.error)
+            for p, o in zip(items, outputs) if o.status != "done"])
+
+    async def forward(self, items: list[tuple[Planned, str | None]], fresh: bool) -> None:
+        """Hand items to the next stage, each with this stage's output (None: skipped here,
+        so templates after see no `<stage>` at all)."""
+        if self.next_inbox is None or not items:
+            return
+        entered = []
+        for planned, output in items:
+            upstream: dict[str, Any] = dict(planned.upstream)
+            if output is not None:
+                upstream[self._name] = {"output": json.loads(output)}
+            entered.append(Planned(planned.row, ItemRecord(planned.record.item_id,
+                                                           planned.row.number, None, None),
+                                   None, upstream=upstream, fresh=fresh or planned.fresh))
+        await self.next_inbox.put(entered)
+
+    def _context(self) -> tuple[RunContext, Planner]:
+        assert self._run is not None and self._planner is not None
+        return self._run, self._planner

@@ -1,0 +1,304 @@
+"""One shard's life through the Batch API, each step written to the store before the next:
+
+    planned -> uploaded -> creating -> submitted -> terminal -> collected
+
+`creating` is the intent, on disk before `batches.create` is sent (the SDK's retries are
+off; metadata names the store and the shard). After a crash, or a create whose outcome is
+unknown, the shard is looked up with `batches.list` (by its metadata and input file) and the
+batch found is adopted; a new one is created only when none is found after `create_grace_s`.
+Collecting streams the output and error files, joined on `custom_id`, and skips what a
+collection before it stored already, so collecting twice changes nothing. Lines the batch did
+not run (expired, cancelled) are handed back to be sent again, using no attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import openai
+
+from flow.config import BatchConfig
+from flow.errors import FatalCallError
+from flow.execute import BatchCounters, Deliver
+from flow.execute.batch_files import (
+    LineResult,
+    failure_of,
+    input_line,
+    is_token_limited,
+    read_line,
+)
+from flow.records import Call, CallResult, Shard, utc_now
+
+URL: Final = "/v1/chat/completions"
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+LIST_PAGE = 100
+CREATE_TRIES = 3  # a create whose outcome is unknown, looked up and tried again at most
+
+
+def crash_point(name: str) -> None:
+    """Tests kill the process at an exact step (FLOW_CRASH_AT=name): a real SIGKILL."""
+    if os.environ.get("FLOW_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ShardBook(Protocol):
+    """What the executor keeps in the store (`flow.store.shards.SQLiteShards`)."""
+
+    async def open(self, stage: str, origin: str) -> list[Shard]: ...
+
+    async def add(self, stage: str, origin: str, endpoint: str, worst_cost_usd: float | None,
+                  lines: Sequence[tuple[str, str]], run_id: int) -> Shard: ...
+
+    async def save(self, shard: Shard) -> None: ...
+
+    async def lines(self, shard_id: int, states: Sequence[str] = ...
+                    ) -> list[tuple[str, str]]: ...
+
+    async def held(self, shard_ids: Sequence[int], keys: Sequence[str]) -> set[str]: ...
+
+    async def mark(self, shard_id: int, keys: Sequence[str], state: str) -> None: ...
+
+    async def forget_requests(self, shard_id: int) -> None: ...
+
+    async def collected(self, batch_id: str) -> set[str]: ...
+
+
+@dataclass
+class BatchRun:
+    """Where the executor works: the store's book, the stage and origin, and the run."""
+
+    book: ShardBook
+    stage: str
+    origin: str
+    store_tag: str  # names the store in each batch's metadata
+    run_id: int
+    # before each create: whether a shard that may cost this much is within the budget
+    may_spend: Callable[[float], bool]
+    worst_cost: Callable[[str], float]  # of one request, at batch prices
+
+
+class ShardDriver:
+    """Walks shards through their states; see the module docstring."""
+
+    def __init__(self, config: BatchConfig, client: openai.AsyncOpenAI, run: BatchRun,
+                 stop: asyncio.Event, detach: bool, counters: BatchCounters) -> None:
+        self._config = config
+        self._client = client
+        self._run = run
+        self._stop = stop
+        self._detach = detach
+        self._counters = counters
+        self.stopped_by_budget = False
+        self.requeued: list[Call] = []  # lines a batch did not run: to send again
+
+    async def drive(self, shard: Shard, deliver: Deliver) -> None:
+        """Walk `shard` through its states, as far as the run goes."""
+        book = self._run.book
+        fresh = False  # whether this process wrote the shard's intent to create
+        while shard.state != "collected" and not self._stop.is_set():
+            if shard.state == "planned":
+                await self._upload(shard)
+            elif shard.state == "uploaded":
+                if not self._run.may_spend(shard.worst_cost_usd or 0.0):
+                    self.stopped_by_budget = True
+                    shard.error = "not created: it could take spend past max_cost_usd"
+                    await book.save(shard)
+                    return
+                shard.state, fresh = "creating", True  # the intent, on disk before the call
+                await book.save(shard)
+                crash_point("intent")
+            elif shard.state == "creating":
+                if not await self._create(shard, fresh):
+                    return
+            elif shard.state == "submitted":
+                if self._detach:
+                    return
+                await self._poll(shard)
+            elif shard.state == "terminal":
+                await self._collect(shard, deliver)
+
+    async def _upload(self, shard: Shard) -> None:
+        lines = await self._run.book.lines(shard.id)
+        with tempfile.TemporaryFile("w+b") as handle:
+            for key, request in lines:
+                handle.write(input_line(key, request, URL).encode("utf-8", "surrogatepass"))
+                handle.write(b"\n")
+            handle.seek(0)
+            name = f"flow-{self._run.store_tag}-{shard.id}.jsonl"
+            uploaded = await self._client.files.create(file=(name, handle), purpose="batch")
+        shard.file_id, shard.state = uploaded.id, "uploaded"
+        await self._run.book.save(shard)
+        crash_point("uploaded")
+
+    def _metadata(self, shard: Shard) -> dict[str, str]:
+        return {"flow_store": self._run.store_tag, "shard": f"{self._run.store_tag}:{shard.id}",
+                "stage": self._run.stage}
+
+    async def _find(self, shard: Shard) -> Any | None:
+        """The batch a create made for this shard before, if the provider has one (one
+        refused for the token limit ran nothing: it is not the shard's batch)."""
+        wanted = self._metadata(shard)["shard"]
+        async for batch in self._client.batches.list(limit=LIST_PAGE):
+            metadata = batch.metadata or {}
+            if (metadata.get("shard") == wanted and batch.input_file_id == shard.file_id
+                    and not (batch.status == "failed" and is_token_limited(_plain(batch.errors)))):
+                return batch
+        return None
+
+    async def _create(self, shard: Shard, fresh: bool) -> bool:
+        """Adopt the shard's batch if one was made, else create it; False: not now (the
+        token limit, a stop).
+
+        A create this process did not just decide (the intent is from a run that died, or
+        its outcome is unknown) is looked up first, and again once `create_grace_s` has
+        passed since the intent: a create still on its way to the provider is found then.
+        """
+        for _ in range(CREATE_TRIES):
+            found = None if fresh else await self._find(shard)
+            if found is None and not fresh:
+                left = self._config.create_grace_s - _age_s(shard.updated_at)
+                if left > 0:
+                    await self._wait(left)
+                    found = await self._find(shard)
+            if found is None:
+                try:
+                    found = await self._client.batches.create(
+                        input_file_id=shard.file_id or "", endpoint=URL,
+                        completion_window=self._config.completion_window,
+                        metadata=self._metadata(shard))
+                except (openai.APIConnectionError, openai.APITimeoutError):
+                    fresh = False  # it may have been made: look before trying again
+                    await self._run.book.save(shard)  # the time the outcome was lost
+                    continue
+                crash_point("created")
+            if found.status == "failed" and is_token_limited(_plain(found.errors)):
+                shard.state, shard.error = "uploaded", "deferred: token_limit_exceeded"
+                await self._run.book.save(shard)
+                await self._wait(self._config.max_poll_s)
+                return not self._stop.is_set()
+            shard.batch_id, shard.state, shard.error = found.id, "submitted", None
+            shard.status = found.status
+            await self._run.book.save(shard)
+            self._counters.batches_submitted += 1
+            self._counters.batches_running += 1
+            return True
+        raise FatalCallError(f"batches.create for batch shard {shard.id} got no answer "
+                             f"{CREATE_TRIES} times; run again: the shard is looked up "
+                             "before it is created again")
+
+    async def _poll(self, shard: Shard) -> None:
+        """Wait for the batch to end, backing off between looks."""
+        wait = self._config.first_poll_s
+        while not self._stop.is_set():
+            batch = await self._client.batches.retrieve(shard.batch_id or "")
+            counts = batch.request_counts
+            shard.status = batch.status
+            if counts is not None:
+                self._counters.lines_done += max(0, counts.completed - shard.completed)
+                shard.completed, shard.failed = counts.completed, counts.failed
+            if batch.status == "failed" and is_token_limited(_plain(batch.errors)):
+                # refused for the account's enqueued tokens: made again once others finish;
+                # its lines do not fail
+                shard.state, shard.error = "uploaded", "deferred: token_limit_exceeded"
+                self._counters.batches_running -= 1
+                self._counters.batches_submitted -= 1
+                await self._run.book.save(shard)
+                await self._wait(self._config.max_poll_s)
+                return
+            if batch.status in TERMINAL:
+                shard.state = "terminal"
+                shard.output_file_id, shard.error_file_id = (batch.output_file_id,
+                                                             batch.error_file_id)
+                if batch.status == "failed":
+                    shard.error = failure_of(batch.status, _plain(batch.errors))
+                self._counters.batches_running -= 1
+                await self._run.book.save(shard)
+                return
+            await self._run.book.save(shard)
+            await self._wait(wait)
+            wait = min(max(wait * 2, 0.01), self._config.max_poll_s)
+
+    async def _collect(self, shard: Shard, deliver: Deliver) -> None:
+        """Deliver every line's result once, as the files stream in; requeue what the batch
+        did not run."""
+        book = self._run.book
+        pending = dict(await book.lines(shard.id))
+        done = await book.collected(shard.batch_id or "")
+        seen: set[str] = set()
+        delivered: list[str] = []
+        requeue: list[str] = []
+        for file_id in (shard.output_file_id, shard.error_file_id):
+            if not file_id:
+                continue
+            async with self._client.files.with_streaming_response.content(file_id) as raw:
+                async for text in raw.iter_lines():
+                    crash_point("downloading")
+                    line = read_line(text)
+                    if line is None or line.key not in pending or line.key in seen:
+                        continue
+                    seen.add(line.key)
+                    if line.requeue:
+                        requeue.append(line.key)
+                        continue
+                    if line.key not in done:
+                        request = pending[line.key]
+                        await deliver(self._result(shard, Call(line.key, json.loads(request),
+                                                               request), line))
+                        if not delivered:
+                            crash_point("collecting")
+                    delivered.append(line.key)
+        for key, request in pending.items():
+            if key in seen:
+                continue
+            if shard.status != "failed":
+                requeue.append(key)  # in neither file: not run
+            elif key not in done:  # the batch failed whole (validation): each line says why
+                await deliver(self._result(shard, Call(key, json.loads(request), request), None))
+                delivered.append(key)
+        await book.mark(shard.id, delivered, "done")
+        await book.mark(shard.id, requeue, "requeued")
+        self.requeued += [Call(key, json.loads(pending[key]), pending[key]) for key in requeue]
+        shard.state = "collected"
+        await book.save(shard)
+        await book.forget_requests(shard.id)
+        self._counters.batches_collected += 1
+
+    def _result(self, shard: Shard, call: Call, line: LineResult | None) -> CallResult:
+        now = utc_now()
+        result = CallResult(call, now, now, 0.0, [], batch_id=shard.batch_id)
+        if line is None:  # the whole batch failed (validation): every line says why
+            result.error_class, result.error = "BatchError", shard.error or "the batch failed"
+            return result
+        result.body, result.usage, result.reply = line.body, line.usage, line.reply
+        result.error_class, result.error = line.error_class, line.error
+        return result
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, or less when the run stops."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+def _plain(value: Any) -> Any:
+    """An SDK object as the JSON it came from (the wire functions take plain values)."""
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _age_s(stamp: str) -> float:
+    """Seconds since an ISO 8601 UTC time the store wrote."""
+    try:
+        then = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 1e9
+    return max(0.0, time.time() - then)
