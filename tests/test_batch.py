@@ -229,3 +229,32 @@ def test_a_budget_stops_before_a_batch_that_could_pass_it(make_pipeline: Any,
     ((spent,),) = pipeline.query("SELECT SUM(cost_usd) FROM responses")
     assert spent < 0.015
 
+
+
+def test_a_batch_stage_hands_its_items_on_to_an_online_stage(
+        monkeypatch: pytest.MonkeyPatch, batch_server: SimulatorThread, tmp_path: Any,
+        capsys: Any) -> None:
+    """A chain whose first stage goes through batches: each item's stage-1 output, matched
+    in the store when its batch is collected, renders its stage-2 request."""
+    from conftest import API_KEY, write_rows
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    write_rows(tmp_path / "rows.jsonl", questions(30))
+    pipeline = Pipeline(tmp_path, {
+        "store": "flow.db", "load": {"path": "rows.jsonl", "id": "id"},
+        "defaults": {"model": "gpt-4o-mini", "base_url": batch_server.url, "timeout_s": 5},
+        "stages": [
+            {"name": "answer", "executor": "batch", "batch": FAST,
+             "messages": [{"role": "user", "content": "{{ question }}"}],
+             "post": [{"regex": "You asked: (.*)"}]},
+            {"name": "grade", "model": "gpt-4o",
+             "messages": [{"role": "user", "content": "Grade: {{ answer.output }}"}],
+             "post": ["strip"]}]})
+    assert pipeline.run() == 0
+    assert sum(creates(batch_server).values()) == 1
+    assert batch_server.stats.by_model["gpt-4o"] == 30  # every grade went online
+    exported = {r["id"]: r for r in pipeline.export(capsys)}
+    assert len(exported) == 30 and {r["status"] for r in exported.values()} == {"done"}
+    assert "Grade: What is 7 plus 7?" in exported["q00007"]["output"]
+    assert pipeline.run() == 0
+    assert batch_server.stats.by_model["gpt-4o"] == 30

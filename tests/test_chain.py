@@ -170,14 +170,15 @@ def test_a_python_step_edited_in_a_later_stage_reapplies_without_calling(
 
 def test_kill_9_anywhere_resumes_every_stage_without_paying_twice(env: None,
                                                                   tmp_path: Path) -> None:
-    """2,000 items through 2 stages, 20 ms latency: SIGKILLs at random moments, then resume."""
-    concurrency, kills = 16, 3
+    """2,000 items through 2 stages, 10 ms latency: SIGKILLs at random moments, then resume."""
+    concurrency, kills = 32, 2
     chooser = random.Random(13)
-    with SimulatorThread(SimulatorConfig(latency_ms=20)) as server:
+    with SimulatorThread(SimulatorConfig(latency_ms=10)) as server:
         pipeline = chain(tmp_path, server.url, rows(2000))
+        pipeline.config["defaults"]["concurrency"] = concurrency
         for _ in range(kills):
             child = flow_process(pipeline)
-            wait_for_requests(server, server.stats.requests + chooser.randint(200, 800), 60)
+            wait_for_requests(server, server.stats.requests + chooser.randint(300, 1500), 60)
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
         resumed = flow_process(pipeline)
