@@ -199,8 +199,11 @@ class Run:
                     yield call
             await online.execute(each(), deliver)
 
+        def worst_tokens(request_json: str) -> int:
+            return len(request_json) // 4 + reserve.cap  # no tokenizer: about 4 chars a token
+
         run = BatchRun(store.shards, stage.name, self._origin, store_tag, store.run_id,
-                       self._may_spend, worst_cost)
+                       self._may_spend, worst_cost, worst_tokens)
         return BatchExecutor(stage.config, client, run, self._stop_feeding,
                              self.options.detach, finish_online)
 

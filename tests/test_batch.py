@@ -258,3 +258,18 @@ def test_a_batch_stage_hands_its_items_on_to_an_online_stage(
     assert "Grade: What is 7 plus 7?" in exported["q00007"]["output"]
     assert pipeline.run() == 0
     assert batch_server.stats.by_model["gpt-4o"] == 30
+
+
+def test_batches_stay_within_a_known_enqueued_token_limit(make_pipeline: Any) -> None:
+    """With the account's enqueued-token limit given, no batch is larger and the batches
+    running at once stay within it: the provider never refuses one for its tokens."""
+    with SimulatorThread(SimulatorConfig(seed=7, batch_s=0.2,
+                                         batch_token_limit=2500)) as server:
+        pipeline = batch_pipeline(make_pipeline, server, items=60, per_batch=1000,
+                                  max_enqueued_tokens=2500)
+        pipeline.config["call"]["params"]["max_tokens"] = 100
+        assert pipeline.run() == 0
+        assert done_items(pipeline) == 60
+        shards = pipeline.query("SELECT lines FROM batches ORDER BY id")
+        assert len(shards) >= 3 and sum(lines for (lines,) in shards) == 60
+        assert set(creates(server).values()) == {1}  # none refused and made again

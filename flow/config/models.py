@@ -89,6 +89,9 @@ class BatchConfig(_Strict):
     completion_window: Literal["24h"] = "24h"
     max_requests_per_batch: int = Field(default=50_000, ge=1, le=50_000)  # OpenAI's limit
     max_bytes_per_batch: int = Field(default=190_000_000, ge=1_000, le=200_000_000)
+    # the account's enqueued-token limit for the model, when known: no batch is larger, and
+    # batches running at once stay within it (each line at its prompt and `max_tokens`)
+    max_enqueued_tokens: int | None = Field(default=None, gt=0)
     # expired or cancelled lines: into a new batch, or finished through the online path
     on_expired: Literal["requeue", "online"] = "requeue"
     first_poll_s: float = Field(default=5, ge=0)  # polling backs off from here...

@@ -118,20 +118,24 @@ class BatchExecutor:
             await asyncio.gather(pumping, return_exceptions=True)
 
     async def _cut(self, calls: list[Call]) -> list[Shard]:
-        """Record `calls` as shards of at most `max_requests_per_batch` lines and
-        `max_bytes_per_batch` bytes, `planned`."""
+        """Record `calls` as shards of at most `max_requests_per_batch` lines,
+        `max_bytes_per_batch` bytes and `max_enqueued_tokens` tokens, `planned`."""
         shards: list[Shard] = []
         limit = self._config
+        most_tokens = limit.max_enqueued_tokens
         lines: list[tuple[str, str]] = []
-        size = 0
+        size = tokens = 0
         for call in calls:
             line = len(call.request_json) + 120
+            line_tokens = self._run.worst_tokens(call.request_json)
             if lines and (len(lines) >= limit.max_requests_per_batch
-                          or size + line > limit.max_bytes_per_batch):
+                          or size + line > limit.max_bytes_per_batch
+                          or (most_tokens is not None and tokens + line_tokens > most_tokens)):
                 shards.append(await self._add(lines))
-                lines, size = [], 0
+                lines, size, tokens = [], 0, 0
             lines.append((call.key, call.request_json))
             size += line
+            tokens += line_tokens
         if lines:
             shards.append(await self._add(lines))
         return shards

@@ -84,6 +84,7 @@ class BatchRun:
     # before each create: whether a shard that may cost this much is within the budget
     may_spend: Callable[[float], bool]
     worst_cost: Callable[[str], float]  # of one request, at batch prices
+    worst_tokens: Callable[[str], int]  # of one request: its prompt and `max_tokens`
 
 
 class ShardDriver:
@@ -99,6 +100,7 @@ class ShardDriver:
         self._counters = counters
         self.stopped_by_budget = False
         self.requeued: list[Call] = []  # lines a batch did not run: to send again
+        self._enqueued: dict[int, int] = {}  # tokens of the batches running, by shard
 
     async def drive(self, shard: Shard, deliver: Deliver) -> None:
         """Walk `shard` through its states, as far as the run goes."""
@@ -113,6 +115,8 @@ class ShardDriver:
                     shard.error = "not created: it could take spend past max_cost_usd"
                     await book.save(shard)
                     return
+                if not await self._room_for(shard):
+                    return
                 shard.state, fresh = "creating", True  # the intent, on disk before the call
                 await book.save(shard)
                 crash_point("intent")
@@ -125,6 +129,24 @@ class ShardDriver:
                 await self._poll(shard)
             elif shard.state == "terminal":
                 await self._collect(shard, deliver)
+
+    async def _room_for(self, shard: Shard) -> bool:
+        """Wait until the batches running leave room for this one in the account's
+        enqueued-token limit, when it is known; False: the run stopped meanwhile."""
+        limit = self._config.max_enqueued_tokens
+        tokens = self._enqueued.get(shard.id)
+        if tokens is None:
+            lines = await self._run.book.lines(shard.id)
+            tokens = sum(self._run.worst_tokens(request) for _, request in lines)
+        wait = self._config.first_poll_s
+        while (limit is not None and self._enqueued
+               and sum(self._enqueued.values()) + tokens > limit):
+            await self._wait(wait)  # another batch ends meanwhile and gives room back
+            wait = min(max(wait * 2, 0.01), self._config.max_poll_s)
+            if self._stop.is_set():
+                return False
+        self._enqueued[shard.id] = tokens
+        return True
 
     async def _upload(self, shard: Shard) -> None:
         lines = await self._run.book.lines(shard.id)
@@ -181,6 +203,7 @@ class ShardDriver:
                     continue
                 crash_point("created")
             if found.status == "failed" and is_token_limited(_plain(found.errors)):
+                self._enqueued.pop(shard.id, None)
                 shard.state, shard.error = "uploaded", "deferred: token_limit_exceeded"
                 await self._run.book.save(shard)
                 await self._wait(self._config.max_poll_s)
@@ -197,6 +220,9 @@ class ShardDriver:
 
     async def _poll(self, shard: Shard) -> None:
         """Wait for the batch to end, backing off between looks."""
+        if shard.id not in self._enqueued:  # running since an earlier run: it takes room
+            lines = await self._run.book.lines(shard.id)
+            self._enqueued[shard.id] = sum(self._run.worst_tokens(r) for _, r in lines)
         wait = self._config.first_poll_s
         while not self._stop.is_set():
             batch = await self._client.batches.retrieve(shard.batch_id or "")
@@ -209,12 +235,14 @@ class ShardDriver:
                 # refused for the account's enqueued tokens: made again once others finish;
                 # its lines do not fail
                 shard.state, shard.error = "uploaded", "deferred: token_limit_exceeded"
+                self._enqueued.pop(shard.id, None)
                 self._counters.batches_running -= 1
                 self._counters.batches_submitted -= 1
                 await self._run.book.save(shard)
                 await self._wait(self._config.max_poll_s)
                 return
             if batch.status in TERMINAL:
+                self._enqueued.pop(shard.id, None)
                 shard.state = "terminal"
                 shard.output_file_id, shard.error_file_id = (batch.output_file_id,
                                                              batch.error_file_id)
