@@ -273,3 +273,36 @@ def test_batches_stay_within_a_known_enqueued_token_limit(make_pipeline: Any) ->
         shards = pipeline.query("SELECT lines FROM batches ORDER BY id")
         assert len(shards) >= 3 and sum(lines for (lines,) in shards) == 60
         assert set(creates(server).values()) == {1}  # none refused and made again
+
+
+def test_a_batch_the_provider_no_longer_has_is_sent_again(make_pipeline: Any) -> None:
+    """Detached from one server, resumed at another with the same endpoint_id: the batches
+    it knew of are gone (404), so their lines go into new batches; no traceback."""
+    with SimulatorThread(SimulatorConfig(seed=7, batch_s=3600)) as first:
+        pipeline = batch_pipeline(make_pipeline, first, items=30, per_batch=30)
+        pipeline.config["call"]["endpoint_id"] = "my-batches"
+        assert pipeline.run("--detach") == 0
+    with SimulatorThread(SimulatorConfig(seed=7, batch_s=0.2)) as second:
+        pipeline.config["call"]["base_url"] = second.url
+        assert pipeline.run() == 0
+        assert done_items(pipeline) == 30
+        assert sum(creates(second).values()) == 1
+    (error,) = pipeline.query("SELECT error FROM batches WHERE id = 1")[0]
+    assert error.startswith("lost at the provider") and "30 lines sent again" in error
+
+
+def test_a_server_without_a_batch_api_stops_the_run_clearly(make_pipeline: Any,
+                                                           batch_server: SimulatorThread,
+                                                           capsys: Any) -> None:
+    pipeline = batch_pipeline(make_pipeline, batch_server, items=5)
+    pipeline.config["call"]["base_url"] = batch_server.url + "/no-batches-here"
+    assert pipeline.run() == 2
+    err = capsys.readouterr().err
+    assert "the provider refused it (404" in err and "executor: online" in err
+    assert "Traceback" not in err
+
+
+def test_detach_with_simulate_is_refused(make_pipeline: Any, capsys: Any) -> None:
+    pipeline = make_pipeline(call={"executor": "batch"})
+    assert pipeline.run("--simulate", "--detach") == 2
+    assert "--detach with --simulate" in capsys.readouterr().err

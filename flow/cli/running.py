@@ -31,6 +31,10 @@ def run_command(args: argparse.Namespace, err: Console) -> int:
     from flow.run import RunOptions
 
     config = load_config(args.pipeline)
+    if args.detach and args.simulate:
+        raise FlowError("--detach with --simulate: the simulator ends with this run, and the "
+                        "batches it holds with it; run without --detach (a simulated batch "
+                        "takes seconds), or detach from a real endpoint")
     if args.stage and not args.retry_failed:
         raise FlowError("--stage needs --retry-failed")
     options = RunOptions(simulate=args.simulate, limit=args.limit,

@@ -101,7 +101,7 @@ class BatchExecutor:
                 # for that batch: it is delivered from the store
                 held = await self._run.book.held(self._shard_ids, [call.key for call in fresh])
                 for call in fresh:
-                    if call.key not in held:
+                    if call.key not in held and call.key not in self._driver.requeued_keys:
                         gathered.append(call)
                         taken.add(call.key)
                 if ended or self._stop.is_set():

@@ -42,6 +42,9 @@ URL: Final = "/v1/chat/completions"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 LIST_PAGE = 100
 CREATE_TRIES = 3  # a create whose outcome is unknown, looked up and tried again at most
+PROVIDER_TRIES = 8  # a step failing for a passing reason (connection, 5xx, 429), at most
+TRANSIENT = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
+             openai.InternalServerError)
 
 
 def crash_point(name: str) -> None:
@@ -100,35 +103,82 @@ class ShardDriver:
         self._counters = counters
         self.stopped_by_budget = False
         self.requeued: list[Call] = []  # lines a batch did not run: to send again
+        self.requeued_keys: set[str] = set()  # theirs, so the calls planned meanwhile wait
         self._enqueued: dict[int, int] = {}  # tokens of the batches running, by shard
 
     async def drive(self, shard: Shard, deliver: Deliver) -> None:
-        """Walk `shard` through its states, as far as the run goes."""
-        book = self._run.book
+        """Walk `shard` through its states, as far as the run goes.
+
+        Every step can be taken again (the state on disk says where it was), so one that
+        fails for a reason that passes (a dropped connection, a 5xx, a 429) is taken again
+        after a wait; a refusal stops the run naming the step and the provider's words.
+        """
         fresh = False  # whether this process wrote the shard's intent to create
+        failures = 0
         while shard.state != "collected" and not self._stop.is_set():
-            if shard.state == "planned":
-                await self._upload(shard)
-            elif shard.state == "uploaded":
-                if not self._run.may_spend(shard.worst_cost_usd or 0.0):
-                    self.stopped_by_budget = True
-                    shard.error = "not created: it could take spend past max_cost_usd"
-                    await book.save(shard)
+            try:
+                fresh, go_on = await self._step(shard, fresh, deliver)
+                failures = 0
+                if not go_on:
                     return
-                if not await self._room_for(shard):
-                    return
-                shard.state, fresh = "creating", True  # the intent, on disk before the call
+            except openai.NotFoundError as e:
+                if shard.state not in ("submitted", "terminal"):
+                    raise FatalCallError(_refusal(shard, e)) from None
+                await self._lose(shard, e)
+            except TRANSIENT as e:
+                fresh, failures = False, failures + 1  # a create's outcome is now unknown
+                if failures >= PROVIDER_TRIES:
+                    raise FatalCallError(f"{_doing(shard)}: {e}; tried {failures} times. Run "
+                                         "again: every batch is picked up where it was") from None
+                await self._wait(min(self._config.max_poll_s, 0.05 * 2 ** failures))
+            except openai.APIStatusError as e:
+                raise FatalCallError(_refusal(shard, e)) from None
+
+    async def _step(self, shard: Shard, fresh: bool,
+                    deliver: Deliver) -> tuple[bool, bool]:
+        """Take the shard's next step: whether this process wrote its intent to create, and
+        whether the walk goes on in this run (not: detached, stopped, over the budget)."""
+        book = self._run.book
+        if shard.state == "planned":
+            await self._upload(shard)
+        elif shard.state == "uploaded":
+            if not self._run.may_spend(shard.worst_cost_usd or 0.0):
+                self.stopped_by_budget = True
+                shard.error = "not created: it could take spend past max_cost_usd"
                 await book.save(shard)
-                crash_point("intent")
-            elif shard.state == "creating":
-                if not await self._create(shard, fresh):
-                    return
-            elif shard.state == "submitted":
-                if self._detach:
-                    return
-                await self._poll(shard)
-            elif shard.state == "terminal":
-                await self._collect(shard, deliver)
+                return fresh, False
+            if not await self._room_for(shard):
+                return fresh, False
+            shard.state, fresh = "creating", True  # the intent, on disk before the call
+            await book.save(shard)
+            crash_point("intent")
+        elif shard.state == "creating":
+            if not await self._create(shard, fresh):
+                return fresh, False
+        elif shard.state == "submitted":
+            if self._detach:
+                return fresh, False
+            await self._poll(shard)
+        elif shard.state == "terminal":
+            await self._collect(shard, deliver)
+        return fresh, True
+
+    def _requeue(self, calls: list[Call]) -> None:
+        """Lines to send again once the shards running end; a call for one of them that
+        planning hands over meanwhile is the same request: it is not sent twice."""
+        self.requeued += calls
+        self.requeued_keys.update(call.key for call in calls)
+
+    async def _lose(self, shard: Shard, error: openai.NotFoundError) -> None:
+        """The provider no longer knows the shard's batch or its files (deleted, expired,
+        or another server): its lines not collected are sent again."""
+        lines = await self._run.book.lines(shard.id)
+        await self._run.book.mark(shard.id, [key for key, _ in lines], "requeued")
+        self._requeue([Call(key, json.loads(request), request) for key, request in lines])
+        self._enqueued.pop(shard.id, None)
+        shard.state, shard.error = "collected", f"lost at the provider ({error.message}): " \
+                                                 f"its {len(lines):,} lines sent again"
+        await self._run.book.save(shard)
 
     async def _room_for(self, shard: Shard) -> bool:
         """Wait until the batches running leave room for this one in the account's
@@ -294,7 +344,7 @@ class ShardDriver:
                 delivered.append(key)
         await book.mark(shard.id, delivered, "done")
         await book.mark(shard.id, requeue, "requeued")
-        self.requeued += [Call(key, json.loads(pending[key]), pending[key]) for key in requeue]
+        self._requeue([Call(key, json.loads(pending[key]), pending[key]) for key in requeue])
         shard.state = "collected"
         await book.save(shard)
         await book.forget_requests(shard.id)
@@ -316,6 +366,19 @@ class ShardDriver:
             await asyncio.wait_for(self._stop.wait(), seconds)
         except TimeoutError:
             pass
+
+
+def _doing(shard: Shard) -> str:
+    return f"batch shard {shard.id} ({shard.state})"
+
+
+def _refusal(shard: Shard, error: openai.APIStatusError) -> str:
+    """Why the provider refused a step, with what to do."""
+    hint = {401: "check OPENAI_API_KEY or call.api_key",
+            403: "the key may not use the Batch API",
+            404: "the server may have no Batch API (use executor: online)"}.get(
+        error.status_code, "see the provider's message")
+    return f"{_doing(shard)}: the provider refused it ({error.status_code}: {error.message}); {hint}"
 
 
 def _plain(value: Any) -> Any:
