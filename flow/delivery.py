@@ -56,7 +56,7 @@ class Delivery:
         async with self._plan_lock:
             waiting = self._in_flight.get(key)
         if waiting is None:
-            await self._deliver_stored(result)
+            await self.deliver_stored(result)
             return
         taken = len(waiting)
         response = self._outcomes.response(result)
@@ -78,9 +78,10 @@ class Delivery:
             outputs = outputs + more.outputs
         await self.pass_on(waiting[:taken] + late, outputs)
 
-    async def _deliver_stored(self, result: CallResult) -> None:
-        """A result no item waits on in memory (a batch's): its reply is stored, and every
-        item of this stage whose request it answers is found in the store and settled."""
+    async def deliver_stored(self, result: CallResult, lease: int | None = None) -> None:
+        """A result no item waits on in memory (a batch's, a worker's): its reply is stored,
+        and every item of this stage whose request it answers is found in the store and
+        settled; under a worker's `lease`, only if the lease is still its own."""
         run, _ = self._context()
         key = result.call.key
         response = self._outcomes.response(result)
@@ -97,7 +98,10 @@ class Delivery:
         settled = self._outcomes.for_result(result, items, response, result.attempts)
         if settled.outputs:
             settled.outputs[0].bought = response is not None
+        settled.lease = lease
         await run.store.save(settled)
+        if settled.rejected:
+            return  # another worker took the request over: its result stands
         if self.next_inbox is None:
             run.progress.completed += len(items)
         run.stop_if_tripped()

@@ -14,10 +14,13 @@ template with the unknown output taken as long as that stage's expected completi
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flow.config import PipelineConfig
+from flow.config.store_url import StoreURL
 from flow.endpoints import endpoint_origin, same_origin
 from flow.endpoints.chat import estimate_prompt_tokens
 from flow.errors import ItemError, TemplateError
@@ -110,7 +113,7 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     report = DryRunReport(origin=endpoint_origin(keys.base_url, options.simulate,
                                                  f"{config.file}: ", keys.endpoint_id),
                           stages=[stage.estimate for stage in stages])
-    store = await open_store_read_only(config.store) if config.store.exists() else None
+    store = await _open_store(config.store)
     if store is not None:
         report.origin = same_origin(report.origin, await store.origins())
     seen: set[str] = set()
@@ -253,3 +256,13 @@ def _count_call(report: DryRunReport, estimate: StageEstimate,
     estimate.prompt_tokens += estimate_prompt_tokens(request)
     if len(report.samples) < SAMPLES:
         report.samples.append(request)
+
+
+async def _open_store(where: Path | StoreURL) -> Store | None:
+    """The store to compare with, read-only; None before it exists."""
+    if isinstance(where, StoreURL):
+        from flow.store.postgres.store import PostgresStore
+
+        return await PostgresStore.open_read_only(where)
+    exists = os.path.exists(where)  # noqa: ASYNC240 - one stat, before anything runs
+    return await open_store_read_only(where) if exists else None

@@ -12,16 +12,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sqlite3
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from flow.config.store_url import StoreURL
 from flow.errors import ConfigError
 from flow.records import STAGE
-from flow.report import json_or_text, open_read_only, sql_text, stage_named
+from flow.report import Database, json_or_text, open_read_only, sql_text, stage_named
 
 EXPORT_FORMATS = ("jsonl", "csv")
 EXPORT_COLUMNS = ("id", "status", "output", "truncated", "error_class", "error")
@@ -43,7 +43,7 @@ class _Field:
         return _column(self.name) if self.stage is None else self.name
 
 
-def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str | None = None,
+def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt: str | None = None,
                    only: str | None = None, fields: list[str] | None = None,
                    with_input: bool = True, id_field: str | None = None,
                    stages: Sequence[str] = (STAGE,), stage: str | None = None) -> int:
@@ -65,8 +65,14 @@ def export_results(path: Path, out: Path | None, stream: IO[str], fmt: str | Non
         # the `id` column holds the id field already; no column twice
         picked = [_field(f, stages) for f in dict.fromkeys(fields) if f != id_field]
         keyed = len(stages) > 1 or any(f.stage is not None for f in picked)
-        sql = (_chain_export_sql(fmt, picked, only, stages[0], chosen) if keyed else
-               _export_sql(fmt, [f.name for f in picked], only, chosen))
+        if isinstance(path, StoreURL):
+            if keyed:
+                raise ConfigError("--fields: a stage's output as a column is read from a "
+                                  "SQLite store only, for now")
+            sql = postgres_export_sql(fmt, [f.name for f in picked], only, chosen)
+        else:
+            sql = (_chain_export_sql(fmt, picked, only, stages[0], chosen) if keyed else
+                   _export_sql(fmt, [f.name for f in picked], only, chosen))
         rows = db.execute(sql, (only,) if only else ())
         header = [f.column for f in picked]
         if out is None:
@@ -122,7 +128,7 @@ def _export_format(fmt: str | None, out: Path | None) -> str:
     return fmt
 
 
-def _input_fields(db: sqlite3.Connection, stage: str) -> list[str]:
+def _input_fields(db: Database, stage: str) -> list[str]:
     """The input's field names, in the order the first rows give them."""
     names: dict[str, None] = {}
     for (text,) in db.execute("SELECT input FROM items WHERE stage = ? AND input IS NOT NULL "
@@ -229,11 +235,36 @@ def _value(fmt: str, f: _Field, output: str | None = None) -> str:
             f"{sql_text(f.stage)} AND earlier.item_id = items.item_id)")
 
 
+def postgres_export_sql(fmt: str, fields: list[str], only: str | None, stage: str) -> str:
+    """`_export_sql` in PostgreSQL's JSON functions: a stage's results in input order."""
+    keys = [sql_text(f) for f in fields]
+    if fmt == "jsonl":
+        extra = "".join(f" || ',' || {sql_text(json.dumps(_column(f)))} || ':' || "
+                        f"COALESCE((items.input::json -> {k})::text, 'null')"
+                        for f, k in zip(fields, keys))
+        columns = (f"""'{{"id":' || to_json(results.item_id)::text{extra} || ',"status":"' """
+                   """|| results.status || '","output":' || COALESCE(results.output, 'null') """
+                   """|| ',"truncated":' || CASE WHEN results.truncated <> 0 THEN 'true' """
+                   """ELSE 'false' END || ',"error_class":' || """
+                   """COALESCE(to_json(results.error_class)::text, 'null') || ',"error":' || """
+                   """COALESCE(to_json(results.error)::text, 'null') || '}'""")
+    else:
+        extra = "".join(f"items.input::json ->> {k}, " for k in keys)
+        columns = (f"results.item_id, {extra}results.status, "
+                   "COALESCE(results.output_text, results.output), CASE WHEN "
+                   "results.truncated <> 0 THEN 'true' ELSE 'false' END, results.error_class, "
+                   "results.error")
+    join = (" JOIN items ON items.stage = results.stage AND items.item_id = results.item_id"
+            if fields else "")
+    return (f"SELECT {columns} FROM results{join} WHERE results.stage = {sql_text(stage)}" +
+            (" AND results.status = ?" if only else "") + " ORDER BY results.row")
+
+
 def _input_path(name: str) -> str:
     return '$."' + name.replace('"', "") + '"'
 
 
-def _write(rows: sqlite3.Cursor, stream: IO[str], fmt: str, header: list[str],
+def _write(rows: Any, stream: IO[str], fmt: str, header: list[str],
            keyed: bool) -> int:
     """Write the records; `keyed`: each row starts with its sort key, left out."""
     count = 0

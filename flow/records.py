@@ -164,6 +164,10 @@ class Settled:
     # replies whose paying item may have changed (an item moved to another reply):
     # the store gives each one's cost to one current output again
     reassign: list[int] = field(default_factory=list)
+    # a worker's result on a shared store: the fencing token of its lease on the request;
+    # `rejected` when another worker held the lease by the commit (the reply is kept, unused)
+    lease: int | None = None
+    rejected: bool = False
 
 
 @dataclass(slots=True)

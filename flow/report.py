@@ -20,8 +20,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from flow.config.store_url import StoreURL
 from flow.errors import ConfigError, StoreError
 from flow.records import STAGE
 from flow.store.read_only import read_only_uri
@@ -29,9 +30,24 @@ from flow.store.read_only import read_only_uri
 FAILURE_COLUMNS = ("id", "row", "error_class", "error", "attempts")
 
 
+class Database(Protocol):
+    """A read-only connection: SQLite's own, or `flow.store.postgres.reading.Reader`."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+
 @contextmanager
-def open_read_only(path: Path) -> Iterator[sqlite3.Connection]:
+def open_read_only(path: Path | StoreURL) -> Iterator[Database]:
     """The store at `path`, read-only; a clear error when there is none yet."""
+    if isinstance(path, StoreURL):
+        from flow.store.postgres.reading import Reader
+
+        reader = Reader(path)
+        try:
+            yield reader
+        finally:
+            reader.close()
+        return
     if not path.exists():
         raise StoreError(f"{path}: no store yet; run the pipeline first")
     uri = read_only_uri(path)
@@ -76,7 +92,7 @@ class _Tally:
     cost: float = 0.0
 
 
-def store_status(path: Path, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]:
+def store_status(path: Path | StoreURL, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]:
     """Counts by status and error class, tokens and cost, and the history of runs.
 
     Money is read from `responses`, where each paid reply is counted once: the runs' cost,
@@ -91,9 +107,9 @@ def store_status(path: Path, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]
     with open_read_only(path) as db:
         tallies = [_tally(db, stage, chained) for stage in stages]
         (truncated,) = db.execute(
-            "SELECT COUNT(*) FROM outputs WHERE stage = ? AND truncated" if not chained else
+            "SELECT COUNT(*) FROM outputs WHERE stage = ? AND truncated <> 0" if not chained else
             f"SELECT COUNT(*) FROM outputs WHERE stage IN ({', '.join('?' * len(stages))}) "
-            "AND truncated", tuple(stages)).fetchone()
+            "AND truncated <> 0", tuple(stages)).fetchone()
         if not chained:
             tallies[0].by_origin = dict(db.execute(
                 f"SELECT origin, COUNT(*) FROM results WHERE stage = {sql_text(stages[0])} "
@@ -133,7 +149,7 @@ BATCH_COLUMNS = ("shard", "stage", "state", "status", "batch_id", "lines", "comp
                  "failed", "created_at", "updated_at", "error", "cost_usd")
 
 
-def _batches(db: sqlite3.Connection) -> list[dict[str, Any]]:
+def _batches(db: Database) -> list[dict[str, Any]]:
     """Each batch the Batch API executor made: its state, counts, age and cost so far."""
     try:
         rows = db.execute(
@@ -145,7 +161,7 @@ def _batches(db: sqlite3.Connection) -> list[dict[str, Any]]:
     return [dict(zip(BATCH_COLUMNS, row)) for row in rows]
 
 
-def _batch_of(db: sqlite3.Connection, response_id: int) -> str | None:
+def _batch_of(db: Database, response_id: int) -> str | None:
     """The Batch API batch a reply came through, if it did."""
     try:
         found = db.execute("SELECT batch_id FROM responses WHERE id = ?",
@@ -155,7 +171,7 @@ def _batch_of(db: sqlite3.Connection, response_id: int) -> str | None:
     return None if found is None or found[0] is None else str(found[0])
 
 
-def _tally(db: sqlite3.Connection, stage: str, chained: bool) -> _Tally:
+def _tally(db: Database, stage: str, chained: bool) -> _Tally:
     """One pass over a stage's results; `stage` lets SQLite read items through a covering
     index. One stage reads what it always did (and so a store from before chains)."""
     tally = _Tally()
@@ -191,7 +207,7 @@ def _stage_counts(stage: str, tally: _Tally, items: int) -> dict[str, Any]:
             "completion_tokens": tally.completion_tokens, "cost_usd": round(tally.cost, 6)}
 
 
-def list_failures(path: Path, error_class: str | None = None, limit: int | None = None,
+def list_failures(path: Path | StoreURL, error_class: str | None = None, limit: int | None = None,
                   stages: Sequence[str] = (STAGE,), stage: str | None = None
                   ) -> list[dict[str, Any]]:
     """Failed items in input order, with error class, message and attempts.
@@ -220,7 +236,7 @@ def list_failures(path: Path, error_class: str | None = None, limit: int | None 
             for _, _, name, row in merged]
 
 
-def show_item(path: Path, item_id: str, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]:
+def show_item(path: Path | StoreURL, item_id: str, stages: Sequence[str] = (STAGE,)) -> dict[str, Any]:
     """One item in full: input, the exact request, the raw reply, output, every attempt.
 
     For a chain: the input once, the item's status (its last stage's), and each stage in
@@ -242,7 +258,7 @@ def show_item(path: Path, item_id: str, stages: Sequence[str] = (STAGE,)) -> dic
             "status": shown[-1]["status"], "stages": shown}
 
 
-def _show_stage(db: sqlite3.Connection, stage: str, item_id: str,
+def _show_stage(db: Database, stage: str, item_id: str,
                 chained: bool) -> dict[str, Any] | None:
     """The item at one stage, or None when it has no row there."""
     found = db.execute(

@@ -24,6 +24,7 @@ import openai
 
 from flow.budget import Breaker, Budget
 from flow.config import PipelineConfig, check_api_key
+from flow.config.store_url import sqlite_path
 from flow.endpoints import endpoint_origin, same_origin
 from flow.errors import ConfigError, FatalCallError
 from flow.execute import Deliver, Executor
@@ -109,12 +110,13 @@ class Run:
                 f"{self.config.file}: no API key: set OPENAI_API_KEY or call.api_key, "
                 "or add --simulate to run against the built-in simulator")
         check_api_key(api_key, f"{self.config.file}: call.api_key or OPENAI_API_KEY")
-        store = await open_store(self.config.store, self.config.store_busy_timeout_s)
+        path = sqlite_path(self.config.store, "this run")
+        store = await open_store(path, self.config.store_busy_timeout_s)
         state, message = "finished", None
         fatal: FatalCallError | None = None
         names = [stage.name for stage in self.stages]
         try:
-            check_owner(await store.last_pipeline(), self.config.store, self.config.file,
+            check_owner(await store.last_pipeline(), path, self.config.file,
                         self.options.take_over_store)
             if self.options.error_class is not None:
                 check_error_class(self.options.error_class, await self._failed_classes(store))

@@ -90,8 +90,9 @@ class Stage:
         self._source = config.load.path.name
         self._in_flight: dict[str, list[Planned]] = {}
         self._plan_lock = asyncio.Lock()
-        # a batch's items wait in the store, not in memory: they are found when it is collected
-        self._batched = self.config.executor == "batch"
+        # a batch's items (or a shared queue's) wait in the store, not in memory: they are
+        # found by request key when their results come
+        self.in_store = self.config.executor == "batch"
         self.delivery = Delivery(self.name, self.outcomes, [s.name for s in chain],
                                  self._in_flight, self._plan_lock)
         self.deliver = self.delivery.deliver
@@ -226,7 +227,7 @@ class Stage:
                 failed.append(planned)
             elif action is Action.POST:
                 reposts.append(planned)
-            elif action is Action.CALL and self._batched:
+            elif action is Action.CALL and self.in_store:
                 calls.append(planned.call)  # the batch executor skips what a batch holds
             elif action is Action.CALL:
                 waiting = self._in_flight.get(key)
@@ -250,7 +251,7 @@ class Stage:
         budget, progress = run.budget, run.progress
         while not run.stop_feeding.is_set():
             # a batch's cost is checked against the cap before each create, at batch prices
-            estimate = 0.0 if budget.cap_usd is None or self._batched else estimate_call_usd(
+            estimate = 0.0 if budget.cap_usd is None or self.in_store else estimate_call_usd(
                 self.price, call.request_json, self.reserve.cap)
             verdict = budget.take(progress.cost_usd, estimate)
             if verdict is Verdict.GO:

@@ -27,6 +27,7 @@ from flow.cli.inspect import (
     status_command,
 )
 from flow.cli.running import cancel_command, run_command
+from flow.cli.workers import add_worker_commands
 from flow.errors import FlowError
 from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.simulator.options import add_simulator_options, positive_int, simulator_config
@@ -34,7 +35,8 @@ from flow.simulator.options import add_simulator_options, positive_int, simulato
 # `run`, `simulate` and `--dry-run` import the openai SDK and aiohttp inside their handlers:
 # the read commands (`status`, `export`, ...) start in a fraction of the time without them.
 
-COMMANDS = ("run", "status", "export", "failures", "show", "browse", "cancel", "simulate")
+COMMANDS = ("run", "plan", "worker", "status", "export", "failures", "show", "browse", "cancel",
+            "simulate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                      "tokens and cost; call nothing")
     add_simulator_options(run, prefix="sim-")
     run.set_defaults(handler=run_command)
+
+    add_worker_commands(commands, positive_int)
 
     status = commands.add_parser("status", help="counts, tokens, cost and run history")
     status.add_argument("pipeline", type=Path)

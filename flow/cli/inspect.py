@@ -11,6 +11,7 @@ from rich.table import Table
 
 from flow.cli.codes import EXIT_OK, EXIT_USAGE
 from flow.config import PipelineConfig, load_config
+from flow.config.store_url import sqlite_path
 from flow.endpoints import SIMULATED_ORIGIN
 from flow.errors import SourceError
 from flow.export import export_results
@@ -169,7 +170,7 @@ def browse_command(args: argparse.Namespace, err: Console) -> int:
 
     config = load_config(args.pipeline)
     try:
-        code = serve_store(config.store, config.file, args.host, args.port, lambda url: err.print(
+        code = serve_store(sqlite_path(config.store, "flow browse"), config.file, args.host, args.port, lambda url: err.print(
             f"Datasette on {config.store}: {url} (Ctrl-C to stop)", markup=False),
             [stage.name for stage in config.chain])
     except KeyboardInterrupt:

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.live import Live
 
 from flow.cli.codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from flow.config import PipelineConfig, load_config
+from flow.config import PipelineConfig, is_postgres, load_config
+from flow.config.store_url import sqlite_path
 from flow.errors import FlowError
 from flow.report import render_json
 from flow.simulator.options import simulator_config
@@ -43,6 +44,10 @@ def run_command(args: argparse.Namespace, err: Console) -> int:
                          stage=args.stage, detach=args.detach)
     if args.dry_run:
         return _dry_run(config, options)
+    if is_postgres(config.store):
+        from flow.cli.workers import run_shared
+
+        return run_shared(config, options, err)
     simulator = None
     if args.simulate:
         simulator = simulator_config(args, "sim_")
@@ -204,7 +209,7 @@ def cancel_command(args: argparse.Namespace, err: Console) -> int:
     async def cancel() -> list[Any]:
         client = make_client(keys, base_url, api_key)
         try:
-            return await cancel_batches(config.store, client)
+            return await cancel_batches(sqlite_path(config.store, "flow cancel"), client)
         finally:
             await client.close()
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from flow.config.store_url import StoreURL, parse_store
+
 RESERVED_PARAMS = ("model", "messages", "stream", "n")
 BUILTIN_POST_STEPS = ("strip", "json", "lower")
 KEYED_POST_STEPS = ("regex", "python")
@@ -188,7 +190,8 @@ class StageConfig(CallConfig):
 class PipelineConfig(_Strict):
     """A whole pipeline file: one `call:` with its `post:`, or a chain of `stages:`."""
 
-    store: Path
+    # a SQLite file (relative to the pipeline file), or a PostgreSQL URL
+    store: Path | StoreURL
     store_busy_timeout_s: float = Field(default=5, ge=0)
     # the longest one row's templates, or one reply's post steps, may take
     step_timeout_s: float = Field(default=10, gt=0)
@@ -201,6 +204,11 @@ class PipelineConfig(_Strict):
 
     _file: Path = PrivateAttr(default=Path("pipeline.yaml"))
     _chain: list[StageConfig] | None = PrivateAttr(default=None)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_kind(cls, value: object) -> object:
+        return parse_store(value)
 
     @property
     def file(self) -> Path:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from flow.config.chain import check_chain, inherit_defaults
 from flow.config.models import PipelineConfig
+from flow.config.store_url import redact
 from flow.errors import ConfigError
 
 ENV_PATTERN = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -90,7 +91,8 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
         raise ConfigError(_describe_errors(file, e)) from None
     check_chain(config, file)
     base = file.resolve().parent
-    config.store = base / config.store
+    if isinstance(config.store, Path):
+        config.store = base / config.store
     config.load.path = base / config.load.path
     config._file = file.resolve()
     if not config.load.resolved_format:
@@ -185,6 +187,8 @@ def _describe_errors(file: Path, error: ValidationError) -> str:
             lines.append(f"{key}: required key is missing")
         else:
             got = item.get("input")
+            if loc[:1] == ("store",) and isinstance(got, str):
+                got = redact(got)  # never a password in a message
             shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
             message = item["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {message} (got {shown[:80]})")

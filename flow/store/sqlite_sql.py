@@ -7,8 +7,10 @@ trips cost a tenth of the throughput.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,50 @@ MAX_VARIABLES = 32_000  # SQLite allows 32,766 bound values per statement since 
 Statement = tuple[str, list[Any]]
 
 
+@dataclass(slots=True)
+class GroupRows:
+    """The rows a group of settled calls adds, as plain values, and the replies whose payer
+    is to be chosen again; each store writes them in its own SQL."""
+
+    responses: list[tuple[Any, ...]] = field(default_factory=list)
+    attempts: list[tuple[Any, ...]] = field(default_factory=list)
+    outputs: list[tuple[Any, ...]] = field(default_factory=list)
+    reassign: list[int] = field(default_factory=list)
+
+
+def group_rows(group: list[Settled], run_id: int, ids: Iterator[int]) -> GroupRows:
+    """The rows of a group of settled calls, each reply numbered by the next of `ids`, so
+    outputs can name the reply they were made from in the same transaction."""
+    rows = GroupRows()
+    for settled in group:
+        response = settled.response
+        if response is not None:
+            response.id = next(ids)
+            usage = response.usage
+            rows.responses.append((
+                response.id, response.request_key, response.origin, response.model,
+                response.request_json, response.body, usage.prompt_tokens,
+                usage.completion_tokens, usage.cached_tokens, response.cost_usd,
+                response.attempts, response.latency_ms, response.started_at,
+                response.finished_at, run_id, response.batch_id))
+        # a reply at its first attempt is all in its `responses` row; writing that
+        # attempt again cost a tenth of the throughput (the GIL, while binding its row)
+        if response is None or len(settled.attempts) > 1:
+            rows.attempts.extend(
+                (settled.call_key, settled.origin, run_id, a.number, a.started_at,
+                 a.latency_ms, a.status_code, a.outcome, a.error, a.wait_s)
+                for a in settled.attempts)
+        for out in settled.outputs:
+            if response is not None:
+                out.response_id = response.id
+            rows.outputs.append((
+                settled.stage, out.item_id, out.request_key, settled.origin, out.status,
+                out.output, out.post_key, out.error_class, out.error, out.response_id,
+                out.bought, out.attempts, settled.finished_at, run_id, out.truncated))
+    rows.reassign = sorted({reply for settled in group for reply in settled.reassign})
+    return rows
+
+
 def group_statements(group: list[Settled], run_id: int,
                      first_id: int) -> tuple[list[Statement], int]:
     """The statements that commit a group of settled calls, and the next free reply id.
@@ -31,49 +77,20 @@ def group_statements(group: list[Settled], run_id: int,
     Python work on the writer's thread holds the GIL, and the loop then waits out the
     switch interval to get it back (a fifth of the throughput, measured).
     """
-    responses: list[tuple[Any, ...]] = []
-    attempts: list[tuple[Any, ...]] = []
-    outputs: list[tuple[Any, ...]] = []
-    next_id = first_id
-    for settled in group:
-        response = settled.response
-        if response is not None:
-            response.id = next_id
-            next_id += 1
-            usage = response.usage
-            responses.append((
-                response.id, response.request_key, response.origin, response.model,
-                response.request_json, response.body, usage.prompt_tokens,
-                usage.completion_tokens, usage.cached_tokens, response.cost_usd,
-                response.attempts, response.latency_ms, response.started_at,
-                response.finished_at, run_id, response.batch_id))
-        # a reply at its first attempt is all in its `responses` row; writing that
-        # attempt again cost a tenth of the throughput (the GIL, while binding its row)
-        if response is None or len(settled.attempts) > 1:
-            attempts.extend(
-                (settled.call_key, settled.origin, run_id, a.number, a.started_at,
-                 a.latency_ms, a.status_code, a.outcome, a.error, a.wait_s)
-                for a in settled.attempts)
-        for out in settled.outputs:
-            if response is not None:
-                out.response_id = response.id
-            outputs.append((
-                settled.stage, out.item_id, out.request_key, settled.origin, out.status,
-                out.output, out.post_key, out.error_class, out.error, out.response_id,
-                out.bought, out.attempts, settled.finished_at, run_id, out.truncated))
+    ids = itertools.count(first_id)
+    rows = group_rows(group, run_id, ids)
     statements = [
         *inserts("INSERT INTO responses (id, request_key, origin, model, request, body, "
                  "prompt_tokens, completion_tokens, cached_tokens, cost_usd, attempts, "
-                 "latency_ms, started_at, finished_at, run_id, batch_id) VALUES", responses),
+                 "latency_ms, started_at, finished_at, run_id, batch_id) VALUES", rows.responses),
         *inserts("INSERT INTO attempts (request_key, origin, run_id, number, started_at, "
-                 "latency_ms, status_code, outcome, error, wait_s) VALUES", attempts),
+                 "latency_ms, status_code, outcome, error, wait_s) VALUES", rows.attempts),
         *inserts("INSERT OR REPLACE INTO outputs (stage, item_id, request_key, origin, "
                  "status, output, post_key, error_class, error, response_id, bought, "
-                 "attempts, finished_at, run_id, truncated) VALUES", outputs)]
-    reassign = sorted({reply for settled in group for reply in settled.reassign})
-    if reassign:
-        statements.append(reassign_payer(reassign))
-    return statements, next_id
+                 "attempts, finished_at, run_id, truncated) VALUES", rows.outputs)]
+    if rows.reassign:
+        statements.append(reassign_payer(rows.reassign))
+    return statements, next(ids)
 
 
 def reassign_payer(response_ids: list[int]) -> Statement:

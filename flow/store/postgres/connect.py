@@ -1,0 +1,74 @@
+"""Connecting to a PostgreSQL store, and bringing its schema up to date.
+
+Each migration of `schema.MIGRATIONS` runs once, in its own transaction with its row in
+`migrations`, under a transaction-level advisory lock: processes that open one store at the
+same moment migrate it once, and the others wait for it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flow.config.store_url import StoreURL
+from flow.errors import StoreError
+from flow.store.postgres import require_psycopg
+from flow.store.postgres.schema import MIGRATE_LOCK, MIGRATIONS
+from flow.store.postgres.sql import store_error
+
+if TYPE_CHECKING:
+    import psycopg
+
+CONNECT_TIMEOUT_S = 10
+
+
+async def connect(url: StoreURL, migrate: bool = True) -> psycopg.AsyncConnection[Any]:
+    """A connection to the store at `url` (autocommit: transactions are explicit), its
+    schema migrated unless `migrate` is false (a reader)."""
+    require_psycopg()
+    import psycopg
+
+    try:
+        db = await psycopg.AsyncConnection.connect(
+            url.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+            application_name="flow")
+    except psycopg.Error as e:
+        raise store_error(url, "cannot connect to the store", e) from None
+    try:
+        if migrate:
+            await _migrate(db)
+        else:
+            await db.execute("SELECT 1 FROM outputs LIMIT 1")
+    except psycopg.Error as e:
+        await db.close()
+        doing = "cannot prepare the store" if migrate else (
+            "cannot read the store (run the pipeline once to create it)")
+        raise store_error(url, doing, e) from None
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+async def _migrate(db: psycopg.AsyncConnection[Any]) -> None:
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+        await db.execute("CREATE TABLE IF NOT EXISTS migrations "
+                         "(name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)")
+        cursor = await db.execute("SELECT name FROM migrations")
+        applied = {name for (name,) in await cursor.fetchall()}
+    known = [name for name, _ in MIGRATIONS]
+    unknown = sorted(applied - set(known))
+    if unknown:
+        raise StoreError(f"the store was made by a newer flow (migrations {', '.join(unknown)} "
+                         "are unknown here); upgrade flow to use it")
+    for name, statements in MIGRATIONS:
+        if name in applied:
+            continue
+        async with db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+            cursor = await db.execute("SELECT 1 FROM migrations WHERE name = %s", (name,))
+            if await cursor.fetchone() is not None:
+                continue  # another process applied it while this one waited
+            for sql in statements():
+                await db.execute(sql)
+            await db.execute("INSERT INTO migrations VALUES (%s, now())", (name,))

@@ -1,0 +1,63 @@
+"""One rate limit shared by every worker on every machine, held in the store.
+
+A row of `limits` per endpoint, API key and model (so a pool of keys is a pool of limits):
+the limits configured or learned from response headers, the next free slot for requests and
+for tokens, and the pause after a 429. `flow_take` (in `schema.py`) gives each request its
+slot on the database's clock, read inside the row's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Query = Callable[..., Awaitable[list[Any]]]
+SHARE = 0.98  # of each limit: slots a little apart, so a late send never tips a window over
+
+TAKE_SQL = "SELECT flow_take(%s, %s, %s, %s, %s)"
+LEARN_SQL = ("UPDATE limits SET rpm = COALESCE(%s, rpm), tpm = COALESCE(%s, tpm) "
+             "WHERE name = %s")
+PAUSE_SQL = ("UPDATE limits SET paused_until = GREATEST(paused_until, "
+             "extract(epoch FROM clock_timestamp()) + %s), rate_limited = rate_limited + 1 "
+             "WHERE name = %s")
+
+
+def limit_name(origin: str, api_key: str, model: str) -> str:
+    """The shared limit's name: the endpoint, a digest of the key (never the key), the model."""
+    digest = hashlib.sha256(api_key.encode()).hexdigest()[:12]
+    return f"{origin} key:{digest} {model}"
+
+
+class SharedGate:
+    """A worker's door to the shared limit: `take` waits for a request's slot."""
+
+    def __init__(self, query: Query, name: str, rpm: int | None, tpm: int | None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self._query = query
+        self.name = name
+        self._rpm = rpm
+        self._tpm = tpm
+        self._sleep = sleep
+        self._learned: tuple[int | None, int | None] = (None, None)
+
+    async def take(self, tokens: int) -> float:
+        """Wait for the next slot of one request of `tokens`; the seconds waited."""
+        ((wait,),) = await self._query(TAKE_SQL, (self.name, tokens, self._rpm, self._tpm,
+                                                  SHARE), write=True, raw=True)
+        wait = float(wait)
+        if wait > 0:
+            await self._sleep(wait)
+        return max(wait, 0.0)
+
+    async def learn(self, rpm: int | None, tpm: int | None) -> None:
+        """Limits a response's headers named: every worker paces by them from now on."""
+        if (rpm, tpm) == self._learned:
+            return
+        self._learned = (rpm, tpm)
+        await self._query(LEARN_SQL, (rpm, tpm, self.name), write=True, raw=True)
+
+    async def pause(self, seconds: float) -> None:
+        """A 429: every worker waits `seconds` before its next request."""
+        await self._query(PAUSE_SQL, (seconds, self.name), write=True, raw=True)

@@ -1,0 +1,119 @@
+"""The work queue on a shared store: each distinct request to send, leased to one worker.
+
+`flow plan` puts each request an item needs into `work` once (`enqueue`); workers take
+batches of them (`claim`, `FOR UPDATE SKIP LOCKED`: two workers never take one request),
+each with a lease until a time on the database's clock and a fencing token from a sequence.
+A worker beats its heart to keep its leases; a worker that dies (or is paused past its
+lease) loses them, and another takes the requests. A result is written only while its
+lease is still the worker's (`fence`, in the result's own commit), so a worker that comes
+back late never overwrites or duplicates a result: its paid reply is kept as an attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flow.records import Settled
+
+if TYPE_CHECKING:
+    import psycopg
+
+Query = Callable[..., Awaitable[list[Any]]]
+
+ENQUEUE_SQL = """
+    INSERT INTO work (stage, origin, request_key, request)
+    SELECT %s, %s, key, request FROM unnest(%s::text[], %s::text[]) AS new (key, request)
+    ON CONFLICT (stage, origin, request_key) DO UPDATE
+        SET state = 'pending', token = NULL, worker = NULL, lease_until = NULL,
+            request = EXCLUDED.request
+        WHERE work.state = 'done'
+    RETURNING request_key"""
+CLAIM_SQL = """
+    WITH picked AS (
+        SELECT stage, origin, request_key FROM work
+        WHERE state <> 'done' AND origin = %(origin)s AND stage = ANY(%(stages)s)
+            AND (state = 'pending' OR lease_until < clock_timestamp())
+        ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+    UPDATE work SET state = 'leased', token = nextval('work_tokens'), worker = %(worker)s,
+        lease_until = clock_timestamp() + make_interval(secs => %(lease_s)s),
+        claims = work.claims + 1
+    FROM picked WHERE work.stage = picked.stage AND work.origin = picked.origin
+        AND work.request_key = picked.request_key
+    RETURNING work.stage, work.request_key, work.request, work.token"""
+HEARTBEAT_SQL = """
+    UPDATE work SET lease_until = clock_timestamp() + make_interval(secs => %s)
+    WHERE worker = %s AND state = 'leased'"""
+RELEASE_SQL = """
+    UPDATE work SET state = 'pending', worker = NULL, lease_until = NULL
+    WHERE token = ANY(%s) AND state = 'leased'"""
+FENCE_SQL = """
+    UPDATE work SET state = 'done', finished_at = clock_timestamp(), lease_until = NULL
+    WHERE token = ANY(%s) AND state = 'leased' RETURNING token"""
+LEFT_SQL = """
+    SELECT COUNT(*) FILTER (WHERE state = 'pending' OR lease_until < clock_timestamp()),
+           COUNT(*) FILTER (WHERE state = 'leased' AND lease_until >= clock_timestamp())
+    FROM work WHERE state <> 'done' AND origin = %s AND stage = ANY(%s)"""
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A request leased to this worker."""
+
+    stage: str
+    key: str
+    request_json: str
+    token: int
+
+
+class WorkQueue:
+    """The store's `work` table, as one worker sees it."""
+
+    def __init__(self, query: Query, worker: str) -> None:
+        self._query = query
+        self.worker = worker
+        self.run_id = 0
+
+    async def enqueue(self, stage: str, origin: str, calls: Sequence[tuple[str, str]]) -> int:
+        """Put each (request key, request JSON) in the queue, once; a request done before
+        and needed again (a retry) is pending again. How many are newly pending."""
+        if not calls:
+            return 0
+        rows = await self._query(ENQUEUE_SQL, (stage, origin, [k for k, _ in calls],
+                                               [r for _, r in calls]), write=True, raw=True)
+        return len(rows)
+
+    async def claim(self, origin: str, stages: Sequence[str], limit: int,
+                    lease_s: float) -> list[Claimed]:
+        """Lease up to `limit` requests no live worker holds, oldest first."""
+        rows = await self._query(CLAIM_SQL, {
+            "origin": origin, "stages": list(stages), "limit": limit, "worker": self.worker,
+            "lease_s": lease_s}, write=True, raw=True)
+        return [Claimed(stage, key, request, int(token)) for stage, key, request, token in rows]
+
+    async def heartbeat(self, lease_s: float) -> None:
+        """Keep this worker's leases (and its run marked alive) for `lease_s` more."""
+        await self._query(HEARTBEAT_SQL, (lease_s, self.worker), write=True, raw=True)
+        if self.run_id:
+            await self._query("UPDATE runs SET heartbeat_at = now() WHERE id = %s",
+                              (self.run_id,), write=True, raw=True)
+
+    async def release(self, tokens: Sequence[int]) -> None:
+        """Give back leases whose requests were not sent (a stop): others may take them."""
+        if tokens:
+            await self._query(RELEASE_SQL, (list(tokens),), write=True, raw=True)
+
+    async def left(self, origin: str, stages: Sequence[str]) -> tuple[int, int]:
+        """(requests free to claim now, requests leased by live workers)."""
+        ((free, leased),) = await self._query(LEFT_SQL, (origin, list(stages)), raw=True)
+        return int(free), int(leased)
+
+    async def fence(self, db: psycopg.AsyncConnection[Any], group: Sequence[Settled]) -> set[int]:
+        """Inside a result's commit: mark done the requests whose lease is still the one
+        each result carries; the tokens that were."""
+        tokens = [s.lease for s in group if s.lease is not None]
+        if not tokens:
+            return set()
+        cursor = await db.execute(FENCE_SQL, (tokens,))
+        return {int(token) for (token,) in await cursor.fetchall()}

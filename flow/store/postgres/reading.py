@@ -1,0 +1,48 @@
+"""The read commands' connection to a PostgreSQL store: SQLite's DB-API shape over psycopg.
+
+`report.py` and `export.py` write their SQL once, with `?` placeholders and portable SQL;
+`Reader.execute` turns the placeholders into psycopg's and returns the cursor, so
+`db.execute(sql, params).fetchall()` reads alike on either store. Every read runs in one
+read-only transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flow.config.store_url import StoreURL
+from flow.store.postgres import require_psycopg
+from flow.store.postgres.connect import CONNECT_TIMEOUT_S
+from flow.store.postgres.sql import pyformat, store_error
+
+
+class Reader:
+    """A read-only psycopg connection that takes SQLite-style statements."""
+
+    def __init__(self, url: StoreURL) -> None:
+        require_psycopg()
+        import psycopg
+
+        self.url = url
+        try:
+            self._db = psycopg.connect(url.conninfo, connect_timeout=CONNECT_TIMEOUT_S,
+                                       application_name="flow")
+            self._db.read_only = True
+            self.execute("SELECT 1 FROM outputs LIMIT 1")
+        except psycopg.Error as e:
+            raise store_error(url, "cannot read the store (plan or run the pipeline once to "
+                                   "create it)", e) from None
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Any:
+        """The cursor of `sql`, run with `params`."""
+        import psycopg
+
+        try:
+            return self._db.execute(pyformat(sql), list(params))
+        except psycopg.Error as e:
+            raise store_error(self.url, "cannot read the store", e) from None
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._db.close()
