@@ -18,6 +18,7 @@ from flow.load import Row
 from flow.plan import Planned, Planner
 from flow.records import CallResult, ItemRecord, Known, OutputRecord
 from flow.settle import Outcomes
+from flow.store.shards import Waiting
 
 if TYPE_CHECKING:
     from flow.stage import RunContext
@@ -78,14 +79,18 @@ class Delivery:
             outputs = outputs + more.outputs
         await self.pass_on(waiting[:taken] + late, outputs)
 
-    async def deliver_stored(self, result: CallResult, lease: int | None = None) -> None:
+    async def deliver_stored(self, result: CallResult, lease: int | None = None,
+                             found: list[Waiting] | None = None) -> None:
         """A result no item waits on in memory (a batch's, a worker's): its reply is stored,
         and every item of this stage whose request it answers is found in the store and
-        settled; under a worker's `lease`, only if the lease is still its own."""
+        settled; under a worker's `lease`, only if the lease is still its own. `found`:
+        those items, when the caller looked them up already."""
         run, _ = self._context()
         key = result.call.key
         response = self._outcomes.response(result)
-        found = await run.store.shards.waiting_on(self._name, run.origin, [key], self._first)
+        if found is None:
+            found = await run.store.shards.waiting_on(self._name, run.origin, [key],
+                                                      self._first)
         upstream = await run.store.shards.outputs_of([f[0] for f in found], self._earlier)
         items = []
         for item_id, row, _, text, response_id, bought in found:
@@ -99,8 +104,10 @@ class Delivery:
         if settled.outputs:
             settled.outputs[0].bought = response is not None
         settled.lease = lease
+        outputs = list(settled.outputs)
         await run.store.save(settled)
         if settled.rejected:
+            self._outcomes.take_back(outputs)
             return  # another worker took the request over: its result stands
         if self.next_inbox is None:
             run.progress.completed += len(items)

@@ -123,6 +123,11 @@ def store_status(path: Path | StoreURL, stages: Sequence[str] = (STAGE,)) -> dic
                     "SELECT id, started_at, finished_at, state, origin, items_done, "
                     "items_failed, items_skipped, calls_made, cost_usd FROM runs ORDER BY id")]
         batches = _batches(db)
+        shared = None
+        if isinstance(path, StoreURL):
+            from flow.workers.status import worker_status
+
+            shared = worker_status(db)
     items = sum(tallies[0].by_status.values())
     last = tallies[-1]
     counts: dict[str, Any] = {name: last.by_status.get(name, 0)
@@ -134,6 +139,8 @@ def store_status(path: Path | StoreURL, stages: Sequence[str] = (STAGE,)) -> dic
                             for name, tally in zip(stages, tallies)]
     if batches:
         counts["batches"] = batches
+    if shared is not None:
+        counts.update(shared)
     by_error = dict(sorted(last.by_error.items(), key=lambda item: -item[1]))
     return {"store": str(path), "items": items, **counts,
             "failed_by_error_class": by_error, "done_by_origin": last.by_origin,
@@ -300,7 +307,7 @@ def _show_stage(db: Database, stage: str, item_id: str,
         for attempt in db.execute(
             "SELECT run_id, number, started_at, latency_ms, status_code, outcome, "
             "error, wait_s FROM attempts WHERE request_key=? AND origin=? "
-            "ORDER BY rowid", (key, origin))]
+            "ORDER BY started_at, number", (key, origin))]
     if not item["attempts"] and reply is not None and attempts == 1:
         # a reply at its first attempt: its `responses` row says it all
         item["attempts"] = [{"run": run_id, "number": 1, "started_at": started,

@@ -88,6 +88,16 @@ class Outcomes:
                 self.count_failed()
             self._breaker.observe(output.error_class, output.error)
 
+    def take_back(self, outputs: list[OutputRecord]) -> None:
+        """Outputs counted that were not kept (another worker's result stands): uncounted."""
+        for output in outputs:
+            if output.status == "done":
+                self.counts.done -= 1
+                self._progress.done -= self._last
+                self._progress.truncated -= output.truncated
+            else:
+                self.count_failed(-1)
+
     def count_failed(self, items: int = 1) -> None:
         """Items failed at this stage: failed for the run too (they stop here)."""
         self.counts.failed += items

@@ -89,6 +89,20 @@ def status_command(args: argparse.Namespace, err: Console) -> int:
                             f"{batch['failed']:,}", _age(batch["created_at"]),
                             f"${batch['cost_usd']:.4f}")
         out.print(batches)
+    if "queue" in status:
+        queue = status["queue"]
+        out.print(f"queue: {queue['pending']:,} pending, {queue['leased']:,} leased, "
+                  f"{queue['lease_expired']:,} with an expired lease (taken by the next "
+                  f"claim), {queue['done']:,} done")
+        workers = Table("worker", "run", "items", "items/s", "leases", "heartbeat",
+                        header_style="bold")
+        for worker in status["workers"]:
+            beat = worker["heartbeat_s_ago"]
+            workers.add_row(worker["worker"], str(worker["run"]), f"{worker['items']:,}",
+                            f"{worker['items_per_s']:,}", f"{worker['leases']:,}",
+                            "-" if beat is None else f"{beat:g} s ago")
+        if status["workers"]:
+            out.print(workers)
     runs = Table("run", "started", "finished", "state", "done", "failed", "skipped", "calls",
                  "cost", header_style="bold")
     for run in status["runs"][-10:]:

@@ -73,8 +73,12 @@ def _work(config: PipelineConfig, options: RunOptions, work: WorkOptions, simula
     if simulate:
         err.print("[yellow]--simulate: replies come from flow's built-in simulator, not "
                   "from a model[/]")
-    summary = asyncio.run(_work_with_signals(config, options, work, simulate))
+    summary, refused = asyncio.run(_work_with_signals(config, options, work, simulate))
     err.print(summarize(summary), highlight=False, markup=False)
+    if refused:
+        err.print(f"{refused:,} results came after this worker's lease had passed to another "
+                  "worker: refused as results (the other's stand), their replies kept as paid "
+                  "attempts", markup=False)
     if summary.state == "interrupted":
         err.print("interrupted: start a worker again to go on", markup=False)
         return EXIT_INTERRUPTED
@@ -84,11 +88,11 @@ def _work(config: PipelineConfig, options: RunOptions, work: WorkOptions, simula
 
 
 async def _work_with_signals(config: PipelineConfig, options: RunOptions, work: WorkOptions,
-                             simulate: bool) -> RunSummary:
+                             simulate: bool) -> tuple[RunSummary, int]:
     from flow.stopping import StopSignals
     from flow.workers.worker import Worker
 
-    async def start() -> RunSummary:
+    async def start() -> tuple[RunSummary, int]:
         worker = Worker(config, options, work)
 
         def overdue() -> None:
@@ -98,7 +102,7 @@ async def _work_with_signals(config: PipelineConfig, options: RunOptions, work: 
 
         with StopSignals(asyncio.get_running_loop(), worker.request_stop,
                          config.run_keys.drain_s, overdue):
-            return await worker.execute()
+            return await worker.execute(), worker.rejected
 
     if not simulate:
         return await start()

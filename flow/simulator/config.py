@@ -52,6 +52,8 @@ class SimulatorStats:
     batch_creates: Counter[str] = field(default_factory=Counter)  # by metadata shard or file
     batch_lines: int = 0
     files_uploaded: int = 0
+    # the most requests admitted within one window of a sliding or fixed request limit
+    window_peak: int = 0
 
     @property
     def max_per_request(self) -> int:
@@ -64,7 +66,8 @@ class SimulatorStats:
                 "max_per_request": self.max_per_request, "by_model": dict(self.by_model),
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "tokens": self.tokens, "batch_creates": dict(self.batch_creates),
-                "batch_lines": self.batch_lines, "files_uploaded": self.files_uploaded}
+                "batch_lines": self.batch_lines, "files_uploaded": self.files_uploaded,
+                "window_peak": self.window_peak}
 
 
 def check_batch_fault(text: str) -> str:

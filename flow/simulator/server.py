@@ -144,6 +144,9 @@ class Simulator:
         if any(waits.values()):
             kind = max(waits, key=lambda k: waits[k])
             return self._rate_limited(kind, waits[kind], now)
+        requests = self._limits.get("requests")
+        if requests is not None and not requests.shape.startswith("bucket"):
+            self.stats.window_peak = max(self.stats.window_peak, round(requests.used))
         delay = self.config.latency_ms + self._random.uniform(0, self.config.jitter_ms)
         if delay:
             await asyncio.sleep(delay / 1000)

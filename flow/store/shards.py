@@ -20,6 +20,9 @@ COLUMNS = ("id", "stage", "origin", "endpoint", "state", "lines", "bytes", "wors
            "error_file_id", "error", "updated_at")
 MUTABLE = COLUMNS[4:]
 CHUNK = 5000
+# an item waiting on a request: (item id, row, request key, the row's input as the first
+# stage keeps it, the reply of its output, whether it paid for that reply)
+Waiting = tuple[str, int, str, str | None, int | None, bool]
 
 
 class SQLiteShards:
@@ -112,7 +115,7 @@ class SQLiteShards:
             "SELECT request_key FROM responses WHERE batch_id = ?", (batch_id,))}
 
     async def waiting_on(self, stage: str, origin: str, keys: Sequence[str],
-                         first: str) -> list[tuple[str, int, str, str | None, int | None, bool]]:
+                         first: str) -> list[Waiting]:
         """The items of `stage` whose request is one of `keys`: (item id, row, request key,
         the row's input as the first stage keeps it, the reply of its output, bought)."""
         found = []

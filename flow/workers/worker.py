@@ -32,6 +32,7 @@ from flow.records import Call, CallResult
 from flow.stage import RunContext, Stage
 from flow.store.postgres.limits import SharedGate, limit_name
 from flow.store.postgres.store import PostgresStore
+from flow.store.shards import Waiting
 from flow.workers.fingerprint import check_plan
 from flow.workers.shared_limiter import SharedLimiter
 
@@ -74,6 +75,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._budget = Budget(options.limit, keys.max_cost_usd)
         self._leases: dict[str, int] = {}
+        self._waiting: dict[str, list[Waiting]] = {}
         self.rejected = 0
 
     def request_stop(self) -> None:
@@ -91,6 +93,7 @@ class Worker:
         check_api_key(api_key, f"{self.config.file}: call.api_key or OPENAI_API_KEY")
         url = store_url(self.config.store)
         store = await PostgresStore.open(url)
+        store.worker_session = True
         state, message = "finished", None
         fatal: FatalCallError | None = None
         try:
@@ -151,7 +154,7 @@ class Worker:
                 spent = await store.spent_usd(self._origin)
                 self._budget.spent_before_usd = spent - self.progress.cost_usd
             claimed = await store.queue.claim(self._origin, [stage.name], size,
-                                              self.work.lease_s)
+                                              self.work.lease_s, list(self._leases.values()))
             if not claimed:
                 free, leased = await store.queue.left(self._origin, [stage.name])
                 if not free and not leased and not self.work.wait_for_work:
@@ -159,10 +162,16 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.work.poll_s)
                 continue
+            # the items waiting on each request, looked up once for the whole claim
+            for found in await store.shards.waiting_on(stage.name, self._origin,
+                                                       [c.key for c in claimed], stage.name):
+                self._waiting.setdefault(found[2], []).append(found)
             for index, item in enumerate(claimed):
                 call = Call(item.key, json.loads(item.request_json), item.request_json)
                 if not self._may_send(call):
                     await store.queue.release([c.token for c in claimed[index:]])
+                    for unsent in claimed[index:]:
+                        self._waiting.pop(unsent.key, None)
                     return
                 self._leases[item.key] = item.token
                 yield call
@@ -182,11 +191,16 @@ class Worker:
     def _deliver(self, store: PostgresStore):  # type: ignore[no-untyped-def]
         async def deliver(result: CallResult) -> None:
             self._budget.settle()
-            token = self._leases.pop(result.call.key)
-            if result.unsent:
-                await store.queue.release([token])
-                return
-            await self.stage.delivery.deliver_stored(result, lease=token)
+            key = result.call.key
+            token, found = self._leases[key], self._waiting.pop(key, [])
+            try:
+                if result.unsent:
+                    await store.queue.release([token])
+                else:
+                    await self.stage.delivery.deliver_stored(result, lease=token, found=found)
+            finally:
+                # held until committed: a claim meanwhile must not take it as lost
+                del self._leases[key]
         return deliver
 
     async def _beat(self, store: PostgresStore) -> None:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     import psycopg
 
 CONNECT_TIMEOUT_S = 10
+# a session left in a transaction this long (its process paused or hung) is ended by the
+# server, so the rows it locked go to other workers
+IDLE_IN_TRANSACTION_S = 5
 
 
 async def connect(url: StoreURL, migrate: bool = True) -> psycopg.AsyncConnection[Any]:
@@ -30,7 +33,8 @@ async def connect(url: StoreURL, migrate: bool = True) -> psycopg.AsyncConnectio
     try:
         db = await psycopg.AsyncConnection.connect(
             url.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-            application_name="flow")
+            application_name="flow",
+            options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S * 1000}")
     except psycopg.Error as e:
         raise store_error(url, "cannot connect to the store", e) from None
     try:

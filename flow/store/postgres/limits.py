@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,11 +18,17 @@ Query = Callable[..., Awaitable[list[Any]]]
 SHARE = 0.98  # of each limit: slots a little apart, so a late send never tips a window over
 
 TAKE_SQL = "SELECT flow_take(%s, %s, %s, %s, %s)"
-LEARN_SQL = ("UPDATE limits SET rpm = COALESCE(%s, rpm), tpm = COALESCE(%s, tpm) "
-             "WHERE name = %s")
-PAUSE_SQL = ("UPDATE limits SET paused_until = GREATEST(paused_until, "
-             "extract(epoch FROM clock_timestamp()) + %s), rate_limited = rate_limited + 1 "
-             "WHERE name = %s")
+# a limit to keep, or a pause to honour: then every request takes its slot
+LIMITED_SQL = ("SELECT rpm IS NOT NULL OR tpm IS NOT NULL OR paused_until > "
+               "extract(epoch FROM clock_timestamp()) FROM limits WHERE name = %s")
+LOOK_S = 1.0  # how often a worker without a limit looks whether another has learned one
+LEARN_SQL = ("INSERT INTO limits (name, rpm, tpm) VALUES (%s, %s, %s) ON CONFLICT (name) DO "
+             "UPDATE SET rpm = COALESCE(EXCLUDED.rpm, limits.rpm), tpm = COALESCE(EXCLUDED.tpm, "
+             "limits.tpm)")
+PAUSE_SQL = ("INSERT INTO limits (name, paused_until, rate_limited) VALUES "
+             "(%s, extract(epoch FROM clock_timestamp()) + %s, 1) ON CONFLICT (name) DO UPDATE "
+             "SET paused_until = GREATEST(limits.paused_until, EXCLUDED.paused_until), "
+             "rate_limited = limits.rate_limited + 1")
 
 
 def limit_name(origin: str, api_key: str, model: str) -> str:
@@ -41,9 +48,13 @@ class SharedGate:
         self._tpm = tpm
         self._sleep = sleep
         self._learned: tuple[int | None, int | None] = (None, None)
+        self._known = False
+        self._looked_at = -LOOK_S
 
     async def take(self, tokens: int) -> float:
         """Wait for the next slot of one request of `tokens`; the seconds waited."""
+        if self._rpm is None and self._tpm is None and not await self._limited():
+            return 0.0  # no limit known to any worker yet: nothing to share
         ((wait,),) = await self._query(TAKE_SQL, (self.name, tokens, self._rpm, self._tpm,
                                                   SHARE), write=True, raw=True)
         wait = float(wait)
@@ -51,13 +62,23 @@ class SharedGate:
             await self._sleep(wait)
         return max(wait, 0.0)
 
+    async def _limited(self) -> bool:
+        """Whether the shared row holds a limit or a pause (looked at once a second at most)."""
+        now = time.monotonic()
+        if now - self._looked_at >= LOOK_S:
+            self._looked_at = now
+            rows = await self._query(LIMITED_SQL, (self.name,), raw=True)
+            self._known = bool(rows and rows[0][0])
+        return self._known
+
     async def learn(self, rpm: int | None, tpm: int | None) -> None:
         """Limits a response's headers named: every worker paces by them from now on."""
         if (rpm, tpm) == self._learned:
             return
         self._learned = (rpm, tpm)
-        await self._query(LEARN_SQL, (rpm, tpm, self.name), write=True, raw=True)
+        self._known = self._known or rpm is not None or tpm is not None
+        await self._query(LEARN_SQL, (self.name, rpm, tpm), write=True, raw=True)
 
     async def pause(self, seconds: float) -> None:
         """A 429: every worker waits `seconds` before its next request."""
-        await self._query(PAUSE_SQL, (seconds, self.name), write=True, raw=True)
+        await self._query(PAUSE_SQL, (self.name, seconds), write=True, raw=True)

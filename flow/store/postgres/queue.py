@@ -34,7 +34,10 @@ CLAIM_SQL = """
     WITH picked AS (
         SELECT stage, origin, request_key FROM work
         WHERE state <> 'done' AND origin = %(origin)s AND stage = ANY(%(stages)s)
-            AND (state = 'pending' OR lease_until < clock_timestamp())
+            AND (state = 'pending' OR lease_until < clock_timestamp()
+                 -- leased to this worker by a claim whose answer it never got (the
+                 -- connection broke): its own, but unknown to it
+                 OR (worker = %(worker)s AND NOT token = ANY(%(held)s)))
         ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
     UPDATE work SET state = 'leased', token = nextval('work_tokens'), worker = %(worker)s,
         lease_until = clock_timestamp() + make_interval(secs => %(lease_s)s),
@@ -51,6 +54,7 @@ RELEASE_SQL = """
 FENCE_SQL = """
     UPDATE work SET state = 'done', finished_at = clock_timestamp(), lease_until = NULL
     WHERE token = ANY(%s) AND state = 'leased' RETURNING token"""
+LANDED_SQL = "SELECT token FROM work WHERE token = ANY(%s) AND state = 'done'"
 LEFT_SQL = """
     SELECT COUNT(*) FILTER (WHERE state = 'pending' OR lease_until < clock_timestamp()),
            COUNT(*) FILTER (WHERE state = 'leased' AND lease_until >= clock_timestamp())
@@ -78,18 +82,20 @@ class WorkQueue:
     async def enqueue(self, stage: str, origin: str, calls: Sequence[tuple[str, str]]) -> int:
         """Put each (request key, request JSON) in the queue, once; a request done before
         and needed again (a retry) is pending again. How many are newly pending."""
-        if not calls:
+        unique = dict(calls)  # items that share a request bring it more than once
+        if not unique:
             return 0
-        rows = await self._query(ENQUEUE_SQL, (stage, origin, [k for k, _ in calls],
-                                               [r for _, r in calls]), write=True, raw=True)
+        rows = await self._query(ENQUEUE_SQL, (stage, origin, list(unique),
+                                               list(unique.values())), write=True, raw=True)
         return len(rows)
 
-    async def claim(self, origin: str, stages: Sequence[str], limit: int,
-                    lease_s: float) -> list[Claimed]:
-        """Lease up to `limit` requests no live worker holds, oldest first."""
+    async def claim(self, origin: str, stages: Sequence[str], limit: int, lease_s: float,
+                    held: Sequence[int] = ()) -> list[Claimed]:
+        """Lease up to `limit` requests no live worker holds, oldest first; `held`: the
+        tokens this worker holds now (any other lease in its name is lost to it)."""
         rows = await self._query(CLAIM_SQL, {
             "origin": origin, "stages": list(stages), "limit": limit, "worker": self.worker,
-            "lease_s": lease_s}, write=True, raw=True)
+            "lease_s": lease_s, "held": list(held)}, write=True, raw=True)
         return [Claimed(stage, key, request, int(token)) for stage, key, request, token in rows]
 
     async def heartbeat(self, lease_s: float) -> None:
@@ -109,11 +115,19 @@ class WorkQueue:
         ((free, leased),) = await self._query(LEFT_SQL, (origin, list(stages)), raw=True)
         return int(free), int(leased)
 
-    async def fence(self, db: psycopg.AsyncConnection[Any], group: Sequence[Settled]) -> set[int]:
+    async def fence(self, db: psycopg.AsyncConnection[Any],
+                    group: Sequence[Settled]) -> tuple[set[int], set[int]]:
         """Inside a result's commit: mark done the requests whose lease is still the one
-        each result carries; the tokens that were."""
+        each result carries. The tokens that were, and those whose result is committed
+        already (a commit that landed before its connection broke: a token is only ever
+        `done` by its own result's commit; a lease taken over has a new token)."""
         tokens = [s.lease for s in group if s.lease is not None]
         if not tokens:
-            return set()
+            return set(), set()
         cursor = await db.execute(FENCE_SQL, (tokens,))
-        return {int(token) for (token,) in await cursor.fetchall()}
+        accepted = {int(token) for (token,) in await cursor.fetchall()}
+        others = [token for token in tokens if token not in accepted]
+        if not others:
+            return accepted, set()
+        cursor = await db.execute(LANDED_SQL, (others,))
+        return accepted, {int(token) for (token,) in await cursor.fetchall()}

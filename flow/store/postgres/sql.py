@@ -46,41 +46,68 @@ def store_error(url: StoreURL, doing: str, error: Exception) -> StoreError:
     return StoreError(f"{url}: {doing}: {text}; everything committed before is safe")
 
 
-RESPONSES_INSERT = (
-    "INSERT INTO responses (id, request_key, origin, model, request, body, prompt_tokens, "
-    "completion_tokens, cached_tokens, cost_usd, attempts, latency_ms, started_at, "
-    "finished_at, run_id, batch_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-    "%s, %s, %s, %s)")
-ATTEMPTS_INSERT = (
-    "INSERT INTO attempts (request_key, origin, run_id, number, started_at, latency_ms, "
-    "status_code, outcome, error, wait_s) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
-_OUTPUT_COLUMNS = ("stage", "item_id", "request_key", "origin", "status", "output",
-                   "post_key", "error_class", "error", "response_id", "bought", "attempts",
-                   "finished_at", "run_id", "truncated")
-# Python's bools are bound as PostgreSQL's boolean: the integer flags are cast
-_OUTPUT_VALUES = ", ".join("%s::int" if c in ("bought", "truncated") else "%s"
-                           for c in _OUTPUT_COLUMNS)
-OUTPUTS_UPSERT = (
-    f"INSERT INTO outputs ({', '.join(_OUTPUT_COLUMNS)}) VALUES "
-    f"({_OUTPUT_VALUES}) ON CONFLICT (stage, item_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _OUTPUT_COLUMNS[2:]))
-_ITEM_COLUMNS = ("stage", "item_id", "row", "input", "request_key", "origin", "error_class",
-                 "error", "skipped", "stopped_at", "updated_at")
-ITEMS_UPSERT = (
-    f"INSERT INTO items ({', '.join(_ITEM_COLUMNS)}) VALUES "
-    f"({', '.join(['%s'] * len(_ITEM_COLUMNS))}) ON CONFLICT (stage, item_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ITEM_COLUMNS[2:]))
+# one statement per table and group, its rows bound as one array per column (`unnest`):
+# a statement per row cost more than half the store's throughput
+RESPONSE_COLUMNS = (
+    ("id", "bigint"), ("request_key", "text"), ("origin", "text"), ("model", "text"),
+    ("request", "text"), ("body", "text"), ("prompt_tokens", "int"),
+    ("completion_tokens", "int"), ("cached_tokens", "int"), ("cost_usd", "float8"),
+    ("attempts", "int"), ("latency_ms", "float8"), ("started_at", "text"),
+    ("finished_at", "text"), ("run_id", "bigint"), ("batch_id", "text"))
+ATTEMPT_COLUMNS = (
+    ("request_key", "text"), ("origin", "text"), ("run_id", "bigint"), ("number", "int"),
+    ("started_at", "text"), ("latency_ms", "float8"), ("status_code", "int"),
+    ("outcome", "text"), ("error", "text"), ("wait_s", "float8"))
+OUTPUT_COLUMNS = (
+    ("stage", "text"), ("item_id", "text"), ("request_key", "text"), ("origin", "text"),
+    ("status", "text"), ("output", "text"), ("post_key", "text"), ("error_class", "text"),
+    ("error", "text"), ("response_id", "bigint"), ("bought", "int"), ("attempts", "int"),
+    ("finished_at", "text"), ("run_id", "bigint"), ("truncated", "int"))
+ITEM_COLUMNS = (
+    ("stage", "text"), ("item_id", "text"), ("row", "int"), ("input", "text"),
+    ("request_key", "text"), ("origin", "text"), ("error_class", "text"), ("error", "text"),
+    ("skipped", "int"), ("stopped_at", "text"), ("updated_at", "text"))
+
+
+def unnest_insert(table: str, columns: Sequence[tuple[str, str]], upsert: bool = False) -> str:
+    """INSERT of many rows bound as one array per column; `upsert`: a row whose (stage,
+    item_id) is there already replaces it."""
+    names = ", ".join(name for name, _ in columns)
+    arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+    tail = (" ON CONFLICT (stage, item_id) DO UPDATE SET " + ", ".join(
+        f"{name} = EXCLUDED.{name}" for name, _ in columns[2:])) if upsert else ""
+    return f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}){tail}"
+
+
+RESPONSES_INSERT = unnest_insert("responses", RESPONSE_COLUMNS)
+ATTEMPTS_INSERT = unnest_insert("attempts", ATTEMPT_COLUMNS)
+OUTPUTS_UPSERT = unnest_insert("outputs", OUTPUT_COLUMNS, upsert=True)
+ITEMS_UPSERT = unnest_insert("items", ITEM_COLUMNS, upsert=True)
 NEXT_IDS = ("SELECT nextval(pg_get_serial_sequence('responses', 'id')) "
             "FROM generate_series(1, %s)")
 
 
-def group_writes(rows: GroupRows) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """(statement, rows) to run with `executemany`, in order, for one group commit."""
-    writes = [(RESPONSES_INSERT, rows.responses), (ATTEMPTS_INSERT, rows.attempts),
-              (OUTPUTS_UPSERT, rows.outputs)]
+def columns_of(rows: Sequence[Sequence[Any]], keyed: bool = False) -> tuple[list[Any], ...]:
+    """`rows` as one list per column, for `unnest` (a bool as an int); `keyed`: the last row
+    of each (stage, item_id) only, as an upsert may change a row once per statement."""
+    if keyed:
+        rows = list({(row[0], row[1]): row for row in rows}.values())
+    return tuple([int(v) if isinstance(v, bool) else v for v in column]
+                 for column in zip(*rows, strict=True))
+
+
+def group_writes(rows: GroupRows) -> list[tuple[str, Sequence[Any]]]:
+    """(statement, parameters) to run in order for one group commit."""
+    writes: list[tuple[str, Sequence[Any]]] = []
+    if rows.responses:
+        writes.append((RESPONSES_INSERT, columns_of(rows.responses)))
+    if rows.attempts:
+        writes.append((ATTEMPTS_INSERT, columns_of(rows.attempts)))
+    if rows.outputs:
+        writes.append((OUTPUTS_UPSERT, columns_of(rows.outputs, keyed=True)))
     if rows.reassign:
-        writes.append((REASSIGN_PAYER, [(rows.reassign,)]))
-    return [(sql, values) for sql, values in writes if values]
+        writes.append((REASSIGN_PAYER, (rows.reassign,)))
+    return writes
 
 
 # one current output made from each reply carries its cost (`bought`), or none does; the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 CHUNK = 5000
 STALE_S = 60  # a run whose worker has not beaten its heart for this long has crashed
+RECONNECT_S = 120  # a worker waits this long for the store to come back
+RECONNECT_WAIT_S = 0.5
 
 
 class PostgresStore:
@@ -42,12 +45,16 @@ class PostgresStore:
         self.path = url
         self.worker = worker
         self._db = db
+        self._commits: psycopg.AsyncConnection[Any] | None = None  # the group writer's
         self._transaction = asyncio.Lock()
         self._writer = GroupWriter(self._commit, lambda e: self._error("cannot write results", e))
         self.run_id = 0
         self.shards = SQLiteShards(self._query, self._write)
         self.queue = WorkQueue(self._query, worker)
         self.rejected = 0  # results whose lease another worker had taken: kept as attempts
+        # a worker reconnects after losing the connection; a planner (whose session holds
+        # what it has read) stops, and planning again is safe
+        self.worker_session = False
         self._locked = False
 
     @classmethod
@@ -208,7 +215,7 @@ class PostgresStore:
                                                         (stage, list(chunk)), raw=True))
         rows = [(stage, i.item_id, i.row, i.input, i.request_key, origin, i.error_class,
                  i.error, int(i.skipped), i.stopped_at, now) for i in items]
-        writes: list[tuple[str, list[Any]]] = [(q.ITEMS_UPSERT, rows)]
+        writes: list[tuple[str, list[Any]]] = [(q.ITEMS_UPSERT, [q.columns_of(rows, True)])]
         if used:
             writes.append((q.REASSIGN_PAYER, [(used,)]))
         await self._many("cannot write items", writes)
@@ -281,31 +288,58 @@ class PostgresStore:
                 await self.flush()
         finally:
             await self._writer.stop()
+            if self._commits is not None:
+                await self._commits.close()
             await self._db.close()
 
     async def _commit(self, group: list[Settled]) -> None:
-        """Write one group in one transaction: leases fenced first, replies numbered from
-        the sequence."""
+        """Write one group in one transaction, on the writer's own connection (claims and
+        look-ups go on beside it): leases fenced first, replies numbered from the sequence.
+        A connection lost midway (the server restarted, or ended this session after a
+        pause) is made again and the group written again; a result whose first commit did
+        land is not written twice."""
         import psycopg
 
-        replies = sum(1 for s in group if s.response is not None)
-        async with self._transaction:
+        while True:
+            if self._commits is None:
+                self._commits = await connect(self.path, migrate=False)
+            db = self._commits
             try:
-                async with self._db.transaction():
-                    accepted = await self.queue.fence(self._db, group)
-                    for settled in group:
-                        if settled.lease is not None and settled.lease not in accepted:
-                            settled.rejected = True
-                            settled.outputs, settled.reassign = [], []
-                            self.rejected += 1
-                    cursor = await self._db.execute(q.NEXT_IDS, (replies,))
-                    ids = iter([int(i) for (i,) in await cursor.fetchall()])
-                    rows = group_rows(group, self.run_id, ids)
-                    async with self._db.cursor() as cur:
-                        for sql, values in q.group_writes(rows):
-                            await cur.executemany(sql, values)
+                async with db.transaction():
+                    await self._commit_group(db, group)
+                self.rejected += sum(1 for settled in group if settled.rejected)
+                return
             except psycopg.Error as e:
-                raise self._error("cannot write results", e) from None
+                if not db.broken and not db.closed:
+                    raise self._error("cannot write results", e) from None
+                self._commits = await self._reconnect(e)
+
+    async def _commit_group(self, db: psycopg.AsyncConnection[Any],
+                            group: list[Settled]) -> None:
+        accepted, landed = await self.queue.fence(db, group)
+        written = [s for s in group if s.lease is None or s.lease not in landed]
+        for settled in written:
+            if settled.lease is not None and settled.lease not in accepted:
+                settled.rejected = True
+                settled.outputs, settled.reassign = [], []
+        replies = sum(1 for s in written if s.response is not None)
+        cursor = await db.execute(q.NEXT_IDS, (replies,))
+        ids = iter([int(i) for (i,) in await cursor.fetchall()])
+        rows = group_rows(written, self.run_id, ids)
+        for sql, params in q.group_writes(rows):
+            await db.execute(sql, params)
+
+    async def _reconnect(self, error: Exception) -> psycopg.AsyncConnection[Any]:
+        """A new connection, tried for up to `RECONNECT_S`; the error that broke the last
+        one after that."""
+        deadline = time.monotonic() + RECONNECT_S
+        while True:
+            try:
+                return await connect(self.path, migrate=False)
+            except StoreError:
+                if time.monotonic() > deadline:
+                    raise self._error("lost the connection to the store", error) from None
+                await asyncio.sleep(RECONNECT_WAIT_S)
 
     async def _many(self, doing: str, writes: list[tuple[str, list[Any]]]) -> None:
         """Run each (statement, rows) with `executemany`, all in one transaction."""
@@ -330,11 +364,16 @@ class PostgresStore:
 
         text = sql if raw else q.pyformat(sql)
         async with self._transaction:
-            try:
-                cursor = await self._db.execute(text, params)
-                return list(await cursor.fetchall()) if cursor.description else []
-            except psycopg.Error as e:
-                raise self._error("cannot write" if write else "cannot read", e) from None
+            while True:
+                try:
+                    cursor = await self._db.execute(text, params)
+                    return list(await cursor.fetchall()) if cursor.description else []
+                except psycopg.Error as e:
+                    if not self.worker_session or not (self._db.broken or self._db.closed):
+                        raise self._error("cannot write" if write else "cannot read",
+                                          e) from None
+                    # a worker's statements stand alone: taken again on a new connection
+                    self._db = await self._reconnect(e)
 
     def _error(self, doing: str, error: Exception) -> StoreError:
         return q.store_error(self.path, doing, error)

@@ -1,0 +1,173 @@
+"""Many workers on one PostgreSQL store: how fast the store claims and completes, how the
+rate grows with worker processes, and whether a shared limit holds.
+
+Starts a PostgreSQL server (`pgserver`, from the test extra) and `flow simulate` as its own
+process, and prints one row per figure:
+
+    python bench/workers.py                     # everything (about 2 minutes)
+    python bench/workers.py --only store        # the store's claim-and-complete rate
+    python bench/workers.py --only scale limit
+
+- `store`: requests claimed in batches of 100 by 4 workers (a connection each, in one
+  process) and completed through the store's group commit (a reply, an attempt and an output each, fenced by lease), items per second.
+- `scale`: 1, 2 and 4 `flow worker` processes on 4,000 items against the simulator (no
+  latency): the simulator's requests per second over the whole run.
+- `limit`: 3 workers sharing one limit of 600 requests per sliding 60 s, for 60 s (200 ms
+  latency): the most requests the simulator saw in any 60 s, its share of the limit, 429s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pgserver
+import psycopg
+import yaml
+from simulator_process import simulator_process
+
+from flow.config.store_url import StoreURL
+from flow.records import Attempt, ItemRecord, OutputRecord, ResponseRecord, Settled, Usage
+
+API_KEY = "sk-bench-0123456789abcdef"
+
+
+def new_database(server_url: str) -> str:
+    name = f"b{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return server_url.replace("/postgres?", f"/{name}?")
+
+
+async def store_rate(url: str, items: int = 40_000, tasks: int = 4, claim: int = 100) -> float:
+    """Claimed and completed per second, through the store's own calls, by `tasks` workers
+    (each its own connection, as worker processes have)."""
+    from flow.store.postgres.store import PostgresStore
+
+    stores = [await PostgresStore.open(StoreURL(url)) for _ in range(tasks)]
+    for store in stores:
+        store.worker_session = True
+        await store.start_run(Path("bench.yaml"), "bench", "bench")
+    store = stores[0]
+    for start in range(0, items, 5000):
+        chunk = range(start, min(items, start + 5000))
+        await store.save_items("call", "bench", [
+            ItemRecord(f"i{n}", n, None, f"k{n}") for n in chunk])
+        await store.queue.enqueue("call", "bench", [(f"k{n}", "{}") for n in chunk])
+
+    async def work(store: PostgresStore) -> int:
+        done = 0
+        while claimed := await store.queue.claim("bench", ["call"], claim, 30):
+            await asyncio.gather(*(store.save(settled(c.key, c.token)) for c in claimed))
+            done += len(claimed)
+        return done
+
+    started = time.perf_counter()
+    done = sum(await asyncio.gather(*(work(store) for store in stores)))
+    elapsed = time.perf_counter() - started
+    for store in stores:
+        await store.close()
+    assert done == items, (done, items)
+    return items / elapsed
+
+
+def settled(key: str, token: int) -> Settled:
+    item = "i" + key[1:]
+    response = ResponseRecord(key, "bench", "m", "{}", '{"choices": []}', Usage(10, 5), 0.0001,
+                              1, 1.0, "2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00.001Z")
+    output = OutputRecord(item, key, "done", "p", '"ok"', bought=True, attempts=1)
+    return Settled("call", "bench", key, "2026-01-01T00:00:00.001Z", response,
+                   [Attempt(1, "2026-01-01T00:00:00.000Z", 1.0, 200, "ok")], [output],
+                   lease=token)
+
+
+def pipeline(folder: Path, url: str, sim_url: str, items: int, **call: Any) -> Path:
+    rows = folder / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"q{n}", "q": f"What is {n}?"}) + "\n"
+                            for n in range(items)))
+    file = folder / "pipeline.yaml"
+    file.write_text(yaml.safe_dump({"store": url, "load": {"path": str(rows), "id": "id"},
+                                    "call": {"model": "gpt-4o-mini", "base_url": sim_url + "/v1",
+                                             "messages": [{"role": "user", "content": "{{ q }}"}],
+                                             "concurrency": 64, **call}}))
+    return file
+
+
+def flow(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "flow", *args], check=True,
+                   env={**os.environ, "OPENAI_API_KEY": API_KEY}, stderr=subprocess.DEVNULL)
+
+
+def sim_stats(sim_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(sim_url + "/sim/stats") as reply:
+        stats: dict[str, Any] = json.load(reply)
+    return stats
+
+
+def scale(server_url: str, processes: int, items: int = 4000) -> float:
+    """Requests per second of `processes` workers on `items`."""
+    with tempfile.TemporaryDirectory() as folder, simulator_process() as sim_url:
+        file = pipeline(Path(folder), new_database(server_url), sim_url, items)
+        flow("plan", str(file))
+        started = time.perf_counter()
+        flow("worker", str(file), "--processes", str(processes))
+        elapsed = time.perf_counter() - started
+        assert sim_stats(sim_url)["requests"] >= items
+        return items / elapsed
+
+
+def shared_limit(server_url: str, seconds: float = 60.0) -> dict[str, Any]:
+    """3 workers on one limit of 600 per sliding 60 s, stopped after `seconds`."""
+    args = ["--rpm", "600", "--window", "sliding-60s", "--latency-ms", "200"]
+    with tempfile.TemporaryDirectory() as folder, simulator_process(*args) as sim_url:
+        file = pipeline(Path(folder), new_database(server_url), sim_url, 2000, rpm=600)
+        flow("plan", str(file))
+        children = [subprocess.Popen([sys.executable, "-m", "flow", "worker", str(file)],
+                                     env={**os.environ, "OPENAI_API_KEY": API_KEY},
+                                     stderr=subprocess.DEVNULL) for _ in range(3)]
+        time.sleep(seconds)
+        for child in children:
+            child.send_signal(2)
+        for child in children:
+            child.wait(60)
+        stats = sim_stats(sim_url)
+    ok = stats["by_status"].get("200", 0)
+    limited = stats["by_status"].get("429", 0)
+    return {"requests": stats["requests"], "ok": ok, "429s": limited,
+            "worst_60s": stats["window_peak"], "share_of_limit": round(ok / (
+                600 * seconds / 60), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=("store", "scale", "limit"))
+    parser.add_argument("--limit-s", type=float, default=60.0)
+    args = parser.parse_args()
+    chosen = set(args.only or ("store", "scale", "limit"))
+    with tempfile.TemporaryDirectory() as pgdata:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        url = str(server.get_uri())
+        if "store" in chosen:
+            rate = asyncio.run(store_rate(new_database(url)))
+            print(f"store: {rate:,.0f} items/s claimed and completed (target >= 5,000)")
+        if "scale" in chosen:
+            for processes in (1, 2, 4):
+                print(f"scale: {processes} worker processes: "
+                      f"{scale(url, processes):,.0f} requests/s")
+        if "limit" in chosen:
+            print(f"limit: {json.dumps(shared_limit(url, args.limit_s))}")
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
