@@ -12,8 +12,9 @@ process, and prints one row per figure:
   process) and completed through the store's group commit (a reply, an attempt and an output each, fenced by lease), items per second.
 - `scale`: 1, 2 and 4 `flow worker` processes on 4,000 items against the simulator (no
   latency): the simulator's requests per second over the whole run.
-- `limit`: 3 workers sharing one limit of 600 requests per sliding 60 s, for 60 s (200 ms
-  latency): the most requests the simulator saw in any 60 s, its share of the limit, 429s.
+- `limit`: 3 workers sharing one limit of 600 requests per sliding 60 s, for 90 s (200 ms
+  latency): the most requests the simulator admitted in any 60 s (its share of the limit),
+  and the 429s.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ async def store_rate(url: str, items: int = 40_000, tasks: int = 4, claim: int =
         await store.save_items("call", "bench", [
             ItemRecord(f"i{n}", n, None, f"k{n}") for n in chunk])
         await store.queue.enqueue("call", "bench", [(f"k{n}", "{}") for n in chunk])
+    await store.analyze()  # as `flow plan` does
 
     async def work(store: PostgresStore) -> int:
         done = 0
@@ -126,7 +128,7 @@ def scale(server_url: str, processes: int, items: int = 4000) -> float:
         return items / elapsed
 
 
-def shared_limit(server_url: str, seconds: float = 60.0) -> dict[str, Any]:
+def shared_limit(server_url: str, seconds: float = 90.0) -> dict[str, Any]:
     """3 workers on one limit of 600 per sliding 60 s, stopped after `seconds`."""
     args = ["--rpm", "600", "--window", "sliding-60s", "--latency-ms", "200"]
     with tempfile.TemporaryDirectory() as folder, simulator_process(*args) as sim_url:
@@ -141,17 +143,20 @@ def shared_limit(server_url: str, seconds: float = 60.0) -> dict[str, Any]:
         for child in children:
             child.wait(60)
         stats = sim_stats(sim_url)
-    ok = stats["by_status"].get("200", 0)
     limited = stats["by_status"].get("429", 0)
-    return {"requests": stats["requests"], "ok": ok, "429s": limited,
-            "worst_60s": stats["window_peak"], "share_of_limit": round(ok / (
-                600 * seconds / 60), 3)}
+    # the simulator's own count of the busiest 60 s: over the limit never, near it in use
+    return {"requests": stats["requests"], "429s": limited,
+            "429_share": round(limited / max(stats["requests"], 1), 4),
+            "busiest_60s": stats["window_peak"],
+            "share_of_limit": round(stats["window_peak"] / 600, 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=("store", "scale", "limit"))
-    parser.add_argument("--limit-s", type=float, default=60.0)
+    parser.add_argument("--limit-s", type=float, default=90.0,
+                        help="how long the workers run under the shared limit (the busiest "
+                             "60 s of it is counted; workers take a few seconds to start)")
     args = parser.parse_args()
     chosen = set(args.only or ("store", "scale", "limit"))
     with tempfile.TemporaryDirectory() as pgdata:

@@ -86,6 +86,7 @@ async def plan_pipeline(config: PipelineConfig, options: RunOptions) -> PlanSumm
         stage.attach(context)
         await record_plan(store, [stage], origin)
         await executor.execute(stage.calls(), stage.deliver)
+        await store.analyze()
     except BaseException as e:
         state, message = "stopped", f"{type(e).__name__}: {e}"
         raise

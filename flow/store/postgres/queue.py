@@ -38,7 +38,7 @@ CLAIM_SQL = """
                  -- leased to this worker by a claim whose answer it never got (the
                  -- connection broke): its own, but unknown to it
                  OR (worker = %(worker)s AND NOT token = ANY(%(held)s)))
-        ORDER BY seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+        ORDER BY origin, stage, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
     UPDATE work SET state = 'leased', token = nextval('work_tokens'), worker = %(worker)s,
         lease_until = clock_timestamp() + make_interval(secs => %(lease_s)s),
         claims = work.claims + 1

@@ -223,7 +223,7 @@ def m004_work() -> list[str]:
             claims INTEGER NOT NULL DEFAULT 0,
             finished_at TIMESTAMPTZ,
             PRIMARY KEY (stage, origin, request_key))""",
-        "CREATE INDEX work_to_claim ON work (seq) WHERE state <> 'done'",
+        "CREATE INDEX work_to_claim ON work (origin, stage, seq) WHERE state <> 'done'",
         "CREATE INDEX work_by_token ON work (token)",
         "CREATE SEQUENCE work_tokens",
         "ALTER TABLE runs ADD COLUMN worker TEXT",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -61,7 +62,7 @@ class PostgresStore:
     async def open(cls, url: StoreURL, exclusive: bool = False) -> PostgresStore:
         """Connect and migrate; `exclusive`: as the one planner (a second one is refused)."""
         db = await connect(url)
-        store = cls(url, db, f"{os.uname().nodename}:{os.getpid()}")
+        store = cls(url, db, f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(2)}")
         if exclusive:
             ((taken,),) = await store._query("SELECT pg_try_advisory_lock(?)", (q.STORE_LOCK,))
             if not taken:
@@ -132,6 +133,11 @@ class PostgresStore:
         async with self._transaction, self._db.transaction():
             await self._db.execute("DROP VIEW IF EXISTS browse")
             await self._db.execute(browse_sql(fields, stages))
+
+    async def analyze(self) -> None:
+        """Fresh statistics once a plan has filled the queue, so claims go through their
+        index from the first (the planner takes a just-filled table for an empty one)."""
+        await self._query("ANALYZE work, items", (), write=True, raw=True)
 
     async def last_pipeline(self) -> str | None:
         """The pipeline file of the store's latest run, if it has run."""
