@@ -174,3 +174,24 @@ def test_workers_go_on_when_the_database_restarts(
     outputs_once(postgres_url, 400)
     # what was in flight when the server went down is all that was sent twice
     assert simulator.stats.requests <= 400 + 2 * 8
+
+
+def test_the_budget_counts_every_workers_spend(
+        make_pipeline: Any, postgres_url: str, simulator: Any) -> None:
+    simulator.config.latency_ms = 10
+    price = {"input_per_1m": 1000, "output_per_1m": 1000}  # a few cents a request
+    pipeline = shared(make_pipeline, postgres_url, 400, simulator.url, concurrency=4,
+                      max_cost_usd=1.0, price=price)
+    assert pipeline.cli("plan") == 0
+    started = workers(pipeline, 2)
+    for child in started:
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 1, err
+        assert "max_cost_usd" in err
+    ((spent, replies),) = rows_of(postgres_url, "SELECT SUM(cost_usd), COUNT(*) FROM responses")
+    ((most,),) = rows_of(postgres_url, "SELECT MAX(cost_usd) FROM responses")
+    # over the cap by no more than what was in flight when it was reached, in both workers
+    assert 1.0 <= spent <= 1.0 + 2 * 4 * most
+    assert replies < 400
+    ((pending,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state = 'pending'")
+    assert pending == 400 - replies  # what was not sent waits for a higher cap

@@ -36,6 +36,8 @@ from flow.store.shards import Waiting
 from flow.workers.fingerprint import check_plan
 from flow.workers.shared_limiter import SharedLimiter
 
+BUDGET_LOOK_S = 0.05  # near the cap: how often to look whether the calls in flight settled
+
 
 @dataclass
 class WorkOptions:
@@ -168,7 +170,7 @@ class Worker:
                 self._waiting.setdefault(found[2], []).append(found)
             for index, item in enumerate(claimed):
                 call = Call(item.key, json.loads(item.request_json), item.request_json)
-                if not self._may_send(call):
+                if not await self._may_send(call):
                     await store.queue.release([c.token for c in claimed[index:]])
                     for unsent in claimed[index:]:
                         self._waiting.pop(unsent.key, None)
@@ -176,17 +178,22 @@ class Worker:
                 self._leases[item.key] = item.token
                 yield call
 
-    def _may_send(self, call: Call) -> bool:
-        if self._stop.is_set():
-            return False
+    async def _may_send(self, call: Call) -> bool:
+        """Count `call` as sent, or (stopping, over budget, --limit) not. Spend that the
+        calls in flight may bring to the cap is waited out first."""
         estimate = 0.0 if self._budget.cap_usd is None else estimate_call_usd(
             self.stage.price, call.request_json, self.stage.reserve.cap)
-        verdict = self._budget.take(self.progress.cost_usd, estimate)
-        if verdict is Verdict.STOP:
-            self.progress.stopping = "budget reached" if self._budget.reached else "--limit"
-            self._stop.set()
-            return False
-        return True
+        while not self._stop.is_set():
+            verdict = self._budget.take(self.progress.cost_usd, estimate)
+            if verdict is Verdict.GO:
+                return True
+            if verdict is Verdict.STOP:
+                self.progress.stopping = ("budget reached" if self._budget.reached
+                                          else f"--limit {self._budget.limit}")
+                self._stop.set()
+                break
+            await asyncio.sleep(BUDGET_LOOK_S)
+        return False
 
     def _deliver(self, store: PostgresStore):  # type: ignore[no-untyped-def]
         async def deliver(result: CallResult) -> None:
