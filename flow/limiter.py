@@ -301,7 +301,9 @@ class RateLimiter:
         credit = self._credit[kind]
         if credit is not None and sent_through < credit.sent_through:
             return  # an older answer than the report in hand
-        if self._bursts_ok and remaining >= limit / 60 * CREDIT_MIN_S:
+        # capacity the server reports is its own limit's: a lower one configured binds
+        if (self._bursts_ok and limit == self._learned[kind]
+                and remaining >= limit / 60 * CREDIT_MIN_S):
             self._credit[kind] = Credit(remaining, sent_through)
         else:
             self._credit[kind] = None

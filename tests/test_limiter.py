@@ -310,3 +310,16 @@ async def test_a_near_miss_429_counts_the_second_longer_and_keeps_the_pace() -> 
         times.append(clock.now)
     assert min(b - a for a, b in zip(times, times[16:], strict=False)) >= 1.002 - 1e-9
     assert 159 / (times[-1] - times[0]) >= 16 / 1.002 * 0.99  # not cut below the limit
+
+
+async def test_a_lower_configured_limit_is_kept_whatever_capacity_the_server_reports() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=120)
+    probe = await lim.acquire(1)
+    # the server's own limit is far higher, and nearly all of it is left: rpm 120 still binds
+    lim.observe({"x-ratelimit-limit-requests": "600000",
+                 "x-ratelimit-remaining-requests": "9999",
+                 "x-ratelimit-reset-requests": "1ms"}, reservation=probe)
+    await admit(lim, 10)
+    assert clock.now == pytest.approx(10 / (2 * HEADROOM), rel=0.05)
+
