@@ -47,6 +47,8 @@ RATE_WINDOW_S = 10.0
 RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
 HOLD_MIN_S = 0.05  # `remaining: 0` holds everyone at least this long
 SECOND_MAX_S = 1.01  # a near miss lengthens the last second by its wait, up to this
+BINDS_SHARE = 0.25  # tokens sent at this share of a learned token pace: prompts counted exactly
+BINDS_CHECK_S = 0.25  # how often the share is looked at (a sum over the last few seconds)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -105,6 +107,8 @@ class RateLimiter:
         self._soft = SoftPace()
         self._sent: deque[tuple[float, int]] = deque()  # (when, estimated tokens)
         self._used_tokens: deque[tuple[float, int]] = deque()
+        self._tokens_bind = tpm is not None
+        self._binds_checked = -1e9
         self.rate_limited = 0
         self._started = self._clock()
         self._rebuild(self._started)
@@ -116,6 +120,20 @@ class RateLimiter:
         if soft is not None:
             values.append(soft)
         return min(values) if values else None
+
+    def tokens_bind(self) -> bool:
+        """Whether the token budget is near enough that prompts are counted exactly: one
+        configured, or a learned one the run's tokens reached `BINDS_SHARE` of over the last
+        few seconds (for good, once so). Far below it, an estimate is as good: the tokenizer
+        is not loaded for a budget that never binds."""
+        if self._tokens_bind or self._paces["tokens"] is None:
+            return self._tokens_bind
+        now = self._clock()
+        if now >= self._binds_checked + BINDS_CHECK_S:
+            self._binds_checked = now
+            pace = self._paces["tokens"]
+            self._tokens_bind = self._recent_rates(now)[1] >= pace.per_s * BINDS_SHARE
+        return self._tokens_bind
 
     async def acquire(self, prompt_tokens: int) -> Reservation:
         """Wait until one request of `prompt_tokens` (and the completion `reserve` holds for
@@ -287,8 +305,10 @@ class RateLimiter:
         remaining = header_number(headers, f"x-ratelimit-remaining-{kind}")
         if remaining is None:
             return
-        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
         limit = self.limit(kind)
+        # the reset is read only when it is needed: most answers leave capacity
+        reset = None if remaining > 0 else parse_duration(
+            headers.get(f"x-ratelimit-reset-{kind}") or "")
         if remaining <= 0 and reset is not None and reset > 0:
             # a burst spent it, or someone else shares the key: wait until some is back. The
             # reset is when all of it is (a second, a minute); one request's worth may come

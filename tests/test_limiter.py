@@ -323,3 +323,31 @@ async def test_a_lower_configured_limit_is_kept_whatever_capacity_the_server_rep
     await admit(lim, 10)
     assert clock.now == pytest.approx(10 / (2 * HEADROOM), rel=0.05)
 
+
+async def test_a_learned_token_limit_far_above_the_pace_does_not_bind() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    probe = await lim.acquire(0)
+    lim.observe({"x-ratelimit-limit-tokens": "150000000"}, reservation=probe)
+    for _ in range(100):
+        await lim.acquire(30)
+        clock.now += 0.01
+    assert not lim.tokens_bind()
+
+
+async def test_a_learned_token_limit_binds_once_the_run_nears_it() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    probe = await lim.acquire(0)
+    lim.observe({"x-ratelimit-limit-tokens": "300000"}, reservation=probe)  # 5,000 a second
+    assert not lim.tokens_bind()
+    for _ in range(20):
+        await lim.acquire(300)
+    clock.now += 1
+    assert lim.tokens_bind()
+    clock.now += 60  # once it binds, prompts are counted exactly for the rest of the run
+    assert lim.tokens_bind()
+
+
+async def test_a_configured_token_limit_binds_from_the_start() -> None:
+    assert limiter(FakeClock(), tpm=1_000_000_000).tokens_bind()
