@@ -106,7 +106,9 @@ class RateLimiter:
         self._credit_spent_at = -1e9  # when a request last went on reported capacity
         self._soft = SoftPace()
         self._sent: deque[tuple[float, int]] = deque()  # (when, estimated tokens)
+        self._sent_tokens = 0  # their sum, kept as they come and go
         self._used_tokens: deque[tuple[float, int]] = deque()
+        self._used_sum = 0
         self._tokens_bind = tpm is not None
         self._binds_checked = -1e9
         self.rate_limited = 0
@@ -142,6 +144,7 @@ class RateLimiter:
             self._sent_units["requests"] += 1
             self._sent_units["tokens"] += prompt_tokens
             self._sent.append((self._clock(), prompt_tokens))
+            self._sent_tokens += prompt_tokens
             return Reservation(prompt_tokens)
         await self._wait_for_probe()
         waited = self._lock.locked()  # behind others: its turn came while it queued
@@ -173,6 +176,7 @@ class RateLimiter:
         if used_tokens is None:
             return
         self._used_tokens.append((self._clock(), used_tokens))
+        self._used_sum += used_tokens
         self._sent_units["tokens"] += used_tokens - reservation.tokens
         pace = self._paces["tokens"]
         if pace is not None and reservation.tokens_counted is not None:
@@ -242,8 +246,8 @@ class RateLimiter:
         now = self._clock()
         rpm = self._recent_rates(now)[0] * 60
         while self._used_tokens and self._used_tokens[0][0] < now - RATE_WINDOW_S:
-            self._used_tokens.popleft()
-        tpm = sum(tokens for _, tokens in self._used_tokens) / self._span(now) * 60
+            self._used_sum -= self._used_tokens.popleft()[1]
+        tpm = self._used_sum / self._span(now) * 60
         return LimiterStats(rpm, tpm, self.limit("requests"), self.limit("tokens"),
                             max(0.0, self._pause.until - now), self.rate_limited)
 
@@ -296,6 +300,7 @@ class RateLimiter:
         if on_credit:
             self._credit_spent_at = now
         self._sent.append((now, tokens))
+        self._sent_tokens += tokens
         return reservation
 
     def _note_capacity(self, headers: Mapping[str, str], kind: str,
@@ -352,9 +357,9 @@ class RateLimiter:
     def _recent_rates(self, now: float) -> tuple[float, float]:
         """Requests and estimated tokens sent a second, over the last few seconds."""
         while self._sent and self._sent[0][0] < now - RATE_WINDOW_S:
-            self._sent.popleft()
+            self._sent_tokens -= self._sent.popleft()[1]
         span = self._span(now)
-        return len(self._sent) / span, sum(tokens for _, tokens in self._sent) / span
+        return len(self._sent) / span, self._sent_tokens / span
 
     def _span(self, now: float) -> float:
         return min(RATE_WINDOW_S, max(now - self._started, 1e-9))
