@@ -1,14 +1,19 @@
-"""What does flow cost over the raw SDK? Requests/s, CPU per request and memory, side by side.
+"""flow against the bare SDK, side by side: requests/s, CPU per request and peak memory.
 
-One `flow simulate` process (zero latency, no limits) serves both clients in turn:
+One `flow simulate` process (zero latency, OpenAI's rate-limit headers with limits far above
+the pace, faults when asked) serves both clients, each in a fresh process of this process
+tree, in interleaved pairs (bare first in odd pairs, flow first in even ones); the medians
+are what count:
 
-1. its capacity, measured with `wrk` (a C load generator) when it is installed;
-2. the bare SDK: `AsyncOpenAI` on the aiohttp transport, a semaphore of 100, no persistence;
-3. flow: `flow run` on the same prompts, concurrency 100, every result checkpointed.
+- the bare SDK: `AsyncOpenAI` on the aiohttp transport under a semaphore, its own retries
+  (`max_retries`, as many tries as flow's default), replies parsed as `create` parses them,
+  nothing persisted;
+- flow: `flow run` on the same prompts and concurrency, every result checkpointed.
 
-Each client runs in a fresh process; CPU seconds and peak RSS are that process's own.
+Requests/s is items over each client's own sending time (first request to last reply); CPU is
+the client process's own (user + system, start-up included) per item.
 
-    python bench/overhead.py [--items 30000] [--concurrency 100]
+    python bench/overhead.py [--items 10000] [--pairs 3] [--faults] [--json]
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
-import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,63 +31,90 @@ import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 from simulator_process import simulator_process
 
+TRIES = 8  # flow's default call.retry.max_tries; the bare SDK gets as many
+FAULTS = ["--error-rate", "0.05", "--drop-rate", "0.01", "--seed", "17"]
+
 BARE_SDK = textwrap.dedent("""
-    import asyncio, json, resource, sys, time
+    import asyncio, json, sys, time
     import openai
 
-    async def main(url, items, concurrency):
-        client = openai.AsyncOpenAI(base_url=url, api_key="sk-bench", max_retries=0,
+    async def main(url, items, concurrency, retries):
+        client = openai.AsyncOpenAI(base_url=url, api_key="sk-bench", max_retries=retries,
                                     http_client=openai.DefaultAioHttpClient())
         gate = asyncio.Semaphore(concurrency)
+        done = 0
 
         async def one(index):
+            nonlocal done
             async with gate:
-                await client.chat.completions.create(model="gpt-4o-mini", messages=[
-                    {"role": "user", "content": f"What is {index} plus {index}?"}])
+                try:
+                    await client.chat.completions.create(model="gpt-4o-mini", messages=[
+                        {"role": "user", "content": f"What is {index} plus {index}?"}])
+                    done += 1
+                except openai.APIError:
+                    pass
 
-        started, cpu = time.perf_counter(), time.process_time()
+        started = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(items)))
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        wall = time.perf_counter() - started
         await client.close()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_mb": peak}))
+        print(json.dumps({"wall_s": wall, "done": done}))
 
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
 """)
 
-WRK_SCRIPT = ('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-              'wrk.body = \'{"model": "gpt-4o-mini", "messages": [{"role": "user", '
-              '"content": "What is 1 plus 1?"}]}\'\n')
+
+def child_usage(before: resource.struct_rusage) -> tuple[float, float]:
+    """CPU seconds of the children reaped since `before`, and the largest peak RSS (MB)."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, after.ru_maxrss / 1024
 
 
-def capacity(base: str, folder: Path) -> float | None:
-    if shutil.which("wrk") is None:
-        return None
-    script = folder / "post.lua"
-    script.write_text(WRK_SCRIPT)
-    out = subprocess.run(["wrk", "-t2", "-c64", "-d5s", "-s", str(script),
-                          base + "/v1/chat/completions"], capture_output=True, text=True).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return float(match.group(1)) if match else None
+def peak_of(pid: int) -> float:
+    """Peak RSS of a running child, from /proc (RUSAGE_CHILDREN keeps only the maximum)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_child(argv: list[str], cwd: Path | None = None) -> tuple[str, float, float]:
+    """Run a client to its end: its stdout, CPU seconds and peak RSS (MB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    peak = 0.0
+    while child.poll() is None:
+        peak = max(peak, peak_of(child.pid))
+        time.sleep(0.05)
+    out = child.stdout.read() if child.stdout else ""
+    if child.returncode not in (0, 1):
+        raise RuntimeError(f"{argv[:3]} exited {child.returncode}")
+    cpu, _ = child_usage(before)
+    return out, cpu, peak
 
 
 def bare_sdk(base: str, items: int, concurrency: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", BARE_SDK, base + "/v1", str(items),
-                          str(concurrency)], capture_output=True, text=True, check=True).stdout
+    out, cpu, peak = run_child([sys.executable, "-c", BARE_SDK, base + "/v1", str(items),
+                                str(concurrency), str(TRIES - 1)])
     result: dict[str, float] = json.loads(out)
-    result["per_s"] = items / result["wall_s"]
-    return result
+    return {**result, "per_s": items / result["wall_s"], "cpu_s": cpu, "peak_mb": peak}
 
 
 def seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def flow_run(base: str, items: int, concurrency: int, folder: Path) -> dict[str, float]:
+def write_flow_pipeline(folder: Path, base: str, items: int, concurrency: int) -> Path:
     with (folder / "rows.jsonl").open("w") as handle:
         for index in range(items):
             handle.write(json.dumps({"id": index, "q": f"What is {index} plus {index}?"}) + "\n")
@@ -92,43 +123,78 @@ def flow_run(base: str, items: int, concurrency: int, folder: Path) -> dict[str,
                        "messages": [{"role": "user", "content": "{{ q }}"}],
                        "concurrency": concurrency},
               "post": ["strip"]}
-    (folder / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flow", "run", str(folder / "pipeline.yaml")],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    process_wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with sqlite3.connect(folder / "flow.db") as db:
-        first, last, done = db.execute(
-            "SELECT MIN(started_at), MAX(finished_at), COUNT(*) FROM responses").fetchone()
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def flow_run(pipeline: Path, items: int) -> dict[str, float]:
+    for old in pipeline.parent.glob("flow.db*"):
+        old.unlink()
+    _, cpu, peak = run_child([sys.executable, "-m", "flow", "run", str(pipeline)])
+    with sqlite3.connect(pipeline.parent / "flow.db") as db:
+        first, last = db.execute(
+            "SELECT MIN(started_at), MAX(finished_at) FROM responses").fetchone()
+        done = db.execute("SELECT COUNT(*) FROM outputs WHERE status = 'done'").fetchone()[0]
     wall = seconds(last) - seconds(first)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": wall, "process_wall_s": process_wall, "cpu_s": cpu, "done": done,
-            "per_s": done / wall, "peak_mb": after.ru_maxrss / 1024}
+    return {"wall_s": wall, "done": done, "per_s": items / wall, "cpu_s": cpu, "peak_mb": peak}
+
+
+def compare(items: int, pairs: int, concurrency: int, faults: bool) -> dict[str, Any]:
+    """Run the pairs; every figure of every pair, and the medians."""
+    runs: list[dict[str, dict[str, float]]] = []
+    with simulator_process(*(FAULTS if faults else [])) as base, \
+            tempfile.TemporaryDirectory() as tmp:
+        pipeline = write_flow_pipeline(Path(tmp), base, items, concurrency)
+        for pair in range(pairs):
+            order = ("bare", "flow") if pair % 2 == 0 else ("flow", "bare")
+            result: dict[str, dict[str, float]] = {}
+            for name in order:
+                result[name] = (bare_sdk(base, items, concurrency) if name == "bare"
+                                else flow_run(pipeline, items))
+            runs.append(result)
+            print(f"  pair {pair + 1}: bare {result['bare']['per_s']:,.0f}/s, flow "
+                  f"{result['flow']['per_s']:,.0f}/s, flow/bare "
+                  f"{result['flow']['per_s'] / result['bare']['per_s']:.2f}", file=sys.stderr,
+                  flush=True)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(run[name][key] for run in runs)
+
+    summary: dict[str, Any] = {"items": items, "pairs": pairs, "faults": faults, "runs": runs}
+    for name in ("bare", "flow"):
+        summary[name] = {"per_s": median(name, "per_s"),
+                         "cpu_ms": 1000 * median(name, "cpu_s") / items,
+                         "peak_mb": median(name, "peak_mb"),
+                         "done_min": min(run[name]["done"] for run in runs)}
+    summary["ratio"] = statistics.median(run["flow"]["per_s"] / run["bare"]["per_s"]
+                                         for run in runs)
+    return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=30_000)
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--faults", action="store_true",
+                        help="the simulator answers 5%% of requests 500 and drops 1%%")
+    parser.add_argument("--json", action="store_true", help="the summary as JSON")
     args = parser.parse_args()
-    with simulator_process() as base, tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        served = capacity(base, folder)
-        bare = bare_sdk(base, args.items, args.concurrency)
-        flow = flow_run(base, args.items, args.concurrency, folder)
-    print(f"server capacity (wrk, 64 connections): "
-          f"{'wrk not installed' if served is None else f'{served:,.0f} requests/s'}")
-    print(f"{'client':<28} {'requests/s':>11} {'CPU ms/request':>15} {'peak RSS MB':>12}")
-    for name, result in (("bare SDK (semaphore)", bare), ("flow, checkpointed", flow)):
-        cpu_ms = 1000 * result["cpu_s"] / args.items
-        print(f"{name:<28} {result['per_s']:>11,.0f} {cpu_ms:>15.3f} {result['peak_mb']:>12.0f}")
-    ratio = flow["per_s"] / bare["per_s"]
-    print(f"flow / bare SDK: {ratio:.1%} (target >= 90%: {'met' if ratio >= 0.9 else 'MISSED'}); "
-          f"flow's whole process, start-up and input reading included: "
-          f"{args.items / flow['process_wall_s']:,.0f} items/s")
+    summary = compare(args.items, args.pairs, args.concurrency, args.faults)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"{args.items:,} prompts, concurrency {args.concurrency}, {args.pairs} pairs"
+          f"{', 5% 500s and 1% dropped connections' if args.faults else ''}; medians:")
+    print(f"{'client':<22} {'requests/s':>11} {'CPU ms/request':>15} {'peak RSS MB':>12} "
+          f"{'done (least)':>13}")
+    for name, label in (("bare", "bare SDK (semaphore)"), ("flow", "flow, checkpointed")):
+        row = summary[name]
+        print(f"{label:<22} {row['per_s']:>11,.0f} {row['cpu_ms']:>15.3f} "
+              f"{row['peak_mb']:>12.0f} {row['done_min']:>13,}")
+    print(f"flow / bare SDK (median of the pairs' ratios): {summary['ratio']:.2f}")
     return 0
 
 

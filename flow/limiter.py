@@ -47,6 +47,8 @@ RATE_WINDOW_S = 10.0
 RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
 HOLD_MIN_S = 0.05  # `remaining: 0` holds everyone at least this long
 SECOND_MAX_S = 1.01  # a near miss lengthens the last second by its wait, up to this
+BINDS_SHARE = 0.25  # tokens sent at this share of a learned token pace: prompts counted exactly
+BINDS_CHECK_S = 0.25  # how often the share is looked at (a sum over the last few seconds)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -104,7 +106,11 @@ class RateLimiter:
         self._credit_spent_at = -1e9  # when a request last went on reported capacity
         self._soft = SoftPace()
         self._sent: deque[tuple[float, int]] = deque()  # (when, estimated tokens)
+        self._sent_tokens = 0  # their sum, kept as they come and go
         self._used_tokens: deque[tuple[float, int]] = deque()
+        self._used_sum = 0
+        self._tokens_bind = tpm is not None
+        self._binds_checked = -1e9
         self.rate_limited = 0
         self._started = self._clock()
         self._rebuild(self._started)
@@ -117,6 +123,20 @@ class RateLimiter:
             values.append(soft)
         return min(values) if values else None
 
+    def tokens_bind(self) -> bool:
+        """Whether the token budget is near enough that prompts are counted exactly: one
+        configured, or a learned one the run's tokens reached `BINDS_SHARE` of over the last
+        few seconds (for good, once so). Far below it, an estimate is as good: the tokenizer
+        is not loaded for a budget that never binds."""
+        if self._tokens_bind or self._paces["tokens"] is None:
+            return self._tokens_bind
+        now = self._clock()
+        if now >= self._binds_checked + BINDS_CHECK_S:
+            self._binds_checked = now
+            pace = self._paces["tokens"]
+            self._tokens_bind = self._recent_rates(now)[1] >= pace.per_s * BINDS_SHARE
+        return self._tokens_bind
+
     async def acquire(self, prompt_tokens: int) -> Reservation:
         """Wait until one request of `prompt_tokens` (and the completion `reserve` holds for
         it, reckoned when it goes) may go, and take its turn."""
@@ -124,6 +144,7 @@ class RateLimiter:
             self._sent_units["requests"] += 1
             self._sent_units["tokens"] += prompt_tokens
             self._sent.append((self._clock(), prompt_tokens))
+            self._sent_tokens += prompt_tokens
             return Reservation(prompt_tokens)
         await self._wait_for_probe()
         waited = self._lock.locked()  # behind others: its turn came while it queued
@@ -155,6 +176,7 @@ class RateLimiter:
         if used_tokens is None:
             return
         self._used_tokens.append((self._clock(), used_tokens))
+        self._used_sum += used_tokens
         self._sent_units["tokens"] += used_tokens - reservation.tokens
         pace = self._paces["tokens"]
         if pace is not None and reservation.tokens_counted is not None:
@@ -224,8 +246,8 @@ class RateLimiter:
         now = self._clock()
         rpm = self._recent_rates(now)[0] * 60
         while self._used_tokens and self._used_tokens[0][0] < now - RATE_WINDOW_S:
-            self._used_tokens.popleft()
-        tpm = sum(tokens for _, tokens in self._used_tokens) / self._span(now) * 60
+            self._used_sum -= self._used_tokens.popleft()[1]
+        tpm = self._used_sum / self._span(now) * 60
         return LimiterStats(rpm, tpm, self.limit("requests"), self.limit("tokens"),
                             max(0.0, self._pause.until - now), self.rate_limited)
 
@@ -278,6 +300,7 @@ class RateLimiter:
         if on_credit:
             self._credit_spent_at = now
         self._sent.append((now, tokens))
+        self._sent_tokens += tokens
         return reservation
 
     def _note_capacity(self, headers: Mapping[str, str], kind: str,
@@ -287,8 +310,10 @@ class RateLimiter:
         remaining = header_number(headers, f"x-ratelimit-remaining-{kind}")
         if remaining is None:
             return
-        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
         limit = self.limit(kind)
+        # the reset is read only when it is needed: most answers leave capacity
+        reset = None if remaining > 0 else parse_duration(
+            headers.get(f"x-ratelimit-reset-{kind}") or "")
         if remaining <= 0 and reset is not None and reset > 0:
             # a burst spent it, or someone else shares the key: wait until some is back. The
             # reset is when all of it is (a second, a minute); one request's worth may come
@@ -301,7 +326,9 @@ class RateLimiter:
         credit = self._credit[kind]
         if credit is not None and sent_through < credit.sent_through:
             return  # an older answer than the report in hand
-        if self._bursts_ok and remaining >= limit / 60 * CREDIT_MIN_S:
+        # capacity the server reports is its own limit's: a lower one configured binds
+        if (self._bursts_ok and limit == self._learned[kind]
+                and remaining >= limit / 60 * CREDIT_MIN_S):
             self._credit[kind] = Credit(remaining, sent_through)
         else:
             self._credit[kind] = None
@@ -330,9 +357,9 @@ class RateLimiter:
     def _recent_rates(self, now: float) -> tuple[float, float]:
         """Requests and estimated tokens sent a second, over the last few seconds."""
         while self._sent and self._sent[0][0] < now - RATE_WINDOW_S:
-            self._sent.popleft()
+            self._sent_tokens -= self._sent.popleft()[1]
         span = self._span(now)
-        return len(self._sent) / span, sum(tokens for _, tokens in self._sent) / span
+        return len(self._sent) / span, self._sent_tokens / span
 
     def _span(self, now: float) -> float:
         return min(RATE_WINDOW_S, max(now - self._started, 1e-9))

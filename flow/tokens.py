@@ -3,6 +3,10 @@
 `toktok` ships OpenAI's BPE vocabularies compiled in (ids identical to tiktoken's), so
 counting needs no download. The limiter reserves `prompt + expected completion` tokens for
 each request and corrects the reservation when the response's `usage` arrives.
+
+A vocabulary costs 40-65 MB resident and tens of µs a request, and every real server names a
+token limit, mostly far above what a run sends: `PromptTokens` counts exactly only while the
+token budget binds, and otherwise estimates from characters at the ratio replies report.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import toktok
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REPLY = 3
 DEFAULT_EXPECTED_OUTPUT_TOKENS = 256
+CHARS_PER_TOKEN = 4.0  # before any reply: English in OpenAI's encodings runs about 4
+RATIO_MIN_CHARS = 2_000  # characters of replied prompts before their ratio is trusted
+RATIO_SPAN_CHARS = 1_000_000  # the ratio follows about the last this many characters
 LEGACY_PREFIXES = ("gpt-3.5", "gpt-4-", "gpt-4", "text-embedding-3", "text-embedding-ada")
 MODERN_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
 
@@ -42,6 +49,41 @@ def count_prompt_tokens(messages: list[dict[str, Any]], model: str) -> int:
     return content + TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
 
 
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of a chat request's message contents: what an estimate scales."""
+    return sum(len(str(message.get("content") or "")) for message in messages)
+
+
+class PromptTokens:
+    """Prompt tokens of requests before they are sent: exact (the model's tokenizer) when
+    asked, else the characters at the tokens per character that replies' `usage` shows."""
+
+    def __init__(self) -> None:
+        self._chars = 0.0
+        self._tokens = 0.0
+
+    def count(self, messages: list[dict[str, Any]], model: str, exact: bool) -> tuple[int, int]:
+        """The request's prompt tokens, and its characters (for `note`)."""
+        chars = prompt_chars(messages)
+        if exact:
+            return count_prompt_tokens(messages, model), chars
+        per_char = (self._tokens / self._chars if self._chars >= RATIO_MIN_CHARS
+                    else 1 / CHARS_PER_TOKEN)
+        overhead = TOKENS_PER_MESSAGE * len(messages) + TOKENS_PER_REPLY
+        return int(chars * per_char + 0.5) + overhead, chars
+
+    def note(self, chars: int, messages: int, prompt_tokens: int) -> None:
+        """A reply's `usage.prompt_tokens` for a prompt of `chars` in `messages` messages."""
+        tokens = prompt_tokens - TOKENS_PER_MESSAGE * messages - TOKENS_PER_REPLY
+        if chars <= 0 or tokens <= 0:
+            return
+        self._chars += chars
+        self._tokens += tokens
+        if self._chars > RATIO_SPAN_CHARS:  # older replies count for less and less
+            self._chars /= 2
+            self._tokens /= 2
+
+
 def expected_output_tokens(params: dict[str, Any], configured: int | None) -> int:
     """Completion tokens to reserve: the configured guess, else the request's own cap."""
     if configured is not None:
@@ -66,12 +108,16 @@ class OutputReserve:
         self.cap = expected_output_tokens(params, configured)
         self._fixed = configured is not None
         self._seen: deque[int] = deque(maxlen=self.WINDOW)
+        self._tokens: int | None = None  # worked out again after each reply, when asked
 
     def tokens(self) -> int:
         if self._fixed or len(self._seen) < self.WINDOW // 5:
             return self.cap
-        return min(self.cap, sorted(self._seen)[len(self._seen) * 9 // 10])
+        if self._tokens is None:
+            self._tokens = min(self.cap, sorted(self._seen)[len(self._seen) * 9 // 10])
+        return self._tokens
 
     def note(self, completion_tokens: int) -> None:
         """A reply's `usage.completion_tokens`."""
         self._seen.append(max(0, completion_tokens))
+        self._tokens = None

@@ -310,3 +310,44 @@ async def test_a_near_miss_429_counts_the_second_longer_and_keeps_the_pace() -> 
         times.append(clock.now)
     assert min(b - a for a, b in zip(times, times[16:], strict=False)) >= 1.002 - 1e-9
     assert 159 / (times[-1] - times[0]) >= 16 / 1.002 * 0.99  # not cut below the limit
+
+
+async def test_a_lower_configured_limit_is_kept_whatever_capacity_the_server_reports() -> None:
+    clock = FakeClock()
+    lim = limiter(clock, rpm=120)
+    probe = await lim.acquire(1)
+    # the server's own limit is far higher, and nearly all of it is left: rpm 120 still binds
+    lim.observe({"x-ratelimit-limit-requests": "600000",
+                 "x-ratelimit-remaining-requests": "9999",
+                 "x-ratelimit-reset-requests": "1ms"}, reservation=probe)
+    await admit(lim, 10)
+    assert clock.now == pytest.approx(10 / (2 * HEADROOM), rel=0.05)
+
+
+async def test_a_learned_token_limit_far_above_the_pace_does_not_bind() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    probe = await lim.acquire(0)
+    lim.observe({"x-ratelimit-limit-tokens": "150000000"}, reservation=probe)
+    for _ in range(100):
+        await lim.acquire(30)
+        clock.now += 0.01
+    assert not lim.tokens_bind()
+
+
+async def test_a_learned_token_limit_binds_once_the_run_nears_it() -> None:
+    clock = FakeClock()
+    lim = limiter(clock)
+    probe = await lim.acquire(0)
+    lim.observe({"x-ratelimit-limit-tokens": "300000"}, reservation=probe)  # 5,000 a second
+    assert not lim.tokens_bind()
+    for _ in range(20):
+        await lim.acquire(300)
+    clock.now += 1
+    assert lim.tokens_bind()
+    clock.now += 60  # once it binds, prompts are counted exactly for the rest of the run
+    assert lim.tokens_bind()
+
+
+async def test_a_configured_token_limit_binds_from_the_start() -> None:
+    assert limiter(FakeClock(), tpm=1_000_000_000).tokens_bind()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from flow.config import PriceConfig
 from flow.prices import cost_usd, price_for
-from flow.tokens import count_prompt_tokens, encoding_for_model, expected_output_tokens
+from flow.tokens import (
+    PromptTokens,
+    count_prompt_tokens,
+    encoding_for_model,
+    expected_output_tokens,
+)
 
 
 def test_models_map_to_their_encodings() -> None:
@@ -35,3 +40,20 @@ def test_prices_use_the_table_or_the_override() -> None:
     assert cost_usd(override, 500_000, 500_000) == 1.5
     assert price_for("my-local-llama", None) is None
     assert cost_usd(None, 10, 10) is None
+
+
+def test_prompt_estimates_follow_what_replies_report() -> None:
+    prompts = PromptTokens()
+    messages = [{"role": "user", "content": "x" * 400}]
+    estimate, chars = prompts.count(messages, "gpt-4o-mini", exact=False)
+    assert chars == 400
+    assert estimate == 100 + 3 + 3  # four characters a token before any reply
+    for _ in range(10):  # the replies say: two characters a token
+        prompts.note(chars, 1, 200 + 3 + 3)
+    assert prompts.count(messages, "gpt-4o-mini", exact=False)[0] == 200 + 3 + 3
+
+
+def test_prompt_counts_are_exact_when_asked() -> None:
+    prompts = PromptTokens()
+    messages = [{"role": "user", "content": "hello world"}]
+    assert prompts.count(messages, "gpt-4o-mini", exact=True) == (2 + 3 + 3, 11)

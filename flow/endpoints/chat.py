@@ -35,6 +35,7 @@ from flow.keys import canonical_json
 from flow.records import Reply, Usage
 from flow.tokens import count_prompt_tokens
 
+PATH = "/chat/completions"  # where requests are posted, under the client's base URL
 NOT_KEPT = "flow_not_kept"
 RETRY_STATUS = frozenset({408, 409})
 # the openai SDK's exception names, stored as `error_class` so stores read the same as before

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
 import openai
@@ -26,6 +28,35 @@ def make_client(config: CallConfig, base_url: str | None, api_key: str | None) -
         if is_out_of_files(e):
             raise FatalCallError(f"cannot set up connections: {out_of_files_hint()}") from None
         raise
+
+
+SDK_ONLY = ("extra_body", "extra_query")  # params the SDK takes apart, never sent as named
+
+
+@asynccontextmanager
+async def post_raw(client: openai.AsyncOpenAI, path: str, request: Mapping[str, Any],
+                   request_json: str) -> AsyncIterator[httpx2.Response]:
+    """POST a request through the client and yield its response with the body unread.
+
+    The SDK's `create` checks and transforms every param, serializes the body again and
+    parses every reply into models; flow needs none of it: the request is sent as the JSON
+    it is keyed by, and the reply is read as bytes. Headers, auth, timeouts and errors are
+    the SDK's own (`APIStatusError` for a status >= 400, `APIConnectionError`).
+    """
+    if any(name in request for name in SDK_ONLY):
+        # a provider's own params (extra_body) go into the body as the SDK puts them there
+        body = {name: value for name, value in request.items() if name not in SDK_ONLY}
+        sending = client.post(path, body=body, cast_to=httpx2.Response, stream=True, options={
+            "extra_json": request.get("extra_body") or {},
+            "params": request.get("extra_query") or {}})
+    else:
+        sending = client.post(path, content=request_json.encode(), cast_to=httpx2.Response,
+                              stream=True)
+    response = await sending
+    try:
+        yield response
+    finally:
+        await response.aclose()
 
 
 def rate_headers(headers: httpx2.Headers) -> dict[str, str]:

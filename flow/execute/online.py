@@ -25,8 +25,8 @@ import openai
 
 from flow.config import CallConfig
 from flow.endpoints.chat import (
+    PATH,
     classify_status,
-    estimate_prompt_tokens,
     not_kept_body,
     parse_reply,
     read_usage,
@@ -35,11 +35,12 @@ from flow.endpoints.chat import (
 )
 from flow.errors import FatalCallError, ItemError, RateLimitedError, RetryableError
 from flow.execute import Deliver, ExecutorCounters
-from flow.execute.client import rate_headers, read_capped, retry_headers
+from flow.execute.client import post_raw, rate_headers, read_capped, retry_headers
 from flow.limiter import RateLimiter
 from flow.open_files import is_out_of_files, out_of_files_hint
 from flow.records import Attempt, Call, CallResult, Reply, Usage, utc_now
 from flow.redact import Redactor
+from flow.tokens import PromptTokens
 
 
 @dataclass(slots=True)
@@ -90,6 +91,7 @@ class OnlineExecutor:
         self._client = client
         self._limiter = limiter
         self._redact = Redactor(secrets)
+        self._prompts = PromptTokens()
         self.counters = ExecutorCounters()
         # built once: a decorator per call measured 8% of a run's CPU at 900 requests/s
         self._send = backoff.on_exception(
@@ -136,14 +138,16 @@ class OnlineExecutor:
         started_at = utc_now()
         started = time.monotonic()
         progress = _Progress()
-        estimate = 0
+        estimate = chars = 0
+        messages = call.request["messages"]
         if self._limiter.limit("tokens") is not None:
-            # the tokenizer (tens of MB, tens of µs a request) is loaded only for a token budget
-            estimate = estimate_prompt_tokens(call.request)
+            # the tokenizer (tens of MB, tens of µs a request) only while the budget binds
+            estimate, chars = self._prompts.count(messages, call.request["model"],
+                                                  self._limiter.tokens_bind())
         result = CallResult(call, started_at, started_at, 0.0, progress.log)
         task = asyncio.current_task()
         try:
-            outcome = await self._send(call.request, estimate, progress)
+            outcome = await self._send(call, estimate, progress)
         except _Unsent:
             result.unsent = True
         except asyncio.CancelledError:
@@ -173,6 +177,8 @@ class OnlineExecutor:
                 result.error = self._redact.text(str(outcome.error))
             else:
                 result.body, result.usage, result.reply = outcome
+                if chars and result.usage is not None:
+                    self._prompts.note(chars, len(messages), result.usage.prompt_tokens)
         if progress.retried_usage is not None:
             result.usage = progress.retried_usage.plus(result.usage)
         result.finished_at = utc_now()
@@ -214,7 +220,7 @@ class OnlineExecutor:
         if progress.log:
             progress.log[-1].wait_s = round(details["wait"], 3)
 
-    async def _attempt(self, request: dict[str, Any], estimate: int,
+    async def _attempt(self, call: Call, estimate: int,
                        progress: _Progress) -> tuple[str, Usage | None, Reply] | _Paid:
         if self._stop.is_set():
             raise _Unsent
@@ -243,9 +249,9 @@ class OnlineExecutor:
             # timeout_s bounds the whole request, not each read: a server sending a byte a
             # second is cut off; the body is read with a bound, never whole into memory
             async with asyncio.timeout(self._config.timeout_s):
-                async with self._client.chat.completions.with_streaming_response.create(
-                        **request) as raw:
-                    received = await read_capped(raw.iter_bytes(), self._config.max_response_bytes)
+                async with post_raw(self._client, PATH, call.request, call.request_json) as raw:
+                    received = await read_capped(raw.aiter_bytes(),
+                                                 self._config.max_response_bytes)
         except openai.APIStatusError as e:
             headers = rate_headers(e.response.headers)
             self._limiter.observe(headers, reservation=reservation)

@@ -7,6 +7,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+# the limits every answer reports unless told otherwise, as real servers always send theirs:
+# OpenAI's top tier for its small models (150M tokens a minute), and requests far above what
+# the simulator can serve (about 7,000 a second), so they never bind unless set lower
+DEFAULT_RPM = 600_000
+DEFAULT_TPM = 150_000_000
 BATCH_FAULT = re.compile(r"(expire|cancel):\d+|fail-validation(:\d+)?|token-limit|drop-create")
 
 
@@ -16,8 +21,8 @@ class SimulatorConfig:
 
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
-    rpm: int | None = None
-    tpm: int | None = None
+    rpm: int | None = DEFAULT_RPM  # None: no limit, and no headers for it
+    tpm: int | None = DEFAULT_TPM
     window: str = "bucket-1s"  # the limits' shape: flow.simulator.limits.SHAPES
     rate_headers: bool = True  # x-ratelimit-* and retry-after, as OpenAI sends them
     error_rate: float = 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flow.simulator.config import SimulatorConfig, check_batch_fault
+from flow.simulator.config import DEFAULT_RPM, DEFAULT_TPM, SimulatorConfig, check_batch_fault
 from flow.simulator.limits import ALIASES, SHAPES
 
 
@@ -21,8 +21,13 @@ def add_simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
               "filter-rate": "share withheld (finish_reason content_filter)"}
     for name, text in floats.items():
         group.add_argument(f"--{prefix}{name}", type=_non_negative_float, default=0.0, help=text)
-    group.add_argument(f"--{prefix}rpm", type=positive_int, help="requests per minute allowed")
-    group.add_argument(f"--{prefix}tpm", type=positive_int, help="tokens per minute allowed")
+    group.add_argument(f"--{prefix}rpm", type=positive_int, default=DEFAULT_RPM,
+                       help=f"requests per minute allowed (default {DEFAULT_RPM:,}, far above "
+                            "what the simulator can serve: its headers say so, as a real "
+                            "server's do)")
+    group.add_argument(f"--{prefix}tpm", type=positive_int, default=DEFAULT_TPM,
+                       help=f"tokens per minute allowed (default {DEFAULT_TPM:,}, OpenAI's top "
+                            "tier for its small models)")
     group.add_argument(f"--{prefix}window", choices=(*SHAPES, *ALIASES), default="bucket-1s",
                        help="the shape of the limits: a token bucket of 1 s or of 60 s (full at "
                             "the start), a sliding window of 1 s or 60 s, or fixed 60 s windows "
