@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write results in input order")
     export.add_argument("pipeline", type=Path)
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    export.add_argument("--format", choices=("jsonl", "csv"),
+    export.add_argument("--format", choices=("jsonl", "csv", "parquet"),
                         help="default: the one -o's suffix names, else jsonl")
     export.add_argument("--only", choices=("done", "failed", "pending", "skipped"),
                         help="only the items of this status (at the stage exported)")

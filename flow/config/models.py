@@ -30,7 +30,7 @@ class LoadConfig(_Strict):
 
     path: Path
     id: str | None = None
-    format: Literal["jsonl", "csv", "txt"] | None = None
+    format: Literal["jsonl", "csv", "txt", "parquet"] | None = None
     encoding: str = "utf-8"
     max_row_bytes: int = Field(default=1_000_000, gt=0)
     max_row_lines: int = Field(default=100, gt=0)  # a CSV record's, quoted line breaks
@@ -58,7 +58,8 @@ class LoadConfig(_Strict):
         if self.format:
             return self.format
         suffix = self.path.suffix.lower().lstrip(".")
-        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "txt": "txt"}.get(suffix, "")
+        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "txt": "txt",
+                "parquet": "parquet", "pq": "parquet"}.get(suffix, "")
 
 
 class MessageConfig(_Strict):

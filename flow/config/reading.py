@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from flow.arrow import require_pyarrow
 from flow.config.chain import check_chain, inherit_defaults
 from flow.config.models import PipelineConfig
 from flow.config.store_url import redact
@@ -98,8 +99,10 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
     if not config.load.resolved_format:
         raise ConfigError(
             f"{file}: load.path: cannot tell the format of '{config.load.path.name}'; "
-            "name it .jsonl, .csv or .txt, or set load.format"
+            "name it .jsonl, .csv, .txt or .parquet, or set load.format"
         )
+    if config.load.resolved_format == "parquet":
+        require_pyarrow(f"{file}: load.path {config.load.path.name} (Parquet)")
     return config
 
 

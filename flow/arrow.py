@@ -1,0 +1,20 @@
+"""pyarrow, the optional extra `flow[parquet]`: imported where Parquet is read or written."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from flow.errors import MissingExtraError
+
+EXTRA_HINT = "pip install 'flow[parquet]'"
+
+
+def require_pyarrow(what: str) -> tuple[ModuleType, ModuleType]:
+    """`pyarrow` and `pyarrow.parquet`, or a `MissingExtraError` naming `what` needs them."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise MissingExtraError(f"{what} needs pyarrow, an optional extra: "
+                                f"{EXTRA_HINT}") from None
+    return pyarrow, pyarrow.parquet
