@@ -137,6 +137,7 @@ class Run:
                 stage.attach(context)
                 online = OnlineExecutor(stage.config, client, limiters[stage.config.model],
                                         [api_key, *stage.config.secrets()], self._stop_feeding)
+                stage.send_reasks_with(online.call)
                 if stage.config.executor == "batch":
                     executors.append(self._batch_executor(stage, client, online, store,
                                                           store_tag))

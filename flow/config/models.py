@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from flow.config.store_url import StoreURL, parse_store
+from flow.schema import OutputSchema
 
 RESERVED_PARAMS = ("model", "messages", "stream", "n")
 BUILTIN_POST_STEPS = ("strip", "json", "lower")
@@ -134,6 +135,12 @@ class CallConfig(_Strict):
     # how calls are sent: now, `concurrency` at a time, or through the Batch API (half price)
     executor: Literal["online", "batch"] = "online"
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    # structured outputs: a JSON Schema inline, a .json file, or {python: module:Model};
+    # `schema` in the file (a pydantic model has a method of that name)
+    output_schema: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    schema_retries: int = Field(default=1, ge=0, le=10)  # re-asks quoting the mismatch
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     @field_validator("headers")
     @classmethod
@@ -182,10 +189,17 @@ class StageConfig(CallConfig):
     when: str | None = Field(default=None, min_length=1)
     post: PostSteps = Field(default_factory=list)
 
+    _checker: OutputSchema | None = PrivateAttr(default=None)
+
     @field_validator("post")
     @classmethod
     def _known_post_steps(cls, steps: PostSteps) -> PostSteps:
         return check_post_steps(steps)
+
+    @property
+    def checker(self) -> OutputSchema | None:
+        """The loaded `schema`, once the pipeline file has been read."""
+        return self._checker
 
 
 class PipelineConfig(_Strict):

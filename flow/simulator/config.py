@@ -27,6 +27,7 @@ class SimulatorConfig:
     malformed_rate: float = 0.0
     truncate_rate: float = 0.0
     filter_rate: float = 0.0
+    schema_break_rate: float = 0.0  # replies that break their json_schema (never a re-ask's)
     hang_s: float = 3600.0
     drip_s: float = 0.05
     outages: list[tuple[float, float]] = field(default_factory=list)
@@ -52,6 +53,7 @@ class SimulatorStats:
     batch_creates: Counter[str] = field(default_factory=Counter)  # by metadata shard or file
     batch_lines: int = 0
     files_uploaded: int = 0
+    schema_broken: int = 0  # replies made to break their json_schema
 
     @property
     def max_per_request(self) -> int:
@@ -64,7 +66,8 @@ class SimulatorStats:
                 "max_per_request": self.max_per_request, "by_model": dict(self.by_model),
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "tokens": self.tokens, "batch_creates": dict(self.batch_creates),
-                "batch_lines": self.batch_lines, "files_uploaded": self.files_uploaded}
+                "batch_lines": self.batch_lines, "files_uploaded": self.files_uploaded,
+                "schema_broken": self.schema_broken}
 
 
 def check_batch_fault(text: str) -> str:

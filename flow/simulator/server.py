@@ -52,6 +52,7 @@ from flow.simulator.completions import (
 from flow.simulator.config import SimulatorConfig, SimulatorStats
 from flow.simulator.files import Files, send_error
 from flow.simulator.limits import Limit, format_duration
+from flow.simulator.replies import breaks_schema
 from flow.tokens import count_prompt_tokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -133,7 +134,9 @@ class Simulator:
         if refused is not None:
             return self._send(refused)
         marker = read_marker(chat.text, self.stats.by_request[request_key])
-        draft = draft_reply(chat)
+        broken = breaks_schema(chat.body, chat.messages, self.config.schema_break_rate)
+        self.stats.schema_broken += broken
+        draft = draft_reply(chat, broken)
         if isinstance(draft, Reply):
             return self._send(draft)
         # limits are checked on arrival, as OpenAI does: a 429 comes back at once
