@@ -139,6 +139,7 @@ def _import_model(target: str, base_dir: Path, where: str) -> type[BaseModel]:
 
 def reask_messages(request: dict[str, Any], reply_text: str, error: str) -> dict[str, Any]:
     """The request again, with the invalid reply and what was wrong with it appended."""
-    messages = [*request["messages"], {"role": "assistant", "content": reply_text},
+    key = "input" if "input" in request else "messages"  # the Responses API's, or chat's
+    messages = [*request[key], {"role": "assistant", "content": reply_text},
                 {"role": "user", "content": REASK.format(error=error)}]
-    return {**request, "messages": messages}
+    return {**request, key: messages}

@@ -134,6 +134,8 @@ class CallConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     # how calls are sent: now, `concurrency` at a time, or through the Batch API (half price)
     executor: Literal["online", "batch"] = "online"
+    # the API a stage calls: chat completions, or the Responses API (`input`, `text.format`)
+    endpoint: Literal["chat", "responses"] = "chat"
     batch: BatchConfig = Field(default_factory=BatchConfig)
     # structured outputs: a JSON Schema inline, a .json file, or {python: module:Model};
     # `schema` in the file (a pydantic model has a method of that name)

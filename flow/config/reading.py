@@ -19,6 +19,7 @@ from flow.arrow import require_pyarrow
 from flow.config.chain import check_chain, inherit_defaults
 from flow.config.models import PipelineConfig
 from flow.config.store_url import redact
+from flow.endpoints.responses import structured_output
 from flow.errors import ConfigError
 from flow.schema import load_schema
 
@@ -109,16 +110,22 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
 
 
 def _load_schemas(config: PipelineConfig, file: Path, base: Path) -> None:
-    """Each stage's `schema` loaded and asked for as its `response_format`."""
+    """Each stage's `schema` loaded and asked for as its `response_format` (the Responses
+    API's `text.format`); an endpoint the batch executor cannot send refused."""
     for index, stage in enumerate(config.chain):
+        key = "call" if config.stages is None else f"stages[{index}]"
+        if stage.endpoint != "chat" and stage.executor == "batch":
+            raise ConfigError(f"{file}: {key}.executor: batch takes endpoint: chat for now; "
+                              f"set {key}.executor: online for endpoint: {stage.endpoint}")
         if stage.output_schema is None:
             continue
-        key = "call" if config.stages is None else f"stages[{index}]"
-        if "response_format" in stage.params:
-            raise ConfigError(f"{file}: {key}.params.response_format: {key}.schema sets it; "
+        param = "text" if stage.endpoint == "responses" else "response_format"
+        if param in stage.params:
+            raise ConfigError(f"{file}: {key}.params.{param}: {key}.schema sets it; "
                               "remove one of them")
         checker = load_schema(stage.output_schema, base, f"{file}: {key}.schema")
-        stage.params["response_format"] = checker.response_format()
+        stage.params[param] = (structured_output(checker.name, checker.schema, checker.strict)
+                               if stage.endpoint == "responses" else checker.response_format())
         stage._checker = checker
 
 
