@@ -84,7 +84,8 @@ def test_responses_cut_short_is_flagged_and_a_post_edit_calls_nothing(
     ({"endpoint": "responses", "params": {"max_tokens": 10}}, "names it max_output_tokens"),
     ({"endpoint": "responses", "params": {"max_output_tokns": 10}},
      "did you mean 'max_output_tokens'"),
-    ({"endpoint": "responses", "executor": "batch"}, "call.executor: batch takes endpoint: chat"),
+    ({"endpoint": "responses", "params": {"response_format": {"type": "json_object"}}},
+     "takes it as text: {format: ...}"),
     ({"endpoint": "completions"}, "call.endpoint"),
 ])
 def test_responses_config_errors_exit_2(make_pipeline: Any, simulator: SimulatorThread,

@@ -111,12 +111,9 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
 
 def _load_schemas(config: PipelineConfig, file: Path, base: Path) -> None:
     """Each stage's `schema` loaded and asked for as its `response_format` (the Responses
-    API's `text.format`); an endpoint the batch executor cannot send refused."""
+    API's `text.format`)."""
     for index, stage in enumerate(config.chain):
         key = "call" if config.stages is None else f"stages[{index}]"
-        if stage.endpoint != "chat" and stage.executor == "batch":
-            raise ConfigError(f"{file}: {key}.executor: batch takes endpoint: chat for now; "
-                              f"set {key}.executor: online for endpoint: {stage.endpoint}")
         if stage.output_schema is None:
             continue
         param = "text" if stage.endpoint == "responses" else "response_format"

@@ -48,15 +48,19 @@ def endpoint_named(name: str) -> Endpoint:
     return ENDPOINTS[name]
 
 
+def endpoint_of(value: Any) -> Endpoint:
+    """The endpoint a parsed reply came from, by its `object`."""
+    return ENDPOINTS["responses" if responses.is_response(value) else "chat"]
+
+
 def read_stored_reply(body: str) -> tuple[Reply | None, str | None, str | None]:
     """A stored reply of any endpoint read again: its usable text, or why not."""
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):
         value = None
-    parse = responses.parse_reply if responses.is_response(value) else chat.parse_reply
     try:
-        reply, _ = parse(body)
+        reply, _ = endpoint_of(value).parse_reply(body)
     except ResponseError as e:
         return None, e.error_class, str(e)
     except RetryableError as e:

@@ -143,9 +143,10 @@ def finish_reply(request: ChatRequest, draft: Draft, fault: str | None, *, creat
     return Reply(200, json.dumps(payload), tokens=tokens)
 
 
-def answer(request: ChatRequest, fault: str | None, *, created: int) -> Reply:
+def answer(request: ChatRequest, fault: str | None, *, created: int,
+           broken: bool = False) -> Reply:
     """The whole answer to a request, with no limits or latency: what a batch line gets."""
-    draft = draft_reply(request)
+    draft = draft_reply(request, broken)
     if isinstance(draft, Reply):
         return draft
     return finish_reply(request, draft, fault, created=created)
