@@ -47,14 +47,16 @@ class _Field:
 def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt: str | None = None,
                    only: str | None = None, fields: list[str] | None = None,
                    with_input: bool = True, id_field: str | None = None,
-                   stages: Sequence[str] = (STAGE,), stage: str | None = None) -> int:
+                   stages: Sequence[str] = (STAGE,), stage: str | None = None,
+                   flatten: bool = False) -> int:
     """Write one record per item in input order; to `out` atomically, else to `stream`.
 
     The format is `fmt`, or the one `out`'s suffix names (JSONL otherwise). Each record has
     the item's id, its input fields (`fields` only, when given; none without `with_input`),
     then status, output, error class and error of `stage` (the last stage by default). An
     input field named like one of those (or like `id`, when it is not the id field) comes
-    out as `input.<name>`; a stage's output named in `fields` comes out under that name.
+    out as `input.<name>`; a stage's output named in `fields` comes out under that name;
+    `flatten` adds `<stage>.output.<key>` for each key of the stage's output objects.
     """
     fmt = _export_format(fmt, out)
     if only not in (None, *EXPORT_STATUSES):
@@ -63,6 +65,8 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
     with open_read_only(path) as db:
         if fields is None:
             fields = _input_fields(db, stages[0]) if with_input else []
+        if flatten:
+            fields = [*fields, *(f"{chosen}.{OUTPUT}.{key}" for key in _output_keys(db, chosen))]
         # the `id` column holds the id field already; no column twice
         picked = [_field(f, stages) for f in dict.fromkeys(fields) if f != id_field]
         keyed = len(stages) > 1 or any(f.stage is not None for f in picked)
@@ -163,6 +167,17 @@ def _input_fields(db: Database, stage: str) -> list[str]:
         if isinstance(value, dict):
             names.update(dict.fromkeys(map(str, value)))
     return list(names)
+
+
+def _output_keys(db: Database, stage: str) -> list[str]:
+    """The keys of a stage's output objects, in the order the first done ones give them."""
+    names: dict[str, None] = {}
+    for (text,) in db.execute("SELECT output FROM outputs WHERE stage = ? AND status = 'done' "
+                              "LIMIT 1000", (stage,)):
+        value = json_or_text(text)
+        if isinstance(value, dict):
+            names.update(dict.fromkeys(map(str, value)))
+    return [name for name in names if name and "." not in name and '"' not in name]
 
 
 def _column(field: str) -> str:

@@ -149,3 +149,21 @@ def test_first_mismatch_follows_refs_and_closed_objects() -> None:
     assert first_mismatch({"tags": []}, schema) == "$.tags: fewer than 1 items"
     assert first_mismatch({"tags": [{"name": "a", "x": 1}]}, schema) == \
         "$.tags[0]: unexpected property 'x'"
+
+
+def test_export_flatten_gives_each_field_of_the_object_a_column(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    import pyarrow.parquet as pq
+    pipeline = make_pipeline(base_url=simulator.url, post=[], call={"schema": GRADE_SCHEMA})
+    assert pipeline.run() == 0
+    out = pipeline.folder / "graded.parquet"
+    assert pipeline.cli("export", "-o", str(out), "--no-input", "--flatten") == 0
+    table = pq.read_table(out)
+    assert {"call.output.grade", "call.output.label"} <= set(table.column_names)
+    assert str(table.schema.field("call.output.grade").type) == "int64"
+    rows = table.to_pylist()
+    assert all(r["call.output.grade"] == json.loads(r["output"])["grade"] for r in rows)
+    capsys.readouterr()
+    assert pipeline.cli("export", "--flatten", "--no-input") == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first["call.output.label"] in ("good", "bad")

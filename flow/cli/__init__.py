@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--stage", metavar="NAME",
                         help="export this stage's results (default: the last stage's)")
     export.add_argument("--no-input", action="store_true", help="leave the input fields out")
+    export.add_argument("--flatten", action="store_true",
+                        help="a column for each key of the stage's output objects")
     export.set_defaults(handler=export_command)
 
     failures = commands.add_parser("failures", help="failed items and why")
