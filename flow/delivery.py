@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from flow.inbox import Inbox
 from flow.load import Row
 from flow.plan import Planned, Planner
-from flow.records import CallResult, ItemRecord, Known, OutputRecord
+from flow.reask import Reasker
+from flow.records import CallResult, ItemRecord, Known, OutputRecord, Settled
 from flow.settle import Outcomes
 from flow.store.shards import Waiting
 
@@ -38,6 +39,7 @@ class Delivery:
         self.next_inbox: Inbox[Planned] | None = None
         self._run: RunContext | None = None
         self._planner: Planner | None = None
+        self.reasker: Reasker | None = None  # a stage with a schema, online
 
     def attach(self, run: RunContext, planner: Planner) -> None:
         """Start delivering in a run whose store is open."""
@@ -60,10 +62,18 @@ class Delivery:
             await self.deliver_stored(result)
             return
         taken = len(waiting)
+        invalid: list[CallResult] = []
+        if self.reasker is not None:
+            exchange = await self.reasker.exchange(result)
+            result, invalid = exchange.final, exchange.invalid
         response = self._outcomes.response(result)
         settled = self._outcomes.for_result(result, waiting, response, result.attempts)
         settled.outputs[0].bought = response is not None
         await run.store.save(settled)
+        for earlier in invalid:  # paid for and kept, each under its own request
+            await run.store.save(Settled(self._name, run.origin, earlier.call.key,
+                                         earlier.finished_at, self._outcomes.response(earlier),
+                                         earlier.attempts, []))
         if self.next_inbox is None:
             run.progress.completed += taken
         run.stop_if_tripped()

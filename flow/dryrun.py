@@ -108,7 +108,7 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
             RequestBuilder(call, f"{config.file}: ", config.step_timeout_s, key),
             None if call.when is None else Condition(call.when, f"{key}.when"),
             PostProcessor(call.post, config.file.parent, config.step_timeout_s,
-                          call.on_truncated).fingerprint,
+                          call.on_truncated, call.checker).fingerprint,
             expected_output_tokens(call.params, call.expected_output_tokens)))
     report = DryRunReport(origin=endpoint_origin(keys.base_url, options.simulate,
                                                  f"{config.file}: ", keys.endpoint_id),

@@ -16,6 +16,7 @@
         +-- RequestError        the server refused the request (400, 403, 404, 422, ...)
         +-- ResponseError       the reply is unusable (cut short, filtered, refused)
         +-- PostError           a post step could not turn the reply into output
+            +-- SchemaError     the reply does not match `call.schema`, after its re-asks
 
 Retryable or not is the branch an error sits on: `backoff` retries `RetryableError` and gives
 up on everything else. Errors of a call carry `error_class`, the name stored in the store;
@@ -107,3 +108,7 @@ class ResponseError(ItemError):
 
 class PostError(ItemError):
     """A post step failed on the reply."""
+
+
+class SchemaError(PostError):
+    """The reply is not JSON that matches the stage's `schema` (after every re-ask)."""

@@ -1,4 +1,4 @@
-"""Write a store's results, one record per item in input order, as JSONL or CSV.
+"""Write a store's results, one record per item in input order, as JSONL, CSV or Parquet.
 
 Records are built by SQLite itself from the `results` view, so a million rows need no per-row
 work in Python. A chain exports one stage (its last, unless asked for another) over the items
@@ -20,10 +20,11 @@ from typing import IO, Any
 
 from flow.config.store_url import StoreURL
 from flow.errors import ConfigError
+from flow.export_parquet import JSONColumn, write_parquet
 from flow.records import STAGE
 from flow.report import Database, json_or_text, open_read_only, sql_text, stage_named
 
-EXPORT_FORMATS = ("jsonl", "csv")
+EXPORT_FORMATS = ("jsonl", "csv", "parquet")
 EXPORT_COLUMNS = ("id", "status", "output", "truncated", "error_class", "error")
 EXPORT_STATUSES = ("done", "failed", "pending", "skipped")
 OUTPUT = "output"  # `<stage>.output[.<key>...]` in --fields names a stage's output
@@ -46,14 +47,16 @@ class _Field:
 def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt: str | None = None,
                    only: str | None = None, fields: list[str] | None = None,
                    with_input: bool = True, id_field: str | None = None,
-                   stages: Sequence[str] = (STAGE,), stage: str | None = None) -> int:
+                   stages: Sequence[str] = (STAGE,), stage: str | None = None,
+                   flatten: bool = False) -> int:
     """Write one record per item in input order; to `out` atomically, else to `stream`.
 
     The format is `fmt`, or the one `out`'s suffix names (JSONL otherwise). Each record has
     the item's id, its input fields (`fields` only, when given; none without `with_input`),
     then status, output, error class and error of `stage` (the last stage by default). An
     input field named like one of those (or like `id`, when it is not the id field) comes
-    out as `input.<name>`; a stage's output named in `fields` comes out under that name.
+    out as `input.<name>`; a stage's output named in `fields` comes out under that name;
+    `flatten` adds `<stage>.output.<key>` for each key of the stage's output objects.
     """
     fmt = _export_format(fmt, out)
     if only not in (None, *EXPORT_STATUSES):
@@ -62,9 +65,13 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
     with open_read_only(path) as db:
         if fields is None:
             fields = _input_fields(db, stages[0]) if with_input else []
+        if flatten:
+            fields = [*fields, *(f"{chosen}.{OUTPUT}.{key}" for key in _output_keys(db, chosen))]
         # the `id` column holds the id field already; no column twice
         picked = [_field(f, stages) for f in dict.fromkeys(fields) if f != id_field]
         keyed = len(stages) > 1 or any(f.stage is not None for f in picked)
+        if fmt == "parquet":
+            return _write_parquet(db, path, out, picked, only, stages[0], chosen)
         if isinstance(path, StoreURL):
             if keyed:
                 raise ConfigError("--fields: a stage's output as a column is read from a "
@@ -99,6 +106,29 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
         return count
 
 
+def _write_parquet(db: Database, path: Path | StoreURL, out: Path | None, picked: list[_Field],
+                   only: str | None, first: str, chosen: str) -> int:
+    """Parquet: to a file only, from a SQLite store for now."""
+    if out is None:
+        raise ConfigError("--format parquet: Parquet is written to a file; name it with -o")
+    if out.is_dir():
+        raise ConfigError(f"-o {out}: is a folder; name the file to write")
+    if isinstance(path, StoreURL):
+        raise ConfigError("-o *.parquet: Parquet is exported from a SQLite store only, for now; "
+                          "export JSONL or CSV")
+    columns = [
+        JSONColumn(f.column, "first.input", _input_path(f.name), first, True) if f.stage is None
+        else JSONColumn(f.column, "results.output", f.path, chosen, False) if f.stage == chosen
+        else JSONColumn(f.column, "(SELECT output FROM results AS earlier WHERE earlier.stage = "
+                        f"{sql_text(f.stage)} AND earlier.item_id = first.item_id)", f.path,
+                        f.stage, False)
+        for f in picked]
+    try:
+        return write_parquet(db, out, columns, first, chosen, only)
+    except OSError as e:
+        raise ConfigError(f"-o {out}: cannot write there: {e.strerror or e}") from None
+
+
 def _field(name: str, stages: Sequence[str]) -> _Field:
     """`answer.output` or `answer.output.a.b` names a stage's output; anything else, input."""
     parts = name.split(".")
@@ -116,7 +146,7 @@ def _key(name: str) -> str:
 
 def _export_format(fmt: str | None, out: Path | None) -> str:
     """The format asked for, or the one the output file's suffix names."""
-    named = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(
+    named = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(
         out.suffix.lower() if out is not None else "")
     if fmt is None:
         return named or "jsonl"
@@ -137,6 +167,17 @@ def _input_fields(db: Database, stage: str) -> list[str]:
         if isinstance(value, dict):
             names.update(dict.fromkeys(map(str, value)))
     return list(names)
+
+
+def _output_keys(db: Database, stage: str) -> list[str]:
+    """The keys of a stage's output objects, in the order the first done ones give them."""
+    names: dict[str, None] = {}
+    for (text,) in db.execute("SELECT output FROM outputs WHERE stage = ? AND status = 'done' "
+                              "LIMIT 1000", (stage,)):
+        value = json_or_text(text)
+        if isinstance(value, dict):
+            names.update(dict.fromkeys(map(str, value)))
+    return [name for name in names if name and "." not in name and '"' not in name]
 
 
 def _column(field: str) -> str:

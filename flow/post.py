@@ -18,9 +18,10 @@ from typing import Any
 
 from flow.bounded import OutOfTime, Stopped, bounded
 from flow.endpoints.chat import CUT_SHORT
-from flow.errors import ConfigError, PostError
+from flow.errors import ConfigError, PostError, SchemaError
 from flow.keys import canonical_json, content_key
 from flow.records import OutputRecord, Reply
+from flow.schema import OutputSchema
 
 Step = Callable[[Any], Any]
 
@@ -29,8 +30,10 @@ class PostProcessor:
     """The configured post steps, compiled once and applied to each response text."""
 
     def __init__(self, steps: list[str | dict[str, str]], base_dir: Path,
-                 timeout_s: float = 10, on_truncated: str = "keep") -> None:
+                 timeout_s: float = 10, on_truncated: str = "keep",
+                 schema: OutputSchema | None = None) -> None:
         self._timeout_s = timeout_s
+        self.schema = schema
         self._keep_truncated = on_truncated == "keep"
         self._steps: list[tuple[str, Step]] = [
             _compile(step, index, base_dir) for index, step in enumerate(steps)
@@ -39,7 +42,8 @@ class PostProcessor:
         # an edit of a `python:` step's module (its source is part of the fingerprint)
         code = [_source_key(step) for name, step in self._steps if name.startswith("python ")]
         extra = ({"on_truncated": on_truncated} if on_truncated != "keep" else {}) | \
-            ({"code": code} if code else {})
+            ({"code": code} if code else {}) | \
+            ({"schema": schema.fingerprint} if schema is not None else {})
         self.fingerprint = content_key({"steps": steps, **extra} if extra else steps)
 
     def output_for(self, item_id: str, request_key: str, reply: Reply | None,
@@ -73,9 +77,28 @@ class PostProcessor:
             output.error = output.error.encode("utf-8", "replace").decode("utf-8")
         return output
 
+    def mismatch(self, text: str) -> str | None:
+        """How the reply breaks the stage's schema, in words; None when it matches (or the
+        stage has none)."""
+        if self.schema is None:
+            return None
+        try:
+            value = _parse_json(text)
+        except PostError as e:
+            return f"the reply is {e}"
+        return self.schema.check(value)
+
     def apply(self, text: str) -> Any:
-        """The output for one response text; raises `PostError` naming the failed step."""
+        """The output for one response text; raises `PostError` naming the failed step
+        (`SchemaError` when the reply does not match the stage's schema)."""
         value: Any = text
+        if self.schema is not None:
+            try:
+                value = _parse_json(text)
+            except PostError as e:
+                raise SchemaError(f"the reply is {e}") from None
+            if (mismatch := self.schema.check(value)) is not None:
+                raise SchemaError(f"the reply does not match the schema: {mismatch}")
         for name, step in self._steps:
             try:
                 value = step(value)

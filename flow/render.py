@@ -17,7 +17,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from flow.bounded import OutOfTime, Stopped, bounded
 from flow.config import CallConfig
-from flow.endpoints.chat import check_params
+from flow.endpoints.wire import endpoint_named
 from flow.errors import ConfigError, TemplateError
 from flow.keys import canonical_json
 
@@ -36,8 +36,10 @@ class RequestBuilder:
         self._timeout_s = timeout_s
         env = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False,
                                    keep_trailing_newline=True)
+        endpoint = endpoint_named(call.endpoint)
+        self._list_key = endpoint.list_key  # `messages`, or `input` for the Responses API
         try:
-            check_params(call.params)
+            endpoint.check_params(call.params)
         except ConfigError as e:
             raise ConfigError(f"{where}{e}") from None
         self._model = call.model
@@ -89,13 +91,13 @@ class RequestBuilder:
             messages.append({"role": role, "content": content})
             pieces.append(f'{{"content":{json.dumps(content, ensure_ascii=False)},'
                           f'"role":{self._roles[index]}}}')
-        request = {"model": self._model, "messages": messages, **self._params}
+        request = {"model": self._model, self._list_key: messages, **self._params}
         return request, f"{self._head}[{','.join(pieces)}]{self._tail}"
 
     def _fragments(self) -> tuple[str, str]:
         """Canonical JSON of the request around its `messages` value."""
         marker = "\u0000messages\u0000"
-        whole = canonical_json({"model": self._model, "messages": marker, **self._params})
+        whole = canonical_json({"model": self._model, self._list_key: marker, **self._params})
         head, _, tail = whole.partition(json.dumps(marker, ensure_ascii=False))
         return head, tail
 

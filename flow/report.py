@@ -286,14 +286,21 @@ def _show_stage(db: Database, stage: str, item_id: str,
                             "error_class": error_class, "error": error}
     if chained:
         item["stopped_at"] = stopped_at
+    # the reply its output was made from: one to its request, or to a re-ask of it
     reply = db.execute(
         "SELECT id, model, request, body, prompt_tokens, completion_tokens, cost_usd, "
-        "attempts, latency_ms, started_at, finished_at, run_id FROM responses "
-        "WHERE request_key=? AND origin=? AND (id=? OR ? IS NULL) ORDER BY id DESC LIMIT 1",
-        (key, origin, response_id, response_id)).fetchone()
+        "attempts, latency_ms, started_at, finished_at, run_id, request_key FROM responses "
+        "WHERE origin=? AND (id=? OR (? IS NULL AND request_key=?)) ORDER BY id DESC LIMIT 1",
+        (origin, response_id, response_id, key)).fetchone()
     if reply is not None:
         (reply_id, model, request, body, prompt, completion, cost, attempts, latency,
-         started, finished, run_id) = reply
+         started, finished, run_id, reply_key) = reply
+        if reply_key != key:  # a re-ask's reply: the replies that broke the schema first
+            item["replies_before_reask"] = [
+                {"response_id": i, "response": json_or_text(b), "cost_usd": c}
+                for i, b, c in db.execute("SELECT id, body, cost_usd FROM responses WHERE "
+                                          "request_key=? AND origin=? ORDER BY id",
+                                          (key, origin))]
         item.update(model=model, request=json_or_text(request), response=json_or_text(body),
                     response_id=reply_id, tokens={"prompt": prompt, "completion": completion},
                     cost_usd=cost, paid_by_this_item=bool(paid) or cost in (None, 0),

@@ -29,6 +29,7 @@ from flow.endpoints import endpoint_origin, same_origin
 from flow.errors import ConfigError, FatalCallError
 from flow.execute import Deliver, Executor
 from flow.execute.batch import BatchExecutor, BatchRun
+from flow.execute.batch_shard import URLS
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
 from flow.limiter import RateLimiter
@@ -137,6 +138,7 @@ class Run:
                 stage.attach(context)
                 online = OnlineExecutor(stage.config, client, limiters[stage.config.model],
                                         [api_key, *stage.config.secrets()], self._stop_feeding)
+                stage.send_reasks_with(online.call)
                 if stage.config.executor == "batch":
                     executors.append(self._batch_executor(stage, client, online, store,
                                                           store_tag))
@@ -205,7 +207,7 @@ class Run:
             return len(request_json) // 4 + reserve.cap  # no tokenizer: about 4 chars a token
 
         run = BatchRun(store.shards, stage.name, self._origin, store_tag, store.run_id,
-                       self._may_spend, worst_cost, worst_tokens)
+                       self._may_spend, worst_cost, worst_tokens, URLS[stage.config.endpoint])
         return BatchExecutor(stage.config, client, run, self._stop_feeding,
                              self.options.detach, finish_online)
 

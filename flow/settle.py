@@ -8,7 +8,7 @@ run's progress and shown to the breaker. The result is a `Settled`: one unit the
 from __future__ import annotations
 
 from flow.budget import Breaker
-from flow.endpoints.chat import read_stored_reply
+from flow.endpoints.wire import read_stored_reply
 from flow.plan import Planned
 from flow.post import PostProcessor
 from flow.prices import Price, batch_price, priced_reply

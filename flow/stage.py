@@ -38,6 +38,7 @@ from flow.plan import (
 from flow.post import PostProcessor
 from flow.prices import Price, estimate_call_usd, price_for
 from flow.progress import RunProgress
+from flow.reask import Reasker, Send
 from flow.records import Call, ItemRecord
 from flow.render import Condition, RequestBuilder
 from flow.settle import Outcomes
@@ -79,7 +80,7 @@ class Stage:
         self.when = (None if self.config.when is None else
                      Condition(self.config.when, f"{key}.when", config.step_timeout_s))
         self.post = PostProcessor(self.config.post, config.file.parent, config.step_timeout_s,
-                                  self.config.on_truncated)
+                                  self.config.on_truncated, self.config.checker)
         self.price: Price | None = price_for(self.config.model, self.config.price)
         self.reserve = OutputReserve(self.config.params, self.config.expected_output_tokens)
         self.outcomes = Outcomes(self.post, self.price, "", progress, breaker, self.name,
@@ -107,6 +108,12 @@ class Stage:
         self.delivery.attach(run, self._planner)
         if self.next is not None:
             self.delivery.next_inbox = self.next.inbox
+
+    def send_reasks_with(self, send: Send) -> None:
+        """Re-ask replies that break the stage's schema through `send` (the online
+        executor's one call); a batch stage has no re-asks: its invalid replies fail."""
+        if self.post.schema is not None and self.config.schema_retries and not self.in_store:
+            self.delivery.reasker = Reasker(self.post, self.config.schema_retries, send)
 
     async def calls(self) -> AsyncIterator[Call]:
         """The distinct calls this stage needs, batch after batch.

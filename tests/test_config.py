@@ -107,7 +107,7 @@ def test_not_a_mapping(tmp_path: Path) -> None:
 
 
 def test_unknown_input_format(tmp_path: Path) -> None:
-    message = config_error(VALID.replace("rows.jsonl", "rows.parquet"), tmp_path)
+    message = config_error(VALID.replace("rows.jsonl", "rows.xlsx"), tmp_path)
     assert "load.path" in message and "load.format" in message
 
 

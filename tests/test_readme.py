@@ -117,7 +117,7 @@ def test_the_readme_shows_every_pipeline_key_and_command() -> None:
 
     text = README.read_text("utf-8")
     keys = [key for model in (PipelineConfig, LoadConfig, CallConfig, RetryConfig, StageConfig)
-            for key in model.model_fields]
+            for name, field in model.model_fields.items() for key in [field.alias or name]]
     assert [key for key in keys if f"{key}:" not in text] == []
     assert [command for command in COMMANDS if f"flow {command} " not in text] == []
     options = ("--simulate", "--limit", "--retry-failed", "--error-class", "--recall",

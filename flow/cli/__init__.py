@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write results in input order")
     export.add_argument("pipeline", type=Path)
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    export.add_argument("--format", choices=("jsonl", "csv"),
+    export.add_argument("--format", choices=("jsonl", "csv", "parquet"),
                         help="default: the one -o's suffix names, else jsonl")
     export.add_argument("--only", choices=("done", "failed", "pending", "skipped"),
                         help="only the items of this status (at the stage exported)")
@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--stage", metavar="NAME",
                         help="export this stage's results (default: the last stage's)")
     export.add_argument("--no-input", action="store_true", help="leave the input fields out")
+    export.add_argument("--flatten", action="store_true",
+                        help="a column for each key of the stage's output objects")
     export.set_defaults(handler=export_command)
 
     failures = commands.add_parser("failures", help="failed items and why")

@@ -141,7 +141,8 @@ def export_command(args: argparse.Namespace, err: Console) -> int:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields else None
     count = export_results(config.store, args.output, sys.stdout, args.format, args.only, fields,
                            with_input=not args.no_input, id_field=config.load.id,
-                           stages=_stage_names(config), stage=args.stage)
+                           stages=_stage_names(config), stage=args.stage,
+                           flatten=args.flatten)
     if args.output is not None:
         err.print(f"wrote {count:,} items to {args.output}", markup=False)
     return EXIT_OK

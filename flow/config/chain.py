@@ -42,7 +42,7 @@ def inherit_defaults(raw: dict[str, Any], file: Path) -> dict[str, Any]:
     if not isinstance(defaults, dict):
         raise ConfigError(f"{file}: defaults: expected a mapping of call keys, got "
                           f"{type(defaults).__name__}")
-    known = sorted(CallConfig.model_fields)
+    known = sorted(field.alias or name for name, field in CallConfig.model_fields.items())
     for key in defaults:
         if key not in known:
             raise ConfigError(f"{file}: defaults.{key}: unknown key; expected one of: "

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from flow.config.store_url import StoreURL, parse_store
+from flow.schema import OutputSchema
 
 RESERVED_PARAMS = ("model", "messages", "stream", "n")
 BUILTIN_POST_STEPS = ("strip", "json", "lower")
@@ -30,7 +31,7 @@ class LoadConfig(_Strict):
 
     path: Path
     id: str | None = None
-    format: Literal["jsonl", "csv", "txt"] | None = None
+    format: Literal["jsonl", "csv", "txt", "parquet"] | None = None
     encoding: str = "utf-8"
     max_row_bytes: int = Field(default=1_000_000, gt=0)
     max_row_lines: int = Field(default=100, gt=0)  # a CSV record's, quoted line breaks
@@ -58,7 +59,8 @@ class LoadConfig(_Strict):
         if self.format:
             return self.format
         suffix = self.path.suffix.lower().lstrip(".")
-        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "txt": "txt"}.get(suffix, "")
+        return {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "txt": "txt",
+                "parquet": "parquet", "pq": "parquet"}.get(suffix, "")
 
 
 class MessageConfig(_Strict):
@@ -132,7 +134,15 @@ class CallConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     # how calls are sent: now, `concurrency` at a time, or through the Batch API (half price)
     executor: Literal["online", "batch"] = "online"
+    # the API a stage calls: chat completions, or the Responses API (`input`, `text.format`)
+    endpoint: Literal["chat", "responses"] = "chat"
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    # structured outputs: a JSON Schema inline, a .json file, or {python: module:Model};
+    # `schema` in the file (a pydantic model has a method of that name)
+    output_schema: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    schema_retries: int = Field(default=1, ge=0, le=10)  # re-asks quoting the mismatch
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     @field_validator("headers")
     @classmethod
@@ -181,10 +191,17 @@ class StageConfig(CallConfig):
     when: str | None = Field(default=None, min_length=1)
     post: PostSteps = Field(default_factory=list)
 
+    _checker: OutputSchema | None = PrivateAttr(default=None)
+
     @field_validator("post")
     @classmethod
     def _known_post_steps(cls, steps: PostSteps) -> PostSteps:
         return check_post_steps(steps)
+
+    @property
+    def checker(self) -> OutputSchema | None:
+        """The loaded `schema`, once the pipeline file has been read."""
+        return self._checker
 
 
 class PipelineConfig(_Strict):

@@ -15,10 +15,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from flow.arrow import require_pyarrow
 from flow.config.chain import check_chain, inherit_defaults
 from flow.config.models import PipelineConfig
 from flow.config.store_url import redact
+from flow.endpoints.responses import structured_output
 from flow.errors import ConfigError
+from flow.schema import load_schema
 
 ENV_PATTERN = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 MAX_VALUES = 100_000  # a pipeline file holds far fewer; aliases can make billions
@@ -98,9 +101,29 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
     if not config.load.resolved_format:
         raise ConfigError(
             f"{file}: load.path: cannot tell the format of '{config.load.path.name}'; "
-            "name it .jsonl, .csv or .txt, or set load.format"
+            "name it .jsonl, .csv, .txt or .parquet, or set load.format"
         )
+    if config.load.resolved_format == "parquet":
+        require_pyarrow(f"{file}: load.path {config.load.path.name} (Parquet)")
+    _load_schemas(config, file, base)
     return config
+
+
+def _load_schemas(config: PipelineConfig, file: Path, base: Path) -> None:
+    """Each stage's `schema` loaded and asked for as its `response_format` (the Responses
+    API's `text.format`)."""
+    for index, stage in enumerate(config.chain):
+        key = "call" if config.stages is None else f"stages[{index}]"
+        if stage.output_schema is None:
+            continue
+        param = "text" if stage.endpoint == "responses" else "response_format"
+        if param in stage.params:
+            raise ConfigError(f"{file}: {key}.params.{param}: {key}.schema sets it; "
+                              "remove one of them")
+        checker = load_schema(stage.output_schema, base, f"{file}: {key}.schema")
+        stage.params[param] = (structured_output(checker.name, checker.schema, checker.strict)
+                               if stage.endpoint == "responses" else checker.response_format())
+        stage._checker = checker
 
 
 def _substitute_env(value: Any, file: Path, where: tuple[str | int, ...]) -> Any:
@@ -206,11 +229,12 @@ def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        fields = getattr(model, "model_fields", {})
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
         annotation = getattr(field, "annotation", None)
         inner = getattr(annotation, "__args__", None)
         model = inner[0] if inner else annotation
         while getattr(model, "__origin__", None) is list:  # `stages`: a list of models
             model = model.__args__[0]
     fields = getattr(model, "model_fields", {})
-    return sorted(fields)
+    return sorted(field.alias or name for name, field in fields.items())

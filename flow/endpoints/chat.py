@@ -221,7 +221,7 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 
 def estimate_prompt_tokens(request: Mapping[str, Any]) -> int:
     """Prompt tokens of a request before it is sent, with the model's tokenizer."""
-    return count_prompt_tokens(request["messages"], request["model"])
+    return count_prompt_tokens(request.get("messages") or request["input"], request["model"])
 
 
 MAX_TOKENS = 2 ** 53  # larger counts are garbage: SQLite (and JSON readers) could not hold them

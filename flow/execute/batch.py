@@ -17,7 +17,7 @@ import openai
 
 from flow.config import StageConfig
 from flow.execute import BatchCounters, Deliver
-from flow.execute.batch_shard import URL, BatchRun, ShardDriver
+from flow.execute.batch_shard import BatchRun, ShardDriver
 from flow.records import Call, Shard
 
 __all__ = ["BatchExecutor", "BatchRun"]
@@ -143,7 +143,7 @@ class BatchExecutor:
     async def _add(self, lines: list[tuple[str, str]]) -> Shard:
         run = self._run
         worst = sum(run.worst_cost(request) for _, request in lines)
-        shard = await run.book.add(run.stage, run.origin, URL, worst, lines, run.run_id)
+        shard = await run.book.add(run.stage, run.origin, run.url, worst, lines, run.run_id)
         self._shard_ids.append(shard.id)
         self.counters.lines_total += shard.lines
         return shard

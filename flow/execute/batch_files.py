@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flow.endpoints.chat import classify_status, error_code, error_message, parse_reply, read_usage
+from flow.endpoints.chat import classify_status, error_code, error_message
+from flow.endpoints.wire import endpoint_of
 from flow.errors import ItemError, ResponseError, RetryableError
 from flow.records import Reply, Usage
 
@@ -68,9 +69,10 @@ def read_line(text: str) -> LineResult | None:
         result.error = f"in the batch: {fault}"
         return result
     result.body = json.dumps(body, ensure_ascii=False)
-    result.usage = read_usage(body)
+    endpoint = endpoint_of(body)  # chat's or the Responses API's reply
+    result.usage = endpoint.read_usage(body)
     try:
-        result.reply, _ = parse_reply(result.body)
+        result.reply, _ = endpoint.parse_reply(result.body)
     except (ItemError, RetryableError) as e:
         # paid and kept, but unusable: the item fails with why
         result.error_class = e.error_class if isinstance(e, ResponseError) else "ResponseError"

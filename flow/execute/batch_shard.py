@@ -39,6 +39,7 @@ from flow.execute.batch_files import (
 from flow.records import Call, CallResult, Shard, utc_now
 
 URL: Final = "/v1/chat/completions"
+URLS: Final = {"chat": URL, "responses": "/v1/responses"}  # by call.endpoint
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 LIST_PAGE = 100
 CREATE_TRIES = 3  # a create whose outcome is unknown, looked up and tried again at most
@@ -88,6 +89,7 @@ class BatchRun:
     may_spend: Callable[[float], bool]
     worst_cost: Callable[[str], float]  # of one request, at batch prices
     worst_tokens: Callable[[str], int]  # of one request: its prompt and `max_tokens`
+    url: str = URL  # the endpoint every line of its batches goes to
 
 
 class ShardDriver:
@@ -202,7 +204,8 @@ class ShardDriver:
         lines = await self._run.book.lines(shard.id)
         with tempfile.TemporaryFile("w+b") as handle:
             for key, request in lines:
-                handle.write(input_line(key, request, URL).encode("utf-8", "surrogatepass"))
+                handle.write(input_line(key, request, self._run.url).encode(
+                    "utf-8", "surrogatepass"))
                 handle.write(b"\n")
             handle.seek(0)
             name = f"flow-{self._run.store_tag}-{shard.id}.jsonl"
@@ -244,7 +247,7 @@ class ShardDriver:
             if found is None:
                 try:
                     found = await self._client.batches.create(
-                        input_file_id=shard.file_id or "", endpoint=URL,
+                        input_file_id=shard.file_id or "", endpoint=self._run.url,  # type: ignore[arg-type]
                         completion_window=self._config.completion_window,
                         metadata=self._metadata(shard))
                 except (openai.APIConnectionError, openai.APITimeoutError):

@@ -25,14 +25,11 @@ import openai
 
 from flow.config import CallConfig
 from flow.endpoints.chat import (
-    PATH,
     classify_status,
     not_kept_body,
-    parse_reply,
-    read_usage,
-    usage_of_body,
     usage_of_tail,
 )
+from flow.endpoints.wire import endpoint_named, usage_of_body
 from flow.errors import FatalCallError, ItemError, RateLimitedError, RetryableError
 from flow.execute import Deliver, ExecutorCounters
 from flow.execute.client import post_raw, rate_headers, read_capped, retry_headers
@@ -82,6 +79,7 @@ class OnlineExecutor:
     def __init__(self, config: CallConfig, client: openai.AsyncOpenAI, limiter: RateLimiter,
                  secrets: list[str], stop: asyncio.Event | None = None) -> None:
         self._config = config
+        self._endpoint = endpoint_named(config.endpoint)
         self._stop = stop or asyncio.Event()
         self.out_of_files: FatalCallError | None = None
         # workers waiting with nothing in flight (to retry, or for the limiter), and those
@@ -139,7 +137,7 @@ class OnlineExecutor:
         started = time.monotonic()
         progress = _Progress()
         estimate = chars = 0
-        messages = call.request["messages"]
+        messages = call.request.get("messages", call.request.get("input", []))
         if self._limiter.limit("tokens") is not None:
             # the tokenizer (tens of MB, tens of µs a request) only while the budget binds
             estimate, chars = self._prompts.count(messages, call.request["model"],
@@ -249,7 +247,7 @@ class OnlineExecutor:
             # timeout_s bounds the whole request, not each read: a server sending a byte a
             # second is cut off; the body is read with a bound, never whole into memory
             async with asyncio.timeout(self._config.timeout_s):
-                async with post_raw(self._client, PATH, call.request, call.request_json) as raw:
+                async with post_raw(self._client, self._endpoint.path, call.request, call.request_json) as raw:
                     received = await read_capped(raw.aiter_bytes(),
                                                  self._config.max_response_bytes)
         except openai.APIStatusError as e:
@@ -298,7 +296,7 @@ class OnlineExecutor:
             # a server that echoes the request's headers back never gets the key into the store
             body = self._redact.text(received.content.decode("utf-8", errors="replace"))
         try:
-            reply, value = parse_reply(body)
+            reply, value = self._endpoint.parse_reply(body)
         except RetryableError as e:
             usage = usage_of_body(body)
             self._limiter.settle(reservation, _total(usage))
@@ -311,7 +309,7 @@ class OnlineExecutor:
             self._limiter.settle(reservation, _total(usage))
             log(raw.status_code, "unusable", str(e))
             return _Paid(body, usage, e)
-        usage = read_usage(value)
+        usage = self._endpoint.read_usage(value)
         self._limiter.settle(reservation, _total(usage))
         if usage is not None:
             self._limiter.note_reply(usage.completion_tokens)

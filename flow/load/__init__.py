@@ -1,4 +1,4 @@
-"""The load stage: stream rows out of a JSONL, CSV or text file, one at a time.
+"""The load stage: stream rows out of a JSONL, CSV, text or Parquet file, one at a time.
 
 Nothing is read ahead: `read_rows` yields each row as it is parsed, so memory stays flat
 whatever the size of the input. A malformed row is yielded with its error instead of fields;
@@ -19,6 +19,7 @@ from flow.config import LoadConfig
 from flow.errors import RowError
 from flow.load.csv_rows import csv_rows
 from flow.load.lines import CHUNK_BYTES, Parsed, numbered_lines, open_input
+from flow.load.parquet_rows import count_parquet_rows, parquet_rows
 
 
 @dataclass(slots=True)
@@ -35,14 +36,20 @@ class Row:
 
 def read_rows(config: LoadConfig) -> Iterator[Row]:
     """Yield every row of the input file in order; malformed rows carry a `RowError`."""
+    if config.resolved_format == "parquet":
+        yield from _rows_of(parquet_rows(config), config)
+        return
     readers = {"jsonl": _jsonl_rows, "csv": csv_rows, "txt": _txt_rows}
     handle = open_input(config.path)
     with handle:
-        parsed = readers[config.resolved_format](handle, config)
-        for number, fields, error, text in _with_types(parsed, config):
-            row = _identify(number, fields, error, config.id, config.path)
-            row.text = text if row.fields is not None else None
-            yield row
+        yield from _rows_of(readers[config.resolved_format](handle, config), config)
+
+
+def _rows_of(parsed: Iterator[Parsed], config: LoadConfig) -> Iterator[Row]:
+    for number, fields, error, text in _with_types(parsed, config):
+        row = _identify(number, fields, error, config.id, config.path)
+        row.text = text if row.fields is not None else None
+        yield row
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f")
@@ -93,7 +100,10 @@ def _typed(fields: dict[str, Any], types: Mapping[str, str]) -> dict[str, Any]:
 
 
 def count_rows(config: LoadConfig) -> int:
-    """A fast count of the rows in the input: its lines (for CSV, less the header)."""
+    """A fast count of the rows in the input: its lines (for CSV, less the header), or
+    what a Parquet file's footer says."""
+    if config.resolved_format == "parquet":
+        return count_parquet_rows(config)
     lines = 0
     last = b"\n"
     with open_input(config.path) as handle:

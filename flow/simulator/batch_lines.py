@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from flow.simulator.completions import ChatRequest, Reply, read_request
+from flow.simulator.responses import as_chat_body
 from flow.tokens import count_prompt_tokens
 
-ENDPOINTS = ("/v1/chat/completions",)
+ENDPOINTS = ("/v1/chat/completions", "/v1/responses")
+RESPONSES = "/v1/responses"  # its lines are read as the chat requests they amount to
 MAX_METADATA = 16
 MAX_REQUESTS = 50_000
 MAX_ERRORS = 100  # validation errors listed per batch
@@ -84,7 +86,8 @@ def read_lines(data: bytes, endpoint: str) -> tuple[list[Line], list[dict[str, A
             item = None
         problem = _problem(item, endpoint, seen)
         if problem is None:
-            line = Line(number, item["custom_id"], item["body"], read_request(item["body"]))
+            body = as_chat_body(item["body"]) if endpoint == RESPONSES else item["body"]
+            line = Line(number, item["custom_id"], item["body"], read_request(body))
             seen.add(line.custom_id)
             model = model or (line.request.model if line.request else None)
             if line.request is not None and line.request.model != model:

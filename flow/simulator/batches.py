@@ -37,13 +37,14 @@ import asyncio
 import math
 import random
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
 
 from flow.keys import content_key
 from flow.simulator.batch_lines import (
+    RESPONSES,
     Line,
     invalid_params,
     jsonl,
@@ -62,6 +63,8 @@ from flow.simulator.completions import (
 )
 from flow.simulator.config import SimulatorConfig, SimulatorStats, check_batch_fault
 from flow.simulator.files import Files, page_of, send_error
+from flow.simulator.replies import breaks_schema
+from flow.simulator.responses import as_response_text
 
 WINDOW_S = 24 * 3600.0
 DEFAULT_TOKEN_LIMIT = 2_000_000  # what the `token-limit` fault quotes with no limit set
@@ -272,7 +275,10 @@ class Batches:
             index = len(batch.results)
             at = batch.created + span * (index + 1) / total
             line = batch.lines[batch.order[index]]
-            batch.results.append(result_line(line, self._answer_line(line, at)))
+            reply = self._answer_line(line, at)
+            if batch.endpoint == RESPONSES and reply.status == 200:
+                reply = replace(reply, text=as_response_text(reply.text))
+            batch.results.append(result_line(line, reply))
 
     def _answer_line(self, line: Line, at: float) -> Reply:
         """What `POST /v1/chat/completions` would answer the line's body, markers and all."""
@@ -287,7 +293,9 @@ class Batches:
         if fault in TRANSPORT_FAULTS or fault == "malformed":
             return error_reply(500, "server_error", None, "The server had an error while "
                                "processing your request. Sorry about that!")
-        reply = answer(chat, fault, created=self._clock.epoch(at))
+        broken = breaks_schema(chat.body, chat.messages, self._config.schema_break_rate)
+        self._stats.schema_broken += broken
+        reply = answer(chat, fault, created=self._clock.epoch(at), broken=broken)
         self._stats.tokens += reply.tokens
         return reply
 

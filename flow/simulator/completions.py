@@ -91,12 +91,13 @@ def read_marker(text: str, arrivals: int) -> str | None:
     return bare if bare else f"{kind}={value}"
 
 
-def draft_reply(request: ChatRequest) -> Draft | Reply:
-    """The reply and its token counts, or a 400 for a `json_schema` no value can be made for."""
+def draft_reply(request: ChatRequest, broken: bool = False) -> Draft | Reply:
+    """The reply and its token counts, or a 400 for a `json_schema` no value can be made for;
+    `broken`: a reply that breaks the schema."""
     prompt_tokens = count_prompt_tokens(request.messages, request.model)
     try:
         reply, completion_tokens, finish = compose_reply(request.body, request.messages,
-                                                         request.model)
+                                                         request.model, broken)
     except SchemaError as e:
         return error_reply(400, "invalid_request_error", "invalid_json_schema",
                            f"Invalid schema for response_format: {e}")
@@ -142,9 +143,10 @@ def finish_reply(request: ChatRequest, draft: Draft, fault: str | None, *, creat
     return Reply(200, json.dumps(payload), tokens=tokens)
 
 
-def answer(request: ChatRequest, fault: str | None, *, created: int) -> Reply:
+def answer(request: ChatRequest, fault: str | None, *, created: int,
+           broken: bool = False) -> Reply:
     """The whole answer to a request, with no limits or latency: what a batch line gets."""
-    draft = draft_reply(request)
+    draft = draft_reply(request, broken)
     if isinstance(draft, Reply):
         return draft
     return finish_reply(request, draft, fault, created=created)

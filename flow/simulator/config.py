@@ -32,6 +32,7 @@ class SimulatorConfig:
     malformed_rate: float = 0.0
     truncate_rate: float = 0.0
     filter_rate: float = 0.0
+    schema_break_rate: float = 0.0  # replies that break their json_schema (never a re-ask's)
     hang_s: float = 3600.0
     drip_s: float = 0.05
     outages: list[tuple[float, float]] = field(default_factory=list)
@@ -59,6 +60,7 @@ class SimulatorStats:
     files_uploaded: int = 0
     # the most requests admitted within one window of a sliding or fixed request limit
     window_peak: int = 0
+    schema_broken: int = 0  # replies made to break their json_schema
 
     @property
     def max_per_request(self) -> int:
@@ -72,7 +74,7 @@ class SimulatorStats:
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "tokens": self.tokens, "batch_creates": dict(self.batch_creates),
                 "batch_lines": self.batch_lines, "files_uploaded": self.files_uploaded,
-                "window_peak": self.window_peak}
+                "window_peak": self.window_peak, "schema_broken": self.schema_broken}
 
 
 def check_batch_fault(text: str) -> str:

@@ -24,7 +24,7 @@ import toktok
 
 from flow.keys import content_key
 from flow.simulator.prompts import KeyHint, PromptShape, read_prompt
-from flow.simulator.schemas import value_for_schema
+from flow.simulator.schemas import broken_value, value_for_schema
 from flow.simulator.values import integer_between, number_between, pick, words
 from flow.tokens import encoding_for_model
 
@@ -34,12 +34,13 @@ DEFAULT_NUMBERS = (0.0, 1.0)
 
 
 def compose_reply(body: Mapping[str, Any], messages: list[Any],
-                  model: str) -> tuple[str, int, str]:
-    """The reply to a chat completion request, its completion tokens and its finish reason.
+                  model: str, broken: bool = False) -> tuple[str, int, str]:
+    """The reply to a chat completion request, its completion tokens and its finish reason;
+    `broken`: one that breaks the request's `json_schema`.
 
     Raises `schemas.SchemaError` for a `json_schema` no value can be made for.
     """
-    drafts = draft_replies(body, messages)
+    drafts = draft_replies(body, messages, broken)
     encoding = encoding_for_model(model)
     cap = body.get("max_completion_tokens") or body.get("max_tokens")
     if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0:
@@ -51,7 +52,19 @@ def compose_reply(body: Mapping[str, Any], messages: list[Any],
     return cut, cap, "length"
 
 
-def draft_replies(body: Mapping[str, Any], messages: list[Any]) -> list[str]:
+def breaks_schema(body: Mapping[str, Any], messages: list[Any], rate: float) -> bool:
+    """Whether this request's reply is to break its `json_schema` (`--schema-break-rate`):
+    the same for the same messages, and never for a re-ask (a request that already holds
+    an assistant's reply), as a model told its mistake corrects it."""
+    if rate <= 0 or _schema_of(body.get("response_format")) is None:
+        return False
+    if any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
+        return False
+    return int(content_key(messages)[7:15], 16) / 16**8 < rate
+
+
+def draft_replies(body: Mapping[str, Any], messages: list[Any],
+                  broken: bool = False) -> list[str]:
     """The replies this request may get, fullest first, each in the shape it asks for."""
     seed = content_key(messages)[7:]
     contents = [_text_of(m.get("content")) for m in messages if isinstance(m, Mapping)]
@@ -60,7 +73,10 @@ def draft_replies(body: Mapping[str, Any], messages: list[Any]) -> list[str]:
     format_type = response_format.get("type") if isinstance(response_format, Mapping) else None
     schema = _schema_of(response_format)
     if schema is not None:
-        return [_dump(value_for_schema(schema, seed, brief), brief) for brief in (False, True)]
+        values = [value_for_schema(schema, seed, brief) for brief in (False, True)]
+        if broken:
+            values = [broken_value(value, schema) for value in values]
+        return [_dump(value, brief) for value, brief in zip(values, (False, True))]
     shape = read_prompt(text)
     if format_type in ("json_object", "json_schema") or "json" in text.lower():
         if shape.keys:

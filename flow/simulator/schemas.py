@@ -38,6 +38,15 @@ def value_for_schema(schema: Mapping[str, Any], seed: str, brief: bool = False) 
     return _Values(schema, seed, brief).value(schema, "$", 0)
 
 
+def broken_value(value: Any, schema: Mapping[str, Any]) -> Any:
+    """`value` made to break `schema` as a model's slip would: a required property left
+    out; else the object given as a list."""
+    required = schema.get("required")
+    if isinstance(value, dict) and isinstance(required, list) and required:
+        return {key: item for key, item in value.items() if key != required[0]}
+    return [value]
+
+
 class _Values:
     """Walks one schema, resolving `$ref`s against its root."""
 

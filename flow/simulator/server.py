@@ -34,6 +34,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -52,6 +53,8 @@ from flow.simulator.completions import (
 from flow.simulator.config import SimulatorConfig, SimulatorStats
 from flow.simulator.files import Files, send_error
 from flow.simulator.limits import Limit, format_duration
+from flow.simulator.replies import breaks_schema
+from flow.simulator.responses import as_chat_body, as_response_text
 from flow.tokens import count_prompt_tokens
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -81,6 +84,7 @@ class Simulator:
         app = web.Application(client_max_size=64 * 1024 * 1024,
                               middlewares=[self._check_key])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         self.files.add_routes(app.router)
         self.batches.add_routes(app.router)
@@ -115,13 +119,19 @@ class Simulator:
         self.batches.refresh()
         return web.json_response(self.stats.as_json())
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/responses`: answered as chat, in the Responses shape."""
+        return await self.chat_completions(request, responses=True)
+
+    async def chat_completions(self, request: web.Request,
+                               responses: bool = False) -> web.StreamResponse:
         """`POST /v1/chat/completions`."""
         self.stats.requests += 1
         self.stats.last_headers = {k.lower(): v for k, v in request.headers.items()}
         raw = await request.read()
         try:
-            chat = read_request(json.loads(raw))
+            body = json.loads(raw)
+            chat = read_request(as_chat_body(body) if responses else body)
         except ValueError:
             chat = None
         if chat is None:
@@ -133,7 +143,9 @@ class Simulator:
         if refused is not None:
             return self._send(refused)
         marker = read_marker(chat.text, self.stats.by_request[request_key])
-        draft = draft_reply(chat)
+        broken = breaks_schema(chat.body, chat.messages, self.config.schema_break_rate)
+        self.stats.schema_broken += broken
+        draft = draft_reply(chat, broken)
         if isinstance(draft, Reply):
             return self._send(draft)
         # limits are checked on arrival, as OpenAI does: a 429 comes back at once
@@ -168,6 +180,8 @@ class Simulator:
                              credentials=_credentials(request),
                              rate_headers=self.config.rate_headers)
         self.stats.tokens += reply.tokens
+        if responses and reply.status == 200:
+            reply = replace(reply, text=as_response_text(reply.text))
         if fault == "cut" and reply.status == 200:
             return await self._cut_short(request, reply.text)
         if fault == "drip" and reply.status == 200:

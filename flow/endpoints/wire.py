@@ -1,0 +1,82 @@
+"""The endpoint seam: which request shape, SDK resource and reply reader a stage uses.
+
+`call.endpoint` names one: `chat` (chat completions) or `responses` (the Responses API).
+Each has its own pure functions (`endpoints/chat.py`, `endpoints/responses.py`); a stored
+reply says which it is by its `object`, so re-posting it needs no config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from flow.endpoints import chat, responses
+from flow.errors import ResponseError, RetryableError
+from flow.records import Reply, Usage
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One endpoint's wire functions."""
+
+    name: str
+    list_key: str  # where the rendered messages go: `messages` or `input`
+    check_params: Callable[[Mapping[str, Any]], None]
+    parse_reply: Callable[[str], tuple[Reply, dict[str, Any]]]
+    read_usage: Callable[[Any], Usage | None]
+
+    @property
+    def path(self) -> str:
+        """Where its requests are posted, under the client's base URL."""
+        return "/responses" if self.name == "responses" else "/chat/completions"
+
+    def resource(self, client: openai.AsyncOpenAI) -> Any:
+        """The SDK's streaming-response `create` for this endpoint."""
+        if self.name == "responses":
+            return client.responses.with_streaming_response.create
+        return client.chat.completions.with_streaming_response.create
+
+
+ENDPOINTS = {
+    "chat": Endpoint("chat", "messages", chat.check_params, chat.parse_reply, chat.read_usage),
+    "responses": Endpoint("responses", "input", responses.check_params,
+                          responses.parse_reply, responses.read_usage),
+}
+
+
+def endpoint_named(name: str) -> Endpoint:
+    """The endpoint `call.endpoint` names."""
+    return ENDPOINTS[name]
+
+
+def endpoint_of(value: Any) -> Endpoint:
+    """The endpoint a parsed reply came from, by its `object`."""
+    return ENDPOINTS["responses" if responses.is_response(value) else "chat"]
+
+
+def read_stored_reply(body: str) -> tuple[Reply | None, str | None, str | None]:
+    """A stored reply of any endpoint read again: its usable text, or why not."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        value = None
+    try:
+        reply, _ = endpoint_of(value).parse_reply(body)
+    except ResponseError as e:
+        return None, e.error_class, str(e)
+    except RetryableError as e:
+        return None, "ResponseError", f"stored reply: {e}"
+    return reply, None, None
+
+
+def usage_of_body(body: str) -> Usage | None:
+    """The usage of a body of either endpoint not yet parsed."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return responses.read_usage(value) if responses.is_response(value) else chat.read_usage(value)

@@ -1,0 +1,59 @@
+"""Re-asking a reply that breaks the stage's schema, quoting what was wrong with it.
+
+A reply that does not match `call.schema` is paid for and kept, and the model is asked again:
+the same request with the reply and the mismatch appended (`schema.reask_messages`). Each
+re-ask is a request of its own, keyed by its content, sent through the same executor (its
+limiter, its retries). After `call.schema_retries` re-asks the last reply stands: the item
+fails with `SchemaError` naming the mismatch. The waiting items get their output from the
+reply that ends the exchange; their request stays the one their row renders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from flow.keys import canonical_json, key_of_json
+from flow.post import PostProcessor
+from flow.records import Call, CallResult
+from flow.schema import reask_messages
+
+Send = Callable[[Call], Awaitable[CallResult]]
+
+
+@dataclass
+class Exchange:
+    """The reply that stands, and the invalid replies before it (paid, to be kept)."""
+
+    final: CallResult
+    invalid: list[CallResult] = field(default_factory=list)
+
+
+class Reasker:
+    """Sends the re-asks one stage's schema allows."""
+
+    def __init__(self, post: PostProcessor, retries: int, send: Send) -> None:
+        self._post = post
+        self._retries = retries
+        self._send = send
+        self.reasks = 0  # sent in this run
+
+    async def exchange(self, result: CallResult) -> Exchange:
+        """Re-ask while the reply breaks the schema and re-asks are left."""
+        exchange = Exchange(result)
+        while len(exchange.invalid) < self._retries:
+            reply = exchange.final.reply
+            if reply is None or reply.truncated:
+                break  # no reply, or one cut short: not the model's mistake to correct
+            mismatch = self._post.mismatch(reply.text)
+            if mismatch is None:
+                break
+            request = reask_messages(exchange.final.call.request, reply.text, mismatch)
+            request_json = canonical_json(request)
+            again = await self._send(Call(key_of_json(request_json), request, request_json))
+            self.reasks += 1
+            if again.unsent:
+                break  # the run is stopping: the invalid reply stands
+            exchange.invalid.append(exchange.final)
+            exchange.final = again
+        return exchange
