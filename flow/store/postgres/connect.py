@@ -7,6 +7,8 @@ same moment migrate it once, and the others wait for it.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from flow.config.store_url import StoreURL
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     import psycopg
 
 CONNECT_TIMEOUT_S = 10
+RECONNECT_S = 120  # a worker waits this long for the store to come back
+RECONNECT_WAIT_S = 0.5
 # a session left in a transaction this long (its process paused or hung) is ended by the
 # server, so the rows it locked go to other workers
 IDLE_IN_TRANSACTION_S = 5
@@ -76,3 +80,16 @@ async def _migrate(db: psycopg.AsyncConnection[Any]) -> None:
             for sql in statements():
                 await db.execute(sql)
             await db.execute("INSERT INTO migrations VALUES (%s, now())", (name,))
+
+
+async def reconnect(url: StoreURL, error: Exception) -> psycopg.AsyncConnection[Any]:
+    """A new connection after `error` broke the last, tried for up to `RECONNECT_S` (a
+    server restarting); a `StoreError` naming `error` after that."""
+    deadline = time.monotonic() + RECONNECT_S
+    while True:
+        try:
+            return await connect(url, migrate=False)
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise store_error(url, "lost the connection to the store", error) from None
+            await asyncio.sleep(RECONNECT_WAIT_S)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import secrets
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +21,12 @@ from flow.config.store_url import StoreURL
 from flow.errors import StoreError, StoreLockedError
 from flow.records import STAGE, ItemRecord, Known, Settled, utc_now
 from flow.store.postgres import sql as q
-from flow.store.postgres.connect import connect
+from flow.store.postgres.connect import connect, reconnect
+from flow.store.postgres.group import write_group
 from flow.store.postgres.queue import WorkQueue
 from flow.store.postgres.schema import browse_sql
 from flow.store.shards import SQLiteShards
-from flow.store.sqlite_sql import FINISH_RUN_SQL, group_rows, reconcile_sql
+from flow.store.sqlite_sql import FINISH_RUN_SQL, reconcile_sql
 from flow.store.views import SAMPLE_ROWS, field_columns
 from flow.store.writer import GroupWriter
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
 CHUNK = 5000
 STALE_S = 60  # a run whose worker has not beaten its heart for this long has crashed
-RECONNECT_S = 120  # a worker waits this long for the store to come back
-RECONNECT_WAIT_S = 0.5
 
 
 class PostgresStore:
@@ -312,40 +310,13 @@ class PostgresStore:
             db = self._commits
             try:
                 async with db.transaction():
-                    await self._commit_group(db, group)
+                    await write_group(db, self.queue, group, self.run_id)
                 self.rejected += sum(1 for settled in group if settled.rejected)
                 return
             except psycopg.Error as e:
                 if not db.broken and not db.closed:
                     raise self._error("cannot write results", e) from None
-                self._commits = await self._reconnect(e)
-
-    async def _commit_group(self, db: psycopg.AsyncConnection[Any],
-                            group: list[Settled]) -> None:
-        accepted, landed = await self.queue.fence(db, group)
-        written = [s for s in group if s.lease is None or s.lease not in landed]
-        for settled in written:
-            if settled.lease is not None and settled.lease not in accepted:
-                settled.rejected = True
-                settled.outputs, settled.reassign = [], []
-        replies = sum(1 for s in written if s.response is not None)
-        cursor = await db.execute(q.NEXT_IDS, (replies,))
-        ids = iter([int(i) for (i,) in await cursor.fetchall()])
-        rows = group_rows(written, self.run_id, ids)
-        for sql, params in q.group_writes(rows):
-            await db.execute(sql, params)
-
-    async def _reconnect(self, error: Exception) -> psycopg.AsyncConnection[Any]:
-        """A new connection, tried for up to `RECONNECT_S`; the error that broke the last
-        one after that."""
-        deadline = time.monotonic() + RECONNECT_S
-        while True:
-            try:
-                return await connect(self.path, migrate=False)
-            except StoreError:
-                if time.monotonic() > deadline:
-                    raise self._error("lost the connection to the store", error) from None
-                await asyncio.sleep(RECONNECT_WAIT_S)
+                self._commits = await reconnect(self.path, e)
 
     async def _many(self, doing: str, writes: list[tuple[str, list[Any]]]) -> None:
         """Run each (statement, rows) with `executemany`, all in one transaction."""
@@ -379,7 +350,7 @@ class PostgresStore:
                         raise self._error("cannot write" if write else "cannot read",
                                           e) from None
                     # a worker's statements stand alone: taken again on a new connection
-                    self._db = await self._reconnect(e)
+                    self._db = await reconnect(self.path, e)
 
     def _error(self, doing: str, error: Exception) -> StoreError:
         return q.store_error(self.path, doing, error)
