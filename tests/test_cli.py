@@ -123,6 +123,13 @@ def test_console_script_and_module_agree() -> None:
     assert done.returncode == 0 and done.stdout.startswith("flow ")
 
 
+def test_read_commands_start_without_the_openai_sdk() -> None:
+    # status, export, show... start in a fraction of the time `run` needs to load the SDK
+    code = "import sys, flow.cli; print(sorted(m for m in sys.modules if m.startswith('openai')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_dry_run_counts_estimates_and_calls_nothing(make_pipeline: Any, simulator:
                                                     SimulatorThread, capsys: Any) -> None:
     pipeline = make_pipeline(base_url=simulator.url)

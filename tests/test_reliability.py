@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_twenty_kills_at_random_moments_lose_nothing_and_pay_nothing_twice() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "crash.py"), "--kills", "20",
-                           "--items", "3000", "--concurrency", "16"],
+                           "--items", "3000", "--concurrency", "16", "--latency-ms", "20",
+                           "--most-s", "0.6"],
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "exported 3000 once each" in done.stdout

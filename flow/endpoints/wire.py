@@ -1,8 +1,9 @@
-"""The endpoint seam: which request shape, SDK resource and reply reader a stage uses.
+"""The endpoint seam: which request shape, path and reply reader a stage uses.
 
 `call.endpoint` names one: `chat` (chat completions) or `responses` (the Responses API).
 Each has its own pure functions (`endpoints/chat.py`, `endpoints/responses.py`); a stored
-reply says which it is by its `object`, so re-posting it needs no config.
+reply says which it is by its `object`, so re-posting it needs no config. No SDK here: the
+read commands import this module and start without loading the openai package.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import openai
 
 from flow.endpoints import chat, responses
 from flow.errors import ResponseError, RetryableError
@@ -33,12 +32,6 @@ class Endpoint:
     def path(self) -> str:
         """Where its requests are posted, under the client's base URL."""
         return "/responses" if self.name == "responses" else "/chat/completions"
-
-    def resource(self, client: openai.AsyncOpenAI) -> Any:
-        """The SDK's streaming-response `create` for this endpoint."""
-        if self.name == "responses":
-            return client.responses.with_streaming_response.create
-        return client.chat.completions.with_streaming_response.create
 
 
 ENDPOINTS = {
