@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from flow.inbox import Inbox
 from flow.load import Row
 from flow.plan import Planned, Planner
-from flow.reask import Reasker
+from flow.reask import Exchange, Reasker, stored_result
 from flow.records import CallResult, ItemRecord, Known, OutputRecord, Settled
 from flow.settle import Outcomes
 from flow.store.shards import Waiting
@@ -62,18 +62,13 @@ class Delivery:
             await self.deliver_stored(result)
             return
         taken = len(waiting)
-        invalid: list[CallResult] = []
-        if self.reasker is not None:
-            exchange = await self.reasker.exchange(result)
-            result, invalid = exchange.final, exchange.invalid
-        response = self._outcomes.response(result)
-        settled = self._outcomes.for_result(result, waiting, response, result.attempts)
-        settled.outputs[0].bought = response is not None
-        await run.store.save(settled)
-        for earlier in invalid:  # paid for and kept, each under its own request
-            await run.store.save(Settled(self._name, run.origin, earlier.call.key,
-                                         earlier.finished_at, self._outcomes.response(earlier),
-                                         earlier.attempts, []))
+        exchange = Exchange(result) if self.reasker is None else await self.reasker.exchange(
+            result)
+        settled = await self._settle(exchange, waiting)
+        if settled is None:  # a re-ask was due and not sent: the items wait for the next run
+            async with self._plan_lock:
+                self._in_flight.pop(key, None)
+            return
         if self.next_inbox is None:
             run.progress.completed += taken
         run.stop_if_tripped()
@@ -82,12 +77,39 @@ class Delivery:
         outputs = settled.outputs
         if late:
             # items that came to wait while the result was being committed
-            more = self._outcomes.for_result(result, late, None, [])
+            more = self._outcomes.for_result(exchange.final, late, None, [])
             for output in more.outputs:
-                output.response_id = response.id if response is not None else None
+                output.response_id = outputs[0].response_id
             await run.store.save(more)
             outputs = outputs + more.outputs
         await self.pass_on(waiting[:taken] + late, outputs)
+
+    async def _settle(self, exchange: Exchange, waiting: list[Planned]) -> Settled | None:
+        """Commit an exchange: the replies that broke the schema first (kept, each under its
+        own request), then the outputs the reply that stands gives `waiting`; None, with
+        only the paid replies kept, when it stopped before its last re-ask."""
+        run, _ = self._context()
+        kept = exchange.invalid + ([exchange.final] if exchange.stopped else [])
+        for earlier in kept:
+            if earlier.stored_id is None:  # bought in this run
+                await run.store.save(Settled(self._name, run.origin, earlier.call.key,
+                                             earlier.finished_at,
+                                             self._outcomes.response(earlier),
+                                             earlier.attempts, []))
+        if exchange.stopped:
+            return None
+        result = exchange.final
+        if result.stored_id is None:
+            response = self._outcomes.response(result)
+            settled = self._outcomes.for_result(result, waiting, response, result.attempts)
+            settled.outputs[0].bought = response is not None
+        else:  # a re-ask the store answered before: read back, its payer chosen again
+            settled = self._outcomes.for_result(result, waiting, None, [])
+            for output in settled.outputs:
+                output.response_id = result.stored_id
+            settled.reassign = sorted({*settled.reassign, result.stored_id})
+        await run.store.save(settled)
+        return settled
 
     async def deliver_stored(self, result: CallResult, lease: int | None = None,
                              found: list[Waiting] | None = None) -> None:
@@ -125,13 +147,33 @@ class Delivery:
         await self.pass_on(items, settled.outputs, fresh=True)
 
     async def repost(self, items: list[Planned]) -> None:
-        """Make outputs from stored replies (post steps or the items changed): no call."""
+        """Make outputs from stored replies (post steps or the items changed): no call, unless
+        a stored reply now breaks the schema and its re-ask was never answered."""
         run, _ = self._context()
         bodies = await run.store.reply_bodies(p.known.reply_id for p in items
                                               if p.known.reply_id is not None)
+        if self.reasker is not None:
+            items = [p for p in items if not await self._reasked(p, bodies)]
+            if not items:
+                return
         settled = self._outcomes.from_stored(items, bodies)
         await run.store.save(settled)
         await self.pass_on(items, settled.outputs)
+
+    async def _reasked(self, planned: Planned, bodies: dict[int, str]) -> bool:
+        """Whether `planned`'s stored reply broke the schema and went through its re-asks
+        (read back from the store where it holds them), its output committed and passed on."""
+        assert self.reasker is not None and planned.call is not None
+        reply_id = planned.known.reply_id
+        assert reply_id is not None
+        exchange = await self.reasker.exchange(
+            stored_result(planned.call, reply_id, bodies.get(reply_id, "")))
+        if not exchange.invalid and not exchange.stopped:
+            return False  # the stored reply stands: made into an output with the others
+        settled = await self._settle(exchange, [planned])
+        if settled is not None:
+            await self.pass_on([planned], settled.outputs)
+        return True
 
     async def pass_on(self, items: list[Planned], outputs: list[OutputRecord],
                       fresh: bool = True) -> None:

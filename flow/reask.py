@@ -6,6 +6,10 @@ re-ask is a request of its own, keyed by its content, sent through the same exec
 limiter, its retries). After `call.schema_retries` re-asks the last reply stands: the item
 fails with `SchemaError` naming the mismatch. The waiting items get their output from the
 reply that ends the exchange; their request stays the one their row renders.
+
+A re-ask the store answered before (a run killed after it, a post step edited since) is read
+back, not bought again; one the budget or a stop does not let go out leaves the items pending,
+so the next run re-asks from the kept reply.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from flow.endpoints.wire import read_stored_reply
 from flow.keys import canonical_json, key_of_json
 from flow.post import PostProcessor
-from flow.records import Call, CallResult
+from flow.records import Call, CallResult, utc_now
 from flow.schema import reask_messages
 
 Send = Callable[[Call], Awaitable[CallResult]]
@@ -27,6 +32,7 @@ class Exchange:
 
     final: CallResult
     invalid: list[CallResult] = field(default_factory=list)
+    stopped: bool = False  # a re-ask was due but not sent: the items wait for the next run
 
 
 class Reasker:
@@ -53,7 +59,16 @@ class Reasker:
             again = await self._send(Call(key_of_json(request_json), request, request_json))
             self.reasks += 1
             if again.unsent:
-                break  # the run is stopping: the invalid reply stands
+                exchange.stopped = True  # the run is stopping, or the budget is spent
+                break
             exchange.invalid.append(exchange.final)
             exchange.final = again
         return exchange
+
+
+def stored_result(call: Call, response_id: int, body: str) -> CallResult:
+    """The result a reply the store holds gives `call`, with nothing sent or paid."""
+    reply, error_class, error = read_stored_reply(body)
+    now = utc_now()
+    return CallResult(call, now, now, 0.0, [], body, None, reply, error_class, error,
+                      stored_id=response_id)

@@ -112,6 +112,7 @@ class CallResult:
     error: str | None = None
     unsent: bool = False  # the run stopped before it was sent: its items stay pending
     batch_id: str | None = None  # it came through this Batch API batch (at batch prices)
+    stored_id: int | None = None  # a reply the store held already: read, not bought
 
 
 @dataclass(slots=True)

@@ -38,8 +38,8 @@ from flow.plan import (
 from flow.post import PostProcessor
 from flow.prices import Price, estimate_call_usd, price_for
 from flow.progress import RunProgress
-from flow.reask import Reasker, Send
-from flow.records import Call, ItemRecord
+from flow.reask import Reasker, Send, stored_result
+from flow.records import Call, CallResult, ItemRecord, utc_now
 from flow.render import Condition, RequestBuilder
 from flow.settle import Outcomes
 from flow.store import Store
@@ -97,6 +97,7 @@ class Stage:
         self.delivery = Delivery(self.name, self.outcomes, [s.name for s in chain],
                                  self._in_flight, self._plan_lock)
         self.deliver = self.delivery.deliver
+        self._send_reask: Send | None = None
         self._run: RunContext | None = None
         self._planner: Planner | None = None
 
@@ -113,7 +114,25 @@ class Stage:
         """Re-ask replies that break the stage's schema through `send` (the online
         executor's one call); a batch stage has no re-asks: its invalid replies fail."""
         if self.post.schema is not None and self.config.schema_retries and not self.in_store:
-            self.delivery.reasker = Reasker(self.post, self.config.schema_retries, send)
+            self._send_reask = send
+            self.delivery.reasker = Reasker(self.post, self.config.schema_retries, self._reask)
+
+    async def _reask(self, call: Call) -> CallResult:
+        """A re-ask's result: read back when the store holds a reply to it already, else sent
+        once the budget lets it go (unsent when it does not, or the run is stopping)."""
+        run, _ = self._context()
+        stored = await run.store.stored_replies(run.origin, [call.key])
+        if call.key in stored:
+            return stored_result(call, *stored[call.key])
+        if not await self._may_send([call], call):
+            now = utc_now()
+            return CallResult(call, now, now, 0.0, [], unsent=True)
+        try:
+            assert self._send_reask is not None
+            return await self._send_reask(call)
+        finally:
+            run.budget.settle()
+            run.settled.set()
 
     async def calls(self) -> AsyncIterator[Call]:
         """The distinct calls this stage needs, batch after batch.

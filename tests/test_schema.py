@@ -72,6 +72,48 @@ def test_broken_replies_are_reasked_and_every_item_ends_valid(
     assert simulator.stats.requests == 80 + broken
 
 
+def test_a_post_edit_keeps_the_reasked_replies_and_pays_nothing(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    simulator.config.schema_break_rate = 0.1
+    pipeline = _model_pipeline(make_pipeline, simulator, "grades_edit", 80,
+                               stop_after_failures=0)
+    assert pipeline.run() == 0
+    broken = simulator.stats.schema_broken
+    assert broken > 0
+    before = dict(pipeline.query("SELECT item_id, response_id FROM results"))
+    # a post step added after the schema fails every item; fixed, it makes every output again
+    # from the stored replies: for a re-asked item, the re-ask's, found by its request
+    tagging = pipeline.folder / "tagging.py"
+    tagging.write_text("def tag(value):\n    raise ValueError('not yet')\n")
+    pipeline.config["post"] = [{"python": "tagging:tag"}]
+    assert pipeline.run() == 1
+    tagging.write_text("def tag(value):\n    return {**value, 'tagged': True}\n")
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 80 + broken  # the re-asks' replies read back, not bought
+    outputs = pipeline.query("SELECT item_id, status, output, response_id FROM results")
+    assert all(status == "done" and json.loads(output)["tagged"] for _, status, output, _ in
+               outputs)
+    assert {item: reply for item, _, _, reply in outputs} == before  # the same replies
+
+
+def test_reasks_count_against_the_call_limit_and_wait_for_the_next_run(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    simulator.config.schema_break_rate = 0.1
+    pipeline = _model_pipeline(make_pipeline, simulator, "grades_limit", 80)
+    pipeline.run("--limit", "80")
+    broken = simulator.stats.schema_broken
+    assert broken > 0 and simulator.stats.requests == 80
+    # a broken reply whose re-ask the limit held back is kept, its item pending, not failed
+    assert pipeline.query("SELECT COUNT(*) FROM responses") == [(80,)]
+    assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'failed'") == [(0,)]
+    assert pipeline.run() == 0
+    # each first request bought once; the next run sent the re-asks and what the limit left
+    assert simulator.stats.requests == 80 + broken
+    assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'done'") == [(80,)]
+    assert pipeline.query("SELECT COUNT(*) - COUNT(DISTINCT request_key) FROM responses") == [
+        (0,)]
+
+
 def test_without_reasks_exactly_the_broken_replies_fail_with_schema_error(
         make_pipeline: Any, simulator: SimulatorThread) -> None:
     simulator.config.schema_break_rate = 0.1

@@ -48,6 +48,9 @@ class Store(PlanStore, Protocol):
 
     async def reply_bodies(self, response_ids: Iterable[int]) -> dict[int, str]: ...
 
+    async def stored_replies(self, origin: str,
+                             keys: Sequence[str]) -> dict[str, tuple[int, str]]: ...
+
     @property
     def shards(self) -> SQLiteShards: ...
 

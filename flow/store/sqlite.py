@@ -192,6 +192,17 @@ class SQLiteStore:
                 found[response_id] = body
         return found
 
+    async def stored_replies(self, origin: str, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """The latest stored reply to each of `keys` at `origin`: its id and body."""
+        found: dict[str, tuple[int, str]] = {}
+        for chunk in _chunks(sorted(set(keys)), CHUNK):
+            marks = ",".join("?" * len(chunk))
+            for key, response_id, body in await self._query(
+                    f"SELECT request_key, id, body FROM responses WHERE origin = ? AND "
+                    f"request_key IN ({marks}) ORDER BY id", (origin, *chunk)):
+                found[key] = (response_id, body)
+        return found
+
     async def save_items(self, stage: str, origin: str, items: Sequence[ItemRecord]) -> None:
         """Record where rows are and what they render to, before their calls are sent.
 

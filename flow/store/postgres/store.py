@@ -207,6 +207,16 @@ class PostgresStore:
                 found[int(response_id)] = body
         return found
 
+    async def stored_replies(self, origin: str, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """The latest stored reply to each of `keys` at `origin`: its id and body."""
+        found: dict[str, tuple[int, str]] = {}
+        for chunk in _chunks(sorted(set(keys)), CHUNK):
+            for key, response_id, body in await self._query(
+                    "SELECT request_key, id, body FROM responses WHERE origin = %s AND "
+                    "request_key = ANY(%s) ORDER BY id", (origin, list(chunk)), raw=True):
+                found[key] = (int(response_id), body)
+        return found
+
     async def save_items(self, stage: str, origin: str, items: Sequence[ItemRecord]) -> None:
         """Record where rows are and what they render to; replies whose paying item moved get
         a current payer in the same transaction."""
