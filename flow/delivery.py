@@ -39,7 +39,8 @@ class Delivery:
         self.next_inbox: Inbox[Planned] | None = None
         self._run: RunContext | None = None
         self._planner: Planner | None = None
-        self.reasker: Reasker | None = None  # a stage with a schema, online
+        self.reasker: Reasker | None = None  # a stage with a schema
+        self._reasking: set[asyncio.Task[None]] = set()  # a batch's lines being re-asked
 
     def attach(self, run: RunContext, planner: Planner) -> None:
         """Start delivering in a run whose store is open."""
@@ -132,6 +133,18 @@ class Delivery:
             planned.upstream = {stage: {"output": json.loads(output)} for stage, output
                                 in upstream.get(item_id, {}).items()}
             items.append(planned)
+        if lease is None and response is not None and self.reasker is not None and (
+                self.reasker.wants(result)):
+            # a batch's line that breaks the schema: kept at once (never bought twice), and
+            # re-asked online beside the collection; its items settle when that ends
+            await run.store.save(Settled(self._name, run.origin, key, result.finished_at,
+                                         response, result.attempts, []))
+            assert response.id is not None and result.body is not None
+            task = asyncio.create_task(self._reask_stored(
+                stored_result(result.call, response.id, result.body), items))
+            self._reasking.add(task)
+            task.add_done_callback(self._reasking.discard)
+            return
         settled = self._outcomes.for_result(result, items, response, result.attempts)
         if settled.outputs:
             settled.outputs[0].bought = response is not None
@@ -145,6 +158,22 @@ class Delivery:
             run.progress.completed += len(items)
         run.stop_if_tripped()
         await self.pass_on(items, settled.outputs, fresh=True)
+
+    async def _reask_stored(self, first: CallResult, items: list[Planned]) -> None:
+        assert self.reasker is not None
+        run, _ = self._context()
+        settled = await self._settle(await self.reasker.exchange(first), items)
+        if settled is None:
+            return  # not sent (a stop, the budget): the items wait for the next run
+        if self.next_inbox is None:
+            run.progress.completed += len(items)
+        run.stop_if_tripped()
+        await self.pass_on(items, settled.outputs, fresh=True)
+
+    async def drain(self) -> None:
+        """Wait for the re-asks of a batch's lines still out."""
+        while self._reasking:
+            await asyncio.gather(*self._reasking)
 
     async def repost(self, items: list[Planned]) -> None:
         """Make outputs from stored replies (post steps or the items changed): no call, unless

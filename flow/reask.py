@@ -44,6 +44,12 @@ class Reasker:
         self._send = send
         self.reasks = 0  # sent in this run
 
+    def wants(self, result: CallResult) -> bool:
+        """Whether `result`'s reply breaks the schema and may be re-asked."""
+        reply = result.reply
+        return (self._retries > 0 and reply is not None and not reply.truncated
+                and self._post.mismatch(reply.text) is not None)
+
     async def exchange(self, result: CallResult) -> Exchange:
         """Re-ask while the reply breaks the schema and re-asks are left."""
         exchange = Exchange(result)

@@ -244,6 +244,7 @@ class Run:
         async def feed(stage: Stage, executor: Executor) -> None:
             try:
                 await executor.execute(stage.calls(), stage.deliver)
+                await stage.delivery.drain()
             finally:
                 if stage.inbox is not None:
                     await stage.inbox.close()  # stopped early: the stage before never waits

@@ -112,8 +112,8 @@ class Stage:
 
     def send_reasks_with(self, send: Send) -> None:
         """Re-ask replies that break the stage's schema through `send` (the online
-        executor's one call); a batch stage has no re-asks: its invalid replies fail."""
-        if self.post.schema is not None and self.config.schema_retries and not self.in_store:
+        executor's one call), a batch stage's too: its lines' re-asks go out online."""
+        if self.post.schema is not None and self.config.schema_retries:
             self._send_reask = send
             self.delivery.reasker = Reasker(self.post, self.config.schema_retries, self._reask)
 
@@ -124,7 +124,7 @@ class Stage:
         stored = await run.store.stored_replies(run.origin, [call.key])
         if call.key in stored:
             return stored_result(call, *stored[call.key])
-        if not await self._may_send([call], call):
+        if not await self._may_send([call], call, online=True):
             now = utc_now()
             return CallResult(call, now, now, 0.0, [], unsent=True)
         try:
@@ -267,7 +267,7 @@ class Stage:
         self.outcomes.count_failed(len(failed))
         return calls, reposts, done, failed
 
-    async def _may_send(self, calls: list[Call], call: Call) -> bool:
+    async def _may_send(self, calls: list[Call], call: Call, online: bool = False) -> bool:
         """Count `call` as sent, or (stopping, over budget) drop it and the rest of `calls`.
 
         When the calls in flight are expected to bring spend to the cap, wait for them to
@@ -277,7 +277,8 @@ class Stage:
         budget, progress = run.budget, run.progress
         while not run.stop_feeding.is_set():
             # a batch's cost is checked against the cap before each create, at batch prices
-            estimate = 0.0 if budget.cap_usd is None or self.in_store else estimate_call_usd(
+            priced = budget.cap_usd is not None and (online or not self.in_store)
+            estimate = 0.0 if not priced else estimate_call_usd(
                 self.price, call.request_json, self.reserve.cap)
             verdict = budget.take(progress.cost_usd, estimate)
             if verdict is Verdict.GO:

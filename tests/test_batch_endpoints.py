@@ -45,13 +45,36 @@ def test_responses_through_batches_match_chat_online(make_pipeline: Any,
     assert online.export(capsys) == from_batches
 
 
-def test_a_batch_stage_with_a_schema_fails_broken_replies_without_reasks(
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}},
+          "required": ["label"]}
+
+
+def test_a_batch_stage_with_a_schema_reasks_broken_lines_online(
         make_pipeline: Any, batch_server: SimulatorThread) -> None:
     batch_server.config.schema_break_rate = 0.2
-    schema = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}},
-              "required": ["label"]}
     pipeline = make_pipeline(rows=questions(40), base_url=batch_server.url, post=[], call={
-        "schema": schema, "executor": "batch", "batch": {"max_requests_per_batch": 40, **FAST}})
+        "schema": SCHEMA, "executor": "batch", "batch": {"max_requests_per_batch": 40, **FAST}})
+    assert pipeline.run() == 0
+    broken = batch_server.stats.schema_broken
+    assert broken > 0
+    assert batch_server.stats.requests == broken  # each broken line re-asked once, online
+    outputs = [json.loads(o) for (o,) in pipeline.query(
+        "SELECT output FROM results WHERE status = 'done'")]
+    assert len(outputs) == 40 and all(o["label"] in ("pos", "neg") for o in outputs)
+    # the broken lines are kept (at batch prices), the re-asks beside them
+    assert pipeline.query("SELECT COUNT(*), COUNT(batch_id) FROM responses") == [
+        (40 + broken, 40)]
+    assert pipeline.run() == 0  # nothing left to ask
+    assert batch_server.stats.requests == broken
+    assert sum(batch_server.stats.batch_creates.values()) == 1
+
+
+def test_a_batch_stage_without_reasks_fails_exactly_the_broken_lines(
+        make_pipeline: Any, batch_server: SimulatorThread) -> None:
+    batch_server.config.schema_break_rate = 0.2
+    pipeline = make_pipeline(rows=questions(40), base_url=batch_server.url, post=[], call={
+        "schema": SCHEMA, "schema_retries": 0, "executor": "batch",
+        "batch": {"max_requests_per_batch": 40, **FAST}})
     assert pipeline.run() == 1
     failed = pipeline.query("SELECT error_class FROM results WHERE status = 'failed'")
     broken = batch_server.stats.schema_broken
