@@ -17,7 +17,8 @@ import openai
 
 from flow.config import StageConfig
 from flow.execute import BatchCounters, Deliver
-from flow.execute.batch_shard import BatchRun, ShardDriver
+from flow.execute.batch_run import BatchRun
+from flow.execute.batch_shard import ShardDriver
 from flow.records import Call, Shard
 
 __all__ = ["BatchExecutor", "BatchRun"]

@@ -19,10 +19,8 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import openai
 
@@ -36,6 +34,7 @@ from flow.execute.batch_files import (
     is_token_limited,
     read_line,
 )
+from flow.execute.batch_run import BatchRun
 from flow.records import Call, CallResult, Shard, utc_now
 
 URL: Final = "/v1/chat/completions"
@@ -52,44 +51,6 @@ def crash_point(name: str) -> None:
     """Tests kill the process at an exact step (FLOW_CRASH_AT=name): a real SIGKILL."""
     if os.environ.get("FLOW_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class ShardBook(Protocol):
-    """What the executor keeps in the store (`flow.store.shards.SQLiteShards`)."""
-
-    async def open(self, stage: str, origin: str) -> list[Shard]: ...
-
-    async def add(self, stage: str, origin: str, endpoint: str, worst_cost_usd: float | None,
-                  lines: Sequence[tuple[str, str]], run_id: int) -> Shard: ...
-
-    async def save(self, shard: Shard) -> None: ...
-
-    async def lines(self, shard_id: int, states: Sequence[str] = ...
-                    ) -> list[tuple[str, str]]: ...
-
-    async def held(self, shard_ids: Sequence[int], keys: Sequence[str]) -> set[str]: ...
-
-    async def mark(self, shard_id: int, keys: Sequence[str], state: str) -> None: ...
-
-    async def forget_requests(self, shard_id: int) -> None: ...
-
-    async def collected(self, batch_id: str) -> set[str]: ...
-
-
-@dataclass
-class BatchRun:
-    """Where the executor works: the store's book, the stage and origin, and the run."""
-
-    book: ShardBook
-    stage: str
-    origin: str
-    store_tag: str  # names the store in each batch's metadata
-    run_id: int
-    # before each create: whether a shard that may cost this much is within the budget
-    may_spend: Callable[[float], bool]
-    worst_cost: Callable[[str], float]  # of one request, at batch prices
-    worst_tokens: Callable[[str], int]  # of one request: its prompt and `max_tokens`
-    url: str = URL  # the endpoint every line of its batches goes to
 
 
 class ShardDriver:
