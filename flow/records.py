@@ -112,6 +112,7 @@ class CallResult:
     error: str | None = None
     unsent: bool = False  # the run stopped before it was sent: its items stay pending
     batch_id: str | None = None  # it came through this Batch API batch (at batch prices)
+    vector: bytes | None = None  # an embedding: little-endian float32
 
 
 @dataclass(slots=True)
@@ -131,6 +132,7 @@ class ResponseRecord:
     finished_at: str
     id: int | None = None
     batch_id: str | None = None  # the Batch API batch it came through; None: sent online
+    vector: bytes | None = None  # an embedding: little-endian float32, kept in `vectors`
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ from flow.execute.batch import BatchExecutor, BatchRun
 from flow.execute.batch_shard import URLS
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
+from flow.execute.packing import PackingExecutor, packed_config
 from flow.limiter import RateLimiter
 from flow.load import count_rows
 from flow.plan import RunOptions
@@ -142,6 +143,10 @@ class Run:
                 if stage.config.executor == "batch":
                     executors.append(self._batch_executor(stage, client, online, store,
                                                           store_tag))
+                elif stage.config.endpoint == "embeddings":
+                    executors.append(PackingExecutor(stage.config, OnlineExecutor(
+                        packed_config(stage.config), client, limiters[stage.config.model],
+                        [api_key, *stage.config.secrets()], self._stop_feeding)))
                 else:
                     executors.append(online)
             try:
