@@ -11,10 +11,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import kill_mid_run
 
 from flow.cli import main
 from flow.simulator import SimulatorThread
-from conftest import kill_mid_run
 
 EMBED = {"endpoint": "embeddings", "model": "text-embedding-3-small", "input": "{{ text }}",
          "params": {}, "inputs_per_request": 10}
