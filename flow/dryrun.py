@@ -107,8 +107,9 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
             StageEstimate(call.name, call.model, price_for(call.model, call.price)),
             RequestBuilder(call, f"{config.file}: ", config.step_timeout_s, key),
             None if call.when is None else Condition(call.when, f"{key}.when"),
-            PostProcessor(call.post, config.file.parent, config.step_timeout_s,
+            PostProcessor(call.post_steps, config.file.parent, config.step_timeout_s,
                           call.on_truncated, call.checker).fingerprint,
+            0 if call.endpoint == "embeddings" else
             expected_output_tokens(call.params, call.expected_output_tokens)))
     report = DryRunReport(origin=endpoint_origin(keys.base_url, options.simulate,
                                                  f"{config.file}: ", keys.endpoint_id),

@@ -79,9 +79,8 @@ class Stage:
         self.builder = RequestBuilder(self.config, where, config.step_timeout_s, key)
         self.when = (None if self.config.when is None else
                      Condition(self.config.when, f"{key}.when", config.step_timeout_s))
-        # an embeddings stage's output is its vector's dimensions (`{"dimensions": 1536}`)
-        steps: list[str | dict[str, str]] = ["json"] if self.config.endpoint == "embeddings" else self.config.post
-        self.post = PostProcessor(steps, config.file.parent, config.step_timeout_s,
+        self.post = PostProcessor(self.config.post_steps, config.file.parent,
+                                  config.step_timeout_s,
                                   self.config.on_truncated, self.config.checker)
         self.price: Price | None = price_for(self.config.model, self.config.price)
         self.reserve = OutputReserve(self.config.params, self.config.expected_output_tokens)

@@ -205,6 +205,12 @@ class StageConfig(CallConfig):
         return check_post_steps(steps)
 
     @property
+    def post_steps(self) -> PostSteps:
+        """The post steps its outputs are made with: `post`; an embeddings stage's output is
+        its vector's dimensions, read as JSON (`{"dimensions": 1536}`)."""
+        return ["json"] if self.endpoint == "embeddings" else self.post
+
+    @property
     def checker(self) -> OutputSchema | None:
         """The loaded `schema`, once the pipeline file has been read."""
         return self._checker
