@@ -140,15 +140,16 @@ class Run:
                 online = OnlineExecutor(stage.config, client, limiters[stage.config.model],
                                         [api_key, *stage.config.secrets()], self._stop_feeding)
                 stage.send_reasks_with(online.call)
-                if stage.config.executor == "batch":
-                    executors.append(self._batch_executor(stage, client, online, store,
-                                                          store_tag))
-                elif stage.config.endpoint == "embeddings":
-                    executors.append(PackingExecutor(stage.config, OnlineExecutor(
+                now: Executor = online
+                if stage.config.endpoint == "embeddings":
+                    now = PackingExecutor(stage.config, OnlineExecutor(
                         packed_config(stage.config), client, limiters[stage.config.model],
-                        [api_key, *stage.config.secrets()], self._stop_feeding)))
+                        [api_key, *stage.config.secrets()], self._stop_feeding))
+                if stage.config.executor == "batch":
+                    executors.append(self._batch_executor(stage, client, now, store,
+                                                          store_tag))
                 else:
-                    executors.append(online)
+                    executors.append(now)
             try:
                 await self._conduct(executors, list(limiters.values()))
             except FatalCallError as e:
@@ -192,7 +193,7 @@ class Run:
                     found[name] = found.get(name, 0) + count
         return found
 
-    def _batch_executor(self, stage: Stage, client: openai.AsyncOpenAI, online: OnlineExecutor,
+    def _batch_executor(self, stage: Stage, client: openai.AsyncOpenAI, online: Executor,
                         store: Store, store_tag: str) -> BatchExecutor:
         """The Batch API executor of `stage`: its shards in the store, its budget checked
         before each create at batch prices, and `online` for lines `on_expired` sends so."""

@@ -14,7 +14,7 @@ import pytest
 from conftest import kill_mid_run
 
 from flow.cli import main
-from flow.simulator import SimulatorThread
+from flow.simulator import SimulatorConfig, SimulatorThread
 
 EMBED = {"endpoint": "embeddings", "model": "text-embedding-3-small", "input": "{{ text }}",
          "params": {}, "inputs_per_request": 10}
@@ -155,10 +155,30 @@ def test_the_store_stays_under_four_times_the_raw_vectors(make_pipeline: Any,
     assert size < 4 * raw
 
 
+def test_embeddings_through_the_batch_api_match_online(make_pipeline: Any,
+                                                       capsys: Any) -> None:
+    fast = {"first_poll_s": 0.01, "max_poll_s": 0.05, "gather_s": 0.3, "create_grace_s": 0,
+            "max_requests_per_batch": 20}
+    with SimulatorThread(SimulatorConfig(seed=7, batch_s=0.2)) as server:
+        batched = _pipeline(make_pipeline, server, _rows(30), executor="batch", batch=fast)
+        batched.config["store"] = "batch.db"
+        assert batched.run() == 0
+        assert sorted(server.stats.batch_creates.values()) == [1, 1]
+        assert server.stats.requests == 0 and server.stats.embedded_inputs == 30
+        (count, tokens, cost, batches), = batched.query(
+            "SELECT COUNT(*), SUM(prompt_tokens), SUM(cost_usd), COUNT(DISTINCT batch_id) "
+            "FROM responses JOIN vectors ON vectors.response_id = responses.id")
+        assert count == 30 and batches == 2
+        assert cost == pytest.approx(tokens * 0.01 / 1e6)  # half the online price
+        through_batches = batched.export(capsys)
+        online = _pipeline(make_pipeline, server, _rows(30))
+        assert online.run() == 0
+        assert online.export(capsys) == through_batches
+
+
 @pytest.mark.parametrize(("call", "post", "fix"), [
     ({}, ["strip"], "post: post steps work on text"),
     ({"schema": {"type": "object"}}, [], "schema: an embeddings stage makes a vector"),
-    ({"executor": "batch"}, [], "executor: the Batch API executor does not send embeddings"),
     ({"messages": [{"role": "user", "content": "x"}]}, [], "remove messages:"),
     ({"input": None}, [], "input: required key is missing"),
     ({"params": {"encoding_format": "float"}}, [], "params.encoding_format"),

@@ -2,7 +2,7 @@
 
 `chat` and `responses` render `messages`; `embeddings` renders one `input` text per item and
 makes a vector, not text: no post step, no schema, no later stage reading its output, and
-(for now) neither the Batch API executor nor a PostgreSQL store.
+(for now) no PostgreSQL store.
 """
 
 from __future__ import annotations
@@ -44,10 +44,6 @@ def check_endpoints(config: PipelineConfig, file: Path) -> None:
         if stage.output_schema is not None:
             raise ConfigError(f"{where}.schema: an embeddings stage makes a vector, not JSON; "
                               "remove schema:")
-        if stage.executor == "batch":
-            raise ConfigError(f"{where}.executor: the Batch API executor does not send "
-                              "embeddings yet; use executor: online (requests are packed, "
-                              f"{key}.inputs_per_request at a time)")
         if not isinstance(config.store, Path):
             raise ConfigError(f"{file}: store: embeddings are stored in a SQLite store only, "
                               "for now; give store: a file name (results.db)")

@@ -26,7 +26,7 @@ from flow.endpoints.embeddings import (
     MAX_INPUTS,
     MAX_REQUEST_TOKENS,
 )
-from flow.simulator.completions import Reply, error_reply
+from flow.simulator.completions import Reply, error_reply, read_marker, status_fault
 from flow.tokens import count_text_tokens
 
 DEFAULT_DIMENSIONS = 1536
@@ -82,6 +82,18 @@ def count_tokens(request: EmbeddingsRequest) -> list[int] | Reply:
         return _invalid(f"Requested {sum(counts)} tokens, max {MAX_REQUEST_TOKENS} tokens "
                         "per request", "input")
     return counts
+
+
+def embed(request: EmbeddingsRequest, arrivals: int = 1) -> Reply:
+    """The whole answer to a request (a batch line's): a `[sim:status=N]` marker's error, a
+    400 over the limits, or the vectors with their tokens."""
+    marker = read_marker("\n".join(request.inputs), arrivals)
+    if marker is not None and marker.startswith("status="):
+        return status_fault(marker.removeprefix("status="), "", True)
+    counts = count_tokens(request)
+    if isinstance(counts, Reply):
+        return counts
+    return Reply(200, embeddings_body(request, sum(counts)), tokens=sum(counts))
 
 
 def embeddings_body(request: EmbeddingsRequest, tokens: int) -> str:
