@@ -102,16 +102,32 @@ def test_a_refused_request_is_split_so_the_bad_input_fails_alone(
     assert 1 < simulator.stats.requests <= 1 + 2 * math.ceil(math.log2(10))
 
 
-def test_an_input_over_the_token_limit_fails_alone_unsent(make_pipeline: Any,
-                                                          simulator: SimulatorThread) -> None:
-    rows = _rows(5)
+def test_an_input_too_long_or_empty_fails_alone_unsent(make_pipeline: Any,
+                                                       simulator: SimulatorThread) -> None:
+    rows = _rows(6)
     rows[2]["text"] = "word " * 9000
+    rows[4]["text"] = ""
     pipeline = _pipeline(make_pipeline, simulator, rows)
-    assert pipeline.run() == 1  # an item failed
-    (error_class, error), = pipeline.query("SELECT error_class, error FROM results "
-                                           "WHERE status = 'failed'")
-    assert error_class == "InputTooLongError" and "8,192" in error
-    assert simulator.stats.embedded_inputs == 4
+    assert pipeline.run() == 1  # items failed
+    failed = pipeline.query("SELECT error_class, error FROM results WHERE status = 'failed' "
+                            "ORDER BY item_id")
+    assert [error_class for error_class, _ in failed] == ["InputTooLongError",
+                                                          "InputEmptyError"]
+    assert "8,192" in failed[0][1]
+    assert simulator.stats.embedded_inputs == 4 and simulator.stats.requests == 1
+
+
+def test_a_text_embedded_before_is_not_sent_again(make_pipeline: Any,
+                                                  simulator: SimulatorThread,
+                                                  capsys: Any) -> None:
+    pipeline = _pipeline(make_pipeline, simulator, _rows(10))
+    assert pipeline.run() == 0
+    more = _rows(10) + [{"id": "again", "text": "short text number 4"}]
+    pipeline = _pipeline(make_pipeline, simulator, more)
+    assert pipeline.run() == 0
+    assert simulator.stats.embedded_inputs == 10
+    exported = {row["id"]: row["embedding"] for row in pipeline.export(capsys)}
+    assert exported["again"] == exported["e00004"] and len(exported["again"]) == 1536
 
 
 def test_dimensions_are_honoured_and_parquet_reads_back(make_pipeline: Any,

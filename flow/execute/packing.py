@@ -4,7 +4,8 @@ Each item keeps its own call (its key names its text, so identical texts are one
 re-run finds what is stored); `concurrency` workers each take up to `inputs_per_request`
 calls, within OpenAI's limits (2,048 inputs, 300,000 tokens a request; an input over 8,192
 tokens fails alone, unsent), and send them as one request through the online executor's
-`call` (its limiter, retries and error tree). The reply is split by `index`: each item gets
+`call` (its limiter, retries and error tree); an empty input fails alone, unsent, too. The
+reply is split by `index`: each item gets
 its vector and its share of the request's tokens (by length, in whole tokens that add up
 to the request's), so the costs of its items add up to the request's cost. A request
 refused as a whole (400, 413, 422) is split in halves and sent again, down to the one input
@@ -88,6 +89,10 @@ class PackingExecutor:
             self._held = None
             if call is None:
                 break
+            if not call.request["input"]:
+                await deliver(_failed(call, "InputEmptyError", "the input is empty, and an "
+                                      "empty text has no embedding; nothing was sent"))
+                continue
             needed = self._tokens(call)
             if needed > embeddings.MAX_INPUT_TOKENS:
                 await deliver(_failed(call, "InputTooLongError",
