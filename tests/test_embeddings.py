@@ -199,6 +199,10 @@ def test_embeddings_through_the_batch_api_match_online(make_pipeline: Any,
     ({"input": None}, [], "input: required key is missing"),
     ({"params": {"encoding_format": "float"}}, [], "params.encoding_format"),
     ({"inputs_per_request": 5000}, [], "inputs_per_request"),
+    ({"params": {"dimensions": 4000}}, [], "dimensions: expected a whole number of 1 or more "
+                                           "up to 1,536"),
+    ({"model": "text-embedding-ada-002", "params": {"dimensions": 256}}, [],
+     "takes no dimensions param"),
 ])
 def test_config_errors_name_the_key_and_the_fix(make_pipeline: Any, capsys: Any,
                                                 call: dict[str, Any], post: list[str],

@@ -13,6 +13,7 @@ from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from flow.config.models import PipelineConfig
+from flow.endpoints.embeddings import DIMENSIONS
 from flow.errors import ConfigError
 
 
@@ -44,10 +45,26 @@ def check_endpoints(config: PipelineConfig, file: Path) -> None:
         if stage.output_schema is not None:
             raise ConfigError(f"{where}.schema: an embeddings stage makes a vector, not JSON; "
                               "remove schema:")
+        _check_dimensions(stage.model, stage.params.get("dimensions"), f"{where}.params")
         if not isinstance(config.store, Path):
             raise ConfigError(f"{file}: store: embeddings are stored in a SQLite store only, "
                               "for now; give store: a file name (results.db)")
         _check_readers(config, index, file)
+
+
+def _check_dimensions(model: str, dimensions: object, where: str) -> None:
+    """`dimensions` a size the model can give (a refused request would be split to nothing:
+    every input of it refused alike)."""
+    if dimensions is None:
+        return
+    full = DIMENSIONS.get(model.rsplit("/", 1)[-1])
+    if model.endswith("text-embedding-ada-002"):
+        raise ConfigError(f"{where}.dimensions: {model} has 1,536 dimensions and takes no "
+                          "dimensions param; remove it, or use a text-embedding-3 model")
+    if type(dimensions) is not int or dimensions < 1 or (full and dimensions > full):
+        most = f" up to {full:,} for {model}" if full else ""
+        raise ConfigError(f"{where}.dimensions: expected a whole number of 1 or more{most}, "
+                          f"got {dimensions!r}")
 
 
 def _check_readers(config: PipelineConfig, index: int, file: Path) -> None:

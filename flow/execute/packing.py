@@ -74,6 +74,8 @@ class PackingExecutor:
         try:
             for finished in asyncio.as_completed(workers):
                 await finished
+            if self._online.out_of_files is not None:
+                raise self._online.out_of_files
         finally:
             for task in workers:
                 task.cancel()
