@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import openai
 import pyarrow.parquet as pq
 import pytest
 from conftest import kill_mid_run
@@ -32,6 +33,22 @@ def _pipeline(make_pipeline: Any, simulator: SimulatorThread | None,
     if "messages" not in call:
         del pipeline.config["call"]["messages"]  # an embeddings stage has `input` instead
     return pipeline
+
+
+def test_the_simulator_answers_the_sdk_as_openai_does(simulator: SimulatorThread) -> None:
+    client = openai.OpenAI(base_url=simulator.url, api_key="sk-test", max_retries=0)
+    small = client.embeddings.create(model="text-embedding-3-small", input=["a cat", "a dog"])
+    assert [len(e.embedding) for e in small.data] == [1536, 1536]
+    assert small.usage.prompt_tokens == 4
+    short = client.embeddings.create(model="text-embedding-3-large", input="a cat",
+                                     dimensions=256, encoding_format="float")
+    large = client.embeddings.create(model="text-embedding-3-large", input="a cat")
+    assert len(large.data[0].embedding) == 3072
+    scale = math.sqrt(3072 / 256)  # the start of the full vector, at unit length again
+    assert short.data[0].embedding == pytest.approx(
+        [value * scale for value in large.data[0].embedding[:256]], rel=1e-5)
+    with pytest.raises(openai.BadRequestError, match="does not support specifying dimensions"):
+        client.embeddings.create(model="text-embedding-ada-002", input="x", dimensions=8)
 
 
 def test_items_are_packed_and_each_gets_its_vector(make_pipeline: Any,

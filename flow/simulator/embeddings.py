@@ -2,7 +2,8 @@
 
 Each input gets a vector derived from its text alone (SHAKE-256 of the model and text, read
 as int16 and scaled to about unit length), so the same text always gets the same vector,
-and a shortened one (`dimensions`) is the start of the full one. Dimensions are the
+and a shortened one (`dimensions`) is the start of the full one brought back to about unit
+length, as OpenAI's are. Dimensions are the
 model's (text-embedding-3-small 1,536, -3-large 3,072, ada-002 1,536; any other model
 1,536); `dimensions` is honoured by the -3 models and refused by ada-002, as OpenAI does.
 `encoding_format: base64` sends little-endian float32 bytes, `float` (the default) a list.
