@@ -69,6 +69,16 @@ def test_items_are_packed_and_each_gets_its_vector(make_pipeline: Any,
     assert 0.9 < norm < 1.1
 
 
+def test_a_dry_run_counts_the_requests_items_pack_into(make_pipeline: Any,
+                                                      simulator: SimulatorThread,
+                                                      capsys: Any) -> None:
+    pipeline = _pipeline(make_pipeline, simulator, _rows(95, distinct=45))
+    assert pipeline.run("--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "45 to call (50 more items share those requests), packed into 5 requests" in out
+    assert "up to 0 completion tokens" in out and simulator.stats.requests == 0
+
+
 def test_identical_texts_are_paid_once_and_costs_agree(make_pipeline: Any,
                                                        simulator: SimulatorThread,
                                                        capsys: Any) -> None:
