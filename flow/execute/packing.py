@@ -4,12 +4,13 @@ Each item keeps its own call (its key names its text, so identical texts are one
 re-run finds what is stored); `concurrency` workers each take up to `inputs_per_request`
 calls, within OpenAI's limits (2,048 inputs, 300,000 tokens a request; an input over 8,192
 tokens fails alone, unsent), and send them as one request through the online executor's
-`call` (its limiter, retries and error tree); an empty input fails alone, unsent, too. The
-reply is split by `index`: each item gets
-its vector and its share of the request's tokens (by length, in whole tokens that add up
-to the request's), so the costs of its items add up to the request's cost. A request
-refused as a whole (400, 413, 422) is split in halves and sent again, down to the one input
-at fault, which fails alone with the server's reason.
+`call` (its limiter, retries and error tree); an empty input fails alone, unsent, too.
+The reply is split by `index`: each item gets its vector and its share of the request's
+tokens (by length, in whole tokens that add up to the request's), so the costs of its items
+add up to the request's cost. A request refused as a whole (400, 413, 422) is split in
+halves and sent again, down to the one input at fault, which fails alone with the server's
+reason (a request refused for a reason of its own, not an input's, is thus refused about
+twice per item before every item fails with it: config checks what it can first).
 """
 
 from __future__ import annotations
