@@ -57,6 +57,8 @@ TABLES: dict[str, tuple[str, str]] = {
     "batch_lines": ("Batch lines", "The requests each batch holds, by content key, and "
                                    "whether each was collected or sent again."),
     "store_info": ("Store", "The store's own id, which names it in each batch's metadata."),
+    "vectors": ("Vectors", "One embedding per reply of an embeddings stage: its dimensions "
+                           "and its float32 bytes (flow export writes them as lists)."),
 }
 
 STATUS = "done, failed, pending, or skipped (a stage's when: was false)"

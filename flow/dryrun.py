@@ -55,6 +55,7 @@ class StageEstimate:
     unknown: int = 0  # of `to_call`: an earlier stage's output is not known yet
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    per_request: int = 1  # an embeddings stage packs this many calls into one request
 
     @property
     def cost_usd(self) -> float | None:
@@ -104,11 +105,14 @@ async def dry_run(config: PipelineConfig, options: RunOptions) -> DryRunReport:
     for index, call in enumerate(config.chain):
         key = "call" if config.stages is None else f"stages[{index}]"
         stages.append(_Stage(
-            StageEstimate(call.name, call.model, price_for(call.model, call.price)),
+            StageEstimate(call.name, call.model, price_for(call.model, call.price),
+                          per_request=call.inputs_per_request
+                          if call.endpoint == "embeddings" else 1),
             RequestBuilder(call, f"{config.file}: ", config.step_timeout_s, key),
             None if call.when is None else Condition(call.when, f"{key}.when"),
-            PostProcessor(call.post, config.file.parent, config.step_timeout_s,
+            PostProcessor(call.post_steps, config.file.parent, config.step_timeout_s,
                           call.on_truncated, call.checker).fingerprint,
+            0 if call.endpoint == "embeddings" else
             expected_output_tokens(call.params, call.expected_output_tokens)))
     report = DryRunReport(origin=endpoint_origin(keys.base_url, options.simulate,
                                                  f"{config.file}: ", keys.endpoint_id),

@@ -23,6 +23,7 @@ from flow.errors import ConfigError
 from flow.export_parquet import JSONColumn, write_parquet
 from flow.records import STAGE
 from flow.report import Database, json_or_text, open_read_only, sql_text, stage_named
+from flow.vectors import EMBEDDING, VECTOR_OF_RESULT, VectorRows, vector_dimensions
 
 EXPORT_FORMATS = ("jsonl", "csv", "parquet")
 EXPORT_COLUMNS = ("id", "status", "output", "truncated", "error_class", "error")
@@ -70,20 +71,25 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
         # the `id` column holds the id field already; no column twice
         picked = [_field(f, stages) for f in dict.fromkeys(fields) if f != id_field]
         keyed = len(stages) > 1 or any(f.stage is not None for f in picked)
+        dimensions = [] if isinstance(path, StoreURL) else vector_dimensions(db, chosen)
         if fmt == "parquet":
-            return _write_parquet(db, path, out, picked, only, stages[0], chosen)
+            return _write_parquet(db, path, out, picked, only, stages[0], chosen, dimensions)
         if isinstance(path, StoreURL):
             if keyed:
                 raise ConfigError("--fields: a stage's output as a column is read from a "
                                   "SQLite store only, for now")
             sql = postgres_export_sql(fmt, [f.name for f in picked], only, chosen)
         else:
-            sql = (_chain_export_sql(fmt, picked, only, stages[0], chosen) if keyed else
-                   _export_sql(fmt, [f.name for f in picked], only, chosen))
+            sql = (_chain_export_sql(fmt, picked, only, stages[0], chosen, bool(dimensions))
+                   if keyed else
+                   _export_sql(fmt, [f.name for f in picked], only, chosen, bool(dimensions)))
         rows = db.execute(sql, (only,) if only else ())
         header = [f.column for f in picked]
+        extra: list[str] = []
+        if dimensions:
+            rows, extra = VectorRows(rows, fmt), [EMBEDDING]
         if out is None:
-            return _write(rows, stream, fmt, header, keyed)
+            return _write(rows, stream, fmt, header, keyed, extra)
         if out.is_dir():
             raise ConfigError(f"-o {out}: is a folder; name the file to write")
         try:
@@ -96,7 +102,7 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
             raise ConfigError(f"-o {out}: cannot write there: {e.strerror or e}") from None
         try:
             with handle:
-                count = _write(rows, handle, fmt, header, keyed)
+                count = _write(rows, handle, fmt, header, keyed, extra)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(handle.name, out)
@@ -107,7 +113,7 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
 
 
 def _write_parquet(db: Database, path: Path | StoreURL, out: Path | None, picked: list[_Field],
-                   only: str | None, first: str, chosen: str) -> int:
+                   only: str | None, first: str, chosen: str, dimensions: list[int]) -> int:
     """Parquet: to a file only, from a SQLite store for now."""
     if out is None:
         raise ConfigError("--format parquet: Parquet is written to a file; name it with -o")
@@ -124,7 +130,7 @@ def _write_parquet(db: Database, path: Path | StoreURL, out: Path | None, picked
                         f.stage, False)
         for f in picked]
     try:
-        return write_parquet(db, out, columns, first, chosen, only)
+        return write_parquet(db, out, columns, first, chosen, only, dimensions)
     except OSError as e:
         raise ConfigError(f"-o {out}: cannot write there: {e.strerror or e}") from None
 
@@ -185,8 +191,10 @@ def _column(field: str) -> str:
     return f"input.{field}" if field in EXPORT_COLUMNS else field
 
 
-def _export_sql(fmt: str, fields: list[str], only: str | None, stage: str) -> str:
-    """One stage and input fields only: its `results` in input order."""
+def _export_sql(fmt: str, fields: list[str], only: str | None, stage: str,
+                vectors: bool = False) -> str:
+    """One stage and input fields only: its `results` in input order; `vectors`: each
+    one's stored vector last."""
     paths = [sql_text(_input_path(f)) for f in fields]
     if fmt == "jsonl":
         # outputs are stored as JSON text: spliced in as they are, never parsed again
@@ -204,6 +212,8 @@ def _export_sql(fmt: str, fields: list[str], only: str | None, stage: str) -> st
                    "CASE json_type(results.output) WHEN 'text' THEN results.output ->> '$' "
                    "ELSE results.output END, CASE WHEN results.truncated THEN 'true' "
                    "ELSE 'false' END, results.error_class, results.error")
+    if vectors:
+        columns += f", {VECTOR_OF_RESULT}"
     join = (" JOIN items ON items.stage = results.stage AND items.item_id = results.item_id"
             if fields else "")
     return (f"SELECT {columns} FROM results{join} WHERE results.stage = {sql_text(stage)}" +
@@ -211,7 +221,7 @@ def _export_sql(fmt: str, fields: list[str], only: str | None, stage: str) -> st
 
 
 def _chain_export_sql(fmt: str, fields: list[_Field], only: str | None, first: str,
-                      chosen: str) -> str:
+                      chosen: str, vectors: bool = False) -> str:
     """A chain: every item of the first stage with the chosen stage's result, and pending
     where it has no row there yet; each record after its row number, the sort key.
 
@@ -219,13 +229,14 @@ def _chain_export_sql(fmt: str, fields: list[_Field], only: str | None, first: s
     input order through an index, and merged by SQLite: a LEFT JOIN of the `results` view
     would materialize the whole view first.
     """
-    reached = (f"SELECT items.row, {_chain_columns(fmt, fields, chosen, reached=True)} "
+    vector, none = (f", {VECTOR_OF_RESULT}", ", NULL") if vectors else ("", "")
+    reached = (f"SELECT items.row, {_chain_columns(fmt, fields, chosen, reached=True)}{vector} "
                f"FROM results JOIN items ON items.stage = {sql_text(first)} "
                f"AND items.item_id = results.item_id WHERE results.stage = {sql_text(chosen)}"
                + (" AND results.status = ?" if only else ""))
     if chosen == first or only not in (None, "pending"):
         return reached + " ORDER BY results.row"
-    waiting = (f"SELECT items.row, {_chain_columns(fmt, fields, chosen, reached=False)} "
+    waiting = (f"SELECT items.row, {_chain_columns(fmt, fields, chosen, reached=False)}{none} "
                f"FROM items WHERE items.stage = {sql_text(first)} AND NOT EXISTS (SELECT 1 "
                f"FROM items AS here WHERE here.stage = {sql_text(chosen)} "
                "AND here.item_id = items.item_id)")
@@ -306,12 +317,14 @@ def _input_path(name: str) -> str:
 
 
 def _write(rows: Any, stream: IO[str], fmt: str, header: list[str],
-           keyed: bool) -> int:
-    """Write the records; `keyed`: each row starts with its sort key, left out."""
+           keyed: bool, extra: Sequence[str] = ()) -> int:
+    """Write the records; `keyed`: each row starts with its sort key, left out; `extra`:
+    CSV columns after flow's own (`embedding`)."""
     count = 0
     if fmt == "csv":
         writer = csv.writer(stream)
-        writer.writerow(["id", *header, "status", "output", "truncated", "error_class", "error"])
+        writer.writerow(["id", *header, "status", "output", "truncated", "error_class", "error",
+                         *extra])
         while batch := rows.fetchmany(10_000):
             writer.writerows((row[1:] for row in batch) if keyed else batch)
             count += len(batch)

@@ -35,6 +35,10 @@ PRICES: dict[str, Price] = {
     "gpt-4-turbo": Price(10.00, 30.00),
     "gpt-4": Price(30.00, 60.00),
     "gpt-3.5-turbo": Price(0.50, 1.50),
+    # embeddings: input tokens only
+    "text-embedding-3-small": Price(0.02, 0.0),
+    "text-embedding-3-large": Price(0.13, 0.0),
+    "text-embedding-ada-002": Price(0.10, 0.0),
 }
 
 
@@ -73,7 +77,8 @@ def priced_reply(result: CallResult, origin: str, price: Price | None) -> Respon
                           cost_usd(price, usage.prompt_tokens, usage.completion_tokens,
                                    usage.cached_tokens) if result.usage else None,
                           len(result.attempts), result.latency_ms, result.started_at,
-                          result.finished_at, batch_id=result.batch_id)
+                          result.finished_at, batch_id=result.batch_id,
+                          vector=result.vector)
 
 
 def batch_price(price: Price | None) -> Price | None:

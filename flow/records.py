@@ -113,6 +113,7 @@ class CallResult:
     unsent: bool = False  # the run stopped before it was sent: its items stay pending
     batch_id: str | None = None  # it came through this Batch API batch (at batch prices)
     stored_id: int | None = None  # a reply the store held already: read, not bought
+    vector: bytes | None = None  # an embedding: little-endian float32
 
 
 @dataclass(slots=True)
@@ -132,6 +133,7 @@ class ResponseRecord:
     finished_at: str
     id: int | None = None
     batch_id: str | None = None  # the Batch API batch it came through; None: sent online
+    vector: bytes | None = None  # an embedding: little-endian float32, kept in `vectors`
 
 
 @dataclass(slots=True)

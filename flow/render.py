@@ -17,6 +17,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from flow.bounded import OutOfTime, Stopped, bounded
 from flow.config import CallConfig
+from flow.endpoints.embeddings import item_request
 from flow.endpoints.wire import endpoint_named
 from flow.errors import ConfigError, TemplateError
 from flow.keys import canonical_json
@@ -45,23 +46,27 @@ class RequestBuilder:
         self._model = call.model
         self._params = dict(call.params)
         self._parts: list[tuple[str, str | jinja2.Template | _Placeholders]] = []
-        for index, message in enumerate(call.messages):
-            if "{{" not in message.content and "{%" not in message.content:
-                self._parts.append((message.role, message.content))
+        # an embeddings stage renders one text, its `input`; the others render messages
+        self._embeds = call.endpoint == "embeddings"
+        sources = ([("input", call.input or "", f"{key}.input")] if self._embeds else
+                   [(m.role, m.content, f"{key}.messages[{index}].content")
+                    for index, m in enumerate(call.messages)])
+        for role, content, label in sources:
+            if "{{" not in content and "{%" not in content:
+                self._parts.append((role, content))
                 continue
-            simple = _Placeholders.parse(message.content, set(env.globals))
+            simple = _Placeholders.parse(content, set(env.globals))
             if simple is not None:
-                self._parts.append((message.role, simple))
+                self._parts.append((role, simple))
                 continue
             try:
-                template = env.from_string(message.content)
+                template = env.from_string(content)
             except jinja2.TemplateSyntaxError as e:
-                raise ConfigError(
-                    f"{where}{key}.messages[{index}].content: invalid template at line {e.lineno}: "
-                    f"{e.message}") from None
-            self._parts.append((message.role, template))
+                raise ConfigError(f"{where}{label}: invalid template at line {e.lineno}: "
+                                  f"{e.message}") from None
+            self._parts.append((role, template))
         self._roles = [json.dumps(role) for role, _ in self._parts]
-        self._labels = [f"{key}.messages[{index}].content" for index in range(len(self._parts))]
+        self._labels = [label for _, _, label in sources]
         self._static = {index: canonical_json({"content": part, "role": role})
                         for index, (role, part) in enumerate(self._parts)
                         if isinstance(part, str)}
@@ -79,6 +84,10 @@ class RequestBuilder:
         """
         messages = []
         pieces = []
+        if self._embeds:
+            text = self._render(0, fields, where)
+            request = item_request(self._model, text, self._params)
+            return request, canonical_json(request)
         for index, (role, part) in enumerate(self._parts):
             if isinstance(part, str):
                 messages.append({"role": role, "content": part})
@@ -93,6 +102,15 @@ class RequestBuilder:
                           f'"role":{self._roles[index]}}}')
         request = {"model": self._model, self._list_key: messages, **self._params}
         return request, f"{self._head}[{','.join(pieces)}]{self._tail}"
+
+    def _render(self, index: int, fields: dict[str, Any], where: str) -> str:
+        """Part `index` rendered over `fields`."""
+        part = self._parts[index][1]
+        if isinstance(part, str):
+            return part
+        if isinstance(part, _Placeholders):
+            return part.render(fields, self._labels[index], where)
+        return render_text(part, fields, self._labels[index], where, self._timeout_s)
 
     def _fragments(self) -> tuple[str, str]:
         """Canonical JSON of the request around its `messages` value."""

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flow.config.store_url import StoreURL
+from flow.endpoints.embeddings import is_item_body
 from flow.errors import ConfigError, StoreError
 from flow.records import STAGE
 from flow.store.read_only import read_only_uri
+from flow.vectors import vector_summary
 
 FAILURE_COLUMNS = ("id", "row", "error_class", "error", "attempts")
 
@@ -305,6 +307,8 @@ def _show_stage(db: Database, stage: str, item_id: str,
                     response_id=reply_id, tokens={"prompt": prompt, "completion": completion},
                     cost_usd=cost, paid_by_this_item=bool(paid) or cost in (None, 0),
                     latency_ms=latency, started_at=started, finished_at=finished)
+        if is_item_body(item["response"]):
+            item["embedding"] = vector_summary(db, reply_id)
         batch_id = _batch_of(db, reply_id)
         if batch_id is not None:
             item["batch_id"] = batch_id  # it came through the Batch API

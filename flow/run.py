@@ -32,6 +32,7 @@ from flow.execute.batch import BatchExecutor, BatchRun
 from flow.execute.batch_shard import URLS
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
+from flow.execute.packing import PackingExecutor, packed_config
 from flow.limiter import RateLimiter
 from flow.load import count_rows
 from flow.plan import RunOptions
@@ -139,11 +140,16 @@ class Run:
                 online = OnlineExecutor(stage.config, client, limiters[stage.config.model],
                                         [api_key, *stage.config.secrets()], self._stop_feeding)
                 stage.send_reasks_with(online.call)
+                now: Executor = online
+                if stage.config.endpoint == "embeddings":
+                    now = PackingExecutor(stage.config, OnlineExecutor(
+                        packed_config(stage.config), client, limiters[stage.config.model],
+                        [api_key, *stage.config.secrets()], self._stop_feeding))
                 if stage.config.executor == "batch":
-                    executors.append(self._batch_executor(stage, client, online, store,
+                    executors.append(self._batch_executor(stage, client, now, store,
                                                           store_tag))
                 else:
-                    executors.append(online)
+                    executors.append(now)
             try:
                 await self._conduct(executors, list(limiters.values()))
             except FatalCallError as e:
@@ -187,7 +193,7 @@ class Run:
                     found[name] = found.get(name, 0) + count
         return found
 
-    def _batch_executor(self, stage: Stage, client: openai.AsyncOpenAI, online: OnlineExecutor,
+    def _batch_executor(self, stage: Stage, client: openai.AsyncOpenAI, online: Executor,
                         store: Store, store_tag: str) -> BatchExecutor:
         """The Batch API executor of `stage`: its shards in the store, its budget checked
         before each create at batch prices, and `online` for lines `on_expired` sends so."""

@@ -79,10 +79,12 @@ class Stage:
         self.builder = RequestBuilder(self.config, where, config.step_timeout_s, key)
         self.when = (None if self.config.when is None else
                      Condition(self.config.when, f"{key}.when", config.step_timeout_s))
-        self.post = PostProcessor(self.config.post, config.file.parent, config.step_timeout_s,
+        self.post = PostProcessor(self.config.post_steps, config.file.parent,
+                                  config.step_timeout_s,
                                   self.config.on_truncated, self.config.checker)
         self.price: Price | None = price_for(self.config.model, self.config.price)
-        self.reserve = OutputReserve(self.config.params, self.config.expected_output_tokens)
+        self.reserve = OutputReserve(self.config.params, 0 if self.config.endpoint ==
+                                     "embeddings" else self.config.expected_output_tokens)
         self.outcomes = Outcomes(self.post, self.price, "", progress, breaker, self.name,
                                  last=index == len(chain) - 1)
         self.inbox: Inbox[Planned] | None = None if self.first else Inbox(INBOX_ITEMS)

@@ -125,7 +125,7 @@ def test_a_0_1_0_store_migrates_keeps_every_result_and_reruns_without_paying(
     assert query(store, "SELECT name FROM migrations") == [
         ("m001_create_runs_items_calls",), ("m002_split_responses_from_outputs",),
         ("m003_results_output_text_and_browse",), ("m004_truncated_outputs",),
-        ("m005_stages",), ("m006_batches",)]
+        ("m005_stages",), ("m006_batches",), ("m007_vectors",)]
     # the outputs were strings: their plain text sits beside the JSON, and `browse` shows it
     # beside the input's field, in input order
     for item_id, output in query(store, "SELECT item_id, output FROM results "

@@ -89,6 +89,9 @@ def _dry_run(config: PipelineConfig, options: RunOptions) -> int:
                   f"{report.bad_rows:,} bad rows", markup=False)
     for stage in report.stages:
         shared = f" ({stage.shared:,} more items share those requests)" if stage.shared else ""
+        if stage.per_request > 1 and stage.to_call:
+            shared += (f", packed into {-(-stage.to_call // stage.per_request):,} requests of "
+                       f"up to {stage.per_request:,} inputs")
         unknown = (f", {stage.unknown:,} of them after an earlier stage's call (at most)"
                    if stage.unknown else "")
         skipped = f", {stage.skipped:,} skipped by when:" if stage.skipped else ""

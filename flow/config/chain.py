@@ -77,6 +77,8 @@ def check_chain(config: PipelineConfig, file: Path) -> None:
                               f"stages[{names.index(stage.name)}]; give each stage its own name")
         later = set(names[index:])
         sources = [(f"messages[{n}].content", m.content) for n, m in enumerate(stage.messages)]
+        if stage.input is not None:
+            sources.append(("input", stage.input))
         if stage.when is not None:
             try:
                 env.parse(stage.when)

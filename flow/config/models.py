@@ -111,7 +111,12 @@ class CallConfig(_Strict):
     """The request sent for each item, and how requests are paced and retried."""
 
     model: str = Field(min_length=1)
-    messages: list[MessageConfig] = Field(min_length=1)
+    # the messages of `chat` and `responses` (at least one); `embeddings` takes `input`
+    messages: list[MessageConfig] = Field(default_factory=list)
+    # `endpoint: embeddings`: the text embedded for each item, a Jinja2 template
+    input: str | None = Field(default=None, min_length=1)
+    # `endpoint: embeddings`: items packed into one request (OpenAI takes up to 2048)
+    inputs_per_request: int = Field(default=100, ge=1, le=2048)
     params: dict[str, Any] = Field(default_factory=dict)
     concurrency: int = Field(default=32, ge=1, le=10_000)
     timeout_s: float = Field(default=60, gt=0)
@@ -134,8 +139,9 @@ class CallConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)
     # how calls are sent: now, `concurrency` at a time, or through the Batch API (half price)
     executor: Literal["online", "batch"] = "online"
-    # the API a stage calls: chat completions, or the Responses API (`input`, `text.format`)
-    endpoint: Literal["chat", "responses"] = "chat"
+    # the API a stage calls: chat completions, the Responses API (`input`, `text.format`),
+    # or embeddings (a vector per item, many items a request)
+    endpoint: Literal["chat", "responses", "embeddings"] = "chat"
     batch: BatchConfig = Field(default_factory=BatchConfig)
     # structured outputs: a JSON Schema inline, a .json file, or {python: module:Model};
     # `schema` in the file (a pydantic model has a method of that name)
@@ -197,6 +203,12 @@ class StageConfig(CallConfig):
     @classmethod
     def _known_post_steps(cls, steps: PostSteps) -> PostSteps:
         return check_post_steps(steps)
+
+    @property
+    def post_steps(self) -> PostSteps:
+        """The post steps its outputs are made with: `post`; an embeddings stage's output is
+        its vector's dimensions, read as JSON (`{"dimensions": 1536}`)."""
+        return ["json"] if self.endpoint == "embeddings" else self.post
 
     @property
     def checker(self) -> OutputSchema | None:

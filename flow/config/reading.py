@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from flow.arrow import require_pyarrow
 from flow.config.chain import check_chain, inherit_defaults
+from flow.config.endpoint_check import check_endpoints
 from flow.config.models import PipelineConfig
 from flow.config.store_url import redact
 from flow.endpoints.responses import structured_output
@@ -93,6 +94,7 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
     except ValidationError as e:
         raise ConfigError(_describe_errors(file, e)) from None
     check_chain(config, file)
+    check_endpoints(config, file)
     base = file.resolve().parent
     if isinstance(config.store, Path):
         config.store = base / config.store

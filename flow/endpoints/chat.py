@@ -33,7 +33,7 @@ from flow.errors import (
 )
 from flow.keys import canonical_json
 from flow.records import Reply, Usage
-from flow.tokens import count_prompt_tokens
+from flow.tokens import count_prompt_tokens, count_text_tokens
 
 PATH = "/chat/completions"  # where requests are posted, under the client's base URL
 NOT_KEPT = "flow_not_kept"
@@ -220,8 +220,12 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 
 
 def estimate_prompt_tokens(request: Mapping[str, Any]) -> int:
-    """Prompt tokens of a request before it is sent, with the model's tokenizer."""
-    return count_prompt_tokens(request.get("messages") or request["input"], request["model"])
+    """Prompt tokens of a request before it is sent, with the model's tokenizer (an
+    embeddings request's `input` is one text)."""
+    given = request.get("messages") or request["input"]
+    if isinstance(given, str):
+        return count_text_tokens([given], request["model"])[0]
+    return count_prompt_tokens(given, request["model"])
 
 
 MAX_TOKENS = 2 ** 53  # larger counts are garbage: SQLite (and JSON readers) could not hold them

@@ -1,7 +1,8 @@
 """The endpoint seam: which request shape, path and reply reader a stage uses.
 
-`call.endpoint` names one: `chat` (chat completions) or `responses` (the Responses API).
-Each has its own pure functions (`endpoints/chat.py`, `endpoints/responses.py`); a stored
+`call.endpoint` names one: `chat` (chat completions), `responses` (the Responses API) or
+`embeddings` (many inputs a request, a vector each). Each has its own pure functions
+(`endpoints/chat.py`, `endpoints/responses.py`, `endpoints/embeddings.py`); a stored
 reply says which it is by its `object`, so re-posting it needs no config. No SDK here: the
 read commands import this module and start without loading the openai package.
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flow.endpoints import chat, responses
+from flow.endpoints import chat, embeddings, responses
 from flow.errors import ResponseError, RetryableError
 from flow.records import Reply, Usage
 
@@ -31,13 +32,16 @@ class Endpoint:
     @property
     def path(self) -> str:
         """Where its requests are posted, under the client's base URL."""
-        return "/responses" if self.name == "responses" else "/chat/completions"
+        return {"responses": "/responses", "embeddings": embeddings.PATH}.get(
+            self.name, chat.PATH)
 
 
 ENDPOINTS = {
     "chat": Endpoint("chat", "messages", chat.check_params, chat.parse_reply, chat.read_usage),
     "responses": Endpoint("responses", "input", responses.check_params,
                           responses.parse_reply, responses.read_usage),
+    "embeddings": Endpoint("embeddings", "input", embeddings.check_params,
+                           embeddings.parse_reply, embeddings.read_usage),
 }
 
 
@@ -48,6 +52,8 @@ def endpoint_named(name: str) -> Endpoint:
 
 def endpoint_of(value: Any) -> Endpoint:
     """The endpoint a parsed reply came from, by its `object`."""
+    if embeddings.is_item_body(value):
+        return ENDPOINTS["embeddings"]
     return ENDPOINTS["responses" if responses.is_response(value) else "chat"]
 
 
@@ -72,4 +78,4 @@ def usage_of_body(body: str) -> Usage | None:
         value = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    return responses.read_usage(value) if responses.is_response(value) else chat.read_usage(value)
+    return endpoint_of(value).read_usage(value)

@@ -12,16 +12,21 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from flow.endpoints import embeddings
 from flow.endpoints.chat import classify_status, error_code, error_message
 from flow.endpoints.wire import endpoint_of
 from flow.errors import ItemError, ResponseError, RetryableError
 from flow.records import Reply, Usage
 
 REQUEUED_CODES = ("batch_expired", "batch_cancelled")  # not done: no attempt used
+EMBEDDINGS_URL = "/v1/embeddings"
 
 
 def input_line(key: str, request_json: str, url: str) -> str:
-    """One line of a batch's input file: the request under its content key."""
+    """One line of a batch's input file: the request under its content key (an embeddings
+    item's asks for its one input in base64, as a packed request does)."""
+    if url == EMBEDDINGS_URL:
+        request_json = embeddings.packed_request([json.loads(request_json)])[1]
     return (f'{{"custom_id":{json.dumps(key)},"method":"POST","url":{json.dumps(url)},'
             f'"body":{request_json}}}')
 
@@ -38,6 +43,7 @@ class LineResult:
     error_class: str | None = None
     error: str | None = None
     requeue: bool = False
+    vector: bytes | None = None  # an embeddings line's, as float32 bytes
 
 
 def read_line(text: str) -> LineResult | None:
@@ -69,6 +75,8 @@ def read_line(text: str) -> LineResult | None:
         result.error = f"in the batch: {fault}"
         return result
     result.body = json.dumps(body, ensure_ascii=False)
+    if isinstance(body, dict) and body.get("object") == "list":
+        return _embedding(result)
     endpoint = endpoint_of(body)  # chat's or the Responses API's reply
     result.usage = endpoint.read_usage(body)
     try:
@@ -77,6 +85,24 @@ def read_line(text: str) -> LineResult | None:
         # paid and kept, but unusable: the item fails with why
         result.error_class = e.error_class if isinstance(e, ResponseError) else "ResponseError"
         result.error = str(e)
+    return result
+
+
+def _embedding(result: LineResult) -> LineResult:
+    """An embeddings line's reply (one input): its vector, and the item's body as the
+    online path stores it."""
+    assert result.body is not None
+    try:
+        (vector,), usage = embeddings.parse_packed(result.body, 1)
+    except RetryableError as e:
+        result.usage = embeddings.read_usage(json.loads(result.body))
+        result.error_class, result.error = "ResponseError", str(e)
+        return result
+    dimensions, tokens = len(vector) // 4, usage.prompt_tokens if usage else 0
+    result.body = embeddings.item_body(str(json.loads(result.body).get("model")), dimensions,
+                                       tokens, result.key, 0, 1)
+    result.usage, result.vector = usage, vector
+    result.reply = Reply(embeddings.output_text(dimensions), "stop")
     return result
 
 

@@ -28,6 +28,7 @@ from flow.config import BatchConfig
 from flow.errors import FatalCallError
 from flow.execute import BatchCounters, Deliver
 from flow.execute.batch_files import (
+    EMBEDDINGS_URL,
     LineResult,
     failure_of,
     input_line,
@@ -38,7 +39,8 @@ from flow.execute.batch_run import BatchRun
 from flow.records import Call, CallResult, Shard, utc_now
 
 URL: Final = "/v1/chat/completions"
-URLS: Final = {"chat": URL, "responses": "/v1/responses"}  # by call.endpoint
+URLS: Final = {"chat": URL, "responses": "/v1/responses",  # by call.endpoint
+                "embeddings": EMBEDDINGS_URL}
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 LIST_PAGE = 100
 CREATE_TRIES = 3  # a create whose outcome is unknown, looked up and tried again at most
@@ -321,6 +323,7 @@ class ShardDriver:
             result.error_class, result.error = "BatchError", shard.error or "the batch failed"
             return result
         result.body, result.usage, result.reply = line.body, line.usage, line.reply
+        result.vector = line.vector
         result.error_class, result.error = line.error_class, line.error
         return result
 

@@ -29,6 +29,7 @@ from flow.endpoints.chat import (
     not_kept_body,
     usage_of_tail,
 )
+from flow.endpoints.embeddings import estimate_tokens
 from flow.endpoints.wire import endpoint_named, usage_of_body
 from flow.errors import FatalCallError, ItemError, RateLimitedError, RetryableError
 from flow.execute import Deliver, ExecutorCounters
@@ -138,7 +139,9 @@ class OnlineExecutor:
         progress = _Progress()
         estimate = chars = 0
         messages = call.request.get("messages", call.request.get("input", []))
-        if self._limiter.limit("tokens") is not None:
+        if self._endpoint.name == "embeddings":
+            estimate = estimate_tokens(messages)  # a packed request's texts
+        elif self._limiter.limit("tokens") is not None:
             # the tokenizer (tens of MB, tens of µs a request) only while the budget binds
             estimate, chars = self._prompts.count(messages, call.request["model"],
                                                   self._limiter.tokens_bind())

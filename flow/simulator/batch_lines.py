@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from flow.simulator.completions import ChatRequest, Reply, read_request
+from flow.simulator.embeddings import EmbeddingsRequest, read_embeddings_request
 from flow.simulator.responses import as_chat_body
-from flow.tokens import count_prompt_tokens
+from flow.tokens import count_prompt_tokens, count_text_tokens
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/responses")
+ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 RESPONSES = "/v1/responses"  # its lines are read as the chat requests they amount to
+EMBEDDINGS = "/v1/embeddings"  # its lines are embeddings requests (an input or a list)
 MAX_METADATA = 16
 MAX_REQUESTS = 50_000
 MAX_ERRORS = 100  # validation errors listed per batch
@@ -59,9 +61,20 @@ class Line:
     custom_id: str
     body: Any
     request: ChatRequest | None  # None: not a chat completion request, answered 400
+    # a line of an embeddings batch: its request, or the 400 it gets
+    embeddings: EmbeddingsRequest | Reply | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The model it asks for, when it is a request the simulator reads."""
+        if isinstance(self.embeddings, EmbeddingsRequest):
+            return self.embeddings.model
+        return self.request.model if self.request is not None else None
 
     def enqueued_tokens(self) -> int:
         """What OpenAI's enqueued-token limit counts for it: prompt tokens and `max_tokens`."""
+        if isinstance(self.embeddings, EmbeddingsRequest):
+            return sum(count_text_tokens(self.embeddings.inputs, self.embeddings.model))
         if self.request is None:
             return 0
         body = self.request.body
@@ -86,12 +99,16 @@ def read_lines(data: bytes, endpoint: str) -> tuple[list[Line], list[dict[str, A
             item = None
         problem = _problem(item, endpoint, seen)
         if problem is None:
-            body = as_chat_body(item["body"]) if endpoint == RESPONSES else item["body"]
-            line = Line(number, item["custom_id"], item["body"], read_request(body))
+            if endpoint == EMBEDDINGS:
+                line = Line(number, item["custom_id"], item["body"], None,
+                            read_embeddings_request(item["body"]))
+            else:
+                body = as_chat_body(item["body"]) if endpoint == RESPONSES else item["body"]
+                line = Line(number, item["custom_id"], item["body"], read_request(body))
             seen.add(line.custom_id)
-            model = model or (line.request.model if line.request else None)
-            if line.request is not None and line.request.model != model:
-                problem = ("mismatched_model", f"The model {line.request.model!r} differs from "
+            model = model or line.model
+            if line.model is not None and line.model != model:
+                problem = ("mismatched_model", f"The model {line.model!r} differs from "
                            f"the batch's model {model!r}: a batch holds requests to one model.",
                            "body.model")
             lines.append(line)

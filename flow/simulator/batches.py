@@ -62,6 +62,7 @@ from flow.simulator.completions import (
     read_marker,
 )
 from flow.simulator.config import SimulatorConfig, SimulatorStats, check_batch_fault
+from flow.simulator.embeddings import EmbeddingsRequest, embed
 from flow.simulator.files import Files, page_of, send_error
 from flow.simulator.replies import breaks_schema
 from flow.simulator.responses import as_response_text
@@ -106,7 +107,7 @@ class Batch:
     @property
     def model(self) -> str | None:
         """The model its lines ask for."""
-        return next((line.request.model for line in self.lines if line.request), None)
+        return next((line.model for line in self.lines if line.model), None)
 
     def limit(self) -> int:
         """The most lines it will do: all, or N for `expire:N` and `cancel:N`."""
@@ -283,6 +284,8 @@ class Batches:
     def _answer_line(self, line: Line, at: float) -> Reply:
         """What `POST /v1/chat/completions` would answer the line's body, markers and all."""
         self._stats.batch_lines += 1
+        if line.embeddings is not None:
+            return self._embed_line(line.embeddings)
         chat = line.request
         if chat is None:
             return invalid_body()
@@ -296,6 +299,18 @@ class Batches:
         broken = breaks_schema(chat.body, chat.messages, self._config.schema_break_rate)
         self._stats.schema_broken += broken
         reply = answer(chat, fault, created=self._clock.epoch(at), broken=broken)
+        self._stats.tokens += reply.tokens
+        return reply
+
+    def _embed_line(self, asked: EmbeddingsRequest | Reply) -> Reply:
+        """What `POST /v1/embeddings` would answer an embeddings line."""
+        if isinstance(asked, Reply):
+            return asked
+        key = content_key([asked.model, asked.inputs, asked.dimensions, asked.base64])
+        self._stats.by_request[key] += 1
+        self._stats.by_model[asked.model] += 1
+        self._stats.embedded_inputs += len(asked.inputs)
+        reply = embed(asked, self._stats.by_request[key])
         self._stats.tokens += reply.tokens
         return reply
 

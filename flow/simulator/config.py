@@ -61,6 +61,7 @@ class SimulatorStats:
     # the most requests admitted within one window of a sliding or fixed request limit
     window_peak: int = 0
     schema_broken: int = 0  # replies made to break their json_schema
+    embedded_inputs: int = 0  # inputs of embeddings requests answered or refused
 
     @property
     def max_per_request(self) -> int:
@@ -74,7 +75,8 @@ class SimulatorStats:
                 "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                 "tokens": self.tokens, "batch_creates": dict(self.batch_creates),
                 "batch_lines": self.batch_lines, "files_uploaded": self.files_uploaded,
-                "window_peak": self.window_peak, "schema_broken": self.schema_broken}
+                "window_peak": self.window_peak, "schema_broken": self.schema_broken,
+                "embedded_inputs": self.embedded_inputs}
 
 
 def check_batch_fault(text: str) -> str:

@@ -49,8 +49,10 @@ from flow.simulator.completions import (
     invalid_body,
     read_marker,
     read_request,
+    status_fault,
 )
 from flow.simulator.config import SimulatorConfig, SimulatorStats
+from flow.simulator.embeddings import count_tokens, embeddings_body, read_embeddings_request
 from flow.simulator.files import Files, send_error
 from flow.simulator.limits import Limit, format_duration
 from flow.simulator.replies import breaks_schema
@@ -85,6 +87,7 @@ class Simulator:
                               middlewares=[self._check_key])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         self.files.add_routes(app.router)
         self.batches.add_routes(app.router)
@@ -122,6 +125,50 @@ class Simulator:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/responses`: answered as chat, in the Responses shape."""
         return await self.chat_completions(request, responses=True)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/embeddings`: a vector per input (see `embeddings`), with the limits,
+        latency, faults and headers chat has."""
+        self.stats.requests += 1
+        self.stats.last_headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return self._send(invalid_body())
+        refused = self._refuse_key(request)
+        if refused is not None:
+            return self._send(refused)
+        asked = read_embeddings_request(body)
+        if isinstance(asked, Reply):
+            return self._send(asked)
+        request_key = content_key(body)
+        self.stats.by_request[request_key] += 1
+        self.stats.by_model[asked.model] += 1
+        self.stats.embedded_inputs += len(asked.inputs)
+        marker = read_marker("\n".join(asked.inputs), self.stats.by_request[request_key])
+        counts = count_tokens(asked)
+        if isinstance(counts, Reply):
+            return self._send(counts)
+        tokens = sum(counts)
+        now = time.monotonic()
+        waits = {kind: limit.try_take(1 if kind == "requests" else tokens, now)
+                 for kind, limit in self._limits.items()}
+        if any(waits.values()):
+            kind = max(waits, key=lambda k: waits[k])
+            return self._rate_limited(kind, waits[kind], now)
+        delay = self.config.latency_ms + self._random.uniform(0, self.config.jitter_ms)
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        fault = marker or self._outage() or self._random_fault()
+        if fault is not None and fault.startswith("status="):
+            return self._send(status_fault(fault.removeprefix("status="), "",
+                                           self.config.rate_headers))
+        if fault == "drop":
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        self.stats.tokens += tokens
+        return self._send(Reply(200, embeddings_body(asked, tokens)))
 
     async def chat_completions(self, request: web.Request,
                                responses: bool = False) -> web.StreamResponse:

@@ -16,6 +16,7 @@ from flow.prices import cost_usd, price_for
 from flow.store.batches_schema import m006_batches
 from flow.store.sqlite_sql import store_error
 from flow.store.stages_schema import m005_stages
+from flow.store.vectors_schema import m007_vectors
 from flow.store.views import m003_results_output_text_and_browse, m004_truncated_outputs
 
 Migration = Callable[[sqlite3.Connection], None]
@@ -273,6 +274,7 @@ migration(m003_results_output_text_and_browse)
 migration(m004_truncated_outputs)
 migration(m005_stages)
 migration(m006_batches)
+migration(m007_vectors)
 
 
 def _list_cost(model: str, prompt: object, completion: object, cached: object) -> float | None:

@@ -33,6 +33,7 @@ class GroupRows:
     attempts: list[tuple[Any, ...]] = field(default_factory=list)
     outputs: list[tuple[Any, ...]] = field(default_factory=list)
     reassign: list[int] = field(default_factory=list)
+    vectors: list[tuple[Any, ...]] = field(default_factory=list)  # (response id, dims, bytes)
 
 
 def group_rows(group: list[Settled], run_id: int, ids: Iterator[int]) -> GroupRows:
@@ -50,6 +51,8 @@ def group_rows(group: list[Settled], run_id: int, ids: Iterator[int]) -> GroupRo
                 usage.completion_tokens, usage.cached_tokens, response.cost_usd,
                 response.attempts, response.latency_ms, response.started_at,
                 response.finished_at, run_id, response.batch_id))
+            if response.vector is not None:
+                rows.vectors.append((response.id, len(response.vector) // 4, response.vector))
         # a reply at its first attempt is all in its `responses` row; writing that
         # attempt again cost a tenth of the throughput (the GIL, while binding its row)
         if response is None or len(settled.attempts) > 1:
@@ -83,6 +86,7 @@ def group_statements(group: list[Settled], run_id: int,
         *inserts("INSERT INTO responses (id, request_key, origin, model, request, body, "
                  "prompt_tokens, completion_tokens, cached_tokens, cost_usd, attempts, "
                  "latency_ms, started_at, finished_at, run_id, batch_id) VALUES", rows.responses),
+        *inserts("INSERT INTO vectors (response_id, dimensions, vector) VALUES", rows.vectors),
         *inserts("INSERT INTO attempts (request_key, origin, run_id, number, started_at, "
                  "latency_ms, status_code, outcome, error, wait_s) VALUES", rows.attempts),
         *inserts("INSERT OR REPLACE INTO outputs (stage, item_id, request_key, origin, "
