@@ -69,6 +69,22 @@ def test_a_batch_stage_with_a_schema_reasks_broken_lines_online(
     assert sum(batch_server.stats.batch_creates.values()) == 1
 
 
+def test_items_that_render_one_request_share_one_batch_line_and_its_reask(
+        make_pipeline: Any, batch_server: SimulatorThread) -> None:
+    batch_server.config.schema_break_rate = 0.2
+    rows = [{"id": f"r{i:02d}", "question": f"What is {i % 20}?"} for i in range(40)]
+    pipeline = make_pipeline(rows=rows, base_url=batch_server.url, post=[], call={
+        "schema": SCHEMA, "executor": "batch", "batch": {"max_requests_per_batch": 40, **FAST}})
+    assert pipeline.run() == 0
+    broken = batch_server.stats.schema_broken
+    assert broken > 0 and batch_server.stats.batch_lines == 20
+    assert batch_server.stats.requests == broken  # one online re-ask per broken line
+    assert pipeline.query("SELECT COUNT(*), COUNT(batch_id) FROM responses") == [
+        (20 + broken, 20)]
+    assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
+        ("done", 40)]
+
+
 def test_a_batch_stage_without_reasks_fails_exactly_the_broken_lines(
         make_pipeline: Any, batch_server: SimulatorThread) -> None:
     batch_server.config.schema_break_rate = 0.2

@@ -101,8 +101,9 @@ class BatchExecutor:
                 # a request a batch holds (or answered, while it was being planned) waits
                 # for that batch: it is delivered from the store
                 held = await self._run.book.held(self._shard_ids, [call.key for call in fresh])
-                for call in fresh:
-                    if call.key not in held and call.key not in self._driver.requeued_keys:
+                for call in fresh:  # items that render one request share one line
+                    if call.key not in held and call.key not in taken and (
+                            call.key not in self._driver.requeued_keys):
                         gathered.append(call)
                         taken.add(call.key)
                 if ended or self._stop.is_set():
