@@ -85,6 +85,20 @@ class Delivery:
             outputs = outputs + more.outputs
         await self.pass_on(waiting[:taken] + late, outputs)
 
+    async def keep(self, result: CallResult) -> CallResult:
+        """Store a paid reply that breaks the schema, with its attempts, before its re-ask:
+        the result as read back from the store (a reply stored already is left as it is)."""
+        if result.stored_id is not None or result.body is None:
+            return result
+        run, _ = self._context()
+        response = self._outcomes.response(result)
+        if response is None:
+            return result
+        await run.store.save(Settled(self._name, run.origin, result.call.key,
+                                     result.finished_at, response, result.attempts, []))
+        assert response.id is not None
+        return stored_result(result.call, response.id, result.body)
+
     async def _settle(self, exchange: Exchange, waiting: list[Planned]) -> Settled | None:
         """Commit an exchange: the replies that broke the schema first (kept, each under its
         own request), then the outputs the reply that stands gives `waiting`; None, with

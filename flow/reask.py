@@ -24,6 +24,7 @@ from flow.records import Call, CallResult, utc_now
 from flow.schema import reask_messages
 
 Send = Callable[[Call], Awaitable[CallResult]]
+Keep = Callable[[CallResult], Awaitable[CallResult]]  # stores a paid reply: its stored form
 
 
 @dataclass
@@ -38,10 +39,11 @@ class Exchange:
 class Reasker:
     """Sends the re-asks one stage's schema allows."""
 
-    def __init__(self, post: PostProcessor, retries: int, send: Send) -> None:
+    def __init__(self, post: PostProcessor, retries: int, send: Send, keep: Keep) -> None:
         self._post = post
         self._retries = retries
         self._send = send
+        self._keep = keep
         self.reasks = 0  # sent in this run
 
     def wants(self, result: CallResult) -> bool:
@@ -60,6 +62,9 @@ class Reasker:
             mismatch = self._post.mismatch(reply.text)
             if mismatch is None:
                 break
+            # the reply that broke the schema is on disk before its re-ask goes out: a kill
+            # while the re-ask is on its way loses nothing paid
+            exchange.final = await self._keep(exchange.final)
             request = reask_messages(exchange.final.call.request, reply.text, mismatch)
             request_json = canonical_json(request)
             again = await self._send(Call(key_of_json(request_json), request, request_json))

@@ -117,7 +117,8 @@ class Stage:
         executor's one call), a batch stage's too: its lines' re-asks go out online."""
         if self.post.schema is not None and self.config.schema_retries:
             self._send_reask = send
-            self.delivery.reasker = Reasker(self.post, self.config.schema_retries, self._reask)
+            self.delivery.reasker = Reasker(self.post, self.config.schema_retries, self._reask,
+                                            self.delivery.keep)
 
     async def _reask(self, call: Call) -> CallResult:
         """A re-ask's result: read back when the store holds a reply to it already, else sent
@@ -253,6 +254,10 @@ class Stage:
                 done.append(planned)
             elif action is Action.SKIP_FAILED:
                 failed.append(planned)
+            elif action is Action.POST and key in self._in_flight:
+                # its reply is stored and being re-asked: the item waits for that exchange
+                self._in_flight[key].append(planned)
+                run.progress.reused += 1
             elif action is Action.POST:
                 reposts.append(planned)
             elif action is Action.CALL and self.in_store:

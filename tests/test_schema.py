@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from conftest import kill_mid_run, questions
 
 from flow.schema_check import first_mismatch
 from flow.simulator import SimulatorThread
@@ -112,6 +113,26 @@ def test_reasks_count_against_the_call_limit_and_wait_for_the_next_run(
     assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'done'") == [(80,)]
     assert pipeline.query("SELECT COUNT(*) - COUNT(DISTINCT request_key) FROM responses") == [
         (0,)]
+
+
+def test_a_kill_while_a_reask_is_on_its_way_keeps_the_reply_it_corrects(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    simulator.config.schema_break_rate = 1.0  # every first reply breaks, no re-ask's does
+    simulator.config.latency_ms = 300  # the kill lands while the re-ask waits for its reply
+    pipeline = make_pipeline(rows=questions(1), base_url=simulator.url, post=[], call={
+        "schema": {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}},
+                   "required": ["label"]}, "concurrency": 1})
+    kill_mid_run(pipeline, simulator, 2)
+    # the broken reply was paid for: it is on disk before its re-ask goes out
+    assert pipeline.query("SELECT COUNT(*) FROM responses") == [(1,)]
+    simulator.config.latency_ms = 0
+    assert pipeline.run() == 0
+    # the resumed run sends only the re-ask the kill cut off, never the first request again
+    assert simulator.stats.requests == 3
+    assert pipeline.query("SELECT COUNT(*), COUNT(DISTINCT request_key) FROM responses") == [
+        (2, 2)]
+    assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
+        ("done", 1)]
 
 
 def test_without_reasks_exactly_the_broken_replies_fail_with_schema_error(
