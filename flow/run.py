@@ -27,7 +27,7 @@ from flow.config import PipelineConfig, check_api_key
 from flow.config.store_url import sqlite_path
 from flow.endpoints import endpoint_origin, same_origin
 from flow.errors import ConfigError, FatalCallError
-from flow.execute import Deliver, Executor
+from flow.execute import Deliver, Executor, ExecutorCounters
 from flow.execute.batch import BatchExecutor, BatchRun
 from flow.execute.batch_shard import URLS
 from flow.execute.client import make_client
@@ -92,6 +92,7 @@ class Run:
         self._abort = asyncio.Event()
         self._budget = Budget(options.limit, keys.max_cost_usd)
         self._batch_worst_usd = 0.0  # the batches this run created, each at its worst
+        self._counters: list[ExecutorCounters] = []  # every executor's, online ones too
 
     def request_stop(self) -> None:
         """First call: finish what is in flight, start nothing new. Second call: stop now."""
@@ -145,9 +146,15 @@ class Run:
                     now = PackingExecutor(stage.config, OnlineExecutor(
                         packed_config(stage.config), client, limiters[stage.config.model],
                         [api_key, *stage.config.secrets()], self._stop_feeding))
+                # the stage's re-asks go out through `online` (a batch stage's too), and a
+                # batch stage's expired lines through `now`: their calls are counted as well
+                self._counters.append(online.counters)
+                if now is not online:
+                    self._counters.append(now.counters)
                 if stage.config.executor == "batch":
                     executors.append(self._batch_executor(stage, client, now, store,
                                                           store_tag))
+                    self._counters.append(executors[-1].counters)
                 else:
                     executors.append(now)
             try:
@@ -245,7 +252,7 @@ class Run:
 
     async def _conduct(self, executors: list[Executor], limiters: list[RateLimiter]) -> None:
         """Feed every stage until the input ends or a stop; drain on a stop request."""
-        ticker = asyncio.create_task(self._tick(executors, limiters))
+        ticker = asyncio.create_task(self._tick(limiters))
 
         async def feed(stage: Stage, executor: Executor) -> None:
             try:
@@ -273,7 +280,7 @@ class Run:
             for task in (work, stop, ticker):
                 task.cancel()
             await asyncio.gather(work, stop, ticker, return_exceptions=True)
-            self.progress.observe([e.counters for e in executors], limiters[0].stats())
+            self.progress.observe(self._counters, limiters[0].stats())
 
     def _stop_if_tripped(self) -> None:
         """Items keep failing the same way: send nothing more; what is in flight finishes."""
@@ -281,9 +288,9 @@ class Run:
             self.progress.stopping = "items keep failing the same way"
             self._stop_feeding.set()
 
-    async def _tick(self, executors: list[Executor], limiters: list[RateLimiter]) -> None:
+    async def _tick(self, limiters: list[RateLimiter]) -> None:
         while True:
-            self.progress.observe([e.counters for e in executors], limiters[0].stats())
+            self.progress.observe(self._counters, limiters[0].stats())
             if self._on_progress is not None:
                 self._on_progress(self.progress)
             await asyncio.sleep(TICK_S)

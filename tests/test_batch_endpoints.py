@@ -58,6 +58,8 @@ def test_a_batch_stage_with_a_schema_reasks_broken_lines_online(
     broken = batch_server.stats.schema_broken
     assert broken > 0
     assert batch_server.stats.requests == broken  # each broken line re-asked once, online
+    # those online calls are the run's calls, as every other online call is
+    assert pipeline.query("SELECT calls_made FROM runs") == [(broken,)]
     outputs = [json.loads(o) for (o,) in pipeline.query(
         "SELECT output FROM results WHERE status = 'done'")]
     assert len(outputs) == 40 and all(o["label"] in ("pos", "neg") for o in outputs)
