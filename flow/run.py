@@ -135,11 +135,13 @@ class Run:
                                  asyncio.Event(), self._stop_if_tripped)
             limiters = self._limiters()
             executors: list[Executor] = []
+            onlines: list[OnlineExecutor] = []
             store_tag = await store.store_id()
             for stage, client in zip(self.stages, clients):
                 stage.attach(context)
                 online = OnlineExecutor(stage.config, client, limiters[stage.config.model],
                                         [api_key, *stage.config.secrets()], self._stop_feeding)
+                onlines.append(online)
                 stage.send_reasks_with(online.call)
                 now: Executor = online
                 if stage.config.endpoint == "embeddings":
@@ -158,7 +160,7 @@ class Run:
                 else:
                     executors.append(now)
             try:
-                await self._conduct(executors, list(limiters.values()))
+                await self._conduct(executors, onlines, list(limiters.values()))
             except FatalCallError as e:
                 fatal = e
             finally:
@@ -250,22 +252,29 @@ class Run:
             limiters[model] = RateLimiter(rpm, tpm, reserve=stage.reserve)
         return limiters
 
-    async def _conduct(self, executors: list[Executor], limiters: list[RateLimiter]) -> None:
+    async def _conduct(self, executors: list[Executor], onlines: list[OnlineExecutor],
+                       limiters: list[RateLimiter]) -> None:
         """Feed every stage until the input ends or a stop; drain on a stop request."""
         ticker = asyncio.create_task(self._tick(limiters))
 
-        async def feed(stage: Stage, executor: Executor) -> None:
+        async def feed(stage: Stage, executor: Executor, online: OnlineExecutor) -> None:
+            # a batch stage's re-asks wait for the online limiter beside its batches: a stop
+            # ends those waits at once, as it does an online stage's
+            waker = None if executor is online else asyncio.create_task(online.wake_on_stop())
             try:
                 await executor.execute(stage.calls(), stage.deliver)
                 await stage.delivery.drain()
             finally:
+                if waker is not None:
+                    waker.cancel()
                 if stage.inbox is not None:
                     await stage.inbox.close()  # stopped early: the stage before never waits
                 if stage.next is not None and stage.next.inbox is not None:
                     await stage.next.inbox.end()
 
         work: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(
-            *(feed(stage, executor) for stage, executor in zip(self.stages, executors))))
+            *(feed(stage, executor, online) for stage, executor, online
+              in zip(self.stages, executors, onlines))))
         stop: asyncio.Future[Any] = asyncio.create_task(self._stop_feeding.wait())
         try:
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)

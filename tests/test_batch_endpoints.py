@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 import pytest
-from conftest import questions
+from conftest import flow_process, questions, wait_for_requests
 
 from flow.simulator import SimulatorConfig, SimulatorThread
 
@@ -85,6 +86,30 @@ def test_items_that_render_one_request_share_one_batch_line_and_its_reask(
         (20 + broken, 20)]
     assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
         ("done", 40)]
+
+
+def test_a_stop_ends_the_reasks_waiting_for_the_limiter_at_once(
+        make_pipeline: Any, batch_server: SimulatorThread) -> None:
+    batch_server.config.schema_break_rate = 0.2
+    # one request a minute: the first re-ask goes out, the others wait for the limiter, and
+    # a stop must give them back at once rather than wait out drain_s
+    pipeline = make_pipeline(rows=questions(40), base_url=batch_server.url, post=[], call={
+        "schema": SCHEMA, "rpm": 1, "drain_s": 600, "executor": "batch",
+        "batch": {"max_requests_per_batch": 40, **FAST}})
+    child = flow_process(pipeline)
+    wait_for_requests(batch_server, 1)
+    child.send_signal(signal.SIGINT)
+    try:
+        child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    broken = batch_server.stats.schema_broken
+    assert broken > 1 and batch_server.stats.requests == 1
+    # every line kept; the broken ones not re-asked are pending, not failed
+    assert pipeline.query("SELECT COUNT(*), COUNT(batch_id) FROM responses") == [(41, 40)]
+    assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
+        ("done", 40 - broken + 1), ("pending", broken - 1)]
 
 
 def test_a_batch_stage_without_reasks_fails_exactly_the_broken_lines(

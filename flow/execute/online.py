@@ -113,7 +113,7 @@ class OnlineExecutor:
 
         workers = [asyncio.create_task(self._work(next_call, deliver))
                    for _ in range(self._config.concurrency)]
-        waker = asyncio.create_task(self._wake_on_stop())
+        waker = asyncio.create_task(self.wake_on_stop())
         try:
             for finished in asyncio.as_completed(workers):
                 await finished  # the first failure (a fatal error, a store error) ends all
@@ -124,11 +124,12 @@ class OnlineExecutor:
                 task.cancel()
             await asyncio.gather(*workers, waker, return_exceptions=True)
 
-    async def _wake_on_stop(self) -> None:
+    async def wake_on_stop(self) -> None:
         """On a stop request, end the waits between retries and for the rate limiter:
-        nothing is in flight there, so their calls are given back unsent."""
+        nothing is in flight there, so their calls are given back unsent. Besides `execute`,
+        a batch stage runs it for its re-asks, which go out through `call`."""
         await self._stop.wait()
-        for task in self._idle:
+        for task in self._idle - self._woken:  # a task is woken once, whoever wakes it
             self._woken.add(task)
             task.cancel()
 
