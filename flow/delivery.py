@@ -29,8 +29,10 @@ class Delivery:
     """A stage's results, committed and handed on."""
 
     def __init__(self, name: str, outcomes: Outcomes, stages: Sequence[str],
-                 in_flight: dict[str, list[Planned]], plan_lock: asyncio.Lock) -> None:
+                 in_flight: dict[str, list[Planned]], plan_lock: asyncio.Lock,
+                 settles: bool = True) -> None:
         self._name = name
+        self._settles = settles  # a result settles a call the budget counts in flight
         self._outcomes = outcomes
         self._first = stages[0]
         self._earlier = list(stages[:stages.index(name)])
@@ -51,7 +53,8 @@ class Delivery:
         pass the items on."""
         run, _ = self._context()
         key = result.call.key
-        run.budget.settle()
+        if self._settles:
+            run.budget.settle()
         run.settled.set()
         if result.unsent:
             async with self._plan_lock:

@@ -97,7 +97,7 @@ class Stage:
         # found by request key when their results come
         self.in_store = self.config.executor == "batch"
         self.delivery = Delivery(self.name, self.outcomes, [s.name for s in chain],
-                                 self._in_flight, self._plan_lock)
+                                 self._in_flight, self._plan_lock, settles=not self.in_store)
         self.deliver = self.delivery.deliver
         self._send_reask: Send | None = None
         self._run: RunContext | None = None
@@ -289,6 +289,11 @@ class Stage:
                 self.price, call.request_json, self.reserve.cap)
             verdict = budget.take(progress.cost_usd, estimate)
             if verdict is Verdict.GO:
+                if self.in_store and not online:
+                    # a batch's line is counted as sent, never as in flight: its batch was
+                    # budgeted at its worst, and items that share a request (or a line a batch
+                    # answered before) are not delivered one by one to settle it
+                    budget.settle()
                 return True
             if verdict is Verdict.STOP:
                 break

@@ -112,6 +112,25 @@ def test_a_stop_ends_the_reasks_waiting_for_the_limiter_at_once(
         ("done", 40 - broken + 1), ("pending", broken - 1)]
 
 
+def test_reasks_under_a_cap_end_when_many_items_share_each_line(
+        make_pipeline: Any, batch_server: SimulatorThread) -> None:
+    batch_server.config.schema_break_rate = 1.0
+    # 40 items, 2 requests: 2 lines. The cap fits the batch, and the re-asks once it is paid
+    rows = [{"id": f"r{i:02d}", "question": f"What is {i % 2}?"} for i in range(40)]
+    pipeline = make_pipeline(rows=rows, base_url=batch_server.url, post=[], call={
+        "schema": SCHEMA, "executor": "batch", "params": {"max_tokens": 20},
+        "max_cost_usd": 0.00003, "batch": {"max_requests_per_batch": 40, **FAST}})
+    child = flow_process(pipeline)  # a child: the run waited forever for 38 calls never sent
+    try:
+        child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+    assert batch_server.stats.requests == 2  # both lines re-asked online
+    assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
+        ("done", 40)]
+
+
 def test_a_batch_stage_without_reasks_fails_exactly_the_broken_lines(
         make_pipeline: Any, batch_server: SimulatorThread) -> None:
     batch_server.config.schema_break_rate = 0.2
