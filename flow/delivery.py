@@ -120,7 +120,8 @@ class Delivery:
         if result.stored_id is None:
             response = self._outcomes.response(result)
             settled = self._outcomes.for_result(result, waiting, response, result.attempts)
-            settled.outputs[0].bought = response is not None
+            if settled.outputs:
+                settled.outputs[0].bought = response is not None
         else:  # a re-ask the store answered before: read back, its payer chosen again
             settled = self._outcomes.for_result(result, waiting, None, [])
             for output in settled.outputs:
@@ -150,7 +151,7 @@ class Delivery:
             planned.upstream = {stage: {"output": json.loads(output)} for stage, output
                                 in upstream.get(item_id, {}).items()}
             items.append(planned)
-        if lease is None and response is not None and self.reasker is not None and (
+        if lease is None and items and response is not None and self.reasker is not None and (
                 self.reasker.wants(result)):
             # a batch's line that breaks the schema: kept at once (never bought twice), and
             # re-asked online beside the collection; its items settle when that ends
@@ -160,7 +161,7 @@ class Delivery:
             task = asyncio.create_task(self._reask_stored(
                 stored_result(result.call, response.id, result.body), items))
             self._reasking.add(task)
-            task.add_done_callback(self._reasking.discard)
+            task.add_done_callback(self._reasked_one)
             return
         settled = self._outcomes.for_result(result, items, response, result.attempts)
         if settled.outputs:
@@ -186,6 +187,12 @@ class Delivery:
             run.progress.completed += len(items)
         run.stop_if_tripped()
         await self.pass_on(items, settled.outputs, fresh=True)
+
+    def _reasked_one(self, task: asyncio.Task[None]) -> None:
+        """Forget a line's re-asks once they end well; one that failed stays for `drain`
+        to raise, so that a run whose results were not all committed never ends as finished."""
+        if task.cancelled() or task.exception() is None:
+            self._reasking.discard(task)
 
     async def drain(self) -> None:
         """Wait for the re-asks of a batch's lines still out."""

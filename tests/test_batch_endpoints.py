@@ -131,6 +131,24 @@ def test_reasks_under_a_cap_end_when_many_items_share_each_line(
         ("done", 40)]
 
 
+def test_a_line_no_item_waits_on_is_kept_and_not_reasked(
+        make_pipeline: Any, batch_server: SimulatorThread) -> None:
+    batch_server.config.schema_break_rate = 0.3
+    pipeline = make_pipeline(rows=questions(40), base_url=batch_server.url, post=[], call={
+        "schema": SCHEMA, "executor": "batch", "batch": {"max_requests_per_batch": 40, **FAST}})
+    assert pipeline.run("--detach") == 0
+    # the prompt edited while the batch runs: its lines answer requests no item renders now
+    pipeline.config["call"]["messages"][0]["content"] = "Answer very briefly."
+    assert pipeline.run() == 0
+    assert batch_server.stats.batch_lines == 80
+    # every online call is a re-ask some item needed, and every one is kept
+    reasks = pipeline.query("SELECT COUNT(*) FROM responses WHERE batch_id IS NULL")
+    assert reasks == [(batch_server.stats.requests,)]
+    assert pipeline.query("SELECT COUNT(*) FROM responses WHERE batch_id IS NOT NULL") == [(80,)]
+    assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
+        ("done", 40)]
+
+
 def test_a_batch_stage_without_reasks_fails_exactly_the_broken_lines(
         make_pipeline: Any, batch_server: SimulatorThread) -> None:
     batch_server.config.schema_break_rate = 0.2
