@@ -199,6 +199,14 @@ class Delivery:
         while self._reasking:
             await asyncio.gather(*self._reasking)
 
+    async def abandon(self) -> None:
+        """End the re-asks still out (a second Ctrl-C, a fatal error): like any call in
+        flight then, a reply not in yet is not waited for; the reply each corrects is kept."""
+        for task in self._reasking:
+            task.cancel()
+        await asyncio.gather(*self._reasking, return_exceptions=True)
+        self._reasking.clear()
+
     async def repost(self, items: list[Planned]) -> None:
         """Make outputs from stored replies (post steps or the items changed): no call, unless
         a stored reply now breaks the schema and its re-ask was never answered."""

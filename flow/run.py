@@ -267,6 +267,7 @@ class Run:
             finally:
                 if waker is not None:
                     waker.cancel()
+                await stage.delivery.abandon()
                 if stage.inbox is not None:
                     await stage.inbox.close()  # stopped early: the stage before never waits
                 if stage.next is not None and stage.next.inbox is not None:
