@@ -43,6 +43,7 @@ class Delivery:
         self._planner: Planner | None = None
         self.reasker: Reasker | None = None  # a stage with a schema
         self._reasking: set[asyncio.Task[None]] = set()  # a batch's lines being re-asked
+        self.reask_parallel = 1  # stored replies re-asked at once (the stage's concurrency)
 
     def attach(self, run: RunContext, planner: Planner) -> None:
         """Start delivering in a run whose store is open."""
@@ -214,26 +215,41 @@ class Delivery:
         bodies = await run.store.reply_bodies(p.known.reply_id for p in items
                                               if p.known.reply_id is not None)
         if self.reasker is not None:
-            items = [p for p in items if not await self._reasked(p, bodies)]
+            # one exchange per stored reply, as many at once as the stage sends calls: a
+            # resume with many re-asks pending is not one round trip after another
+            groups: dict[tuple[str, int | None], list[Planned]] = {}
+            for planned in items:
+                assert planned.call is not None
+                groups.setdefault((planned.call.key, planned.known.reply_id), []).append(planned)
+            turns = asyncio.Semaphore(self.reask_parallel)
+
+            async def reasked(group: list[Planned]) -> bool:
+                async with turns:
+                    return await self._reasked(group, bodies)
+
+            handled = await asyncio.gather(*(reasked(g) for g in groups.values()))
+            items = [p for group, done in zip(groups.values(), handled) if not done
+                     for p in group]
             if not items:
                 return
         settled = self._outcomes.from_stored(items, bodies)
         await run.store.save(settled)
         await self.pass_on(items, settled.outputs)
 
-    async def _reasked(self, planned: Planned, bodies: dict[int, str]) -> bool:
-        """Whether `planned`'s stored reply broke the schema and went through its re-asks
-        (read back from the store where it holds them), its output committed and passed on."""
-        assert self.reasker is not None and planned.call is not None
-        reply_id = planned.known.reply_id
+    async def _reasked(self, items: list[Planned], bodies: dict[int, str]) -> bool:
+        """Whether the stored reply `items` share broke the schema and went through its
+        re-asks (read back from the store where it holds them), their outputs committed and
+        passed on."""
+        assert self.reasker is not None and items[0].call is not None
+        reply_id = items[0].known.reply_id
         assert reply_id is not None
         exchange = await self.reasker.exchange(
-            stored_result(planned.call, reply_id, bodies.get(reply_id, "")))
+            stored_result(items[0].call, reply_id, bodies.get(reply_id, "")))
         if not exchange.invalid and not exchange.stopped:
             return False  # the stored reply stands: made into an output with the others
-        settled = await self._settle(exchange, [planned])
+        settled = await self._settle(exchange, items)
         if settled is not None:
-            await self.pass_on([planned], settled.outputs)
+            await self.pass_on(items, settled.outputs)
         return True
 
     async def pass_on(self, items: list[Planned], outputs: list[OutputRecord],

@@ -117,6 +117,7 @@ class Stage:
         executor's one call), a batch stage's too: its lines' re-asks go out online."""
         if self.post.schema is not None and self.config.schema_retries:
             self._send_reask = send
+            self.delivery.reask_parallel = self.config.concurrency
             self.delivery.reasker = Reasker(self.post, self.config.schema_retries, self._reask,
                                             self.delivery.keep)
 

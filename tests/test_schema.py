@@ -135,6 +135,23 @@ def test_a_kill_while_a_reask_is_on_its_way_keeps_the_reply_it_corrects(
         ("done", 1)]
 
 
+def test_reasks_left_for_the_next_run_go_out_together(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    simulator.config.schema_break_rate = 0.3
+    simulator.config.latency_ms = 50
+    pipeline = _model_pipeline(make_pipeline, simulator, "grades_later", 40, concurrency=40)
+    # all 40 calls are out before the first reply: the limit holds back every re-ask
+    pipeline.run("--limit", "40")
+    broken = simulator.stats.schema_broken
+    assert broken > 1 and simulator.stats.requests == 40
+    simulator.stats.most_waiting = 0
+    assert pipeline.run() == 0
+    assert simulator.stats.requests == 40 + broken
+    # the kept replies' re-asks went out as the stage sends calls, together, not one by one
+    # (the run's first request goes alone, to hear the server's limits)
+    assert simulator.stats.most_waiting >= broken - 1
+
+
 def test_without_reasks_exactly_the_broken_replies_fail_with_schema_error(
         make_pipeline: Any, simulator: SimulatorThread) -> None:
     simulator.config.schema_break_rate = 0.1

@@ -62,6 +62,8 @@ class SimulatorStats:
     window_peak: int = 0
     schema_broken: int = 0  # replies made to break their json_schema
     embedded_inputs: int = 0  # inputs of embeddings requests answered or refused
+    waiting: int = 0  # chat requests in their latency now
+    most_waiting: int = 0  # the most at once: how many a client had out together
 
     @property
     def max_per_request(self) -> int:

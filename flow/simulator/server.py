@@ -208,7 +208,12 @@ class Simulator:
             self.stats.window_peak = max(self.stats.window_peak, round(requests.used))
         delay = self.config.latency_ms + self._random.uniform(0, self.config.jitter_ms)
         if delay:
-            await asyncio.sleep(delay / 1000)
+            self.stats.waiting += 1  # chat requests in their latency at once, at most
+            self.stats.most_waiting = max(self.stats.most_waiting, self.stats.waiting)
+            try:
+                await asyncio.sleep(delay / 1000)
+            finally:
+                self.stats.waiting -= 1
 
         fault = marker or self._outage() or self._random_fault()
         if fault == "drop":
