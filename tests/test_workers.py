@@ -39,6 +39,17 @@ def rows_of(url: str, sql: str) -> list[tuple[Any, ...]]:
         return db.execute(sql).fetchall()
 
 
+def wait_for_runs(url: str, count: int, within_s: float = 30) -> None:
+    """Wait until `count` workers have started their runs on the store."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        ((running,),) = rows_of(url, "SELECT COUNT(*) FROM runs WHERE state = 'running'")
+        if running >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} workers did not start within {within_s} s")
+
+
 def outputs_once(url: str, items: int) -> None:
     """Every item has one output, done, made from a reply to its own request."""
     ((count, done, distinct),) = rows_of(url, "SELECT COUNT(*), COUNT(*) FILTER (WHERE status "
@@ -155,6 +166,7 @@ def test_workers_go_on_when_the_database_restarts(
     assert pipeline.cli("plan") == 0
     started = workers(pipeline, 2)
     wait_for_requests(simulator, 100)
+    wait_for_runs(postgres_url, 2)  # both workers connected: the restart meets them both
     folder = postgres_server.split("host=")[1]
     server = pgserver.get_server(folder, cleanup_mode="stop")
     pid = server.get_pid()

@@ -219,7 +219,8 @@ class PostgresStore:
                                                         (stage, list(chunk)), raw=True))
         rows = [(stage, i.item_id, i.row, i.input, i.request_key, origin, i.error_class,
                  i.error, int(i.skipped), i.stopped_at, now) for i in items]
-        writes: list[tuple[str, list[Any]]] = [(q.ITEMS_UPSERT, [q.columns_of(rows, True)])]
+        writes: list[tuple[str, list[Any]]] = [
+            (q.ITEMS_UPSERT, [q.columns_of(rows, q.ITEM_COLUMNS, keyed=True)])]
         if used:
             writes.append((q.REASSIGN_PAYER, [(used,)]))
         await self._many("cannot write items", writes)
@@ -306,11 +307,15 @@ class PostgresStore:
 
         while True:
             if self._commits is None:
-                self._commits = await connect(self.path, migrate=False)
+                try:
+                    self._commits = await connect(self.path, migrate=False)
+                except StoreError as e:
+                    if not self.worker_session:
+                        raise
+                    self._commits = await reconnect(self.path, e)  # a server restarting
             db = self._commits
             try:
-                async with db.transaction():
-                    await write_group(db, self.queue, group, self.run_id)
+                await write_group(db, group, self.run_id)
                 self.rejected += sum(1 for settled in group if settled.rejected)
                 return
             except psycopg.Error as e:
