@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from flow.config.store_url import StoreURL
+from flow.errors import StoreError
 from flow.store.postgres import require_psycopg
 from flow.store.postgres.connect import CONNECT_TIMEOUT_S
+from flow.store.postgres.schema import READS_NEED
 from flow.store.postgres.sql import pyformat, store_error
 
 
@@ -30,9 +32,15 @@ class Reader:
                                        application_name="flow")
             self._db.read_only = True
             self.execute("SELECT 1 FROM outputs LIMIT 1")
+            (migrated,) = self.execute("SELECT COUNT(*) FROM migrations WHERE name = ?",
+                                       (READS_NEED,)).fetchone()
         except psycopg.Error as e:
             raise store_error(url, "cannot read the store (plan or run the pipeline once to "
                                    "create it)", e) from None
+        if not migrated:
+            self.close()
+            raise StoreError(f"{url}: the store was made by an older flow; `flow plan` (or a "
+                             "worker) with this one brings it up to date, then read it")
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> Any:
         """The cursor of `sql`, run with `params`."""
