@@ -10,6 +10,7 @@ and nothing else changes (`Settled.rejected`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -325,8 +326,14 @@ class PostgresStore:
                 self.rejected += sum(1 for settled in group if settled.rejected)
                 return
             except psycopg.Error as e:
-                if not db.broken and not db.closed:
+                # a connection lost inside the pipeline may not be marked broken yet (its
+                # error is "cannot exit pipeline mode while busy"): any operational error
+                # is taken as a lost connection, which is made again
+                lost = db.broken or db.closed or isinstance(e, psycopg.OperationalError)
+                if not lost:
                     raise self._error("cannot write results", e) from None
+                with contextlib.suppress(psycopg.Error):
+                    await db.close()
                 self._commits = await reconnect(self.path, e, self._idle_s)
 
     async def _many(self, doing: str, writes: list[tuple[str, list[Any]]]) -> None:
