@@ -61,10 +61,10 @@ def outputs_once(url: str, items: int) -> None:
 
 def test_three_workers_do_every_item_once_and_a_killed_one_costs_its_flight(
         make_pipeline: Any, postgres_url: str, simulator: Any) -> None:
-    simulator.config.latency_ms = 5
+    simulator.config.latency_ms = 20
     pipeline = shared(make_pipeline, postgres_url, 2000, simulator.url)
     assert pipeline.cli("plan") == 0
-    started = workers(pipeline, 3, "--lease-s", "1")
+    started = workers(pipeline, 3, "--lease-s", "2")
     wait_for_requests(simulator, 500)
     started[0].send_signal(signal.SIGKILL)
     for child in started[1:]:
