@@ -9,7 +9,9 @@ process, and prints one row per figure:
     python bench/workers.py --only scale limit
 
 - `store`: requests claimed in batches of 100 by 4 workers (a connection each, in one
-  process) and completed through the store's group commit (a reply, an attempt and an output each, fenced by lease), items per second.
+  process) and completed through the store's group commit (a reply and an output each,
+  fenced by lease), items per second, with the CPU seconds of this process and of the
+  server's processes while they ran (Linux: read from /proc).
 - `scale`: 1, 2 and 4 `flow worker` processes on 4,000 items against the simulator (no
   latency): the simulator's requests per second over the whole run.
 - `limit`: 3 workers sharing one limit of 600 requests per sliding 60 s, for 90 s (200 ms
@@ -50,9 +52,30 @@ def new_database(server_url: str) -> str:
     return server_url.replace("/postgres?", f"/{name}?")
 
 
-async def store_rate(url: str, items: int = 40_000, tasks: int = 4, claim: int = 100) -> float:
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds of the server process `pid` and of every process it started (sessions
+    that ended are counted in its children's times)."""
+    def fields(of: int) -> list[str]:
+        text = Path(f"/proc/{of}/stat").read_text()
+        return text[text.rindex(")") + 2:].split()
+
+    ticks = sum(int(v) for v in fields(pid)[11:15])  # utime, stime, cutime, cstime
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                child = fields(int(entry.name))
+            except OSError:
+                continue
+            if int(child[1]) == pid:
+                ticks += int(child[11]) + int(child[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def store_rate(url: str, server_pid: int, items: int = 40_000, tasks: int = 4,
+                     claim: int = 100) -> dict[str, float]:
     """Claimed and completed per second, through the store's own calls, by `tasks` workers
-    (each its own connection, as worker processes have)."""
+    (each its own connection, as worker processes have); the CPU seconds of this process
+    and of the server while they worked."""
     from flow.store.postgres.store import PostgresStore
 
     stores = [await PostgresStore.open(StoreURL(url)) for _ in range(tasks)]
@@ -74,13 +97,16 @@ async def store_rate(url: str, items: int = 40_000, tasks: int = 4, claim: int =
             done += len(claimed)
         return done
 
+    server_before, client_before = server_cpu_s(server_pid), time.process_time()
     started = time.perf_counter()
     done = sum(await asyncio.gather(*(work(store) for store in stores)))
     elapsed = time.perf_counter() - started
+    client = time.process_time() - client_before
+    server = server_cpu_s(server_pid) - server_before
     for store in stores:
         await store.close()
     assert done == items, (done, items)
-    return items / elapsed
+    return {"items_per_s": items / elapsed, "client_cpu_s": client, "server_cpu_s": server}
 
 
 def settled(key: str, token: int) -> Settled:
@@ -157,14 +183,21 @@ def main() -> None:
     parser.add_argument("--limit-s", type=float, default=90.0,
                         help="how long the workers run under the shared limit (the busiest "
                              "60 s of it is counted; workers take a few seconds to start)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure the store this many times (the machine is noisy)")
     args = parser.parse_args()
     chosen = set(args.only or ("store", "scale", "limit"))
     with tempfile.TemporaryDirectory() as pgdata:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
         url = str(server.get_uri())
         if "store" in chosen:
-            rate = asyncio.run(store_rate(new_database(url)))
-            print(f"store: {rate:,.0f} items/s claimed and completed (target >= 5,000)")
+            pid = server.get_pid()
+            assert pid is not None
+            for _ in range(args.repeat):
+                got = asyncio.run(store_rate(new_database(url), pid))
+                print(f"store: {got['items_per_s']:,.0f} items/s claimed and completed "
+                      f"(target >= 5,000); CPU s for 40,000 items: client "
+                      f"{got['client_cpu_s']:.2f}, server {got['server_cpu_s']:.2f}")
         if "scale" in chosen:
             for processes in (1, 2, 4):
                 print(f"scale: {processes} worker processes: "

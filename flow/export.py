@@ -1,9 +1,10 @@
 """Write a store's results, one record per item in input order, as JSONL, CSV or Parquet.
 
-Records are built by SQLite itself from the `results` view, so a million rows need no per-row
-work in Python. A chain exports one stage (its last, unless asked for another) over the items
-of its first stage: an item that has not reached that stage yet is `pending` there. Besides
-input fields, `--fields` can take any stage's output (`answer.output`) or a JSON path into it
+Records are built by the database itself from the `results` view, so a million rows need no
+per-row work in Python; the SQL is SQLite's, which a PostgreSQL store reads through the JSON
+functions and operators of its `m005_sqlite_json` migration. A chain exports one stage (its
+last, unless asked for another) over the items of its first stage: an item that has not
+reached that stage yet is `pending` there. Besides input fields, `--fields` can take any stage's output (`answer.output`) or a JSON path into it
 (`grade.output.grade`).
 """
 
@@ -74,15 +75,9 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
         dimensions = [] if isinstance(path, StoreURL) else vector_dimensions(db, chosen)
         if fmt == "parquet":
             return _write_parquet(db, path, out, picked, only, stages[0], chosen, dimensions)
-        if isinstance(path, StoreURL):
-            if keyed:
-                raise ConfigError("--fields: a stage's output as a column is read from a "
-                                  "SQLite store only, for now")
-            sql = postgres_export_sql(fmt, [f.name for f in picked], only, chosen)
-        else:
-            sql = (_chain_export_sql(fmt, picked, only, stages[0], chosen, bool(dimensions))
-                   if keyed else
-                   _export_sql(fmt, [f.name for f in picked], only, chosen, bool(dimensions)))
+        sql = (_chain_export_sql(fmt, picked, only, stages[0], chosen, bool(dimensions))
+               if keyed else
+               _export_sql(fmt, [f.name for f in picked], only, chosen, bool(dimensions)))
         rows = db.execute(sql, (only,) if only else ())
         header = [f.column for f in picked]
         extra: list[str] = []
@@ -114,14 +109,11 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
 
 def _write_parquet(db: Database, path: Path | StoreURL, out: Path | None, picked: list[_Field],
                    only: str | None, first: str, chosen: str, dimensions: list[int]) -> int:
-    """Parquet: to a file only, from a SQLite store for now."""
+    """Parquet: to a file only."""
     if out is None:
         raise ConfigError("--format parquet: Parquet is written to a file; name it with -o")
     if out.is_dir():
         raise ConfigError(f"-o {out}: is a folder; name the file to write")
-    if isinstance(path, StoreURL):
-        raise ConfigError("-o *.parquet: Parquet is exported from a SQLite store only, for now; "
-                          "export JSONL or CSV")
     columns = [
         JSONColumn(f.column, "first.input", _input_path(f.name), first, True) if f.stage is None
         else JSONColumn(f.column, "results.output", f.path, chosen, False) if f.stage == chosen
@@ -202,7 +194,7 @@ def _export_sql(fmt: str, fields: list[str], only: str | None, stage: str,
                         f"COALESCE(items.input -> {p}, 'null')" for f, p in zip(fields, paths))
         columns = (f"""'{{"id":' || json_quote(results.item_id){extra} || ',"status":"' || """
                    """results.status || '","output":' || COALESCE(results.output, 'null') || """
-                   """',"truncated":' || CASE WHEN results.truncated THEN 'true' """
+                   """',"truncated":' || CASE WHEN results.truncated <> 0 THEN 'true' """
                    """ELSE 'false' END || """
                    """',"error_class":' || json_quote(results.error_class) || ',"error":' || """
                    """json_quote(results.error) || '}'""")
@@ -210,7 +202,7 @@ def _export_sql(fmt: str, fields: list[str], only: str | None, stage: str,
         extra = "".join(f"items.input ->> {p}, " for p in paths)
         columns = (f"results.item_id, {extra}results.status, "
                    "CASE json_type(results.output) WHEN 'text' THEN results.output ->> '$' "
-                   "ELSE results.output END, CASE WHEN results.truncated THEN 'true' "
+                   "ELSE results.output END, CASE WHEN results.truncated <> 0 THEN 'true' "
                    "ELSE 'false' END, results.error_class, results.error")
     if vectors:
         columns += f", {VECTOR_OF_RESULT}"
@@ -256,13 +248,13 @@ def _chain_columns(fmt: str, fields: list[_Field], chosen: str, reached: bool) -
                         f"COALESCE({value}, 'null')" for f, value in zip(fields, values))
         return (f"""'{{"id":' || json_quote(items.item_id){extra} || ',"status":"' || """
                 f"""{status} || '","output":' || COALESCE({output}, 'null') || """
-                f"""',"truncated":' || CASE WHEN {truncated} THEN 'true' ELSE 'false' END || """
+                f"""',"truncated":' || CASE WHEN {truncated} <> 0 THEN 'true' ELSE 'false' END || """
                 f"""',"error_class":' || json_quote({error_class}) || ',"error":' || """
                 f"""json_quote({error}) || '}}'""")
     text = (f"CASE json_type({output}) WHEN 'text' THEN {output} ->> '$' ELSE {output} END"
             if reached else "NULL")
     return (f"items.item_id, {''.join(value + ', ' for value in values)}{status}, {text}, "
-            f"CASE WHEN {truncated} THEN 'true' ELSE 'false' END, {error_class}, {error}")
+            f"CASE WHEN {truncated} <> 0 THEN 'true' ELSE 'false' END, {error_class}, {error}")
 
 
 def _value(fmt: str, f: _Field, output: str | None = None) -> str:
@@ -285,31 +277,6 @@ def _value(fmt: str, f: _Field, output: str | None = None) -> str:
     # a lookup per item: a join would materialize the `results` view of that stage
     return (f"(SELECT {value} FROM results AS earlier WHERE earlier.stage = "
             f"{sql_text(f.stage)} AND earlier.item_id = items.item_id)")
-
-
-def postgres_export_sql(fmt: str, fields: list[str], only: str | None, stage: str) -> str:
-    """`_export_sql` in PostgreSQL's JSON functions: a stage's results in input order."""
-    keys = [sql_text(f) for f in fields]
-    if fmt == "jsonl":
-        extra = "".join(f" || ',' || {sql_text(json.dumps(_column(f)))} || ':' || "
-                        f"COALESCE((items.input::json -> {k})::text, 'null')"
-                        for f, k in zip(fields, keys))
-        columns = (f"""'{{"id":' || to_json(results.item_id)::text{extra} || ',"status":"' """
-                   """|| results.status || '","output":' || COALESCE(results.output, 'null') """
-                   """|| ',"truncated":' || CASE WHEN results.truncated <> 0 THEN 'true' """
-                   """ELSE 'false' END || ',"error_class":' || """
-                   """COALESCE(to_json(results.error_class)::text, 'null') || ',"error":' || """
-                   """COALESCE(to_json(results.error)::text, 'null') || '}'""")
-    else:
-        extra = "".join(f"items.input::json ->> {k}, " for k in keys)
-        columns = (f"results.item_id, {extra}results.status, "
-                   "COALESCE(results.output_text, results.output), CASE WHEN "
-                   "results.truncated <> 0 THEN 'true' ELSE 'false' END, results.error_class, "
-                   "results.error")
-    join = (" JOIN items ON items.stage = results.stage AND items.item_id = results.item_id"
-            if fields else "")
-    return (f"SELECT {columns} FROM results{join} WHERE results.stage = {sql_text(stage)}" +
-            (" AND results.status = ?" if only else "") + " ORDER BY results.row")
 
 
 def _input_path(name: str) -> str:

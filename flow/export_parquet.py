@@ -118,16 +118,21 @@ def _bools(values: Sequence[Any]) -> list[bool | None]:
 def _kind(db: Database, column: JSONColumn) -> str:
     """What every stored value of the column is: int, float, bool, text, or json (mixed)."""
     value, table = ("input", "items") if column.is_input else ("output", "outputs")
-    (found,) = db.execute(f"SELECT group_concat(DISTINCT json_type({value}, "
-                          f"{sql_text(column.path)})) FROM {table} WHERE stage = ?",
-                          (column.stage,)).fetchone()
-    seen = frozenset(found.split(",") if found else ()) - {"null"}
+    seen = frozenset(str(kind) for (kind,) in db.execute(
+        f"SELECT DISTINCT json_type({value}, {sql_text(column.path)}) FROM {table} "
+        "WHERE stage = ?", (column.stage,)).fetchall() if kind is not None) - {"null"}
     return _KINDS.get(seen, "json" if seen else "text")
 
 
+# each kind's SQL type, which both engines read alike (SQLite by the name's affinity)
+_CASTS = {"int": "BIGINT", "float": "DOUBLE PRECISION", "bool": "BOOLEAN"}
+
+
 def _value(column: JSONColumn, kind: str) -> str:
-    arrow = "->" if kind == "json" else "->>"
-    return f"{column.source} {arrow} {sql_text(column.path)}"
+    if kind == "json":
+        return f"{column.source} -> {sql_text(column.path)}"
+    value = f"{column.source} ->> {sql_text(column.path)}"
+    return f"CAST({value} AS {_CASTS[kind]})" if kind in _CASTS else value
 
 
 def _select(columns: Sequence[JSONColumn], kinds: Sequence[str], first: str, chosen: str,

@@ -106,3 +106,57 @@ def test_a_sqlite_only_command_names_the_store_kind(
     assert pipeline.cli("status") == 2
     err = capsys.readouterr().err
     assert "cannot read the store" in err and "password" not in err
+
+
+GRADED = {"messages": [{"role": "system", "content": "Grade the answer from 1 to 5. Reply with "
+                                                     'a JSON object {"grade": n, "why": "..."}.'},
+                       {"role": "user", "content": "{{ question }}"}],
+          "params": {"response_format": {"type": "json_object"}}}
+
+
+def test_outputs_as_fields_csv_and_parquet_export_alike_on_either_store(
+        make_pipeline: Any, simulator: Any, store_kind: str, request: pytest.FixtureRequest,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"g{i}", "question": f"What is {i} plus {i}?", "n": i, "score": i / 4,
+             "flag": i % 2 == 0, "tags": ["a", str(i)]} for i in range(6)]
+    pipeline = on(store_kind, make_pipeline(rows, simulator.url, call=GRADED, post=["json"]),
+                  request)
+    assert pipeline.run() == 0
+    capsys.readouterr()
+    assert pipeline.cli("export", "--fields", "question,n,call.output,call.output.grade") == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in records] == [f"g{i}" for i in range(6)]
+    assert [r["n"] for r in records] == list(range(6))
+    for record in records:
+        assert record["call.output"] == record["output"]
+        assert record["call.output.grade"] == record["output"]["grade"]
+
+    out = pipeline.folder / "out.csv"
+    assert pipeline.cli("export", "-o", str(out), "--fields", "n,flag,call.output.grade") == 0
+    lines = [line.split(",") for line in out.read_text().splitlines()]
+    assert lines[0][:4] == ["id", "n", "flag", "call.output.grade"]
+    assert [line[:3] for line in lines[1:3]] == [["g0", "0", "1"], ["g1", "1", "0"]]
+    assert [line[3] for line in lines[1:]] == [r["output"]["grade"] for r in records]
+
+    parquet = pipeline.folder / "out.parquet"
+    assert pipeline.cli("export", "-o", str(parquet), "--flatten") == 0
+    table = pq.read_table(parquet)
+    types = {field.name: str(field.type) for field in table.schema}
+    assert (types["n"], types["score"], types["flag"], types["tags"]) == (
+        "int64", "double", "bool", "string")
+    assert (types["call.output.grade"], types["call.output.why"]) == ("string", "string")
+    got = table.to_pylist()
+    assert [(r["n"], r["score"], r["flag"], json.loads(r["tags"])) for r in got[:2]] == [
+        (0, 0.0, True, ["a", "0"]), (1, 0.25, False, ["a", "1"])]  # a list as its JSON
+    assert [r["call.output.grade"] for r in got] == [r["output"]["grade"] for r in records]
+
+
+def test_browse_on_postgres_names_the_view_to_open(
+        make_pipeline: Any, postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    pipeline = make_pipeline(questions(3))
+    pipeline.config["store"] = postgres_url
+    assert pipeline.cli("browse") == 2
+    err = capsys.readouterr().err
+    assert "Datasette, which reads SQLite only" in err and "SELECT * FROM browse" in err

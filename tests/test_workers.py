@@ -39,6 +39,17 @@ def rows_of(url: str, sql: str) -> list[tuple[Any, ...]]:
         return db.execute(sql).fetchall()
 
 
+def wait_for_runs(url: str, count: int, within_s: float = 30) -> None:
+    """Wait until `count` workers have started their runs on the store."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        ((running,),) = rows_of(url, "SELECT COUNT(*) FROM runs WHERE state = 'running'")
+        if running >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} workers did not start within {within_s} s")
+
+
 def outputs_once(url: str, items: int) -> None:
     """Every item has one output, done, made from a reply to its own request."""
     ((count, done, distinct),) = rows_of(url, "SELECT COUNT(*), COUNT(*) FILTER (WHERE status "
@@ -70,8 +81,9 @@ def test_three_workers_do_every_item_once_and_a_killed_one_costs_its_flight(
 
 def test_a_worker_paused_past_its_lease_has_its_results_refused(
         make_pipeline: Any, postgres_url: str, simulator: Any) -> None:
-    simulator.config.latency_ms = 300
-    pipeline = shared(make_pipeline, postgres_url, 200, simulator.url, concurrency=8)
+    # long enough that the paused worker's requests are in flight when it stops
+    simulator.config.latency_ms = 100
+    pipeline = shared(make_pipeline, postgres_url, 100, simulator.url, concurrency=8)
     assert pipeline.cli("plan") == 0
     (paused,) = workers(pipeline, 1, "--lease-s", "1")
     wait_for_requests(simulator, 4)
@@ -92,9 +104,9 @@ def test_a_worker_paused_past_its_lease_has_its_results_refused(
         paused.send_signal(signal.SIGCONT)
     _, err = paused.communicate(timeout=60)
     assert paused.returncode == 0, err
-    outputs_once(postgres_url, 200)
+    outputs_once(postgres_url, 100)
     ((replies,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM responses")
-    late = replies - 200
+    late = replies - 100
     assert late >= 1  # the paused worker's replies: paid, kept, used by no item
     ((unused,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM responses WHERE id NOT IN "
                                          "(SELECT response_id FROM outputs)")
@@ -125,22 +137,21 @@ def test_plan_killed_midway_and_run_again_records_each_item_once(
     assert items == distinct == queued == 10_000
 
 
-def test_three_workers_share_one_limit_and_a_429_pauses_them_all(
+def test_three_workers_share_one_limit_and_meet_no_429s(
         make_pipeline: Any, postgres_url: str, simulator: Any) -> None:
     # at most 10 requests in any one second: three workers that each paced themselves at
     # the limit would send three times that
     simulator.config.rpm, simulator.config.window = 600, "sliding-1s"
     simulator.config.latency_ms = 50
-    pipeline = shared(make_pipeline, postgres_url, 60, simulator.url, rpm=600)
+    pipeline = shared(make_pipeline, postgres_url, 30, simulator.url, rpm=600)
     assert pipeline.cli("plan") == 0
-    started = time.monotonic()
     for child in workers(pipeline, 3):
         _, err = child.communicate(timeout=60)
         assert child.returncode == 0, err
-    elapsed = time.monotonic() - started
-    outputs_once(postgres_url, 60)
+    outputs_once(postgres_url, 30)
+    # three workers pacing themselves alone would send 30 a second: 20 refused in the first
     assert simulator.stats.by_status[429] <= 1
-    assert elapsed >= 5  # 60 requests at 10 a second, whoever sends them
+    assert simulator.stats.requests <= 31
     ((limit_rows,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM limits")
     assert limit_rows == 1  # one endpoint, key and model: one limit, shared
 
@@ -155,6 +166,7 @@ def test_workers_go_on_when_the_database_restarts(
     assert pipeline.cli("plan") == 0
     started = workers(pipeline, 2)
     wait_for_requests(simulator, 100)
+    wait_for_runs(postgres_url, 2)  # both workers connected: the restart meets them both
     folder = postgres_server.split("host=")[1]
     server = pgserver.get_server(folder, cleanup_mode="stop")
     pid = server.get_pid()

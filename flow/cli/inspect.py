@@ -11,9 +11,9 @@ from rich.table import Table
 
 from flow.cli.codes import EXIT_OK, EXIT_USAGE
 from flow.config import PipelineConfig, load_config
-from flow.config.store_url import sqlite_path
+from flow.config.store_url import StoreURL, sqlite_path
 from flow.endpoints import SIMULATED_ORIGIN
-from flow.errors import SourceError
+from flow.errors import ConfigError, SourceError
 from flow.export import export_results
 from flow.load import count_rows
 from flow.report import list_failures, render_json, show_item, store_status
@@ -184,6 +184,12 @@ def browse_command(args: argparse.Namespace, err: Console) -> int:
     from flow.browse import serve_store
 
     config = load_config(args.pipeline)
+    if isinstance(config.store, StoreURL):
+        raise ConfigError(
+            f"{config.file}: store: {config.store} is a PostgreSQL store; flow browse serves "
+            "Datasette, which reads SQLite only. The store's `browse` view holds the same "
+            "table: open it with psql or any PostgreSQL client (SELECT * FROM browse), or "
+            "write it out with `flow export`")
     try:
         code = serve_store(sqlite_path(config.store, "flow browse"), config.file, args.host, args.port, lambda url: err.print(
             f"Datasette on {config.store}: {url} (Ctrl-C to stop)", markup=False),

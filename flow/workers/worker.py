@@ -30,6 +30,7 @@ from flow.prices import estimate_call_usd
 from flow.progress import RunProgress, RunSummary
 from flow.records import Call, CallResult
 from flow.stage import RunContext, Stage
+from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S
 from flow.store.postgres.limits import SharedGate, limit_name
 from flow.store.postgres.store import PostgresStore
 from flow.store.shards import Waiting
@@ -94,7 +95,9 @@ class Worker:
                               "call.api_key")
         check_api_key(api_key, f"{self.config.file}: call.api_key or OPENAI_API_KEY")
         url = store_url(self.config.store)
-        store = await PostgresStore.open(url)
+        # a session paused inside a transaction loses its row locks when it loses its leases
+        store = await PostgresStore.open(url, idle_s=min(IDLE_IN_TRANSACTION_S,
+                                                         self.work.lease_s))
         store.worker_session = True
         state, message = "finished", None
         fatal: FatalCallError | None = None

@@ -24,13 +24,15 @@ CONNECT_TIMEOUT_S = 10
 RECONNECT_S = 120  # a worker waits this long for the store to come back
 RECONNECT_WAIT_S = 0.5
 # a session left in a transaction this long (its process paused or hung) is ended by the
-# server, so the rows it locked go to other workers
-IDLE_IN_TRANSACTION_S = 5
+# server, so the rows it locked go to other workers; a worker's is no longer than its lease
+IDLE_IN_TRANSACTION_S = 5.0
 
 
-async def connect(url: StoreURL, migrate: bool = True) -> psycopg.AsyncConnection[Any]:
+async def connect(url: StoreURL, migrate: bool = True,
+                  idle_s: float = IDLE_IN_TRANSACTION_S) -> psycopg.AsyncConnection[Any]:
     """A connection to the store at `url` (autocommit: transactions are explicit), its
-    schema migrated unless `migrate` is false (a reader)."""
+    schema migrated unless `migrate` is false (a reader); a transaction left idle for
+    `idle_s` ends the session."""
     require_psycopg()
     import psycopg
 
@@ -38,7 +40,7 @@ async def connect(url: StoreURL, migrate: bool = True) -> psycopg.AsyncConnectio
         db = await psycopg.AsyncConnection.connect(
             url.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
             application_name="flow",
-            options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S * 1000}")
+            options=f"-c idle_in_transaction_session_timeout={max(1, round(idle_s * 1000))}")
     except psycopg.Error as e:
         raise store_error(url, "cannot connect to the store", e) from None
     try:
@@ -82,13 +84,14 @@ async def _migrate(db: psycopg.AsyncConnection[Any]) -> None:
             await db.execute("INSERT INTO migrations VALUES (%s, now())", (name,))
 
 
-async def reconnect(url: StoreURL, error: Exception) -> psycopg.AsyncConnection[Any]:
+async def reconnect(url: StoreURL, error: Exception,
+                    idle_s: float = IDLE_IN_TRANSACTION_S) -> psycopg.AsyncConnection[Any]:
     """A new connection after `error` broke the last, tried for up to `RECONNECT_S` (a
     server restarting); a `StoreError` naming `error` after that."""
     deadline = time.monotonic() + RECONNECT_S
     while True:
         try:
-            return await connect(url, migrate=False)
+            return await connect(url, migrate=False, idle_s=idle_s)
         except StoreError:
             if time.monotonic() > deadline:
                 raise store_error(url, "lost the connection to the store", error) from None

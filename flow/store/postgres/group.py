@@ -1,4 +1,10 @@
-"""One group of results written to a PostgreSQL store, inside its commit's transaction."""
+"""One group of results written to a PostgreSQL store: one transaction in two round trips.
+
+The group's commit is pipelined (psycopg's pipeline mode): the transaction's start, the
+fence of its leases and the reply ids from the sequence go in one flight; the rows and the
+commit in a second. Six round trips a group, one after another, had held the store's
+throughput to the latency of the connection, not to the work the server does.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +12,41 @@ from typing import TYPE_CHECKING, Any
 
 from flow.records import Settled
 from flow.store.postgres import sql as q
-from flow.store.postgres.queue import WorkQueue
+from flow.store.postgres.queue import FENCE_SQL, LANDED_SQL
 from flow.store.sqlite_sql import group_rows
 
 if TYPE_CHECKING:
     import psycopg
 
 
-async def write_group(db: psycopg.AsyncConnection[Any], queue: WorkQueue, group: list[Settled],
+async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
                       run_id: int) -> None:
-    """Fence the group's leases, then write its replies (numbered from the sequence),
-    attempts and outputs. A result whose lease another worker holds is marked `rejected`
-    and keeps only its paid reply; one whose earlier commit landed is not written again."""
-    accepted, landed = await queue.fence(db, group)
-    written = [s for s in group if s.lease is None or s.lease not in landed]
-    for settled in written:
-        if settled.lease is not None and settled.lease not in accepted:
-            settled.rejected = True
-            settled.outputs, settled.reassign = [], []
-    replies = sum(1 for s in written if s.response is not None)
-    cursor = await db.execute(q.NEXT_IDS, (replies,))
-    ids = iter([int(i) for (i,) in await cursor.fetchall()])
-    for sql, params in q.group_writes(group_rows(written, run_id, ids)):
-        await db.execute(sql, params)
+    """In one transaction: fence the group's leases, then write its replies (numbered from
+    the sequence), attempts and outputs. A result whose lease another worker holds is
+    marked `rejected` and keeps only its paid reply; one whose earlier commit landed (its
+    connection broke before the answer came) is not written again."""
+    tokens = [s.lease for s in group if s.lease is not None]
+    replies = sum(1 for s in group if s.response is not None)
+    async with db.pipeline() as pipeline, db.transaction():
+        # a lease is `done` only by its own result's commit: the tokens still leased are
+        # this group's to write; a lease taken over has a new token
+        fenced = await db.execute(FENCE_SQL, (tokens,)) if tokens else None
+        numbered = await db.execute(q.NEXT_IDS, (replies,))
+        # a sync, not a flush: the server then sees the session idle in its transaction, so
+        # a worker paused here has its session ended (and the leases' row locks freed) by
+        # idle_in_transaction_session_timeout; after a mere flush it stays `active`
+        await pipeline.sync()
+        accepted = {int(t) for (t,) in await fenced.fetchall()} if fenced else set()
+        landed: set[int] = set()
+        others = [token for token in tokens if token not in accepted]
+        if others:
+            cursor = await db.execute(LANDED_SQL, (others,))
+            landed = {int(t) for (t,) in await cursor.fetchall()}
+        ids = iter([int(i) for (i,) in await numbered.fetchall()])  # gaps, if some landed
+        written = [s for s in group if s.lease is None or s.lease not in landed]
+        for settled in written:
+            if settled.lease is not None and settled.lease not in accepted:
+                settled.rejected = True
+                settled.outputs, settled.reassign = [], []
+        for sql, params in q.group_writes(group_rows(written, run_id, ids)):
+            await db.execute(sql, params)

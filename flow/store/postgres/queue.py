@@ -5,7 +5,7 @@ batches of them (`claim`, `FOR UPDATE SKIP LOCKED`: two workers never take one r
 each with a lease until a time on the database's clock and a fencing token from a sequence.
 A worker beats its heart to keep its leases; a worker that dies (or is paused past its
 lease) loses them, and another takes the requests. A result is written only while its
-lease is still the worker's (`fence`, in the result's own commit), so a worker that comes
+lease is still the worker's (`FENCE_SQL`, in the result's own commit: `group.py`), so a worker that comes
 back late never overwrites or duplicates a result: its paid reply is kept as an attempt.
 """
 
@@ -13,12 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from flow.records import Settled
-
-if TYPE_CHECKING:
-    import psycopg
+from typing import Any
 
 Query = Callable[..., Awaitable[list[Any]]]
 
@@ -114,20 +109,3 @@ class WorkQueue:
         """(requests free to claim now, requests leased by live workers)."""
         ((free, leased),) = await self._query(LEFT_SQL, (origin, list(stages)), raw=True)
         return int(free), int(leased)
-
-    async def fence(self, db: psycopg.AsyncConnection[Any],
-                    group: Sequence[Settled]) -> tuple[set[int], set[int]]:
-        """Inside a result's commit: mark done the requests whose lease is still the one
-        each result carries. The tokens that were, and those whose result is committed
-        already (a commit that landed before its connection broke: a token is only ever
-        `done` by its own result's commit; a lease taken over has a new token)."""
-        tokens = [s.lease for s in group if s.lease is not None]
-        if not tokens:
-            return set(), set()
-        cursor = await db.execute(FENCE_SQL, (tokens,))
-        accepted = {int(token) for (token,) in await cursor.fetchall()}
-        others = [token for token in tokens if token not in accepted]
-        if not others:
-            return accepted, set()
-        cursor = await db.execute(LANDED_SQL, (others,))
-        return accepted, {int(token) for (token,) in await cursor.fetchall()}

@@ -272,9 +272,48 @@ BEGIN
 END $$"""
 
 
+def m005_sqlite_json() -> list[str]:
+    """SQLite's JSON functions and operators on text, as SQLite reads them, so the read
+    commands (export, Parquet) write their SQL once: `json_type(value[, path])` (`integer`,
+    `real`, `true`, `false`, `text`, ...), `json_quote`, `value -> path` (JSON text) and
+    `value ->> path` (an SQL value; a boolean as 1 or 0), for paths of SQLite's
+    `$."key"."key"` form."""
+    return [
+        r"""CREATE FUNCTION flow_json_path(path TEXT) RETURNS TEXT[] LANGUAGE sql IMMUTABLE
+            AS $$ SELECT COALESCE(array_agg(found.key[1] ORDER BY found.n), '{}')
+                  FROM regexp_matches(path, '\."([^"]*)"', 'g') WITH ORDINALITY
+                      AS found (key, n) $$""",
+        """CREATE FUNCTION flow_json_at(value TEXT, path TEXT) RETURNS JSON LANGUAGE sql
+            IMMUTABLE AS $$ SELECT value::json #> flow_json_path(path) $$""",
+        """CREATE FUNCTION json_type(value TEXT, path TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE
+            AS $$ SELECT CASE json_typeof(at.v) WHEN 'string' THEN 'text'
+                      WHEN 'boolean' THEN at.v::text
+                      WHEN 'number' THEN CASE WHEN at.v::text ~ '^-?[0-9]+$' THEN 'integer'
+                                              ELSE 'real' END
+                      ELSE json_typeof(at.v) END
+                  FROM (SELECT flow_json_at(value, path) AS v) AS at $$""",
+        """CREATE FUNCTION json_type(value TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE
+            AS $$ SELECT json_type(value, '$') $$""",
+        """CREATE FUNCTION json_quote(value TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE
+            AS $$ SELECT COALESCE(to_json(value)::text, 'null') $$""",
+        """CREATE FUNCTION flow_json_get(value TEXT, path TEXT) RETURNS TEXT LANGUAGE sql
+            IMMUTABLE AS $$ SELECT flow_json_at(value, path)::text $$""",
+        """CREATE FUNCTION flow_json_get_value(value TEXT, path TEXT) RETURNS TEXT
+            LANGUAGE sql IMMUTABLE
+            AS $$ SELECT CASE json_typeof(at.v) WHEN 'boolean'
+                             THEN CASE at.v::text WHEN 'true' THEN '1' ELSE '0' END
+                             ELSE at.v #>> '{}' END
+                  FROM (SELECT flow_json_at(value, path) AS v) AS at $$""",
+        "CREATE OPERATOR -> (LEFTARG = TEXT, RIGHTARG = TEXT, FUNCTION = flow_json_get)",
+        "CREATE OPERATOR ->> (LEFTARG = TEXT, RIGHTARG = TEXT, FUNCTION = flow_json_get_value)",
+    ]
+
+
 MIGRATIONS = (("m001_tables", m001_tables), ("m002_append_only_responses",
                                               m002_append_only_responses),
-              ("m003_views", m003_views), ("m004_work", m004_work))
+              ("m003_views", m003_views), ("m004_work", m004_work),
+              ("m005_sqlite_json", m005_sqlite_json))
+READS_NEED = "m005_sqlite_json"  # the read commands' SQL needs this migration
 
 
 def browse_sql(fields: Sequence[tuple[str, str]], stages: Sequence[str] = (STAGE,)) -> str:

@@ -10,6 +10,7 @@ and nothing else changes (`Settled.rejected`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -21,7 +22,7 @@ from flow.config.store_url import StoreURL
 from flow.errors import StoreError, StoreLockedError
 from flow.records import STAGE, ItemRecord, Known, Settled, utc_now
 from flow.store.postgres import sql as q
-from flow.store.postgres.connect import connect, reconnect
+from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S, connect, reconnect
 from flow.store.postgres.group import write_group
 from flow.store.postgres.queue import WorkQueue
 from flow.store.postgres.schema import browse_sql
@@ -40,8 +41,10 @@ STALE_S = 60  # a run whose worker has not beaten its heart for this long has cr
 class PostgresStore:
     """A run's store on PostgreSQL; open with `await PostgresStore.open(url)`, then `close()`."""
 
-    def __init__(self, url: StoreURL, db: psycopg.AsyncConnection[Any], worker: str) -> None:
+    def __init__(self, url: StoreURL, db: psycopg.AsyncConnection[Any], worker: str,
+                 idle_s: float = IDLE_IN_TRANSACTION_S) -> None:
         self.path = url
+        self._idle_s = idle_s
         self.worker = worker
         self._db = db
         self._commits: psycopg.AsyncConnection[Any] | None = None  # the group writer's
@@ -57,10 +60,13 @@ class PostgresStore:
         self._locked = False
 
     @classmethod
-    async def open(cls, url: StoreURL, exclusive: bool = False) -> PostgresStore:
-        """Connect and migrate; `exclusive`: as the one planner (a second one is refused)."""
-        db = await connect(url)
-        store = cls(url, db, f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(2)}")
+    async def open(cls, url: StoreURL, exclusive: bool = False,
+                   idle_s: float = IDLE_IN_TRANSACTION_S) -> PostgresStore:
+        """Connect and migrate; `exclusive`: as the one planner (a second one is refused);
+        `idle_s`: a session idle this long inside a transaction is ended by the server."""
+        db = await connect(url, idle_s=idle_s)
+        store = cls(url, db, f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(2)}",
+                    idle_s)
         if exclusive:
             ((taken,),) = await store._query("SELECT pg_try_advisory_lock(?)", (q.STORE_LOCK,))
             if not taken:
@@ -229,7 +235,8 @@ class PostgresStore:
                                                         (stage, list(chunk)), raw=True))
         rows = [(stage, i.item_id, i.row, i.input, i.request_key, origin, i.error_class,
                  i.error, int(i.skipped), i.stopped_at, now) for i in items]
-        writes: list[tuple[str, list[Any]]] = [(q.ITEMS_UPSERT, [q.columns_of(rows, True)])]
+        writes: list[tuple[str, list[Any]]] = [
+            (q.ITEMS_UPSERT, [q.columns_of(rows, q.ITEM_COLUMNS, keyed=True)])]
         if used:
             writes.append((q.REASSIGN_PAYER, [(used,)]))
         await self._many("cannot write items", writes)
@@ -316,17 +323,28 @@ class PostgresStore:
 
         while True:
             if self._commits is None:
-                self._commits = await connect(self.path, migrate=False)
+                try:
+                    self._commits = await connect(self.path, False, self._idle_s)
+                except StoreError as e:
+                    if not self.worker_session:
+                        raise
+                    # a server restarting: waited out, as a broken connection is below
+                    self._commits = await reconnect(self.path, e, self._idle_s)
             db = self._commits
             try:
-                async with db.transaction():
-                    await write_group(db, self.queue, group, self.run_id)
+                await write_group(db, group, self.run_id)
                 self.rejected += sum(1 for settled in group if settled.rejected)
                 return
             except psycopg.Error as e:
-                if not db.broken and not db.closed:
+                # a connection lost inside the pipeline may not be marked broken yet (its
+                # error is "cannot exit pipeline mode while busy"): any operational error
+                # is taken as a lost connection, which is made again
+                lost = db.broken or db.closed or isinstance(e, psycopg.OperationalError)
+                if not lost:
                     raise self._error("cannot write results", e) from None
-                self._commits = await reconnect(self.path, e)
+                with contextlib.suppress(psycopg.Error):
+                    await db.close()
+                self._commits = await reconnect(self.path, e, self._idle_s)
 
     async def _many(self, doing: str, writes: list[tuple[str, list[Any]]]) -> None:
         """Run each (statement, rows) with `executemany`, all in one transaction."""
@@ -360,7 +378,7 @@ class PostgresStore:
                         raise self._error("cannot write" if write else "cannot read",
                                           e) from None
                     # a worker's statements stand alone: taken again on a new connection
-                    self._db = await reconnect(self.path, e)
+                    self._db = await reconnect(self.path, e, self._idle_s)
 
     def _error(self, doing: str, error: Exception) -> StoreError:
         return q.store_error(self.path, doing, error)
