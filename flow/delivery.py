@@ -103,10 +103,12 @@ class Delivery:
         assert response.id is not None
         return stored_result(result.call, response.id, result.body)
 
-    async def _settle(self, exchange: Exchange, waiting: list[Planned]) -> Settled | None:
+    async def _settle(self, exchange: Exchange, waiting: list[Planned],
+                      lease: int | None = None) -> Settled | None:
         """Commit an exchange: the replies that broke the schema first (kept, each under its
-        own request), then the outputs the reply that stands gives `waiting`; None, with
-        only the paid replies kept, when it stopped before its last re-ask."""
+        own request), then the outputs the reply that stands gives `waiting` (under a
+        worker's `lease`, only if it is still its own); None, with only the paid replies
+        kept, when it stopped before its last re-ask."""
         run, _ = self._context()
         kept = exchange.invalid + ([exchange.final] if exchange.stopped else [])
         for earlier in kept:
@@ -128,6 +130,7 @@ class Delivery:
             for output in settled.outputs:
                 output.response_id = result.stored_id
             settled.reassign = sorted({*settled.reassign, result.stored_id})
+        settled.lease = lease
         await run.store.save(settled)
         return settled
 
@@ -152,15 +155,19 @@ class Delivery:
             planned.upstream = {stage: {"output": json.loads(output)} for stage, output
                                 in upstream.get(item_id, {}).items()}
             items.append(planned)
-        if lease is None and items and response is not None and self.reasker is not None and (
+        if items and response is not None and self.reasker is not None and (
                 self.reasker.wants(result)):
-            # a batch's line that breaks the schema: kept at once (never bought twice), and
-            # re-asked online beside the collection; its items settle when that ends
+            # a reply that breaks the schema: kept at once (never bought twice), then
+            # re-asked online; its items settle when that ends
             await run.store.save(Settled(self._name, run.origin, key, result.finished_at,
                                          response, result.attempts, []))
             assert response.id is not None and result.body is not None
-            task = asyncio.create_task(self._reask_stored(
-                stored_result(result.call, response.id, result.body), items))
+            first = stored_result(result.call, response.id, result.body)
+            if lease is not None:  # a worker's: re-asked under its lease, committed fenced
+                await self._reask_stored(first, items, lease)
+                return
+            # a batch's line: beside the collection
+            task = asyncio.create_task(self._reask_stored(first, items))
             self._reasking.add(task)
             task.add_done_callback(self._reasked_one)
             return
@@ -178,12 +185,16 @@ class Delivery:
         run.stop_if_tripped()
         await self.pass_on(items, settled.outputs, fresh=True)
 
-    async def _reask_stored(self, first: CallResult, items: list[Planned]) -> None:
+    async def _reask_stored(self, first: CallResult, items: list[Planned],
+                            lease: int | None = None) -> None:
         assert self.reasker is not None
         run, _ = self._context()
-        settled = await self._settle(await self.reasker.exchange(first), items)
+        settled = await self._settle(await self.reasker.exchange(first), items, lease)
         if settled is None:
             return  # not sent (a stop, the budget): the items wait for the next run
+        if settled.rejected:
+            self._outcomes.take_back(settled.outputs)
+            return  # another worker took the request over: its result stands
         if self.next_inbox is None:
             run.progress.completed += len(items)
         run.stop_if_tripped()

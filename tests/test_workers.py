@@ -207,3 +207,23 @@ def test_the_budget_counts_every_workers_spend(
     assert replies < 400
     ((pending,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state = 'pending'")
     assert pending == 400 - replies  # what was not sent waits for a higher cap
+
+
+def test_workers_reask_replies_that_break_the_schema(
+        make_pipeline: Any, postgres_url: str, simulator: Any) -> None:
+    simulator.config.schema_break_rate = 0.2
+    schema = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}},
+              "required": ["label"]}
+    pipeline = shared(make_pipeline, postgres_url, 60, simulator.url, schema=schema)
+    pipeline.config["post"] = []
+    pipeline.write()
+    assert pipeline.cli("plan") == 0
+    assert pipeline.cli("worker") == 0
+    broken = simulator.stats.schema_broken
+    assert broken > 0 and simulator.stats.requests == 60 + broken
+    outputs_once(postgres_url, 60)
+    labels = rows_of(postgres_url, "SELECT output FROM outputs")
+    assert all('"label"' in output for (output,) in labels)
+    # the broken replies kept beside their re-asks, each bought once
+    assert rows_of(postgres_url, "SELECT COUNT(*), COUNT(DISTINCT request_key) FROM "
+                                 "responses") == [(60 + broken, 60 + broken)]

@@ -78,6 +78,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._budget = Budget(options.limit, keys.max_cost_usd)
         self._leases: dict[str, int] = {}
+        self._settled = asyncio.Event()
         self._waiting: dict[str, list[Waiting]] = {}
         self.rejected = 0
 
@@ -107,7 +108,7 @@ class Worker:
                                  api_key)
             await store.start_run(self.config.file, self._origin, str(client.base_url))
             context = RunContext(self.config, self.options, store, self._origin, self.progress,
-                                 self._budget, self._breaker, self._stop, asyncio.Event(),
+                                 self._budget, self._breaker, self._stop, self._settled,
                                  self._stop_if_tripped)
             self.stage.attach(context)
             config = self.stage.config
@@ -116,6 +117,7 @@ class Worker:
             limiter = SharedLimiter(gate, config.rpm, config.tpm, self.stage.reserve)
             executor = OnlineExecutor(config, client, limiter,
                                       [api_key, *config.secrets()], self._stop)
+            self.stage.send_reasks_with(executor.call)
             heart = asyncio.create_task(self._beat(store))
             try:
                 await executor.execute(self._claimed(store), self._deliver(store))
@@ -201,6 +203,7 @@ class Worker:
     def _deliver(self, store: PostgresStore):  # type: ignore[no-untyped-def]
         async def deliver(result: CallResult) -> None:
             self._budget.settle()
+            self._settled.set()  # a re-ask waiting for the budget looks again
             key = result.call.key
             token, found = self._leases[key], self._waiting.pop(key, [])
             try:
