@@ -40,6 +40,7 @@ from flow.prices import cost_usd, price_for
 from flow.records import STAGE, utc_now
 from flow.render import RequestBuilder
 from flow.store.migrations import prepare_store
+from flow.unchanged import render_fingerprint
 
 TARGET_PEAK_MB = 120
 TARGET_RESUME_PER_S = 100_000
@@ -166,6 +167,9 @@ def build_done_store(pipeline: Path) -> int:
             if len(items) == 50_000:
                 _flush(db, items, responses, outputs)
         _flush(db, items, responses, outputs)
+        # a run that read the whole input records what its requests were rendered from
+        db.execute("INSERT OR REPLACE INTO store_info VALUES (?, ?)",
+                   (f"rendered:{STAGE}", render_fingerprint(config.load, config.chain[0])))
         db.execute("UPDATE runs SET finished_at=?, state='finished', items_total=?, "
                    "items_done=?, calls_made=?, prompt_tokens=?, completion_tokens=?, "
                    "cost_usd=? WHERE id=?",
