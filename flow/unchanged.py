@@ -35,12 +35,14 @@ class UnchangedStore(Protocol):
 
 def render_fingerprint(load: LoadConfig, stage: StageConfig) -> str:
     """What the stage's requests are made from, beside each row's input: how rows are read
-    into fields, and the model, endpoint, messages and parameters (a `schema` included)."""
+    into fields, and the model, endpoint, messages and parameters (a `schema` included), and
+    `when:`."""
     return content_key({
         "flow": __version__,
         "load": load.model_dump(mode="json", exclude={"path"}),
         "request": stage.model_dump(mode="json",
-                                    include={"model", "endpoint", "messages", "params"})})
+                                    include={"model", "endpoint", "messages", "params",
+                                             "when"})})
 
 
 def stored_input(row: Row) -> str:
