@@ -6,7 +6,7 @@ Runs the quick form of each benchmark (bench/overhead.py, bench/scale.py, and wi
 target. Run it before an issue that touches speed or memory is called resolved, and paste
 its output into docs/benchmarks.md.
 
-    python bench/targets.py                  # about 20 minutes on 2 cores
+    python bench/targets.py                  # about 25 minutes on 2 cores
     python bench/targets.py --large 30000    # the large throughput row at 30,000 prompts
     python bench/targets.py --limits         # also the token rows (about 4 minutes more)
 """
@@ -97,6 +97,8 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)
     parser.add_argument("--pairs", type=int, default=3)
+    # two pairs: one with each client first (the one that runs second meets another load)
+    parser.add_argument("--large-pairs", type=int, default=2)
     parser.add_argument("--limits", action="store_true",
                         help=f"also run bench/rate_limits.py --only {' '.join(LIMIT_ROWS)}")
     args = parser.parse_args()
@@ -111,7 +113,7 @@ def main() -> int:
     with simulator_process() as root:
         note(headers_row(root))
     note(throughput_row(args.items, args.pairs, faults=False))
-    note(throughput_row(args.large, 1, faults=False))
+    note(throughput_row(args.large, args.large_pairs, faults=False))
     note(throughput_row(args.items, args.pairs, faults=True))
     with simulator_process() as root:
         base = root + "/v1"
@@ -130,7 +132,8 @@ def main() -> int:
         note(Row(f"resume over 1,000,000 done items: >= {TARGET_RESUME_PER_S:,} items/s, "
                  "zero calls",
                  f"{resume['per_s']:,.0f} items/s ({resume['skipped']:,} in "
-                 f"{resume['elapsed_s']:.1f} s), {resume['calls']} calls",
+                 f"{resume['elapsed_s']:.1f} s, {resume['cpu_s']:.1f} CPU s), "
+                 f"{resume['calls']} calls",
                  resume["per_s"] >= TARGET_RESUME_PER_S and resume["calls"] == 0))
     if args.limits:
         for row in limit_rows():

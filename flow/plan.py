@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from flow.keys import key_of_json
 from flow.load import Row, generated_id
 from flow.records import STAGE, Call, ItemRecord, Known
 from flow.render import RequestBuilder
+from flow.unchanged import stored_input
 
 BATCH_ROWS = 1000  # rows planned together: one store look-up each
 HELD_CHUNK = 1000  # held rows named together at the input's end
@@ -186,15 +186,22 @@ class Planner:
         counts, self.counts = self.counts, PlanCounts()
         return counts
 
-    async def record(self, prepared: list[Planned]) -> list[Planned]:
+    async def mark_seen(self, rows: Sequence[Row]) -> dict[str, int]:
+        """Remember the rows' own ids as read; the first row of each."""
+        return await self._store.mark_seen([(row.item_id, row.number) for row in rows
+                                            if not row.generated])
+
+    async def record(self, prepared: list[Planned],
+                     first_rows: dict[str, int] | None = None) -> list[Planned]:
         """Save the batch's items (refusing duplicate ids); the items that can be called.
+        `first_rows`: the batch is already marked seen, with this answer.
 
         Rows whose own id cannot be used (a bad row, a duplicate) are held, and named by
         `name_held` once the whole input is read: by then every real id is known, so an id
         flow makes up never takes one a real row has, whichever comes first in the file.
         """
-        first_rows = await self._store.mark_seen([(p.row.item_id, p.row.number)
-                                                  for p in prepared if not p.row.generated])
+        if first_rows is None:
+            first_rows = await self.mark_seen([p.row for p in prepared])
         held: list[tuple[int, str, str | None, str | None]] = []
         named: list[ItemRecord] = []
         callable_items = []
@@ -219,7 +226,7 @@ class Planner:
                 continue
             if row.fields is not None and record.error_class is None:
                 # a JSONL row is stored as it was read: no serializing a million rows again
-                record.input = row.text or json.dumps(row.fields, ensure_ascii=False)
+                record.input = stored_input(row)
             named.append(record)
             if planned.call is not None:
                 callable_items.append(planned)

@@ -24,7 +24,7 @@ from flow.config import PipelineConfig
 from flow.delivery import Delivery
 from flow.errors import TemplateError
 from flow.inbox import Inbox
-from flow.load import read_rows
+from flow.load import Row, read_rows
 from flow.plan import (
     BATCH_ROWS,
     Action,
@@ -44,6 +44,7 @@ from flow.render import Condition, RequestBuilder
 from flow.settle import Outcomes
 from flow.store import Store
 from flow.tokens import OutputReserve
+from flow.unchanged import render_fingerprint, skip_unchanged
 
 INBOX_ITEMS = 4 * BATCH_ROWS  # items waiting for a stage at most: the stage before waits
 
@@ -158,22 +159,30 @@ class Stage:
                     yield call
             return
         await run.store.begin_seen_ids()
+        fingerprint = render_fingerprint(run.config.load, self.config)
+        unchanged = await run.store.begin_rendering(self.name, fingerprint)
         planning: asyncio.Task[list[Call]] | None = None
         try:
             for rows in itertools.chain(batches(read_rows(run.config.load)), [None]):
                 run.progress.rows += len(rows or ())
-                prepared = prepare(rows, self.builder, self._source) if rows else None
+                # rendered here, while the batch before is looked up on the store's thread
+                prepared = (prepare(rows, self.builder, self._source)
+                            if rows and not unchanged else None)
                 if planning is not None:
                     calls, planning = await planning, None
                     for call in calls:
                         if not await self._may_send(calls, call):
                             return
                         yield call
-                if prepared is None:
+                if rows is None:
                     break
                 if run.stop_feeding.is_set():
                     return
-                planning = asyncio.create_task(self._plan(prepared))
+                planning = asyncio.create_task(self._plan(prepared) if prepared is not None
+                                               else self._plan_changed(rows))
+                if prepared is None:
+                    # let it hand the batch to the store's thread before the next is read
+                    await asyncio.sleep(0)
         finally:
             if planning is not None:
                 planning.cancel()
@@ -184,13 +193,29 @@ class Stage:
         for name in names[1:]:
             await run.store.forget_unseen(name)
         await run.store.forget_stages(names)
+        await run.store.end_rendering(self.name, fingerprint)
 
-    async def _plan(self, prepared: list[Planned]) -> list[Call]:
+    async def _plan_changed(self, rows: list[Row]) -> list[Call]:
+        """Skip the rows done before and unchanged since, without rendering them; plan the
+        rest of the batch in full."""
+        run, _ = self._context()
+        first_rows, rest, done = await skip_unchanged(run.store, self.name, run.origin,
+                                                      self.post.fingerprint, rows,
+                                                      with_output=bool(self._later))
+        self.outcomes.count_done_before(len(done))
+        if self._later:
+            await self.delivery.forward([
+                (Planned(row, ItemRecord(row.item_id, row.number, None, None), None), output)
+                for row, output in done], fresh=False)
+        return await self._plan(prepare(rest, self.builder, self._source), first_rows)
+
+    async def _plan(self, prepared: list[Planned],
+                    first_rows: dict[str, int] | None = None) -> list[Call]:
         """Record a batch, decide each item, post what stored replies serve, pass on what is
         done: the batch's new calls."""
         run, planner = self._context()
         if self.first:
-            callable_items = await planner.record(prepared)
+            callable_items = await planner.record(prepared, first_rows)
         else:
             callable_items = await self._record(prepared)
         counts = planner.take_counts()

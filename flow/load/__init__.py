@@ -57,9 +57,13 @@ _TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f")
 
 def _with_types(parsed: Iterator[Parsed], config: LoadConfig) -> Iterator[Parsed]:
     """Rows with the fields `load.types` names converted; a value not of its type fails
-    its row."""
+    its row. Without types, the rows as they are (no generator between)."""
+    return _typed_rows(parsed, config) if config.types else parsed
+
+
+def _typed_rows(parsed: Iterator[Parsed], config: LoadConfig) -> Iterator[Parsed]:
     for number, fields, error, text in parsed:
-        if not config.types or fields is None or error is not None:
+        if fields is None or error is not None:
             yield number, fields, error, text
             continue
         try:

@@ -17,7 +17,9 @@ Parsed = tuple[int, dict[str, Any] | None, RowError | None, str | None]
 
 def open_input(path: Path) -> IO[bytes]:
     try:
-        return path.open("rb")
+        # a large buffer: each refill is a system call that lets other threads take the
+        # interpreter's lock, and the reader then waits to get it back
+        return path.open("rb", buffering=CHUNK_BYTES)
     except FileNotFoundError:
         raise SourceError(f"{path}: input file not found (load.path)") from None
     except IsADirectoryError:

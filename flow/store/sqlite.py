@@ -33,6 +33,7 @@ from flow.store.sqlite_sql import (
     SEEN_TABLES,
     UNSEEN,
     Statement,
+    fetch_all,
     group_statements,
     insert_held,
     insert_seen_sql,
@@ -42,6 +43,12 @@ from flow.store.sqlite_sql import (
     reconcile_sql,
     run_in_transaction,
     store_error,
+)
+from flow.store.sqlite_unchanged import (
+    begin_rendering,
+    end_rendering,
+    read_unchanged,
+    see_unchanged,
 )
 from flow.store.views import refresh_browse_view
 from flow.store.writer import GroupWriter
@@ -257,14 +264,10 @@ class SQLiteStore:
             first.setdefault(item_id, row)
         unique = list(first.items())
         taken: set[str] = set()
-        async with self._transaction:
-            for chunk in _chunks(unique, MAX_VARIABLES // 2):
-                try:
-                    async with self._db.execute(insert_seen_sql(len(chunk)),
-                                                [v for pair in chunk for v in pair]) as cur:
-                        taken.update(item_id for (item_id,) in await cur.fetchall())
-                except sqlite3.Error as e:
-                    raise self._error("cannot write", e) from None
+        for chunk in _chunks(unique, MAX_VARIABLES // 2):
+            taken.update(item_id for (item_id,) in await self._call(
+                "cannot write", fetch_all, insert_seen_sql(len(chunk)),
+                [v for pair in chunk for v in pair]))
         clashes = [item_id for item_id, _ in unique if item_id not in taken]
         for names in _chunks(clashes, 900):
             marks = ",".join("?" * len(names))
@@ -272,6 +275,30 @@ class SQLiteStore:
                     f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", names):
                 first[item_id] = row
         return first
+
+    async def begin_rendering(self, stage: str, fingerprint: str) -> bool:
+        """Whether every item stored at `stage` was keyed under `fingerprint` (so an unchanged
+        row needs no rendering); if not, that claim is dropped before any item is saved, or
+        made at once when the stage has no items yet."""
+        return bool(await self._call("cannot write", begin_rendering, stage, fingerprint))
+
+    async def end_rendering(self, stage: str, fingerprint: str) -> None:
+        """Record that every item stored at `stage` was keyed under `fingerprint` (the whole
+        input planned with it)."""
+        await self._call("cannot write", end_rendering, stage, fingerprint)
+
+    async def see_unchanged(self, stage: str, origin: str, post_key: str,
+                            rows: Sequence[tuple[str, int, str | None]],
+                            with_output: bool = False
+                            ) -> tuple[dict[str, int], dict[str, str | None]]:
+        """`mark_seen` for (item id, row, input) triples, in the same hop: the first row of
+        each id, and of the rows with an input that are first with their id, those whose
+        stored item is the same row, done from its current request with post steps
+        `post_key`, each with its output (None unless `with_output`). Valid only while
+        `begin_rendering` holds."""
+        before, answer = await self._call("cannot write", see_unchanged, stage, origin,
+                                          post_key, rows, with_output)
+        return read_unchanged(rows, before, answer, with_output)
 
     async def forget_stages(self, stages: Sequence[str]) -> int:
         """Drop the items and outputs of stages the pipeline no longer has (replies stay,
@@ -334,6 +361,16 @@ class SQLiteStore:
             await self._in_thread(run_in_transaction, self._db._conn, statements)
         self._next_response_id = next_id
 
+    async def _call(self, doing: str, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(connection, *args)` on the connection's thread, under the transaction
+        lock, in one hop; its result."""
+        async with self._transaction:
+            try:
+                return await self._db._execute(  # type: ignore[no-untyped-call]
+                    function, self._db._conn, *args)
+            except sqlite3.Error as e:
+                raise self._error(doing, e) from None
+
     async def _in_thread(self, function: Callable[..., object], *args: Any) -> None:
         """Run `function` on the connection's own thread: one hop for many statements."""
         await self._db._execute(function, *args)  # type: ignore[no-untyped-call]
@@ -354,9 +391,12 @@ class SQLiteStore:
                 raise self._error(doing, e) from None
 
     async def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """The rows `sql` selects, in one hop to the connection's thread (a cursor of
+        aiosqlite's takes three: execute, fetch, close)."""
         try:
-            async with self._db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            rows: list[Any] = await self._db._execute(  # type: ignore[no-untyped-call]
+                fetch_all, self._db._conn, sql, params)
+            return rows
         except sqlite3.Error as e:
             raise self._error("cannot read", e) from None
 

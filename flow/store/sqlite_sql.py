@@ -143,6 +143,11 @@ def run_in_transaction(db: sqlite3.Connection, statements: list[Statement]) -> N
         raise
 
 
+def fetch_all(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """The rows of one statement; on the connection's own thread."""
+    return db.execute(sql, params).fetchall()
+
+
 def known_sql(items: int, with_output: bool = False) -> str:
     """For `items` (item id, request key) pairs bound from ?3 on, with the stage as ?1 and
     the origin as ?2: each item's output, and its request's latest reply; `with_output`:
@@ -235,3 +240,4 @@ NEW_RUN_SQL = ("INSERT INTO runs (pipeline, origin, endpoint, pid, started_at, s
 FINISH_RUN_SQL = ("UPDATE runs SET finished_at=?, state=?, message=?, items_total=?, "
                   "items_done=?, items_failed=?, items_skipped=?, commit_groups=?, "
                   "commit_wait_mean_ms=?, commit_wait_max_ms=? WHERE id=?")
+

@@ -274,6 +274,20 @@ class PostgresStore:
         """Drop the items and outputs of stages the pipeline no longer has."""
         return await self._forget(q.gone_stages, [list(stages)])
 
+    async def begin_rendering(self, stage: str, fingerprint: str) -> bool:
+        """Never: every row is rendered and planned (no render fingerprint is kept here)."""
+        return False
+
+    async def end_rendering(self, stage: str, fingerprint: str) -> None:
+        """Nothing to record (see `begin_rendering`)."""
+
+    async def see_unchanged(self, stage: str, origin: str, post_key: str,
+                            rows: Sequence[tuple[str, int, str | None]],
+                            with_output: bool = False
+                            ) -> tuple[dict[str, int], dict[str, str | None]]:
+        """`mark_seen`, and nothing done and unchanged (`begin_rendering` never holds)."""
+        return await self.mark_seen([(item_id, row) for item_id, row, _ in rows]), {}
+
     async def forget_unseen(self, stage: str) -> int:
         """Drop the items of rows this run did not read (gone from the input)."""
         return await self._forget(q.unseen, [stage])
