@@ -23,14 +23,6 @@ from flow.simulator import SimulatorConfig, SimulatorThread
 API_KEY = "sk-test-0123456789abcdef"
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """What `-n auto` starts: half as many workers again as there are cores. A third of the
-    suite's time is waiting (runs killed at random moments, simulated latency, leases that
-    must expire), and a worker that waits leaves its core idle."""
-    cores = len(os.sched_getaffinity(0))
-    return cores + max(1, cores // 2)
-
-
 @pytest.fixture
 def simulator() -> Iterator[SimulatorThread]:
     """A simulator with no latency and no faults; tests change `.config` as they need."""
