@@ -304,31 +304,24 @@ class SQLiteStore:
         """Drop the items and outputs of stages the pipeline no longer has (replies stay,
         and one they paid for is credited to another item that uses it)."""
         marks = ",".join("?" * len(stages))
-        gone_where = f"stage NOT IN ({marks})"
-        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {gone_where}",
-                                      stages))[0]
-        gone = [reply for (reply,) in await self._query(
-            f"SELECT DISTINCT response_id FROM outputs WHERE {gone_where} AND bought", stages)]
-        if not count and not gone:
-            return 0
-        await self._write("cannot write", [
-            (f"DELETE FROM outputs WHERE {gone_where}", list(stages)),
-            (f"DELETE FROM items WHERE {gone_where}", list(stages)),
-            *(reassign_payer(list(chunk)) for chunk in _chunks(gone, CHUNK))])
-        return int(count)
+        return await self._forget(f"stage NOT IN ({marks})", list(stages))
 
     async def forget_unseen(self, stage: str) -> int:
         """Drop the items of rows this run did not read (gone from the input); replies stay,
-        and a reply one of them paid for is credited to another item that uses it, all in
-        one transaction."""
-        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {UNSEEN}", (stage,)))[0]
-        if not count:
-            return 0
+        and a reply one of them paid for is credited to another item that uses it."""
+        return await self._forget(UNSEEN, [stage])
+
+    async def _forget(self, where: str, params: list[Any]) -> int:
+        """Drop the items and outputs `where` picks, crediting the replies they paid for to
+        other items that use them, in one transaction; how many items went."""
+        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {where}", params))[0]
         gone = [reply for (reply,) in await self._query(
-            f"SELECT DISTINCT response_id FROM outputs WHERE {UNSEEN} AND bought", (stage,))]
+            f"SELECT DISTINCT response_id FROM outputs WHERE {where} AND bought", params)]
+        if not count and not gone:
+            return 0
         await self._write("cannot write", [
-            (f"DELETE FROM outputs WHERE {UNSEEN}", [stage]),
-            (f"DELETE FROM items WHERE {UNSEEN}", [stage]),
+            (f"DELETE FROM outputs WHERE {where}", params),
+            (f"DELETE FROM items WHERE {where}", params),
             *(reassign_payer(list(chunk)) for chunk in _chunks(gone, CHUNK))])
         return int(count)
 
