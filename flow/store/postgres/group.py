@@ -1,8 +1,8 @@
 """One group of results written to a PostgreSQL store: one transaction in two round trips.
 
 The group's commit is pipelined (psycopg's pipeline mode): the transaction's start, the
-fence of its leases and the reply ids from the sequence go in one flight; the rows and the
-commit in a second. Six round trips a group, one after another, had held the store's
+fence of its leases and the reply ids from the sequence go in one flight; the rows in a
+second, the commit in a third. Six round trips a group, one after another, had held the store's
 throughput to the latency of the connection, not to the work the server does.
 """
 
@@ -50,3 +50,6 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
                 settled.outputs, settled.reassign = [], []
         for sql, params in q.group_writes(group_rows(written, run_id, ids)):
             await db.execute(sql, params)
+        # a sync again before the commit: a worker paused with its rows written (and locked)
+        # is then seen idle in its transaction and ended, as after the fence
+        await pipeline.sync()

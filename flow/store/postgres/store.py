@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import psycopg
 
 CHUNK = 5000
+PLAN_LOCK_WAIT_S = 10.0  # how long a planner waits for the store lock before it is refused
 STALE_S = 60  # a run whose worker has not beaten its heart for this long has crashed
 
 
@@ -68,7 +69,15 @@ class PostgresStore:
         store = cls(url, db, f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(2)}",
                     idle_s)
         if exclusive:
-            ((taken,),) = await store._query("SELECT pg_try_advisory_lock(?)", (q.STORE_LOCK,))
+            # a planner killed a moment ago holds the lock until the server notices that its
+            # session is gone (after the statement it was running): it is waited for a while
+            waited = 0.0
+            while not (taken := (await store._query("SELECT pg_try_advisory_lock(?)",
+                                                    (q.STORE_LOCK,)))[0][0]):
+                if waited >= PLAN_LOCK_WAIT_S:
+                    break
+                await asyncio.sleep(0.1)
+                waited += 0.1
             if not taken:
                 await db.close()
                 raise StoreLockedError(
