@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from flow.records import STAGE
 from flow.store.sqlite_sql import run_in_transaction
@@ -211,15 +211,23 @@ def field_columns(fields: Sequence[str], earlier: Sequence[str] = ()) -> list[tu
 
 
 def input_fields(db: sqlite3.Connection, stage: str = STAGE) -> list[str]:
-    """The top-level fields of the first `SAMPLE_ROWS` inputs, in the order they first come.
+    """The top-level fields of the first `SAMPLE_ROWS` inputs, in the order they first come
+    (`fields_of`)."""
+    return fields_of(db.execute(SAMPLE_INPUTS_SQL, (stage, SAMPLE_ROWS)))
+
+
+SAMPLE_INPUTS_SQL = ("SELECT item_id, input FROM items WHERE stage = ? AND input IS NOT NULL "
+                     "ORDER BY row LIMIT ?")
+
+
+def fields_of(rows: Iterable[tuple[str, str]]) -> list[str]:
+    """The top-level fields of (item id, input JSON) rows, in the order they first come.
 
     The id field (`load.id`) is left out: in every row it is the item's id, which `browse`
     shows already as `item_id`.
     """
     fields: dict[str, bool] = {}  # field: whether it has been the item's id in every row
-    for item_id, text in db.execute(
-            "SELECT item_id, input FROM items WHERE stage = ? AND input IS NOT NULL "
-            "ORDER BY row LIMIT ?", (stage, SAMPLE_ROWS)):
+    for item_id, text in rows:
         try:
             value = json.loads(text)
         except ValueError:

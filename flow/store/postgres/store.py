@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -28,7 +27,7 @@ from flow.store.postgres.queue import WorkQueue
 from flow.store.postgres.schema import browse_sql
 from flow.store.shards import SQLiteShards
 from flow.store.sqlite_sql import FINISH_RUN_SQL, reconcile_sql
-from flow.store.views import SAMPLE_ROWS, field_columns
+from flow.store.views import SAMPLE_INPUTS_SQL, SAMPLE_ROWS, field_columns, fields_of
 from flow.store.writer import GroupWriter
 
 if TYPE_CHECKING:
@@ -132,17 +131,8 @@ class PostgresStore:
         await self._refresh_browse(stages)
 
     async def _refresh_browse(self, stages: Sequence[str]) -> None:
-        rows = await self._query("SELECT input FROM items WHERE stage = ? AND input IS NOT NULL "
-                                 "ORDER BY row LIMIT ?", (stages[0], SAMPLE_ROWS))
-        names: dict[str, None] = {}
-        for (text,) in rows:
-            try:
-                fields = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(fields, dict):
-                names.update(dict.fromkeys(fields))
-        fields = field_columns(list(names), stages[:-1])
+        rows = await self._query(SAMPLE_INPUTS_SQL, (stages[0], SAMPLE_ROWS))
+        fields = field_columns(fields_of(rows), stages[:-1])
         async with self._transaction, self._db.transaction():
             await self._db.execute("DROP VIEW IF EXISTS browse")
             await self._db.execute(browse_sql(fields, stages))
