@@ -36,7 +36,6 @@ from flow.store.sqlite_sql import (
     fetch_all,
     group_statements,
     insert_held,
-    insert_seen_sql,
     inserts,
     known_sql,
     reassign_payer,
@@ -47,6 +46,7 @@ from flow.store.sqlite_sql import (
 from flow.store.sqlite_unchanged import (
     begin_rendering,
     end_rendering,
+    mark_seen,
     read_unchanged,
     see_unchanged,
 )
@@ -259,22 +259,7 @@ class SQLiteStore:
 
     async def mark_seen(self, rows: Sequence[tuple[str, int]]) -> dict[str, int]:
         """Remember a batch of (item id, row); the first row of each id, where it has one."""
-        first: dict[str, int] = {}
-        for item_id, row in rows:
-            first.setdefault(item_id, row)
-        unique = list(first.items())
-        taken: set[str] = set()
-        for chunk in _chunks(unique, MAX_VARIABLES // 2):
-            taken.update(item_id for (item_id,) in await self._call(
-                "cannot write", fetch_all, insert_seen_sql(len(chunk)),
-                [v for pair in chunk for v in pair]))
-        clashes = [item_id for item_id, _ in unique if item_id not in taken]
-        for names in _chunks(clashes, 900):
-            marks = ",".join("?" * len(names))
-            for item_id, row in await self._query(
-                    f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", names):
-                first[item_id] = row
-        return first
+        return dict(await self._call("cannot write", mark_seen, rows))
 
     async def begin_rendering(self, stage: str, fingerprint: str) -> bool:
         """Whether every item stored at `stage` was keyed under `fingerprint` (so an unchanged

@@ -1,6 +1,7 @@
-"""The SQL that lets a SQLite store skip rows done and unchanged (`flow.unchanged`): the
+"""The rows a SQLite store's run has seen, and the SQL that lets it skip rows done and
+unchanged (`flow.unchanged`): ids marked seen (a duplicate id names its first row), the
 render fingerprint each stage's items were keyed under, and a batch of rows marked seen and
-matched against the stored items in one hop to the connection's thread."""
+matched against the stored items, each in one hop to the connection's thread."""
 
 from __future__ import annotations
 
@@ -8,10 +9,32 @@ import json
 import sqlite3
 from collections.abc import Sequence
 
-from flow.store.sqlite_sql import MAX_VARIABLES
+from flow.store.sqlite_sql import MAX_VARIABLES, insert_seen_sql
 
 # in `store_info`: the render fingerprint every item of the stage was keyed under
 RENDERED_KEY = "rendered:{stage}"
+
+
+def mark_seen(db: sqlite3.Connection, rows: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Remember (item id, row) pairs as seen by this run; the first row of each id, where
+    it has one (an earlier batch's, for an id seen twice). On the connection's thread."""
+    first: dict[str, int] = {}
+    for item_id, row in rows:
+        first.setdefault(item_id, row)
+    unique = list(first.items())
+    taken: set[str] = set()
+    for start in range(0, len(unique), MAX_VARIABLES // 2):
+        chunk = unique[start:start + MAX_VARIABLES // 2]
+        taken.update(item_id for (item_id,) in db.execute(
+            insert_seen_sql(len(chunk)), [v for pair in chunk for v in pair]))
+    clashes = [item_id for item_id, _ in unique if item_id not in taken]
+    for start in range(0, len(clashes), 900):
+        names = clashes[start:start + 900]
+        marks = ",".join("?" * len(names))
+        for item_id, row in db.execute(
+                f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", names):
+            first[item_id] = row
+    return first
 
 
 def begin_rendering(db: sqlite3.Connection, stage: str, fingerprint: str) -> bool:
