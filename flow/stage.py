@@ -94,6 +94,7 @@ class Stage:
         self._source = config.load.path.name
         self._in_flight: dict[str, list[Planned]] = {}
         self._plan_lock = asyncio.Lock()
+        self._unchanged = 0  # rows skipped as done and unchanged, this run
         # a batch's items (or a shared queue's) wait in the store, not in memory: they are
         # found by request key when their results come
         self.in_store = self.config.executor == "batch"
@@ -189,7 +190,7 @@ class Stage:
         await planner.name_held()
         run.progress.input_read = True
         names = list(run.progress.stages)
-        run.progress.removed = await run.store.forget_unseen(self.name)
+        run.progress.removed = await run.store.forget_unseen(self.name, self._unchanged)
         for name in names[1:]:
             await run.store.forget_unseen(name)
         await run.store.forget_stages(names)
@@ -203,6 +204,7 @@ class Stage:
                                                       self.post.fingerprint, rows,
                                                       with_output=bool(self._later))
         self.outcomes.count_done_before(len(done))
+        self._unchanged += len(done)  # distinct items: each the first row with its id
         if self._later:
             await self.delivery.forward([
                 (Planned(row, ItemRecord(row.item_id, row.number, None, None), None), output)

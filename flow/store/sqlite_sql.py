@@ -218,6 +218,7 @@ SEEN_TABLES = (
 HELD_SQL = ("SELECT row, base, error_class, error FROM held_rows WHERE row > ? ORDER BY row "
             "LIMIT ?")
 UNSEEN = "stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)"
+STAGE_ITEMS = "SELECT COUNT(*) FROM items WHERE stage = ?"
 
 
 def insert_seen_sql(count: int) -> str:

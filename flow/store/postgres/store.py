@@ -287,8 +287,9 @@ class PostgresStore:
         """`mark_seen`, and nothing done and unchanged (`begin_rendering` never holds)."""
         return await self.mark_seen([(item_id, row) for item_id, row, _ in rows]), {}
 
-    async def forget_unseen(self, stage: str) -> int:
-        """Drop the items of rows this run did not read (gone from the input)."""
+    async def forget_unseen(self, stage: str, seen: int = 0) -> int:
+        """Drop the items of rows this run did not read (gone from the input); `seen` is
+        never more than 0 here (no row is skipped unrendered)."""
         return await self._forget(q.unseen, [stage])
 
     async def _forget(self, where: Any, params: list[Any]) -> int:
