@@ -35,6 +35,22 @@ def test_jsonl_bad_lines_fail_alone(tmp_path: Path) -> None:
     assert rows[4][2] == {"a": 2}
 
 
+def test_jsonl_rows_read_as_the_full_decoder_reads_them(tmp_path: Path) -> None:
+    # the scanner reads a bare row; whitespace around it, text after it, a constant JSON
+    # cannot hold and a value that is not JSON go to the full decoder, which says what
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b' {"a": 1}\n{"a": 2}  \t\n{"a": 3} x\n{"a": NaN}\n{"a": 1e999}\n'
+                     b'nul\n[]\n{"a": [{"b": null}]}\n')
+    rows = rows_of(path)
+    assert [r[2] for r in rows[:2]] == [{"a": 1}, {"a": 2}]
+    assert rows[2][3] == "in.jsonl row 3: invalid JSON at column 10: Extra data"
+    assert rows[3][3] is not None and "row 4: NaN is not a number JSON can hold" in rows[3][3]
+    assert rows[4][3] is not None and "row 5: 1e999 is not a number JSON can hold" in rows[4][3]
+    assert rows[5][3] == "in.jsonl row 6: invalid JSON at column 1: Expecting value"
+    assert rows[6][3] == "in.jsonl row 7: expected a JSON object, got list"
+    assert rows[7][2] == {"a": [{"b": None}]}
+
+
 def test_id_field_names_items_and_missing_id_fails_the_row(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text('{"key": 7}\n{"other": 1}\n{"key": [1]}\n')
