@@ -18,21 +18,15 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from flow.budget import Breaker, Budget
 from flow.config import PipelineConfig, check_api_key
 from flow.config.store_url import sqlite_path
-from flow.endpoints import endpoint_origin, same_origin
+from flow.endpoints import endpoint_origin, endpoint_url, same_origin
 from flow.errors import ConfigError, FatalCallError
 from flow.execute import Deliver, Executor, ExecutorCounters
-from flow.execute.batch import BatchExecutor, BatchRun
-from flow.execute.batch_shard import URLS
-from flow.execute.client import make_client
-from flow.execute.online import OnlineExecutor
-from flow.execute.packing import PackingExecutor, packed_config
+from flow.execute.sending import StageSender
 from flow.limiter import RateLimiter
 from flow.load import count_rows
 from flow.plan import RunOptions
@@ -41,6 +35,9 @@ from flow.progress import RunProgress, RunSummary
 from flow.records import Call
 from flow.stage import RunContext, Stage
 from flow.store import Store, check_error_class, check_owner, open_store
+
+if TYPE_CHECKING:
+    from flow.execute.batch import BatchExecutor
 
 __all__ = ["Run", "RunOptions", "run_pipeline"]
 
@@ -124,9 +121,7 @@ class Run:
             if self.options.error_class is not None:
                 check_error_class(self.options.error_class, await self._failed_classes(store))
             self._origin = same_origin(self._origin, await store.origins())
-            clients = [make_client(stage.config, self._base_url, api_key)
-                       for stage in self.stages]
-            await store.start_run(self.config.file, self._origin, str(clients[0].base_url))
+            await store.start_run(self.config.file, self._origin, endpoint_url(self._base_url))
             self._budget.spent_before_usd = await store.spent_usd(self._origin)
             self.progress.spent_before_usd = self._budget.spent_before_usd
             self.progress.cap_usd = keys.max_cost_usd
@@ -135,40 +130,33 @@ class Run:
                                  asyncio.Event(), self._stop_if_tripped)
             limiters = self._limiters()
             executors: list[Executor] = []
-            onlines: list[OnlineExecutor] = []
+            batched: list[BatchExecutor] = []
+            # each stage's client and online executors, made when first needed (a run
+            # with nothing to send never loads the SDK); their calls are counted as made
+            senders = [StageSender(stage.config, self._base_url, api_key,
+                                   limiters[stage.config.model], self._stop_feeding,
+                                   self._counters) for stage in self.stages]
             store_tag = await store.store_id()
-            for stage, client in zip(self.stages, clients):
+            for stage, sender in zip(self.stages, senders):
                 stage.attach(context)
-                online = OnlineExecutor(stage.config, client, limiters[stage.config.model],
-                                        [api_key, *stage.config.secrets()], self._stop_feeding)
-                onlines.append(online)
-                stage.send_reasks_with(online.call)
-                now: Executor = online
-                if stage.config.endpoint == "embeddings":
-                    now = PackingExecutor(stage.config, OnlineExecutor(
-                        packed_config(stage.config), client, limiters[stage.config.model],
-                        [api_key, *stage.config.secrets()], self._stop_feeding))
-                # the stage's re-asks go out through `online` (a batch stage's too), and a
-                # batch stage's expired lines through `now`: their calls are counted as well
-                self._counters.append(online.counters)
-                if now is not online:
-                    self._counters.append(now.counters)
+                # the stage's re-asks go out online (a batch stage's too), and a batch
+                # stage's expired lines through `now`
+                stage.send_reasks_with(sender.reask)
                 if stage.config.executor == "batch":
-                    executors.append(self._batch_executor(stage, client, now, store,
-                                                          store_tag))
-                    self._counters.append(executors[-1].counters)
+                    batched.append(self._batch_executor(stage, sender, store, store_tag))
+                    executors.append(batched[-1])
+                    self._counters.append(batched[-1].counters)
                 else:
-                    executors.append(now)
+                    executors.append(sender)
             try:
-                await self._conduct(executors, onlines, list(limiters.values()))
+                await self._conduct(executors, senders, list(limiters.values()))
             except FatalCallError as e:
                 fatal = e
             finally:
-                for client in clients:
-                    await client.close()
+                for sender in senders:
+                    await sender.close()
             if fatal is None and self._breaker.tripped is not None:
                 fatal = FatalCallError(self._breaker.tripped)
-            batched = [e for e in executors if isinstance(e, BatchExecutor)]
             if fatal is not None:
                 state, message = "stopped", str(fatal)
             elif self._budget.reached is not None:
@@ -202,10 +190,15 @@ class Run:
                     found[name] = found.get(name, 0) + count
         return found
 
-    def _batch_executor(self, stage: Stage, client: openai.AsyncOpenAI, online: Executor,
-                        store: Store, store_tag: str) -> BatchExecutor:
+    def _batch_executor(self, stage: Stage, sender: StageSender, store: Store,
+                        store_tag: str) -> BatchExecutor:
         """The Batch API executor of `stage`: its shards in the store, its budget checked
-        before each create at batch prices, and `online` for lines `on_expired` sends so."""
+        before each create at batch prices, and the sender's `now` for lines `on_expired`
+        sends so."""
+        from flow.execute.batch import BatchExecutor, BatchRun
+        from flow.execute.batch_shard import URLS
+
+        online = sender.now()
         price = batch_price(stage.price)
         reserve = stage.reserve
 
@@ -223,7 +216,7 @@ class Run:
 
         run = BatchRun(store.shards, stage.name, self._origin, store_tag, store.run_id,
                        self._may_spend, worst_cost, worst_tokens, URLS[stage.config.endpoint])
-        return BatchExecutor(stage.config, client, run, self._stop_feeding,
+        return BatchExecutor(stage.config, sender.client(), run, self._stop_feeding,
                              self.options.detach, finish_online)
 
     def _may_spend(self, worst_usd: float) -> bool:
@@ -252,15 +245,16 @@ class Run:
             limiters[model] = RateLimiter(rpm, tpm, reserve=stage.reserve)
         return limiters
 
-    async def _conduct(self, executors: list[Executor], onlines: list[OnlineExecutor],
+    async def _conduct(self, executors: list[Executor], senders: list[StageSender],
                        limiters: list[RateLimiter]) -> None:
         """Feed every stage until the input ends or a stop; drain on a stop request."""
         ticker = asyncio.create_task(self._tick(limiters))
 
-        async def feed(stage: Stage, executor: Executor, online: OnlineExecutor) -> None:
+        async def feed(stage: Stage, executor: Executor, sender: StageSender) -> None:
             # a batch stage's re-asks wait for the online limiter beside its batches: a stop
             # ends those waits at once, as it does an online stage's
-            waker = None if executor is online else asyncio.create_task(online.wake_on_stop())
+            waker = None if executor is sender else asyncio.create_task(
+                sender.online().wake_on_stop())
             try:
                 await executor.execute(stage.calls(), stage.deliver)
                 await stage.delivery.drain()
@@ -274,8 +268,8 @@ class Run:
                     await stage.next.inbox.end()
 
         work: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(
-            *(feed(stage, executor, online) for stage, executor, online
-              in zip(self.stages, executors, onlines))))
+            *(feed(stage, executor, sender) for stage, executor, sender
+              in zip(self.stages, executors, senders))))
         stop: asyncio.Future[Any] = asyncio.create_task(self._stop_feeding.wait())
         try:
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)

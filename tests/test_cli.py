@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import questions, write_rows
+from conftest import API_KEY, questions, write_rows
 
 from flow.cli import main
+from flow.endpoints import chat, responses
 from flow.simulator import SimulatorThread
 
 
@@ -128,6 +130,34 @@ def test_read_commands_start_without_the_openai_sdk() -> None:
     code = "import sys, flow.cli; print(sorted(m for m in sys.modules if m.startswith('openai')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_run_with_nothing_to_send_never_loads_the_sdk(make_pipeline: Any,
+                                                        simulator: SimulatorThread) -> None:
+    # a re-run over finished work imports neither the SDK nor its transport (half a second)
+    pipeline = make_pipeline(base_url=simulator.url)
+    assert pipeline.run() == 0
+    code = ("import sys; from flow.cli import main; code = main(['run', sys.argv[1]]); "
+            "print(code, sorted(m for m in sys.modules if m.startswith(('openai', 'aiohttp'))))")
+
+    def run_apart() -> str:
+        done = subprocess.run([sys.executable, "-c", code, str(pipeline.file)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "OPENAI_API_KEY": API_KEY})
+        return done.stdout.strip().splitlines()[-1]
+
+    assert run_apart() == "0 []"
+    assert simulator.stats.requests == 20
+    write_rows(pipeline.folder / "rows.jsonl", questions(21))
+    assert run_apart().startswith("0 ['aiohttp")  # one row more: the SDK sends it
+    assert simulator.stats.requests == 21
+    assert pipeline.query("SELECT DISTINCT endpoint FROM runs") == [(simulator.url + "/",)]
+
+
+def test_common_params_are_the_sdks_own() -> None:
+    # taken without the SDK: each must be a parameter the SDK's create takes
+    assert chat._chat_params() >= chat.COMMON_PARAMS
+    assert responses._responses_params() >= responses.COMMON_PARAMS
 
 
 def test_dry_run_counts_estimates_and_calls_nothing(make_pipeline: Any, simulator:

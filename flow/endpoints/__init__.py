@@ -17,6 +17,12 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
 
+def endpoint_url(base_url: str | None) -> str:
+    """The base URL the SDK's client sends to, as it writes it (for the run's record)."""
+    url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    return url if url.endswith("/") else url + "/"
+
+
 def endpoint_origin(base_url: str | None, simulated: bool, where: str = "",
                     endpoint_id: str | None = None) -> str:
     """The name results are stored under: `call.endpoint_id` when set (a server that moves

@@ -44,6 +44,14 @@ STATUS_NAMES = {400: "BadRequestError", 401: "AuthenticationError",
                 422: "UnprocessableEntityError", 429: "RateLimitError"}
 
 
+# taken as they are, without importing the SDK to read the rest (a run with nothing to send
+# never loads it); every one is in `_chat_params` (tested)
+COMMON_PARAMS = frozenset({
+    "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
+    "response_format", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs",
+    "reasoning_effort", "tools", "tool_choice", "extra_body"})
+
+
 @functools.cache
 def _chat_params() -> frozenset[str]:
     """The parameters a chat completion request takes, as the SDK names them."""
@@ -55,7 +63,7 @@ def _chat_params() -> frozenset[str]:
 def check_params(params: Mapping[str, Any]) -> None:
     """A `ConfigError` for a param the endpoint does not take (a typo is not sent)."""
     for name in params:
-        if name in _chat_params():
+        if name in COMMON_PARAMS or name in _chat_params():
             continue
         if name == "extra_headers":
             raise ConfigError("call.params.extra_headers: put headers in call.headers, which "

@@ -23,6 +23,13 @@ from flow.records import Reply, Usage
 CUT_SHORT = "response cut short at max_output_tokens (status incomplete)"
 
 
+# taken as they are, without importing the SDK to read the rest; every one is in
+# `_responses_params` (tested)
+COMMON_PARAMS = frozenset({
+    "temperature", "top_p", "max_output_tokens", "text", "reasoning", "instructions",
+    "tools", "tool_choice", "extra_body"})
+
+
 @functools.cache
 def _responses_params() -> frozenset[str]:
     """The parameters a Responses request takes, as the SDK names them."""
@@ -36,7 +43,7 @@ def check_params(params: Mapping[str, Any]) -> None:
     """A `ConfigError` for a param the Responses API does not take (or flow cannot keep:
     a conversation held by the server has no content key)."""
     for name in params:
-        if name in _responses_params():
+        if name in COMMON_PARAMS or name in _responses_params():
             continue
         if name == "max_tokens":
             raise ConfigError("call.params.max_tokens: the Responses API names it "

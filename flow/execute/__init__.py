@@ -38,12 +38,8 @@ class BatchCounters(ExecutorCounters):
 
 
 class Executor(Protocol):
-    """Sends calls and delivers how each one ended."""
-
-    @property
-    def counters(self) -> ExecutorCounters:
-        """Its run-wide counts."""
-        ...
+    """Sends calls and delivers how each one ended (each executor keeps its run-wide
+    counts in `counters`, an `ExecutorCounters`)."""
 
     async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
         """Send every call of `calls`; await `deliver` with each result before the next."""

@@ -1,0 +1,98 @@
+"""A stage's online sending (its SDK client and online executor), made when first needed.
+
+Importing the SDK and its transport takes half a second, and a client reads the system's
+certificates as it is made: a run with nothing to send (every item done before) needs
+neither. An online stage's executor is made for the first call the stage plans, or the
+first re-ask; a batch stage makes its client at once (it collects its batches either way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TYPE_CHECKING
+
+from flow.config import CallConfig
+from flow.execute import Deliver, Executor, ExecutorCounters
+from flow.limiter import RateLimiter
+from flow.records import Call, CallResult
+
+if TYPE_CHECKING:
+    import openai
+
+    from flow.execute.online import OnlineExecutor
+
+
+class StageSender:
+    """A stage's client and executors, each made the first time it is asked for; every
+    executor's counts go into `counted` as it is made."""
+
+    def __init__(self, config: CallConfig, base_url: str | None, api_key: str,
+                 limiter: RateLimiter, stop: asyncio.Event,
+                 counted: list[ExecutorCounters]) -> None:
+        self._config = config
+        self._base_url = base_url
+        self._api_key = api_key
+        self._limiter = limiter
+        self._stop = stop
+        self._counted = counted
+        self._client: openai.AsyncOpenAI | None = None
+        self._online: OnlineExecutor | None = None
+        self._now: Executor | None = None
+
+    def client(self) -> openai.AsyncOpenAI:
+        """The stage's SDK client (the SDK is imported here, the first time)."""
+        if self._client is None:
+            from flow.execute.client import make_client
+
+            self._client = make_client(self._config, self._base_url, self._api_key)
+        return self._client
+
+    def online(self) -> OnlineExecutor:
+        """The executor of the stage's re-asks, and of an online stage's calls."""
+        if self._online is None:
+            self._online = self._online_for(self._config)
+        return self._online
+
+    def now(self) -> Executor:
+        """What sends the stage's calls now: its online executor, or for embeddings one
+        that packs inputs into requests (through an online executor of its own)."""
+        if self._now is None:
+            if self._config.endpoint != "embeddings":
+                self._now = self.online()
+            else:
+                from flow.execute.packing import PackingExecutor, packed_config
+
+                self._now = PackingExecutor(self._config,
+                                            self._online_for(packed_config(self._config)))
+        return self._now
+
+    async def reask(self, call: Call) -> CallResult:
+        """Send one re-ask online."""
+        return await self.online().call(call)
+
+    async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
+        """Send the stage's calls now (`now`), made for the first of them."""
+        source = aiter(calls)
+        first = await anext(source, None)
+        if first is not None:
+            await self.now().execute(_from(first, source), deliver)
+
+    async def close(self) -> None:
+        """Close the client, if one was made."""
+        if self._client is not None:
+            await self._client.close()
+
+    def _online_for(self, config: CallConfig) -> OnlineExecutor:
+        from flow.execute.online import OnlineExecutor
+
+        online = OnlineExecutor(config, self.client(), self._limiter,
+                                [self._api_key, *config.secrets()], self._stop)
+        self._counted.append(online.counters)
+        return online
+
+
+async def _from(first: Call, rest: AsyncIterator[Call]) -> AsyncIterator[Call]:
+    yield first
+    async for call in rest:
+        yield call
