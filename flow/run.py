@@ -122,8 +122,9 @@ class Run:
                 check_error_class(self.options.error_class, await self._failed_classes(store))
             self._origin = same_origin(self._origin, await store.origins())
             await store.start_run(self.config.file, self._origin, endpoint_url(self._base_url))
-            self._budget.spent_before_usd = await store.spent_usd(self._origin)
-            self.progress.spent_before_usd = self._budget.spent_before_usd
+            if keys.max_cost_usd is not None:  # what was spent counts only toward a cap
+                self._budget.spent_before_usd = await store.spent_usd(self._origin)
+                self.progress.spent_before_usd = self._budget.spent_before_usd
             self.progress.cap_usd = keys.max_cost_usd
             context = RunContext(self.config, self.options, store, self._origin, self.progress,
                                  self._budget, self._breaker, self._stop_feeding,

@@ -101,6 +101,21 @@ def test_edit_a_stage_and_pay_only_for_what_changed(env: None, simulator: Simula
     assert calls(simulator) == (1000, 1050)
 
 
+def test_a_stage_taken_out_of_the_pipeline_leaves_the_store(env: None,
+                                                            simulator: SimulatorThread,
+                                                            tmp_path: Path) -> None:
+    pipeline = chain(tmp_path, simulator.url, rows(30))
+    assert pipeline.run() == 0
+    stages = "SELECT stage, COUNT(*) FROM items GROUP BY stage ORDER BY stage"
+    assert pipeline.query(stages) == [("answer", 30), ("grade", 30)]
+    pipeline.config["stages"] = pipeline.config["stages"][:1]
+    assert pipeline.run() == 0
+    assert pipeline.query(stages) == [("answer", 30)]
+    assert pipeline.query("SELECT COUNT(*) FROM outputs WHERE stage = 'grade'") == [(0,)]
+    assert pipeline.query("SELECT COUNT(*) FROM responses") == [(60,)]  # paid replies stay
+    assert calls(simulator) == (30, 30)
+
+
 def test_when_false_skips_the_stage_and_export_says_so(env: None, simulator: SimulatorThread,
                                                        tmp_path: Path, capsys: Any) -> None:
     pipeline = chain(tmp_path, simulator.url, rows(300),

@@ -219,6 +219,13 @@ HELD_SQL = ("SELECT row, base, error_class, error FROM held_rows WHERE row > ? O
             "LIMIT ?")
 UNSEEN = "stage=? AND item_id NOT IN (SELECT item_id FROM seen_ids)"
 STAGE_ITEMS = "SELECT COUNT(*) FROM items WHERE stage = ?"
+# the stages items are held at, a step of the index on (stage, row) each
+ITEM_STAGES = """
+    WITH RECURSIVE held(stage) AS (
+        SELECT MIN(stage) FROM items
+        UNION ALL SELECT (SELECT MIN(stage) FROM items WHERE stage > held.stage) FROM held
+        WHERE held.stage IS NOT NULL)
+    SELECT stage FROM held WHERE stage IS NOT NULL"""
 
 
 def insert_seen_sql(count: int) -> str:
