@@ -185,30 +185,30 @@ def test_a_python_step_edited_in_a_later_stage_reapplies_without_calling(
 
 def test_kill_9_anywhere_resumes_every_stage_without_paying_twice(env: None,
                                                                   tmp_path: Path) -> None:
-    """2,000 items through 2 stages, 10 ms latency: SIGKILLs at random moments, then resume."""
+    """600 items through 2 stages, 10 ms latency: SIGKILLs at random moments, then resume."""
     concurrency, kills = 32, 2
     chooser = random.Random(13)
     with SimulatorThread(SimulatorConfig(latency_ms=10)) as server:
-        pipeline = chain(tmp_path, server.url, rows(2000))
+        pipeline = chain(tmp_path, server.url, rows(600))
         pipeline.config["defaults"]["concurrency"] = concurrency
         for _ in range(kills):
             child = flow_process(pipeline)
-            wait_for_requests(server, server.stats.requests + chooser.randint(300, 1500), 60)
+            wait_for_requests(server, server.stats.requests + chooser.randint(100, 450), 60)
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
         resumed = flow_process(pipeline)
         assert resumed.wait(180) == 0, resumed.stderr.read() if resumed.stderr else ""
         first, second = calls(server)
-        bound = 2000 + kills * concurrency
+        bound = 600 + kills * concurrency
         assert first <= bound and second <= bound, (first, second)
         assert server.stats.max_per_request <= kills + 1
         out = subprocess.run([sys.executable, "-m", "flow", "export", str(pipeline.file),
                               "--stage", "answer"], capture_output=True, text=True, check=True)
-        assert out.stdout.count('"status":"done"') == 2000
+        assert out.stdout.count('"status":"done"') == 600
         for stage in ("answer", "grade"):
             assert pipeline.query("SELECT COUNT(*), COUNT(DISTINCT item_id) FROM results "
                                   "WHERE stage = ? AND status = 'done'", (stage,)) == [
-                (2000, 2000)]
+                (600, 600)]
         # every paid reply once per request: a kill never stored one twice
         assert pipeline.query("SELECT COUNT(*) - COUNT(DISTINCT request_key) FROM responses"
                               ) == [(0,)]
