@@ -72,33 +72,33 @@ def results(pipeline: Pipeline, stage: str) -> dict[str, tuple[str, Any, Any]]:
 
 def test_edit_a_stage_and_pay_only_for_what_changed(env: None, simulator: SimulatorThread,
                                                     tmp_path: Path) -> None:
-    pipeline = chain(tmp_path, simulator.url, rows(500))
+    pipeline = chain(tmp_path, simulator.url, rows(200))
     assert pipeline.run() == 0
-    assert calls(simulator) == (500, 500)
+    assert calls(simulator) == (200, 200)
     graded = results(pipeline, "grade")
-    assert len(graded) == 500 and {s for s, _, _ in graded.values()} == {"done"}
+    assert len(graded) == 200 and {s for s, _, _ in graded.values()} == {"done"}
     assert pipeline.run() == 0
-    assert calls(simulator) == (500, 500)
+    assert calls(simulator) == (200, 200)
 
     # stage 2's prompt edited: every item's grade is asked again, nothing else; back: nothing
     second = pipeline.config["stages"][1]["messages"][0]
     second["content"] = "Grade this answer: {{ answer.output }}"
     assert pipeline.run() == 0
-    assert calls(simulator) == (500, 1000)
+    assert calls(simulator) == (200, 400)
     second["content"] = "Grade: {{ answer.output }}"
     assert pipeline.run() == 0
-    assert calls(simulator) == (500, 1000)
+    assert calls(simulator) == (200, 400)
 
-    # stage 1 edited for everyone, its output changed for the 50 hard items only: their
+    # stage 1 edited for everyone, its output changed for the 20 hard items only: their
     # grades alone are asked again
     first = pipeline.config["stages"][0]["messages"]
     first[0]["content"] = "Answer very briefly."
     first[1]["content"] = "{{ question }}{% if hard %} Think hard.{% endif %}"
     assert pipeline.run() == 0
-    assert calls(simulator) == (1000, 1050)
+    assert calls(simulator) == (400, 420)
     assert results(pipeline, "answer")["q00010"][1] == "What is 10 plus 10? Think hard."
     assert pipeline.run() == 0
-    assert calls(simulator) == (1000, 1050)
+    assert calls(simulator) == (400, 420)
 
 
 def test_a_stage_taken_out_of_the_pipeline_leaves_the_store(env: None,
