@@ -74,8 +74,41 @@ def test_a_batch_stage_on_postgres_exports_what_it_does_on_sqlite(
     each_item_once(postgres_url, 30)
     assert rows_of(postgres_url, "SELECT state, lines FROM batches ORDER BY id") == [
         ("collected", 10)] * 3
+    capsys.readouterr()
+    assert pipeline.cli("status") == 0  # its table of batches, read as on SQLite
+    assert capsys.readouterr().out.count("collected") == 3
     assert pipeline.run() == 0  # a re-run: nothing to send, no batch made
     assert creates(batch_server) == [1] * 6
+
+
+def test_detach_then_a_rerun_collects_without_creating_on_postgres(
+        make_pipeline: Any, batch_server: SimulatorThread, postgres_url: str) -> None:
+    pipeline = batch_pipeline(make_pipeline, batch_server, postgres_url)
+    assert pipeline.run("--detach") == 0
+    assert rows_of(postgres_url, "SELECT state, worker FROM batches") == [
+        ("submitted", None)] * 3  # given back: any worker collects them
+    assert pipeline.run() == 0
+    assert creates(batch_server) == [1, 1, 1]
+    each_item_once(postgres_url, 30)
+
+
+@pytest.mark.parametrize(("on_expired", "batches", "online"), [("requeue", 2, 0),
+                                                              ("online", 1, 40)])
+def test_expired_lines_go_back_to_the_queue_or_online_on_postgres(
+        make_pipeline: Any, postgres_url: str, on_expired: str, batches: int,
+        online: int) -> None:
+    with SimulatorThread(SimulatorConfig(seed=7, batch_s=0.1,
+                                         batch_faults={1: "expire:60"})) as server:
+        pipeline = batch_pipeline(make_pipeline, server, postgres_url, items=100,
+                                  per_batch=100)
+        pipeline.config["call"]["batch"]["on_expired"] = on_expired
+        assert pipeline.run() == 0
+        assert sum(creates(server)) == batches and server.stats.requests == online
+    assert rows_of(postgres_url, "SELECT COUNT(*), COUNT(DISTINCT request_key), "
+                                 "COUNT(batch_id) FROM responses") == [(100, 100, 100 - online)]
+    assert rows_of(postgres_url, "SELECT COUNT(*) FROM results WHERE status = 'done'") == [
+        (100,)]
+    assert rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'") == [(0,)]
 
 
 @pytest.mark.slow

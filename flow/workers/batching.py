@@ -40,7 +40,7 @@ class BatchWork:
     def __init__(self, stage: Stage, store: PostgresStore, client: openai.AsyncOpenAI,
                  online: OnlineExecutor, origin: str, store_tag: str, lease_s: float,
                  poll_s: float, stop: asyncio.Event, budget: Budget,
-                 progress: RunProgress) -> None:
+                 progress: RunProgress, detach: bool = False) -> None:
         self._stage = stage
         self._config = stage.config.batch
         self._store = store
@@ -59,15 +59,22 @@ class BatchWork:
         self._run = BatchRun(self._book, stage.name, origin, store_tag, store.run_id,
                              self._may_spend, self._worst_cost, self._worst_tokens, self._url)
         self.counters = BatchCounters()
-        self._driver = ShardDriver(self._config, client, self._run, stop, False, self.counters)
+        self._detach = detach  # return once every shard is submitted
+        self._driver = ShardDriver(self._config, client, self._run, stop, detach, self.counters)
         self._origin = origin
         self._spent_before = 0.0
         self._worst_usd = 0.0  # the batches this worker created, each at its worst
         self._waiting: dict[str, list[Waiting]] = {}
         self._loaded: set[str] = set()  # batches whose waiting items are looked up
 
+    @property
+    def detached(self) -> bool:
+        """Detached with batches running at the provider: a later run collects them."""
+        return self._detach and self.counters.batches_running > 0
+
     async def execute(self) -> None:
-        """Drive shards until no request waits and every shard is collected, or a stop."""
+        """Drive shards until no request waits and every shard is collected (detached:
+        submitted), or a stop."""
         if self._budget.cap_usd is not None:
             self._spent_before = await self._store.spent_usd(self._origin)
         drivers: dict[int, asyncio.Task[None]] = {}
@@ -80,7 +87,7 @@ class BatchWork:
                     drivers[shard.id] = asyncio.create_task(self._drive(shard))
                     continue
                 pending, unfinished = await self._book.left()
-                if not drivers and not pending and not unfinished:
+                if not drivers and not pending and (not unfinished or self._detach):
                     return
                 # a driver ends, or another worker's lease may run out, meanwhile
                 stop = asyncio.create_task(self._stop.wait())

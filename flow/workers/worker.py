@@ -30,6 +30,7 @@ from flow.plan import RunOptions
 from flow.prices import estimate_call_usd
 from flow.progress import RunProgress, RunSummary
 from flow.records import Call, CallResult
+from flow.run import DETACHED
 from flow.stage import RunContext, Stage
 from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S
 from flow.store.postgres.limits import SharedGate, limit_name
@@ -119,12 +120,13 @@ class Worker:
             self.stage.send_reasks_with(executor.call)
             heart = asyncio.create_task(self._beat(store))
             counters: list[ExecutorCounters] = [executor.counters]
+            batches: BatchWork | None = None
             try:
                 if config.executor == "batch":  # shards cut from the queue, leased
                     batches = BatchWork(self.stage, store, client, executor, self._origin,
                                         await store.store_id(), self.work.lease_s,
                                         self.work.poll_s, self._stop, self._budget,
-                                        self.progress)
+                                        self.progress, self.options.detach)
                     counters.append(batches.counters)
                     await batches.execute()
                 else:
@@ -148,6 +150,8 @@ class Worker:
                 state, message = "stopped", self._budget.reached
             elif self._stop.is_set():
                 state, message = "interrupted", "stopped on request: leases given back"
+            elif batches is not None and batches.detached:
+                state, message = "detached", DETACHED
         except BaseException as e:
             state, message = "stopped", f"{type(e).__name__}: {e}"
             raise
