@@ -169,9 +169,12 @@ def test_a_shard_taken_over_fences_out_the_worker_that_lost_it(postgres_url: str
             assert taken is not None and taken.id == shard.id
             assert set(holder.line_tokens) == {"k1", "k2"}
             assert await SharedShards(first, "call", "test", 30).take() is None  # held now
+            with pytest.raises(ShardLostError):
+                await lost.mark(shard.id, ["k1"], "done")  # its lines are not its to mark
             shard.state = "creating"
             with pytest.raises(ShardLostError):
                 await lost.save(shard)
+            await holder.mark(shard.id, ["k2"], "requeued")
             late = batch_reply("k1", lost.line_tokens["k1"])
             await first.save(late)
             await first.flush()
@@ -187,5 +190,7 @@ def test_a_shard_taken_over_fences_out_the_worker_that_lost_it(postgres_url: str
     asyncio.run(scenario())
     assert rows_of(postgres_url, "SELECT request_key FROM responses") == [("k1",)]
     assert rows_of(postgres_url, "SELECT state FROM batches") == [("planned",)]
+    assert rows_of(postgres_url, "SELECT request_key, state FROM batch_lines ORDER BY 1") == [
+        ("k1", "pending"), ("k2", "requeued")]
     assert rows_of(postgres_url, "SELECT request_key, state FROM work ORDER BY 1") == [
         ("k1", "done"), ("k2", "leased")]

@@ -78,6 +78,13 @@ RETOKEN_SQL = f"""
 SAVE_SQL = (f"UPDATE batches SET {', '.join(f'{column} = %s' for column in MUTABLE)}, "
             "lease_until = clock_timestamp() + make_interval(secs => %s) "
             "WHERE id = %s AND token = %s RETURNING id")
+# the shard's row locked: a take-over waits for the mark, or the mark sees the new token
+MARK_SQL = """
+    WITH held AS (SELECT id FROM batches WHERE id = %s AND token = %s FOR UPDATE),
+    marked AS (UPDATE batch_lines SET state = %s FROM held
+               WHERE batch_lines.batch = held.id AND batch_lines.request_key = ANY(%s)
+               RETURNING 1)
+    SELECT (SELECT COUNT(*) FROM held), (SELECT COUNT(*) FROM marked)"""
 HEARTBEAT_SQL = """
     UPDATE batches SET lease_until = clock_timestamp() + make_interval(secs => %s)
     WHERE worker = %s AND state <> 'collected'"""
@@ -212,8 +219,13 @@ class SharedShards:
         return await self._book.held(shard_ids, keys)
 
     async def mark(self, shard_id: int, keys: Sequence[str], state: str) -> None:
-        """Set the state of the shard's lines of `keys`."""
-        await self._book.mark(shard_id, keys, state)
+        """Set the state of the shard's lines of `keys`, while this worker holds it (a
+        worker that lost it must not mark lines done whose results were refused)."""
+        rows = await self._store._query(MARK_SQL, (shard_id, self.tokens.get(shard_id, 0),
+                                                   state, list(keys)), write=True, raw=True)
+        if not rows[0][0]:
+            self.tokens.pop(shard_id, None)
+            raise ShardLostError(f"batch shard {shard_id}: another worker took it over")
 
     async def forget_requests(self, shard_id: int) -> None:
         """A collected shard's request copies dropped; its lease too."""
