@@ -92,6 +92,21 @@ def test_detach_then_a_rerun_collects_without_creating_on_postgres(
     each_item_once(postgres_url, 30)
 
 
+def test_cancel_on_postgres_keeps_what_the_batches_finished(
+        make_pipeline: Any, postgres_url: str, capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(seed=7, batch_s=3600)) as server:
+        pipeline = batch_pipeline(make_pipeline, server, postgres_url, items=40, per_batch=40)
+        assert pipeline.run("--detach") == 0
+        server.advance(1800)  # half the lines done
+        capsys.readouterr()
+        assert pipeline.cli("cancel") == 0
+        assert ": cancelling" in capsys.readouterr().err
+        server.config.batch_s = 0.1
+        assert pipeline.run() == 0
+        assert sum(creates(server)) == 2  # the cancelled lines in a second batch
+    each_item_once(postgres_url, 40)
+
+
 @pytest.mark.parametrize(("on_expired", "batches", "online"), [("requeue", 2, 0),
                                                               ("online", 1, 40)])
 def test_expired_lines_go_back_to_the_queue_or_online_on_postgres(
