@@ -60,6 +60,7 @@ class BatchWork:
                              self._may_spend, self._worst_cost, self._worst_tokens, self._url)
         self.counters = BatchCounters()
         self._detach = detach  # return once every shard is submitted
+        self._client = client
         self._driver = ShardDriver(self._config, client, self._run, stop, detach, self.counters)
         self._origin = origin
         self._spent_before = 0.0
@@ -132,7 +133,9 @@ class BatchWork:
         try:
             await self._driver.drive(shard, self._deliver)
         except ShardLostError:
-            return  # another worker took it over: it goes on from the state on record
+            # another worker took it over: it goes on from the state on record
+            await self._cancel_unrecorded(shard)
+            return
         if self._driver.stopped_by_budget and not self._stop.is_set():
             self._progress.stopping = "budget reached"
             self._stop.set()
@@ -146,6 +149,19 @@ class BatchWork:
                     yield call
             await self._online.execute(each(), self._deliver)
         await self._book.requeue([call.key for call in requeued])  # those not sent
+
+    async def _cancel_unrecorded(self, shard: Shard) -> None:
+        """A batch this worker created after it lost the shard (it was paused past its lease
+        between the intent and the create), when the worker holding the shard recorded
+        another: nobody would collect it, so it is cancelled at once."""
+        if shard.batch_id is None:
+            return
+        rows = await self._store._query("SELECT batch_id FROM batches WHERE id = %s",
+                                        (shard.id,), raw=True)
+        recorded = rows[0][0] if rows else None
+        if recorded is not None and recorded != shard.batch_id:
+            with contextlib.suppress(openai.APIError):
+                await self._client.batches.cancel(shard.batch_id)
 
     async def _deliver(self, result: CallResult) -> None:
         """Commit one line's result, fenced by its request's lease."""
