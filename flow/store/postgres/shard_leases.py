@@ -28,14 +28,15 @@ CUT_LOCK = 0x666C6F77_0002  # pg_advisory_xact_lock key: cutting a shard ("flow"
 LEASE = "clock_timestamp() + make_interval(secs => %(lease_s)s)"
 # pending requests, and requests leased once but in no open shard (an online worker's
 # lease that ran out before the stage turned to batches)
-PENDING_SQL = """
-    SELECT request_key, request FROM work
-    WHERE state <> 'done' AND origin = %(origin)s AND stage = %(stage)s
+WAITING = """
+    state <> 'done' AND origin = %(origin)s AND stage = %(stage)s
         AND (state = 'pending' OR (lease_until < clock_timestamp() AND NOT EXISTS (
             SELECT 1 FROM batch_lines JOIN batches ON batches.id = batch_lines.batch
             WHERE batch_lines.request_key = work.request_key AND batch_lines.state = 'pending'
                 AND batches.stage = work.stage AND batches.origin = work.origin
-                AND batches.state <> 'collected')))
+                AND batches.state <> 'collected')))"""
+PENDING_SQL = f"""
+    SELECT request_key, request FROM work WHERE {WAITING}
     ORDER BY origin, stage, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED"""
 LEASE_LINES_SQL = f"""
     UPDATE work SET state = 'leased', token = nextval('work_tokens'), worker = %(worker)s,
@@ -89,10 +90,10 @@ HEARTBEAT_SQL = """
     UPDATE batches SET lease_until = clock_timestamp() + make_interval(secs => %s)
     WHERE worker = %s AND state <> 'collected'"""
 RELEASE_SQL = "UPDATE batches SET worker = NULL, lease_until = NULL WHERE token = ANY(%s)"
-LEFT_SQL = """
-    SELECT (SELECT COUNT(*) FROM work WHERE state = 'pending' AND origin = %s AND stage = %s),
-           (SELECT COUNT(*) FROM batches WHERE state <> 'collected' AND origin = %s
-                AND stage = %s)"""
+LEFT_SQL = f"""
+    SELECT (SELECT COUNT(*) FROM work WHERE {WAITING}),
+           (SELECT COUNT(*) FROM batches WHERE state <> 'collected'
+                AND origin = %(origin)s AND stage = %(stage)s)"""
 
 
 class ShardLostError(StoreError):
@@ -185,7 +186,7 @@ class SharedShards:
     async def left(self) -> tuple[int, int]:
         """(requests waiting for a shard, shards not yet collected)."""
         ((pending, shards),) = await self._store._query(
-            LEFT_SQL, (self._origin, self._stage, self._origin, self._stage), raw=True)
+            LEFT_SQL, {"origin": self._origin, "stage": self._stage}, raw=True)
         return int(pending), int(shards)
 
     # the `ShardBook` the driver writes through
