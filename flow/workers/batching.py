@@ -32,6 +32,9 @@ from flow.store.postgres.store import PostgresStore
 from flow.store.shards import Waiting
 
 LINE_BYTES = 120  # a line's envelope around its request (custom_id, method, url)
+# lines of a collection committing at once: the store's group writer takes them in a few
+# transactions where one at a time took a round trip each
+IN_FLIGHT = 256
 
 
 class BatchWork:
@@ -66,6 +69,10 @@ class BatchWork:
         self._spent_before = 0.0
         self._worst_usd = 0.0  # the batches this worker created, each at its worst
         self._waiting: dict[str, list[Waiting]] = {}
+        self._committing: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Semaphore(IN_FLIGHT)
+        self._failure: Exception | None = None  # of a line's commit
+        self._book.before_write = self._settle  # a line is marked done once committed
         self._loaded: set[str] = set()  # batches whose waiting items are looked up
 
     @property
@@ -101,6 +108,7 @@ class BatchWork:
                         task.result()
         finally:
             results = await asyncio.gather(*drivers.values(), return_exceptions=True)
+            results.extend(await asyncio.gather(self._settle(), return_exceptions=True))
             heart.cancel()
             await asyncio.gather(heart, return_exceptions=True)
             with contextlib.suppress(Exception):  # a failed store says so already
@@ -148,6 +156,7 @@ class BatchWork:
                 for call in requeued:
                     yield call
             await self._online.execute(each(), self._deliver)
+            await self._settle()
         await self._book.requeue([call.key for call in requeued])  # those not sent
 
     async def _cancel_unrecorded(self, shard: Shard) -> None:
@@ -173,8 +182,27 @@ class BatchWork:
             await self._book.requeue([key])
             return
         found = await self._waiting_for(result)
-        await self._stage.delivery.deliver_stored(result, lease=token, found=found)
-        self._book.line_tokens.pop(key, None)
+        await self._room.acquire()
+        task = asyncio.create_task(self._commit(result, token, found))
+        self._committing.add(task)
+        task.add_done_callback(self._committing.discard)
+
+    async def _commit(self, result: CallResult, token: int, found: list[Waiting]) -> None:
+        """One line's result for every item waiting on it, committed fenced by `token`."""
+        try:
+            await self._stage.delivery.deliver_stored(result, lease=token, found=found)
+            self._book.line_tokens.pop(result.call.key, None)
+        except Exception as e:  # kept for `_settle`, which the collection awaits
+            self._failure = self._failure or e
+        finally:
+            self._room.release()
+
+    async def _settle(self) -> None:
+        """Wait until every line delivered is committed; the first failure, if one failed."""
+        while self._committing:
+            await asyncio.gather(*self._committing, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
 
     async def _waiting_for(self, result: CallResult) -> list[Waiting]:
         """The items waiting on the result's request, looked up once for its whole batch."""

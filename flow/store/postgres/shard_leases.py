@@ -14,7 +14,7 @@ an online worker's is: two workers collecting one batch never store a line twice
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from flow.errors import StoreError
@@ -113,6 +113,9 @@ class SharedShards:
         self.worker = store.worker
         self.tokens: dict[int, int] = {}  # the shards this worker holds: their tokens
         self.line_tokens: dict[str, int] = {}  # their lines' requests: the tokens in `work`
+        # awaited before a shard's state or lines are written: the results delivered
+        # before are committed by then
+        self.before_write: Callable[[], Awaitable[None]] | None = None
 
     async def cut(self, endpoint: str, run_id: int, most: int,
                   keep: Callable[[list[tuple[str, str]]], int],
@@ -202,6 +205,8 @@ class SharedShards:
 
     async def save(self, shard: Shard) -> None:
         """Write where `shard` stands, while this worker holds it (its lease renewed)."""
+        if self.before_write is not None:
+            await self.before_write()
         shard.updated_at = utc_now()
         rows = await self._store._query(SAVE_SQL, (
             *(getattr(shard, column) for column in MUTABLE), self.lease_s, shard.id,
@@ -222,6 +227,8 @@ class SharedShards:
     async def mark(self, shard_id: int, keys: Sequence[str], state: str) -> None:
         """Set the state of the shard's lines of `keys`, while this worker holds it (a
         worker that lost it must not mark lines done whose results were refused)."""
+        if self.before_write is not None:
+            await self.before_write()
         rows = await self._store._query(MARK_SQL, (shard_id, self.tokens.get(shard_id, 0),
                                                    state, list(keys)), write=True, raw=True)
         if not rows[0][0]:
