@@ -107,6 +107,16 @@ def test_cancel_on_postgres_keeps_what_the_batches_finished(
     each_item_once(postgres_url, 40)
 
 
+def test_a_refusal_stops_every_shard_and_gives_them_back(
+        make_pipeline: Any, postgres_url: str, capsys: Any) -> None:
+    with SimulatorThread(SimulatorConfig(seed=7, batch_s=0.1, api_key="sk-another")) as server:
+        pipeline = batch_pipeline(make_pipeline, server, postgres_url)
+        assert pipeline.run() == 2  # a refusal stops the run, as online
+    assert "the provider refused it (401" in capsys.readouterr().err
+    assert rows_of(postgres_url, "SELECT state, worker FROM batches") == [
+        ("planned", None)] * 3  # nothing made; any worker may take them up again
+
+
 @pytest.mark.parametrize(("on_expired", "batches", "online"), [("requeue", 2, 0),
                                                               ("online", 1, 40)])
 def test_expired_lines_go_back_to_the_queue_or_online_on_postgres(

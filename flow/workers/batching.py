@@ -106,6 +106,9 @@ class BatchWork:
                     if task in done:
                         del drivers[shard_id]
                         task.result()
+        except BaseException:
+            self._stop.set()  # the other shards' drivers stop too, and give their shards back
+            raise
         finally:
             results = await asyncio.gather(*drivers.values(), return_exceptions=True)
             results.extend(await asyncio.gather(self._settle(), return_exceptions=True))
