@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Pipeline, flow_process, questions
+from conftest import Pipeline, flow_process, questions, write_rows
 
 from flow.config import load_config
 from flow.config.store_url import StoreURL
@@ -22,6 +22,7 @@ from flow.records import ResponseRecord, Settled, Usage, utc_now
 from flow.simulator import SimulatorConfig, SimulatorThread
 from flow.store.postgres.shard_leases import ShardLostError, SharedShards
 from flow.store.postgres.store import PostgresStore
+from flow.workers.planning import plan_pipeline
 from flow.workers.worker import Worker, WorkOptions
 
 FAST = {"first_poll_s": 0.01, "max_poll_s": 0.05, "gather_s": 0.05, "create_grace_s": 0}
@@ -168,6 +169,37 @@ def test_two_workers_share_the_batches_and_create_each_once(
     each_item_once(postgres_url, 60)
     assert rows_of(postgres_url, "SELECT COUNT(*) FROM batches WHERE state = 'collected'") == [
         (6,)]
+
+
+async def until_done(worker: Worker, items: int, working: asyncio.Task[RunSummary]) -> None:
+    """Until `worker` has done `items` items, or ended (its progress looked at, not a wait
+    for a time)."""
+    while True:
+        if worker.progress.done >= items or working.done():
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_a_waiting_worker_batches_what_is_planned_after_it_started(
+        make_pipeline: Any, batch_server: SimulatorThread, postgres_url: str) -> None:
+    pipeline = batch_pipeline(make_pipeline, batch_server, postgres_url)
+    write_rows(pipeline.folder / "rows.jsonl", questions(10))
+    config = load_config(pipeline.file)
+
+    async def work() -> RunSummary:
+        await plan_pipeline(config, RunOptions())
+        worker = Worker(config, RunOptions(), WorkOptions(wait_for_work=True))
+        working = asyncio.create_task(worker.execute())
+        await until_done(worker, 10, working)
+        write_rows(pipeline.folder / "rows.jsonl", questions(30))  # 20 more, planned later
+        await plan_pipeline(config, RunOptions())
+        await until_done(worker, 30, working)
+        worker.request_stop()
+        return await working
+
+    assert asyncio.run(work()).state == "interrupted"
+    assert creates(batch_server) == [1, 1, 1]
+    each_item_once(postgres_url, 30)
 
 
 def batch_reply(key: str, lease: int) -> Settled:

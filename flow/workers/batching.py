@@ -43,7 +43,8 @@ class BatchWork:
     def __init__(self, stage: Stage, store: PostgresStore, client: openai.AsyncOpenAI,
                  online: OnlineExecutor, origin: str, store_tag: str, lease_s: float,
                  poll_s: float, stop: asyncio.Event, budget: Budget,
-                 progress: RunProgress, detach: bool = False) -> None:
+                 progress: RunProgress, detach: bool = False,
+                 wait_for_work: bool = False) -> None:
         self._stage = stage
         self._config = stage.config.batch
         self._store = store
@@ -63,6 +64,7 @@ class BatchWork:
                              self._may_spend, self._worst_cost, self._worst_tokens, self._url)
         self.counters = BatchCounters()
         self._detach = detach  # return once every shard is submitted
+        self._wait_for_work = wait_for_work  # with nothing left: wait for more, not end
         self._client = client
         self._driver = ShardDriver(self._config, client, self._run, stop, detach, self.counters)
         self._origin = origin
@@ -95,7 +97,8 @@ class BatchWork:
                     drivers[shard.id] = asyncio.create_task(self._drive(shard))
                     continue
                 pending, unfinished = await self._book.left()
-                if not drivers and not pending and (not unfinished or self._detach):
+                if not drivers and not pending and (not unfinished or self._detach) and (
+                        not self._wait_for_work):
                     return
                 # a driver ends, or another worker's lease may run out, meanwhile
                 stop = asyncio.create_task(self._stop.wait())

@@ -126,7 +126,8 @@ class Worker:
                     batches = BatchWork(self.stage, store, client, executor, self._origin,
                                         await store.store_id(), self.work.lease_s,
                                         self.work.poll_s, self._stop, self._budget,
-                                        self.progress, self.options.detach)
+                                        self.progress, self.options.detach,
+                                        self.work.wait_for_work)
                     counters.append(batches.counters)
                     await batches.execute()
                 else:
