@@ -6,8 +6,9 @@ process (a batch runs its lines in `--batch-s` seconds), and prints, for each st
 median wall seconds of the run and the CPU seconds of this process (the run: planning,
 upload, polling, collection) and of the database server:
 
-    python bench/batch_store.py                      # 20,000 items, batches of 5,000, 3 pairs
-    python bench/batch_store.py --items 50000 --per-batch 50000 --pairs 1
+    python bench/batch_store.py                      # 20,000 items, batches of 5,000, 3 rounds
+    python bench/batch_store.py --items 50000 --per-batch 50000 --rounds 1
+    python bench/batch_store.py --in-flight 256 1    # PostgreSQL: lines committing at once
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import yaml
 from simulator_process import simulator_process
 from workers import server_cpu_s
 
+import flow.workers.batching
 from flow.cli import main as flow_main
 
 API_KEY = "sk-bench-0123456789abcdef"
@@ -69,8 +71,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--per-batch", type=int, default=5_000)
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="each store (and --in-flight value) once a round, in turns")
     parser.add_argument("--batch-s", type=float, default=0.5)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[256],
+                        help="on PostgreSQL: a collection's lines committing at once (one "
+                             "run each a round; 1 is one at a time)")
     args = parser.parse_args()
     os.environ["OPENAI_API_KEY"] = API_KEY
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as pgdata:
@@ -82,16 +88,19 @@ def main() -> None:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
         url, pid = str(server.get_uri()), server.get_pid()
         assert pid is not None
-        figures: dict[str, list[tuple[float, float, float]]] = {"sqlite": [], "postgres": []}
+        kinds = ["sqlite", *(f"postgres, {n} in flight" for n in args.in_flight)]
+        figures: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in kinds}
         with simulator_process("--batch-s", str(args.batch_s)) as base:
-            for pair in range(args.pairs):
-                for kind in ("sqlite", "postgres") if pair % 2 == 0 else ("postgres", "sqlite"):
-                    store = (f"flow-{uuid.uuid4().hex[:6]}.db" if kind == "sqlite"
-                             else new_database(url))
+            for round_ in range(args.rounds):
+                for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+                    store = f"flow-{uuid.uuid4().hex[:6]}.db"
+                    if kind != "sqlite":
+                        store = new_database(url)
+                        flow.workers.batching.IN_FLIGHT = int(kind.split()[1])
                     figures[kind].append(run_once(
                         pipeline(work, store, f"{base}/v1", args.per_batch), pid))
         server.cleanup()
-    print(f"{args.items:,} items in batches of {args.per_batch:,}, {args.pairs} pairs "
+    print(f"{args.items:,} items in batches of {args.per_batch:,}, {args.rounds} rounds "
           "(medians):", file=sys.stderr)
     for kind, runs in figures.items():
         wall, cpu, db = (statistics.median(r[i] for r in runs) for i in range(3))
