@@ -251,3 +251,26 @@ def test_a_shard_taken_over_fences_out_the_worker_that_lost_it(postgres_url: str
         ("k1", "pending"), ("k2", "requeued")]
     assert rows_of(postgres_url, "SELECT request_key, state FROM work ORDER BY 1") == [
         ("k1", "done"), ("k2", "leased")]
+
+
+def test_a_shard_whose_worker_is_gone_is_taken_before_its_lease_runs_out(
+        postgres_url: str) -> None:
+    async def scenario() -> None:
+        url = StoreURL(postgres_url)
+        gone, other = await PostgresStore.open(url), await PostgresStore.open(url)
+        try:
+            await gone.start_run(Path("pipeline.yaml"), "test", "test")
+            await gone.queue.enqueue("call", "test", [("k1", "{}")])
+            held = SharedShards(gone, "call", "test", lease_s=3600)
+            shard = await held.cut(URL, gone.run_id, 10, len, lambda request: 0.0)
+            taker = SharedShards(other, "call", "test", lease_s=30)
+            assert await taker.take() is None  # its worker lives: an hour's lease stands
+            await gone.close()  # the session ends, as when the process dies
+            taken = await taker.take()
+            assert shard is not None and taken is not None and taken.id == shard.id
+            assert set(taker.line_tokens) == {"k1"}
+        finally:
+            await other.close()
+
+    asyncio.run(scenario())
+    assert rows_of(postgres_url, "SELECT claims FROM work") == [(2,)]

@@ -13,7 +13,6 @@ an online worker's is: two workers collecting one batch never store a line twice
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,9 @@ if TYPE_CHECKING:
     from flow.store.postgres.store import PostgresStore
 
 CUT_LOCK = 0x666C6F77_0002  # pg_advisory_xact_lock key: cutting a shard ("flow", 2)
+# pg_try_advisory_lock(ALIVE_LOCK, hashtext(worker)): held by each batch worker's session
+# while it lives, so others see at once when that session is gone
+ALIVE_LOCK = 0x666C6F77
 LEASE = "clock_timestamp() + make_interval(secs => %(lease_s)s)"
 # pending requests, and requests leased once but in no open shard (an online worker's
 # lease that ran out before the stage turned to batches)
@@ -53,15 +55,23 @@ ADD_SQL = f"""
 ADD_LINES_SQL = """
     INSERT INTO batch_lines (batch, request_key, request)
     SELECT %s, key, request FROM unnest(%s::text[], %s::text[]) AS line (key, request)"""
-HOLDERS_SQL = """
-    SELECT DISTINCT worker FROM batches WHERE stage = %s AND origin = %s
-        AND state <> 'collected' AND lease_until >= clock_timestamp()"""
+# the workers holding shards whose session is gone (their advisory lock is free: the
+# process died and the server closed its connection); probed, then let go at once
+GONE_SQL = """
+    WITH holders AS MATERIALIZED (
+        SELECT DISTINCT worker FROM batches WHERE stage = %(stage)s AND origin = %(origin)s
+            AND state <> 'collected' AND lease_until >= clock_timestamp()
+            AND worker <> %(worker)s),
+    gone AS (SELECT worker FROM holders
+             WHERE pg_try_advisory_lock(%(lock)s, hashtext(worker)))
+    SELECT worker, pg_advisory_unlock(%(lock)s, hashtext(worker)) FROM gone"""
+ALIVE_SQL = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
 TAKE_SQL = f"""
     WITH picked AS (
         SELECT id FROM batches
         WHERE stage = %(stage)s AND origin = %(origin)s AND state <> 'collected'
             AND (lease_until IS NULL OR lease_until < clock_timestamp()
-                 OR worker = ANY(%(dead)s))
+                 OR worker = ANY(%(gone)s))
             AND NOT id = ANY(%(mine)s)
         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
     UPDATE batches SET worker = %(worker)s, token = nextval('work_tokens'),
@@ -116,6 +126,7 @@ class SharedShards:
         # awaited before a shard's state or lines are written: the results delivered
         # before are committed by then
         self.before_write: Callable[[], Awaitable[None]] | None = None
+        self._alive_on: object = None  # the connection this worker's alive lock is held on
 
     async def cut(self, endpoint: str, run_id: int, most: int,
                   keep: Callable[[list[tuple[str, str]]], int],
@@ -124,6 +135,7 @@ class SharedShards:
         worker (`keep`: how many of the oldest fit one batch); None: the queue is empty."""
         params = {"origin": self._origin, "stage": self._stage, "worker": self.worker,
                   "lease_s": self.lease_s}
+        await self.hold_alive()  # before it holds a shard: others see it alive
         async with self._store.transaction("cannot record a batch") as db:
             # one cut at a time: shard ids are numbered in order, as SQLite's are
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (CUT_LOCK,))
@@ -150,15 +162,17 @@ class SharedShards:
                      len(lines), size, worst, updated_at=now)
 
     async def take(self) -> Shard | None:
-        """An open shard no live worker drives, now leased to this one with new tokens
-        for it and its lines' requests; None: there is none."""
+        """An open shard no live worker drives (its lease ran out, or its worker's session
+        is gone), now leased to this one with new tokens for it and its lines' requests;
+        None: there is none."""
         query = self._store._query
-        holders = [str(w) for (w,) in await query(HOLDERS_SQL, (self._stage, self._origin),
-                                                  raw=True)]
-        rows = await query(TAKE_SQL, {
-            "stage": self._stage, "origin": self._origin, "worker": self.worker,
-            "lease_s": self.lease_s, "dead": [w for w in holders if _is_dead(w)],
-            "mine": list(self.tokens)}, write=True, raw=True)
+        await self.hold_alive()
+        params = {"stage": self._stage, "origin": self._origin, "worker": self.worker,
+                  "lock": ALIVE_LOCK}
+        gone = [str(worker) for worker, _ in await query(GONE_SQL, params, write=True,
+                                                            raw=True)]
+        rows = await query(TAKE_SQL, {**params, "lease_s": self.lease_s, "gone": gone,
+                                      "mine": list(self.tokens)}, write=True, raw=True)
         if not rows:
             return None
         *values, token = rows[0]
@@ -170,8 +184,22 @@ class SharedShards:
             self.line_tokens[str(key)] = int(line_token)
         return shard
 
+    async def hold_alive(self) -> None:
+        """Hold this worker's alive lock on the store's connection (again after a
+        reconnect: a new session holds none)."""
+        if self._alive_on is not self._store.connection:
+            await self._store._query(ALIVE_SQL, (ALIVE_LOCK, self.worker), write=True,
+                                     raw=True)
+            self._alive_on = self._store.connection
+
+    async def _lost(self, shard_id: int) -> ShardLostError:
+        """The shard is another worker's now: the error to raise."""
+        self.tokens.pop(shard_id, None)
+        return ShardLostError(f"batch shard {shard_id}: another worker took it over")
+
     async def heartbeat(self) -> None:
         """Keep this worker's shards (its lines' requests: `WorkQueue.heartbeat`)."""
+        await self.hold_alive()
         await self._store._query(HEARTBEAT_SQL, (self.lease_s, self.worker), write=True,
                                  raw=True)
 
@@ -212,8 +240,7 @@ class SharedShards:
             *(getattr(shard, column) for column in MUTABLE), self.lease_s, shard.id,
             self.tokens.get(shard.id, 0)), write=True, raw=True)
         if not rows:
-            self.tokens.pop(shard.id, None)
-            raise ShardLostError(f"batch shard {shard.id}: another worker took it over")
+            raise await self._lost(shard.id)
 
     async def lines(self, shard_id: int, states: Sequence[str] = ("pending",)
                     ) -> list[tuple[str, str]]:
@@ -232,8 +259,7 @@ class SharedShards:
         rows = await self._store._query(MARK_SQL, (shard_id, self.tokens.get(shard_id, 0),
                                                    state, list(keys)), write=True, raw=True)
         if not rows[0][0]:
-            self.tokens.pop(shard_id, None)
-            raise ShardLostError(f"batch shard {shard_id}: another worker took it over")
+            raise await self._lost(shard_id)
 
     async def forget_requests(self, shard_id: int) -> None:
         """A collected shard's request copies dropped; its lease too."""
@@ -243,19 +269,3 @@ class SharedShards:
     async def collected(self, batch_id: str) -> set[str]:
         """The request keys whose reply from this batch is stored already."""
         return await self._book.collected(batch_id)
-
-
-def _is_dead(worker: str) -> bool:
-    """Whether a worker (`host:pid:tag`) is a process of this machine that is gone: its
-    shards need not wait for its lease to run out."""
-    host, _, rest = worker.partition(":")
-    pid = rest.partition(":")[0]
-    if host != os.uname().nodename or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

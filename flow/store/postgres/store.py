@@ -371,6 +371,11 @@ class PostgresStore:
             except psycopg.Error as e:
                 raise self._error(doing, e) from None
 
+    @property
+    def connection(self) -> object:
+        """The connection statements run on now (a worker's is made again after a loss)."""
+        return self._db
+
     @contextlib.asynccontextmanager
     async def transaction(self, doing: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """One transaction on the store's connection, for statements that read and decide
