@@ -137,6 +137,24 @@ def test_expired_lines_go_back_to_the_queue_or_online_on_postgres(
     assert rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'") == [(0,)]
 
 
+def test_broken_lines_are_reasked_online_under_their_leases_on_postgres(
+        make_pipeline: Any, batch_server: SimulatorThread, postgres_url: str) -> None:
+    batch_server.config.schema_break_rate = 0.2
+    schema = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}},
+              "required": ["label"]}
+    pipeline = batch_pipeline(make_pipeline, batch_server, postgres_url, per_batch=30)
+    pipeline.config["call"]["schema"], pipeline.config["post"] = schema, []
+    assert pipeline.run() == 0
+    broken = batch_server.stats.schema_broken
+    assert broken > 0 and batch_server.stats.requests == broken  # each re-asked once
+    assert rows_of(postgres_url, "SELECT COUNT(*), COUNT(DISTINCT request_key), "
+                                 "COUNT(batch_id) FROM responses") == [
+        (30 + broken, 30 + broken, 30)]  # the broken lines kept, the re-asks beside them
+    outputs = rows_of(postgres_url, "SELECT output FROM results WHERE status = 'done'")
+    assert len(outputs) == 30 and all('"label"' in output for (output,) in outputs)
+    assert rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'") == [(0,)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["intent", "created", "collecting"])
 def test_a_kill_at_any_step_never_creates_a_second_batch_on_postgres(
