@@ -292,3 +292,13 @@ def test_a_shard_whose_worker_is_gone_is_taken_before_its_lease_runs_out(
 
     asyncio.run(scenario())
     assert rows_of(postgres_url, "SELECT claims FROM work") == [(2,)]
+
+
+def test_a_worker_with_another_executor_than_planned_refuses_to_start(
+        make_pipeline: Any, batch_server: SimulatorThread, postgres_url: str,
+        capsys: Any) -> None:
+    pipeline = batch_pipeline(make_pipeline, batch_server, postgres_url)
+    assert pipeline.cli("plan") == 0
+    pipeline.config["call"]["executor"] = "online"
+    assert pipeline.cli("worker") == 2
+    assert "the executor (planned batch, this file online)" in capsys.readouterr().err
