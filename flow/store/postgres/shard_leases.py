@@ -4,8 +4,10 @@ driven by one worker at a time under a lease.
 A worker cuts a shard from the queue's pending requests in one transaction (the requests
 leased to it, the shard and its lines recorded, `planned`), so a request is in one open
 shard only. Each open shard carries a lease (`batches.worker`, `token`, `lease_until`) that
-its worker's heartbeat keeps; when it runs out (the worker died or was paused), any worker
-takes the shard over with a new token, and new tokens for its lines' requests in `work`.
+its worker's heartbeat keeps; when it runs out (the worker died or was paused), or at once
+when the worker's session is gone (the advisory lock each batch worker holds while it lives
+is free), any worker takes the shard over with a new token, and new tokens for its lines'
+requests in `work`.
 Every state the shard's worker writes is fenced by its token (`ShardLostError` when another
 worker holds it now), and every line's result is committed fenced by its request's token, as
 an online worker's is: two workers collecting one batch never store a line twice.
@@ -192,7 +194,7 @@ class SharedShards:
                                      raw=True)
             self._alive_on = self._store.connection
 
-    async def _lost(self, shard_id: int) -> ShardLostError:
+    def _lost(self, shard_id: int) -> ShardLostError:
         """The shard is another worker's now: the error to raise."""
         self.tokens.pop(shard_id, None)
         return ShardLostError(f"batch shard {shard_id}: another worker took it over")
@@ -240,7 +242,7 @@ class SharedShards:
             *(getattr(shard, column) for column in MUTABLE), self.lease_s, shard.id,
             self.tokens.get(shard.id, 0)), write=True, raw=True)
         if not rows:
-            raise await self._lost(shard.id)
+            raise self._lost(shard.id)
 
     async def lines(self, shard_id: int, states: Sequence[str] = ("pending",)
                     ) -> list[tuple[str, str]]:
@@ -259,7 +261,7 @@ class SharedShards:
         rows = await self._store._query(MARK_SQL, (shard_id, self.tokens.get(shard_id, 0),
                                                    state, list(keys)), write=True, raw=True)
         if not rows[0][0]:
-            raise await self._lost(shard_id)
+            raise self._lost(shard_id)
 
     async def forget_requests(self, shard_id: int) -> None:
         """A collected shard's request copies dropped; its lease too."""
