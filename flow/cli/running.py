@@ -13,7 +13,6 @@ from rich.live import Live
 
 from flow.cli.codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from flow.config import PipelineConfig, is_postgres, load_config
-from flow.config.store_url import sqlite_path
 from flow.errors import FlowError
 from flow.report import render_json
 from flow.simulator.options import simulator_config
@@ -212,7 +211,7 @@ def cancel_command(args: argparse.Namespace, err: Console) -> int:
     async def cancel() -> list[Any]:
         client = make_client(keys, base_url, api_key)
         try:
-            return await cancel_batches(sqlite_path(config.store, "flow cancel"), client)
+            return await cancel_batches(config.store, client)
         finally:
             await client.close()
 

@@ -29,7 +29,8 @@ def describe(stages: Sequence[Stage], origin: str) -> dict[str, Any]:
         "name": stage.name, "model": stage.config.model,
         "requests": _digest(stage.config.model_dump(
             mode="json", include={"model", "messages", "params", "when"})),
-        "post": stage.post.fingerprint} for stage in stages]}
+        "post": stage.post.fingerprint, "executor": stage.config.executor}
+        for stage in stages]}
 
 
 async def record_plan(store: InfoStore, stages: Sequence[Stage], origin: str) -> None:
@@ -58,6 +59,11 @@ async def check_plan(store: InfoStore, file: str, stages: Sequence[Stage], origi
                               ("post", "the post steps")):
                 if before[key] != now[key]:
                     differences.append(f"stage '{now['name']}': {what}")
+            # online workers and batch workers on one queue would send a request twice
+            if before.get("executor", "online") != now["executor"]:
+                differences.append(f"stage '{now['name']}': the executor (planned "
+                                   f"{before.get('executor', 'online')}, this file "
+                                   f"{now['executor']})")
     if differences:
         raise ConfigError(
             f"{file}: this pipeline differs from the one the store was planned with: "

@@ -23,17 +23,20 @@ from flow.config import PipelineConfig, check_api_key
 from flow.config.store_url import store_url
 from flow.endpoints import endpoint_origin
 from flow.errors import ConfigError, FatalCallError, StoreError
+from flow.execute import ExecutorCounters
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
 from flow.plan import RunOptions
 from flow.prices import estimate_call_usd
 from flow.progress import RunProgress, RunSummary
 from flow.records import Call, CallResult
+from flow.run import DETACHED
 from flow.stage import RunContext, Stage
 from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S
 from flow.store.postgres.limits import SharedGate, limit_name
 from flow.store.postgres.store import PostgresStore
 from flow.store.shards import Waiting
+from flow.workers.batching import BatchWork
 from flow.workers.fingerprint import check_plan
 from flow.workers.shared_limiter import SharedLimiter
 
@@ -55,9 +58,6 @@ def check_shape(config: PipelineConfig) -> None:
     if len(config.chain) > 1:
         raise ConfigError(f"{config.file}: stages: a PostgreSQL store runs a pipeline of one "
                           "`call:` stage for now; run a chain with a SQLite `store:`")
-    if config.chain[0].executor == "batch":
-        raise ConfigError(f"{config.file}: executor: batch: the Batch API runs from one "
-                          "process; on a PostgreSQL store use executor: online (the default)")
 
 
 class Worker:
@@ -119,8 +119,19 @@ class Worker:
                                       [api_key, *config.secrets()], self._stop)
             self.stage.send_reasks_with(executor.call)
             heart = asyncio.create_task(self._beat(store))
+            counters: list[ExecutorCounters] = [executor.counters]
+            batches: BatchWork | None = None
             try:
-                await executor.execute(self._claimed(store), self._deliver(store))
+                if config.executor == "batch":  # shards cut from the queue, leased
+                    batches = BatchWork(self.stage, store, client, executor, self._origin,
+                                        await store.store_id(), self.work.lease_s,
+                                        self.work.poll_s, self._stop, self._budget,
+                                        self.progress, self.options.detach,
+                                        self.work.wait_for_work)
+                    counters.append(batches.counters)
+                    await batches.execute()
+                else:
+                    await executor.execute(self._claimed(store), self._deliver(store))
             except FatalCallError as e:
                 fatal = e
             finally:
@@ -130,7 +141,7 @@ class Worker:
                     await store.queue.release(list(self._leases.values()))
                 await limiter.close()
                 await client.close()
-                self.progress.observe([executor.counters], limiter.stats())
+                self.progress.observe(counters, limiter.stats())
             self.rejected = store.rejected
             if fatal is None and self._breaker.tripped is not None:
                 fatal = FatalCallError(self._breaker.tripped)
@@ -140,6 +151,8 @@ class Worker:
                 state, message = "stopped", self._budget.reached
             elif self._stop.is_set():
                 state, message = "interrupted", "stopped on request: leases given back"
+            elif batches is not None and batches.detached:
+                state, message = "detached", DETACHED
         except BaseException as e:
             state, message = "stopped", f"{type(e).__name__}: {e}"
             raise

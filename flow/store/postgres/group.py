@@ -48,6 +48,9 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
             if settled.lease is not None and settled.lease not in accepted:
                 settled.rejected = True
                 settled.outputs, settled.reassign = [], []
+        # a batch's line was paid once, with its batch: the worker holding the lease stores it
+        written = [s for s in written if not (s.rejected and s.response is not None
+                                              and s.response.batch_id is not None)]
         for sql, params in q.group_writes(group_rows(written, run_id, ids)):
             await db.execute(sql, params)
         # a sync again before the commit: a worker paused with its rows written (and locked)

@@ -309,10 +309,20 @@ def m005_sqlite_json() -> list[str]:
     ]
 
 
+def m006_batch_leases() -> list[str]:
+    """The Batch API from many workers: each open shard is driven by one worker at a time,
+    under a lease with a fencing token (from `work_tokens`), as a request in `work` is."""
+    return [
+        "ALTER TABLE batches ADD COLUMN worker TEXT",
+        "ALTER TABLE batches ADD COLUMN token BIGINT",
+        "ALTER TABLE batches ADD COLUMN lease_until TIMESTAMPTZ",
+    ]
+
+
 MIGRATIONS = (("m001_tables", m001_tables), ("m002_append_only_responses",
                                               m002_append_only_responses),
               ("m003_views", m003_views), ("m004_work", m004_work),
-              ("m005_sqlite_json", m005_sqlite_json))
+              ("m005_sqlite_json", m005_sqlite_json), ("m006_batch_leases", m006_batch_leases))
 READS_NEED = "m005_sqlite_json"  # the read commands' SQL needs this migration
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -369,6 +369,24 @@ class PostgresStore:
                 async with self._db.transaction(), self._db.cursor() as cur:
                     for sql, values in writes:
                         await cur.executemany(sql, values)
+            except psycopg.Error as e:
+                raise self._error(doing, e) from None
+
+    @property
+    def connection(self) -> object:
+        """The connection statements run on now (a worker's is made again after a loss)."""
+        return self._db
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, doing: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """One transaction on the store's connection, for statements that read and decide
+        between writes (a batch worker cutting a shard from the queue)."""
+        import psycopg
+
+        async with self._transaction:
+            try:
+                async with self._db.transaction():
+                    yield self._db
             except psycopg.Error as e:
                 raise self._error(doing, e) from None
 
