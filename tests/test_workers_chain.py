@@ -18,12 +18,11 @@ import psycopg
 import pytest
 from conftest import API_KEY, Pipeline, write_rows
 
-from flow.cli import main
 from flow.config import load_config
 from flow.plan import RunOptions
 from flow.simulator import SimulatorThread
 from flow.store.postgres.queue import WorkQueue
-from flow.workers.worker import WorkOptions, Worker
+from flow.workers.worker import Worker, WorkOptions
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +123,116 @@ def test_two_workers_give_a_chain_the_outputs_and_keys_a_sqlite_run_gives(
                             "GROUP BY stage ORDER BY stage") == [("answer", 40), ("grade", 40)]
     assert shared.cli("plan") == 0  # planned again: nothing is left to queue
     assert pg(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'") == [(0,)]
+
+
+def test_when_false_skips_a_stage_on_postgres_as_on_sqlite_and_the_item_goes_on(
+        env: None, simulator: SimulatorThread, postgres_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items = rows(20)
+    skip_hard = {"when": "{{ 'Think' not in answer.output }}"}  # false for every 10th
+    note = {"name": "note", "model": "gpt-4.1-mini",
+            "messages": [{"role": "user", "content": "Note: {{ question }} {{ grade is defined }}"}]}
+    local = chain(tmp_path / "sqlite", "flow.db", simulator.url, items, **skip_hard)
+    local.config["stages"].append(note)
+    assert local.run() == 0
+    shared = chain(tmp_path / "pg", postgres_url, simulator.url, items, **skip_hard)
+    shared.config["stages"].append(note)
+    assert shared.cli("plan") == 0
+    assert work(shared) == ["finished"]
+    assert calls(simulator) == (40, 36)  # grade: 18 on each store
+    for stage in ("answer", "grade", "note"):
+        assert exported(shared, capsys, "--stage", stage) == exported(local, capsys,
+                                                                      "--stage", stage)
+    graded = {r["id"]: r for r in exported(shared, capsys, "--stage", "grade")}
+    assert graded["q00010"]["status"] == "skipped" and graded["q00010"]["output"] is None
+    noted = {r["id"]: r for r in exported(shared, capsys)}
+    # skipped at grade, the item went on to note without it
+    assert noted["q00010"]["status"] == "done" and "False" in noted["q00010"]["output"]
+    assert noted["q00011"]["status"] == "done" and "True" in noted["q00011"]["output"]
+    assert pg(postgres_url, "SELECT stage, COUNT(*) FROM work GROUP BY stage ORDER BY stage") == [
+        ("answer", 20), ("grade", 18), ("note", 20)]
+
+
+def test_an_item_failed_at_stage_one_gets_no_stage_two_work_and_status_shows_each_stage(
+        env: None, simulator: SimulatorThread, postgres_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    items = rows(20)
+    items[3]["question"] = "[sim:status=400] What is 3 plus 3?"
+    shared = chain(tmp_path, postgres_url, simulator.url, items)
+    assert shared.cli("plan") == 0
+    assert work(shared, 2) == ["finished", "finished"]
+    assert calls(simulator) == (20, 19)
+    graded = {r["id"]: r for r in exported(shared, capsys)}
+    assert graded["q00003"]["status"] == "failed"
+    assert graded["q00003"]["error"].startswith("stopped at stage 'answer': ")
+    assert pg(postgres_url, "SELECT stopped_at, error_class FROM results WHERE stage = 'grade' "
+                            "AND item_id = 'q00003'") == [("answer", "BadRequestError")]
+    assert pg(postgres_url, "SELECT COUNT(*) FROM work WHERE stage = 'grade'") == [(19,)]
+    capsys.readouterr()
+    assert shared.cli("status", "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    answer, grade = status["stages"]
+    assert (answer["stage"], answer["done"], answer["failed"]) == ("answer", 19, 1)
+    assert (grade["stage"], grade["done"], grade["failed"], grade["failed_here"]) == (
+        "grade", 19, 1, 0)
+    assert status["queue"] == {"pending": 0, "leased": 0, "lease_expired": 0, "done": 39}
+    assert shared.cli("status") == 0
+    text = capsys.readouterr().out
+    assert "answer" in text and "grade" in text
+
+    # the row fixed, `flow run` (plan, then work): stage 1 calls it, and it goes on
+    items[3]["question"] = "What is 3 plus 3?"
+    write_rows(tmp_path / "rows.jsonl", items)
+    assert shared.run() == 0
+    assert calls(simulator) == (21, 20)
+    assert {r["id"]: r["status"] for r in exported(shared, capsys)}["q00003"] == "done"
+
+
+@pytest.mark.parametrize("then", ["plan", "worker"])
+def test_a_worker_cancelled_before_it_hands_on_leaves_nothing_to_pay_twice(
+        env: None, simulator: SimulatorThread, postgres_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, then: str) -> None:
+    shared = chain(tmp_path, postgres_url, simulator.url, rows(20))
+    assert shared.cli("plan") == 0
+    config = load_config(shared.file)
+    enqueue = WorkQueue.enqueue
+
+    async def stuck(queue: WorkQueue, stage: str, origin: str, calls: Any,
+                    paid_again: bool = True) -> int:
+        if stage == "grade":  # stage 1 committed, stage 2 never queued
+            await asyncio.Event().wait()
+        return await enqueue(queue, stage, origin, calls, paid_again)
+
+    async def cancelled_once_stage_one_is_done() -> None:
+        worker = asyncio.create_task(Worker(config, RunOptions(), QUICK).execute())
+        async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+            while not worker.done():
+                cursor = await db.execute("SELECT COUNT(*) FROM outputs WHERE stage = 'answer'")
+                if (await cursor.fetchone()) == (20,):
+                    break
+                await asyncio.sleep(0.005)
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+
+    monkeypatch.setattr(WorkQueue, "enqueue", stuck)
+    asyncio.run(cancelled_once_stage_one_is_done())
+    monkeypatch.setattr(WorkQueue, "enqueue", enqueue)
+    assert calls(simulator) == (20, 0)
+    assert pg(postgres_url, "SELECT COUNT(*) FROM work WHERE stage = 'grade'") == [(0,)]
+    if then == "plan":
+        assert shared.cli("plan") == 0
+        assert pg(postgres_url, "SELECT COUNT(*) FROM work WHERE stage = 'grade'") == [(20,)]
+    assert work(shared, 2) == ["finished", "finished"]
+    assert calls(simulator) == (20, 20)  # nothing sent twice at stage 1, or at stage 2
+    assert {r["status"] for r in exported(shared, capsys)} == {"done"}
+    assert pg(postgres_url, "SELECT COUNT(*), COUNT(DISTINCT request_key) FROM responses") == [
+        (40, 40)]
+
+
+def test_a_batch_stage_anywhere_in_a_chain_is_refused_on_postgres(
+        env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shared = chain(tmp_path, "postgresql://flow@localhost/flow", "http://localhost:9",
+                   rows(2), executor="batch")
+    assert shared.cli("plan") == 2
+    assert "executor: batch" in capsys.readouterr().err

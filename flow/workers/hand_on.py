@@ -55,6 +55,13 @@ class HandOn:
             await stage.inbox.end()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def cancel(self) -> None:
+        """Stop now (a fatal error, a stop that cannot wait): what was not queued yet is
+        found again by the next worker or plan."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def _plan(self, stage: Stage) -> None:
         assert stage.inbox is not None
         try:

@@ -86,7 +86,7 @@ class Nudge:
 
 def check_shape(config: PipelineConfig) -> None:
     """A `ConfigError` for what a shared store does not run (yet)."""
-    if config.chain[0].executor == "batch":
+    if any(stage.executor == "batch" for stage in config.chain):
         raise ConfigError(f"{config.file}: executor: batch: the Batch API runs from one "
                           "process; on a PostgreSQL store use executor: online (the default)")
 
@@ -184,7 +184,7 @@ class Worker:
             finally:
                 heart.cancel()
                 await asyncio.gather(heart, return_exceptions=True)
-                await hand_on.close()
+                await hand_on.cancel()
                 with contextlib.suppress(StoreError):  # a failed store says so already
                     await store.queue.release([token for lane in self._lanes
                                                for token in lane.leases.values()])
