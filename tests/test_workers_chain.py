@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import API_KEY, Pipeline, write_rows
+from conftest import API_KEY, Pipeline, wait_for_requests, write_rows
 
 from flow.config import load_config
 from flow.plan import RunOptions
@@ -236,3 +239,28 @@ def test_a_batch_stage_anywhere_in_a_chain_is_refused_on_postgres(
                    rows(2), executor="batch")
     assert shared.cli("plan") == 2
     assert "executor: batch" in capsys.readouterr().err
+
+
+def test_a_worker_killed_mid_chain_costs_at_most_its_flight_and_each_item_is_done_once(
+        env: None, simulator: SimulatorThread, postgres_url: str, tmp_path: Path) -> None:
+    simulator.config.latency_ms = 10
+    shared = chain(tmp_path, postgres_url, simulator.url, rows(40))
+    assert shared.cli("plan") == 0
+    killed = subprocess.Popen([sys.executable, "-m", "flow", "worker", str(shared.file),
+                               "--lease-s", "0.5"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    wait_for_requests(simulator, 45)  # well into both stages
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(10)
+    assert work(shared) == ["finished"]  # takes over once the dead worker's leases run out
+    for stage in ("answer", "grade"):
+        assert pg(postgres_url, f"SELECT COUNT(*), COUNT(DISTINCT item_id) FROM outputs "
+                                f"WHERE stage = '{stage}' AND status = 'done'") == [(40, 40)]
+    # a reply is committed once per request; what the dead worker had in flight is all that
+    # was sent twice (its concurrency, at each stage)
+    assert pg(postgres_url, "SELECT COUNT(*), COUNT(DISTINCT request_key) FROM responses") == [
+        (80, 80)]
+    assert pg(postgres_url, "SELECT COUNT(*) FROM outputs WHERE bought <> 0") == [(80,)]
+    first, second = calls(simulator)
+    assert 40 <= first <= 40 + 8 and 40 <= second <= 40 + 8
+    assert pg(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'") == [(0,)]
