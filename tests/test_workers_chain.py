@@ -178,10 +178,14 @@ def test_an_item_failed_at_stage_one_gets_no_stage_two_work_and_status_shows_eac
     assert (answer["stage"], answer["done"], answer["failed"]) == ("answer", 19, 1)
     assert (grade["stage"], grade["done"], grade["failed"], grade["failed_here"]) == (
         "grade", 19, 1, 0)
-    assert status["queue"] == {"pending": 0, "leased": 0, "lease_expired": 0, "done": 39}
+    assert status["queue"] == {"pending": 0, "leased": 0, "lease_expired": 0, "done": 39,
+                               "stages": [
+        {"stage": "answer", "pending": 0, "leased": 0, "lease_expired": 0, "done": 20},
+        {"stage": "grade", "pending": 0, "leased": 0, "lease_expired": 0, "done": 19}]}
     assert shared.cli("status") == 0
     text = capsys.readouterr().out
-    assert "answer" in text and "grade" in text
+    assert "answer: 0 pending, 0 leased, 0 expired, 20 done" in text
+    assert "grade: 0 pending, 0 leased, 0 expired, 19 done" in text
 
     # the row fixed, `flow run` (plan, then work): stage 1 calls it, and it goes on
     items[3]["question"] = "What is 3 plus 3?"

@@ -255,18 +255,17 @@ class Worker:
         assert hand_on is not None
         if hand_on.failure is not None:
             raise hand_on.failure
-        if self.work.wait_for_work or not self._idle():
+        if not self._idle():
             return False
         free, leased = await store.queue.left(self._origin, self._names)
         if free or leased or not self._idle():
             return False
-        if len(self.stages) == 1 or self._clean_at == self._nudge.count:
-            return True
-        count = self._nudge.count
-        if await hand_on.find_stranded():
-            return False
-        self._clean_at = count
-        return True
+        if len(self.stages) > 1 and self._clean_at != self._nudge.count:
+            count = self._nudge.count
+            if await hand_on.find_stranded():
+                return False
+            self._clean_at = count
+        return not self.work.wait_for_work
 
     def _idle(self) -> bool:
         assert self._hand_on is not None
