@@ -118,6 +118,7 @@ class Worker:
         self._settled = asyncio.Event()
         self._nudge = Nudge()
         self._clean_at: int | None = None  # the nudge count when nothing was found stranded
+        self._ending = asyncio.Lock()
         self._hand_on: HandOn | None = None
         self.rejected = 0
 
@@ -255,17 +256,20 @@ class Worker:
         assert hand_on is not None
         if hand_on.failure is not None:
             raise hand_on.failure
-        if not self._idle():
-            return False
-        free, leased = await store.queue.left(self._origin, self._names)
-        if free or leased or not self._idle():
-            return False
-        if len(self.stages) > 1 and self._clean_at != self._nudge.count:
-            count = self._nudge.count
-            if await hand_on.find_stranded():
+        # one lane at a time: another lane that looks while items found are being handed
+        # on must see this worker busy, not end its stage
+        async with self._ending:
+            if not self._idle():
                 return False
-            self._clean_at = count
-        return not self.work.wait_for_work
+            free, leased = await store.queue.left(self._origin, self._names)
+            if free or leased or not self._idle():
+                return False
+            if len(self.stages) > 1 and self._clean_at != self._nudge.count:
+                count = self._nudge.count
+                if await hand_on.find_stranded():
+                    return False
+                self._clean_at = count
+            return not self.work.wait_for_work
 
     def _idle(self) -> bool:
         assert self._hand_on is not None
