@@ -268,3 +268,17 @@ def test_a_worker_killed_mid_chain_costs_at_most_its_flight_and_each_item_is_don
     first, second = calls(simulator)
     assert 40 <= first <= 40 + 8 and 40 <= second <= 40 + 8
     assert pg(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'") == [(0,)]
+
+
+def test_an_item_goes_on_to_stage_two_before_stage_one_has_ended(
+        env: None, simulator: SimulatorThread, postgres_url: str, tmp_path: Path) -> None:
+    simulator.config.latency_ms = 10
+    shared = chain(tmp_path, postgres_url, simulator.url, rows(8))
+    shared.config["stages"][0]["concurrency"] = 1  # stage 1: eight round trips, in turn
+    assert shared.cli("plan") == 0
+    assert work(shared) == ["finished"]
+    ((first_graded, last_answered),) = pg(postgres_url, """
+        SELECT MIN(finished_at) FILTER (WHERE stage = 'grade'),
+               MAX(finished_at) FILTER (WHERE stage = 'answer') FROM work""")
+    assert first_graded < last_answered  # no barrier: grades ran while answers went on
+    assert calls(simulator) == (8, 8)
