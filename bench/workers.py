@@ -7,6 +7,7 @@ process, and prints one row per figure:
     python bench/workers.py                     # everything (about 2 minutes)
     python bench/workers.py --only store        # the store's claim-and-complete rate
     python bench/workers.py --only scale limit
+    python bench/workers.py --only chain --repeat 3
 
 - `store`: requests claimed in batches of 100 by 4 workers (a connection each, in one
   process) and completed through the store's group commit (a reply and an output each,
@@ -14,6 +15,10 @@ process, and prints one row per figure:
   server's processes while they ran (Linux: read from /proc).
 - `scale`: 1, 2 and 4 `flow worker` processes on 4,000 items against the simulator (no
   latency): the simulator's requests per second over the whole run.
+- `chain`: 2 `flow worker` processes on 3,000 items of one stage, then of a chain of two
+  (the second renders from the first's output: 6,000 requests), in turn, `--repeat` times:
+  requests per second over the whole run, and CPU milliseconds per request of the workers
+  and of the server (what handing each item on to its next stage costs).
 - `limit`: 3 workers sharing one limit of 600 requests per sliding 60 s, for 90 s (200 ms
   latency): the most requests the simulator admitted in any 60 s (its share of the limit),
   and the 429s.
@@ -25,6 +30,8 @@ import argparse
 import asyncio
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,6 +161,34 @@ def scale(server_url: str, processes: int, items: int = 4000) -> float:
         return items / elapsed
 
 
+def chained(server_url: str, server_pid: int, stages: int, items: int = 3000,
+            processes: int = 2) -> dict[str, float]:
+    """Requests per second of `processes` workers on `items` through `stages` stages, and the
+    CPU milliseconds per request of the workers and of the server."""
+    with tempfile.TemporaryDirectory() as folder, simulator_process() as sim_url:
+        file = pipeline(Path(folder), new_database(server_url), sim_url, items)
+        if stages == 2:
+            config = yaml.safe_load(file.read_text())
+            answer = {"name": "answer", **config.pop("call")}
+            grade = {**answer, "name": "grade",
+                     "messages": [{"role": "user", "content": "Grade: {{ answer.output }}"}]}
+            config["stages"] = [answer, grade]
+            file.write_text(yaml.safe_dump(config))
+        flow("plan", str(file))
+        before, server_before = resource.getrusage(resource.RUSAGE_CHILDREN), server_cpu_s(
+            server_pid)
+        started = time.perf_counter()
+        flow("worker", str(file), "--processes", str(processes))
+        elapsed = time.perf_counter() - started
+        after, server = resource.getrusage(resource.RUSAGE_CHILDREN), server_cpu_s(server_pid)
+        requests = int(sim_stats(sim_url)["requests"])
+        assert requests >= items * stages, (requests, items * stages)
+    workers = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"requests_per_s": requests / elapsed,
+            "worker_cpu_ms": 1000 * workers / requests,
+            "server_cpu_ms": 1000 * (server - server_before) / requests}
+
+
 def shared_limit(server_url: str, seconds: float = 90.0) -> dict[str, Any]:
     """3 workers on one limit of 600 per sliding 60 s, stopped after `seconds`."""
     args = ["--rpm", "600", "--window", "sliding-60s", "--latency-ms", "200"]
@@ -179,14 +214,14 @@ def shared_limit(server_url: str, seconds: float = 90.0) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=("store", "scale", "limit"))
+    parser.add_argument("--only", nargs="*", choices=("store", "scale", "limit", "chain"))
     parser.add_argument("--limit-s", type=float, default=90.0,
                         help="how long the workers run under the shared limit (the busiest "
                              "60 s of it is counted; workers take a few seconds to start)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure the store this many times (the machine is noisy)")
     args = parser.parse_args()
-    chosen = set(args.only or ("store", "scale", "limit"))
+    chosen = set(args.only or ("store", "scale", "limit", "chain"))
     with tempfile.TemporaryDirectory() as pgdata:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
         url = str(server.get_uri())
@@ -202,6 +237,19 @@ def main() -> None:
             for processes in (1, 2, 4):
                 print(f"scale: {processes} worker processes: "
                       f"{scale(url, processes):,.0f} requests/s")
+        if "chain" in chosen:
+            pid = server.get_pid()
+            assert pid is not None
+            runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+            for _ in range(args.repeat):  # interleaved: the machine's load hits both alike
+                for stages in (1, 2):
+                    runs[stages].append(chained(url, pid, stages))
+                    print(f"chain: {stages} stage(s): {json.dumps(runs[stages][-1])}")
+            for stages, found in runs.items():
+                medians = {key: round(statistics.median(r[key] for r in found), 2)
+                           for key in found[0]}
+                print(f"chain: {stages} stage(s), medians of {len(found)}: "
+                      f"{json.dumps(medians)}")
         if "limit" in chosen:
             print(f"limit: {json.dumps(shared_limit(url, args.limit_s))}")
         server.cleanup()

@@ -26,6 +26,10 @@ class Inbox(Generic[T]):
         self._ended = False
         self.closed = False
 
+    def __len__(self) -> int:
+        """Items waiting to be taken."""
+        return len(self._items)
+
     async def put(self, items: Sequence[T]) -> None:
         """Add `items` once there is room; dropped when the reader is gone."""
         async with self._changed:

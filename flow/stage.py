@@ -196,6 +196,12 @@ class Stage:
         await run.store.forget_stages(names)
         await run.store.end_rendering(self.name, fingerprint)
 
+    async def plan_entered(self, batch: list[Planned]) -> list[Call]:
+        """A later stage on a shared store: a batch its inbox brought, planned, recorded and
+        handed on as in a run; the requests to queue for workers (nothing is sent here, so
+        the budget is not asked)."""
+        return await self._plan(batch)
+
     async def _plan_changed(self, rows: list[Row]) -> list[Call]:
         """Skip the rows done before and unchanged since, without rendering them; plan the
         rest of the batch in full."""

@@ -94,6 +94,10 @@ def status_command(args: argparse.Namespace, err: Console) -> int:
         out.print(f"queue: {queue['pending']:,} pending, {queue['leased']:,} leased, "
                   f"{queue['lease_expired']:,} with an expired lease (taken by the next "
                   f"claim), {queue['done']:,} done")
+        for stage in queue.get("stages", []):
+            out.print(f"  {stage['stage']}: {stage['pending']:,} pending, "
+                      f"{stage['leased']:,} leased, {stage['lease_expired']:,} expired, "
+                      f"{stage['done']:,} done", markup=False, highlight=False)
         workers = Table("worker", "run", "items", "items/s", "leases", "heartbeat",
                         header_style="bold")
         for worker in status["workers"]:

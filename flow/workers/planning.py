@@ -4,6 +4,10 @@ Planning is a run whose executor queues instead of sending (`QueueExecutor`): th
 planning as `flow run` (rendering, keys, what the store holds), so items done before are
 not queued again, and stored replies serve edited post steps here, without a call. Safe to
 run again: an item or request already recorded is not recorded twice.
+
+A chain is planned stage after stage as a run hands items on: an item done at one stage (in
+an earlier plan, by workers) is planned at the next, and its request queued there, so a plan
+run again queues what a worker killed before it handed an item on never queued.
 """
 
 from __future__ import annotations
@@ -67,8 +71,11 @@ async def plan_pipeline(config: PipelineConfig, options: RunOptions) -> PlanSumm
     check_shape(config)
     progress = RunProgress(simulated=options.simulate)
     breaker = Breaker(config.run_keys.stop_after_failures)
-    stage = Stage(config, 0, progress, breaker)
-    stage.in_store = True
+    stages = [Stage(config, index, progress, breaker) for index in range(len(config.chain))]
+    for stage, after in zip(stages, stages[1:]):
+        stage.next = after
+    for stage in stages:
+        stage.in_store = True  # queued, not sent: no item waits in memory
     keys = config.run_keys
     origin = endpoint_origin(options.base_url or keys.base_url, options.simulate,
                              f"{config.file}: ", keys.endpoint_id)
@@ -76,22 +83,39 @@ async def plan_pipeline(config: PipelineConfig, options: RunOptions) -> PlanSumm
     url = store_url(config.store)
     store = await PostgresStore.open(url, exclusive=True)
     state, message = "planned", None
-    executor = QueueExecutor(store.queue, stage.name, origin)
+    executors = [QueueExecutor(store.queue, stage.name, origin) for stage in stages]
     try:
         origin = same_origin(origin, await store.origins())
         await store.start_run(config.file, origin, "plan")
         context = RunContext(config, options, store, origin, progress,
                              Budget(options.limit), breaker, asyncio.Event(), asyncio.Event(),
                              lambda: None)
-        stage.attach(context)
-        await record_plan(store, [stage], origin)
-        await executor.execute(stage.calls(), stage.deliver)
+        for stage in stages:
+            stage.attach(context)
+        await record_plan(store, stages, origin)
+        for outcome in await asyncio.gather(*(_queue(stage, executor) for stage, executor
+                                              in zip(stages, executors)),
+                                            return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         await store.analyze()
     except BaseException as e:
         state, message = "stopped", f"{type(e).__name__}: {e}"
         raise
     finally:
         with contextlib.suppress(Exception):
-            await store.finish_run(state, message, progress.counts())
+            await store.finish_run(state, message, progress.counts(),
+                                   [stage.name for stage in stages])
         await store.close()
-    return PlanSummary(progress, executor.queued, store.run_id, str(url))
+    return PlanSummary(progress, sum(e.queued for e in executors), store.run_id, str(url))
+
+
+async def _queue(stage: Stage, executor: QueueExecutor) -> None:
+    """Queue a stage's requests; once it has planned every item, the next stage has them all."""
+    try:
+        await executor.execute(stage.calls(), stage.deliver)
+    finally:
+        if stage.inbox is not None:
+            await stage.inbox.close()  # stopped early: the stage before never waits
+        if stage.next is not None and stage.next.inbox is not None:
+            await stage.next.inbox.end()

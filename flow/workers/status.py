@@ -1,5 +1,5 @@
 """What `flow status` says of the workers on a shared store: each live one's rate and
-leases, and the queue."""
+leases, and the queue (each stage's, for a chain)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ WORKERS_SQL = """
         AND runs.state = 'running'
     ORDER BY runs.id"""
 QUEUE_SQL = """
-    SELECT COUNT(*) FILTER (WHERE state = 'pending'),
+    SELECT stage, COUNT(*) FILTER (WHERE state = 'pending'),
         COUNT(*) FILTER (WHERE state = 'leased' AND lease_until >= now()),
         COUNT(*) FILTER (WHERE state = 'leased' AND lease_until < now()),
         COUNT(*) FILTER (WHERE state = 'done')
-    FROM work"""
+    FROM work GROUP BY stage ORDER BY MIN(seq)"""
+QUEUE_COUNTS = ("pending", "leased", "lease_expired", "done")
 
 
 def worker_status(db: Any) -> dict[str, Any]:
@@ -34,6 +35,9 @@ def worker_status(db: Any) -> dict[str, Any]:
         workers.append({"run": run_id, "worker": name, "state": state, "items": outputs,
                         "items_per_s": round(outputs / elapsed, 2), "leases": leases,
                         "heartbeat_s_ago": None if quiet_s is None else round(float(quiet_s), 1)})
-    ((pending, leased, expired, done),) = db.execute(QUEUE_SQL).fetchall()
-    return {"workers": workers, "queue": {"pending": pending, "leased": leased,
-                                          "lease_expired": expired, "done": done}}
+    stages = [{"stage": stage, **dict(zip(QUEUE_COUNTS, counts))}
+              for stage, *counts in db.execute(QUEUE_SQL).fetchall()]
+    queue: dict[str, Any] = {name: sum(s[name] for s in stages) for name in QUEUE_COUNTS}
+    if len(stages) > 1:  # a chain: each stage's share, in the order they were first queued
+        queue["stages"] = stages
+    return {"workers": workers, "queue": queue}

@@ -1,11 +1,14 @@
 """`flow worker`: one process that claims queued requests, sends them and commits results.
 
 It needs the store's URL, the API key and the pipeline file (for its post steps and limits),
-not the input: the requests are in the store. It takes requests in batches under leases,
-beats its heart while it works, and sends through the same `OnlineExecutor` as a run, its
-pace behind the limit all workers share. Each result is committed for every item waiting on
-its request, fenced by the lease: a result whose lease another worker took is kept as a
-paid attempt, nothing more. It ends when no request is left, or on a stop; leases of
+not the input: the requests are in the store. Each stage of the chain is a `Lane`: it takes
+that stage's requests in batches under leases and sends them through the same
+`OnlineExecutor` as a run, its pace behind the limit all workers share (stages on one model
+share one). Each result is committed for every item waiting on its request, fenced by the
+lease: a result whose lease another worker took is kept as a paid attempt, nothing more.
+An item a commit finishes goes on to the next stage at once (`hand_on.py`): its request is
+queued for any worker. The worker beats its heart while it works, and ends when no request
+is left anywhere and nothing it handed on is still being planned, or on a stop; leases of
 requests it never sent are given back.
 """
 
@@ -15,8 +18,9 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from flow.budget import Breaker, Budget, Verdict
 from flow.config import PipelineConfig, check_api_key
@@ -38,6 +42,7 @@ from flow.store.postgres.store import PostgresStore
 from flow.store.shards import Waiting
 from flow.workers.batching import BatchWork
 from flow.workers.fingerprint import check_plan
+from flow.workers.hand_on import HandOn
 from flow.workers.shared_limiter import SharedLimiter
 
 BUDGET_LOOK_S = 0.05  # near the cap: how often to look whether the calls in flight settled
@@ -53,11 +58,41 @@ class WorkOptions:
     wait_for_work: bool = False  # with nothing left at all: wait for more, not end
 
 
+@dataclass
+class Lane:
+    """One stage's share of a worker: the requests it holds and the items waiting on them."""
+
+    stage: Stage
+    leases: dict[str, int] = field(default_factory=dict)  # request key: fencing token
+    waiting: dict[str, list[Waiting]] = field(default_factory=dict)
+
+
+class Nudge:
+    """A count of changes (work queued, a result committed), and a wait for the next one
+    that misses none made after a look."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.count += 1
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def after(self, count: int, timeout_s: float) -> None:
+        """Return once the count has passed `count`, or after `timeout_s`."""
+        if self.count == count:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout_s)
+
+
 def check_shape(config: PipelineConfig) -> None:
     """A `ConfigError` for what a shared store does not run (yet)."""
-    if len(config.chain) > 1:
-        raise ConfigError(f"{config.file}: stages: a PostgreSQL store runs a pipeline of one "
-                          "`call:` stage for now; run a chain with a SQLite `store:`")
+    if len(config.chain) > 1 and any(stage.executor == "batch" for stage in config.chain):
+        raise ConfigError(f"{config.file}: executor: batch: on a PostgreSQL store a batch stage "
+                          "runs as a pipeline of its own (one `call:` stage); run this chain "
+                          "with executor: online, or on a SQLite `store:`")
 
 
 class Worker:
@@ -71,21 +106,34 @@ class Worker:
         self.work = work
         self.progress = progress or RunProgress(simulated=options.simulate)
         self._breaker = Breaker(config.run_keys.stop_after_failures)
-        self.stage = Stage(config, 0, self.progress, self._breaker)
+        self.stages = [Stage(config, index, self.progress, self._breaker)
+                       for index in range(len(config.chain))]
+        for stage, after in zip(self.stages, self.stages[1:]):
+            stage.next = after
+        for stage in self.stages:
+            stage.in_store = True  # items wait in the store, found by request key
+        self._names = [stage.name for stage in self.stages]
+        self._lanes = [Lane(stage) for stage in self.stages]
         keys = config.run_keys
         self._origin = endpoint_origin(options.base_url or keys.base_url, options.simulate,
                                        f"{config.file}: ", keys.endpoint_id)
         self._stop = asyncio.Event()
         self._budget = Budget(options.limit, keys.max_cost_usd)
-        self._leases: dict[str, int] = {}
         self._settled = asyncio.Event()
-        self._waiting: dict[str, list[Waiting]] = {}
+        self._nudge = Nudge()
+        self._clean_at: int | None = None  # the nudge count when nothing was found stranded
+        self._ending = asyncio.Lock()
+        self._hand_on: HandOn | None = None
         self.rejected = 0
 
     def request_stop(self) -> None:
         """Send nothing new; finish the requests in flight."""
         self.progress.stopping = self.progress.stopping or "draining"
+        self._halt()
+
+    def _halt(self) -> None:
         self._stop.set()
+        self._nudge()  # a lane waiting for work ends its wait
 
     async def execute(self) -> RunSummary:
         """Work until no request is left, or a stop."""
@@ -103,45 +151,64 @@ class Worker:
         state, message = "finished", None
         fatal: FatalCallError | None = None
         try:
-            await check_plan(store, str(self.config.file), [self.stage], self._origin)
-            client = make_client(self.stage.config, self.options.base_url or keys.base_url,
-                                 api_key)
-            await store.start_run(self.config.file, self._origin, str(client.base_url))
+            await check_plan(store, str(self.config.file), self.stages, self._origin)
+            base_url = self.options.base_url or keys.base_url
+            clients = [make_client(stage.config, base_url, api_key) for stage in self.stages]
+            await store.start_run(self.config.file, self._origin, str(clients[0].base_url))
             context = RunContext(self.config, self.options, store, self._origin, self.progress,
                                  self._budget, self._breaker, self._stop, self._settled,
                                  self._stop_if_tripped)
-            self.stage.attach(context)
-            config = self.stage.config
-            gate = SharedGate(store._query, limit_name(self._origin, api_key, config.model),
-                              config.rpm, config.tpm)
-            limiter = SharedLimiter(gate, config.rpm, config.tpm, self.stage.reserve)
-            executor = OnlineExecutor(config, client, limiter,
-                                      [api_key, *config.secrets()], self._stop)
-            self.stage.send_reasks_with(executor.call)
+            limiters: dict[str, SharedLimiter] = {}
+            executors = []
+            for stage, client in zip(self.stages, clients):
+                stage.attach(context)
+                config = stage.config
+                if config.model not in limiters:  # stages on one model share its limit
+                    sharing = [s.config for s in self.stages if s.config.model == config.model]
+                    rpm = min((c.rpm for c in sharing if c.rpm is not None), default=None)
+                    tpm = min((c.tpm for c in sharing if c.tpm is not None), default=None)
+                    gate = SharedGate(store._query, limit_name(self._origin, api_key,
+                                                               config.model), rpm, tpm)
+                    limiters[config.model] = SharedLimiter(gate, rpm, tpm, stage.reserve)
+                executors.append(OnlineExecutor(config, client, limiters[config.model],
+                                                [api_key, *config.secrets()], self._stop))
+                stage.send_reasks_with(executors[-1].call)
+            hand_on = self._hand_on = HandOn(self.stages, store, self._origin, self._nudge)
+            hand_on.start()
             heart = asyncio.create_task(self._beat(store))
-            counters: list[ExecutorCounters] = [executor.counters]
+            counters: list[ExecutorCounters] = [executor.counters for executor in executors]
             batches: BatchWork | None = None
             try:
-                if config.executor == "batch":  # shards cut from the queue, leased
-                    batches = BatchWork(self.stage, store, client, executor, self._origin,
-                                        await store.store_id(), self.work.lease_s,
-                                        self.work.poll_s, self._stop, self._budget,
-                                        self.progress, self.options.detach,
+                if self.stages[0].config.executor == "batch":  # shards cut from the queue
+                    batches = BatchWork(self.stages[0], store, clients[0], executors[0],
+                                        self._origin, await store.store_id(),
+                                        self.work.lease_s, self.work.poll_s, self._stop,
+                                        self._budget, self.progress, self.options.detach,
                                         self.work.wait_for_work)
                     counters.append(batches.counters)
                     await batches.execute()
                 else:
-                    await executor.execute(self._claimed(store), self._deliver(store))
+                    await hand_on.find_stranded()  # left by a worker killed before handing on
+                    await _all_or_none([executor.execute(self._claimed(store, lane),
+                                                         self._deliver(store, lane))
+                                        for executor, lane in zip(executors, self._lanes)])
+                    await hand_on.close()
+                    if hand_on.failure is not None:
+                        raise hand_on.failure
             except FatalCallError as e:
                 fatal = e
             finally:
                 heart.cancel()
                 await asyncio.gather(heart, return_exceptions=True)
+                await hand_on.cancel()
                 with contextlib.suppress(StoreError):  # a failed store says so already
-                    await store.queue.release(list(self._leases.values()))
-                await limiter.close()
-                await client.close()
-                self.progress.observe(counters, limiter.stats())
+                    await store.queue.release([token for lane in self._lanes
+                                               for token in lane.leases.values()])
+                for limiter in limiters.values():
+                    await limiter.close()
+                for client in clients:
+                    await client.close()
+                self.progress.observe(counters, next(iter(limiters.values())).stats())
             self.rejected = store.rejected
             if fatal is None and self._breaker.tripped is not None:
                 fatal = FatalCallError(self._breaker.tripped)
@@ -158,49 +225,77 @@ class Worker:
             raise
         finally:
             with contextlib.suppress(Exception):
-                await store.finish_run(state, message, self.progress.counts())
+                await store.finish_run(state, message, self.progress.counts(), self._names)
             await store.close()
         if fatal is not None:
             raise fatal
         return RunSummary(state, self.progress, store.run_id, str(url), message)
 
-    async def _claimed(self, store: PostgresStore) -> AsyncIterator[Call]:
-        """The requests this worker leases, batch after batch, until none is left."""
-        stage = self.stage
+    async def _claimed(self, store: PostgresStore, lane: Lane) -> AsyncIterator[Call]:
+        """The requests of `lane`'s stage this worker leases, batch after batch, until none
+        is left at any stage."""
+        stage = lane.stage
         size = self.work.claim or stage.config.concurrency
         while not self._stop.is_set():
+            seen = self._nudge.count
             if self._budget.cap_usd is not None:
                 # every worker's spend counts: what the others paid is in the store
                 spent = await store.spent_usd(self._origin)
                 self._budget.spent_before_usd = spent - self.progress.cost_usd
             claimed = await store.queue.claim(self._origin, [stage.name], size,
-                                              self.work.lease_s, list(self._leases.values()))
+                                              self.work.lease_s, list(lane.leases.values()))
             if not claimed:
-                free, leased = await store.queue.left(self._origin, [stage.name])
-                if not free and not leased and not self.work.wait_for_work:
+                if await self._finished(store):
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self.work.poll_s)
+                await self._nudge.after(seen, self.work.poll_s)
                 continue
             # the items waiting on each request, looked up once for the whole claim
             for found in await store.shards.waiting_on(stage.name, self._origin,
-                                                       [c.key for c in claimed], stage.name):
-                self._waiting.setdefault(found[2], []).append(found)
+                                                       [c.key for c in claimed],
+                                                       self._names[0]):
+                lane.waiting.setdefault(found[2], []).append(found)
             for index, item in enumerate(claimed):
                 call = Call(item.key, json.loads(item.request_json), item.request_json)
-                if not await self._may_send(call):
+                if not await self._may_send(lane, call):
                     await store.queue.release([c.token for c in claimed[index:]])
                     for unsent in claimed[index:]:
-                        self._waiting.pop(unsent.key, None)
+                        lane.waiting.pop(unsent.key, None)
                     return
-                self._leases[item.key] = item.token
+                lane.leases[item.key] = item.token
                 yield call
 
-    async def _may_send(self, call: Call) -> bool:
+    async def _finished(self, store: PostgresStore) -> bool:
+        """Whether this worker is done: no request free or leased at any stage, none of its
+        own in flight or being handed on, and no item left behind by a worker killed
+        before it handed it on (those found are handed on now)."""
+        hand_on = self._hand_on
+        assert hand_on is not None
+        if hand_on.failure is not None:
+            raise hand_on.failure
+        # one lane at a time: another lane that looks while items found are being handed
+        # on must see this worker busy, not end its stage
+        async with self._ending:
+            if not self._idle():
+                return False
+            free, leased = await store.queue.left(self._origin, self._names)
+            if free or leased or not self._idle():
+                return False
+            if len(self.stages) > 1 and self._clean_at != self._nudge.count:
+                count = self._nudge.count
+                if await hand_on.find_stranded():
+                    return False
+                self._clean_at = count
+            return not self.work.wait_for_work
+
+    def _idle(self) -> bool:
+        assert self._hand_on is not None
+        return self._hand_on.idle and not any(lane.leases for lane in self._lanes)
+
+    async def _may_send(self, lane: Lane, call: Call) -> bool:
         """Count `call` as sent, or (stopping, over budget, --limit) not. Spend that the
         calls in flight may bring to the cap is waited out first."""
         estimate = 0.0 if self._budget.cap_usd is None else estimate_call_usd(
-            self.stage.price, call.request_json, self.stage.reserve.cap)
+            lane.stage.price, call.request_json, lane.stage.reserve.cap)
         while not self._stop.is_set():
             verdict = self._budget.take(self.progress.cost_usd, estimate)
             if verdict is Verdict.GO:
@@ -208,25 +303,27 @@ class Worker:
             if verdict is Verdict.STOP:
                 self.progress.stopping = ("budget reached" if self._budget.reached
                                           else f"--limit {self._budget.limit}")
-                self._stop.set()
+                self._halt()
                 break
             await asyncio.sleep(BUDGET_LOOK_S)
         return False
 
-    def _deliver(self, store: PostgresStore):  # type: ignore[no-untyped-def]
+    def _deliver(self, store: PostgresStore, lane: Lane):  # type: ignore[no-untyped-def]
         async def deliver(result: CallResult) -> None:
             self._budget.settle()
             self._settled.set()  # a re-ask waiting for the budget looks again
             key = result.call.key
-            token, found = self._leases[key], self._waiting.pop(key, [])
+            token, found = lane.leases[key], lane.waiting.pop(key, [])
             try:
                 if result.unsent:
                     await store.queue.release([token])
                 else:
-                    await self.stage.delivery.deliver_stored(result, lease=token, found=found)
+                    await lane.stage.delivery.deliver_stored(result, lease=token, found=found)
             finally:
-                # held until committed: a claim meanwhile must not take it as lost
-                del self._leases[key]
+                # held until committed and handed on: a claim meanwhile must not take it as
+                # lost, and the worker does not end before its items went on
+                del lane.leases[key]
+                self._nudge()
         return deliver
 
     async def _beat(self, store: PostgresStore) -> None:
@@ -238,4 +335,16 @@ class Worker:
     def _stop_if_tripped(self) -> None:
         if self._breaker.tripped is not None and not self._stop.is_set():
             self.progress.stopping = "items keep failing the same way"
-            self._stop.set()
+            self._halt()
+
+
+async def _all_or_none(runs: list[Coroutine[Any, Any, None]]) -> None:
+    """Run every stage's executor; the first to fail ends the others."""
+    tasks = [asyncio.ensure_future(run) for run in runs]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            await finished
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

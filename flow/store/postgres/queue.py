@@ -25,6 +25,38 @@ ENQUEUE_SQL = """
             request = EXCLUDED.request
         WHERE work.state = 'done'
     RETURNING request_key"""
+# a request a worker hands on (a later stage of a chain): a done one is pending again only
+# when no reply to it is stored (it failed unpaid), so a hand-on that raced the request's
+# commit never buys it twice; the item is made from the stored reply instead (`stranded`)
+ENQUEUE_ONCE_SQL = """
+    INSERT INTO work (stage, origin, request_key, request)
+    SELECT %s, %s, key, request FROM unnest(%s::text[], %s::text[]) AS new (key, request)
+    ON CONFLICT (stage, origin, request_key) DO UPDATE
+        SET state = 'pending', token = NULL, worker = NULL, lease_until = NULL,
+            request = EXCLUDED.request
+        WHERE work.state = 'done' AND NOT EXISTS (SELECT 1 FROM responses
+            WHERE responses.request_key = work.request_key AND responses.origin = work.origin)
+    RETURNING request_key"""
+# items a later stage lacks: done (or skipped) at the stage before, and at this one never
+# recorded, or recorded with no output and no request pending or leased for them (a worker
+# killed between its commit and the hand-on, or a claim that looked before they came)
+STRANDED_SQL = """
+    SELECT before.item_id, before.row, first.input FROM items AS before
+    JOIN items AS first ON first.stage = %(first)s AND first.item_id = before.item_id
+    LEFT JOIN outputs AS made ON made.stage = before.stage AND made.item_id = before.item_id
+        AND made.request_key = before.request_key AND made.origin = before.origin
+    LEFT JOIN items AS here ON here.stage = %(stage)s AND here.item_id = before.item_id
+    WHERE before.stage = %(before)s AND before.origin = %(origin)s
+        AND before.error_class IS NULL AND (before.skipped <> 0 OR made.status = 'done')
+        AND before.row > %(after)s
+        AND (here.item_id IS NULL OR (here.skipped = 0 AND here.error_class IS NULL
+            AND NOT EXISTS (SELECT 1 FROM outputs WHERE outputs.stage = here.stage
+                AND outputs.item_id = here.item_id AND outputs.request_key = here.request_key
+                AND outputs.origin = here.origin)
+            AND NOT EXISTS (SELECT 1 FROM work WHERE work.stage = here.stage
+                AND work.origin = here.origin AND work.request_key = here.request_key
+                AND work.state <> 'done')))
+    ORDER BY before.row LIMIT %(limit)s"""
 CLAIM_SQL = """
     WITH picked AS (
         SELECT stage, origin, request_key FROM work
@@ -74,15 +106,27 @@ class WorkQueue:
         self.worker = worker
         self.run_id = 0
 
-    async def enqueue(self, stage: str, origin: str, calls: Sequence[tuple[str, str]]) -> int:
+    async def enqueue(self, stage: str, origin: str, calls: Sequence[tuple[str, str]],
+                      paid_again: bool = True) -> int:
         """Put each (request key, request JSON) in the queue, once; a request done before
-        and needed again (a retry) is pending again. How many are newly pending."""
+        and needed again (a retry) is pending again, unless `paid_again` is false and a
+        reply to it is stored. How many are newly pending."""
         unique = dict(calls)  # items that share a request bring it more than once
         if not unique:
             return 0
-        rows = await self._query(ENQUEUE_SQL, (stage, origin, list(unique),
-                                               list(unique.values())), write=True, raw=True)
+        rows = await self._query(ENQUEUE_SQL if paid_again else ENQUEUE_ONCE_SQL,
+                                 (stage, origin, list(unique), list(unique.values())),
+                                 write=True, raw=True)
         return len(rows)
+
+    async def stranded(self, origin: str, stages: Sequence[str], index: int, after: int,
+                       limit: int) -> list[tuple[str, int, str | None]]:
+        """Up to `limit` items after row `after` that stage `index` (a later stage) lacks:
+        (item id, row, the row's input as the first stage keeps it), in row order."""
+        rows = await self._query(STRANDED_SQL, {
+            "first": stages[0], "before": stages[index - 1], "stage": stages[index],
+            "origin": origin, "after": after, "limit": limit}, raw=True)
+        return [(str(item_id), int(row), text) for item_id, row, text in rows]
 
     async def claim(self, origin: str, stages: Sequence[str], limit: int, lease_s: float,
                     held: Sequence[int] = ()) -> list[Claimed]:
