@@ -180,7 +180,7 @@ class Worker:
                         self.progress, self._names[0], self.options.detach,
                         self.work.wait_for_work, self._before(store, index) if index else None)
                     counters.append(batches.counters)
-                    runs.append(batches.execute())
+                    runs.append(self._drive(batches))
                 await _all_or_none(runs)
                 await hand_on.close()
                 if hand_on.failure is not None:
@@ -220,6 +220,13 @@ class Worker:
         if fatal is not None:
             raise fatal
         return RunSummary(state, self.progress, store.run_id, str(url), message)
+
+    async def _drive(self, batches: BatchWork) -> None:
+        """Run a batch stage; then the stages waiting for it to end look again at once."""
+        try:
+            await batches.execute()
+        finally:
+            self._nudge()
 
     async def _claimed(self, store: PostgresStore, lane: Lane) -> AsyncIterator[Call]:
         """The requests of `lane`'s stage this worker leases, batch after batch, until none
