@@ -109,11 +109,12 @@ class BatchWork:
             while not self._stop.is_set():
                 later = self._before_done is not None  # more requests may come
                 shard = await self._book.take() or await self._cut(whole=later)
-                # looked at before what is left: an item handed on meanwhile is counted
-                ended = self._before_done is None or await self._before_done()
-                pending, unfinished = await self._book.left()
-                if shard is None and pending and (ended or self._gathered(pending)):
-                    shard = await self._cut()
+                if shard is None:
+                    # looked at before what is left: an item handed on meanwhile is counted
+                    ended = self._before_done is None or await self._before_done()
+                    pending, unfinished = await self._book.left()
+                    if pending and (ended or self._gathered(pending)):
+                        shard = await self._cut()
                 if shard is not None:
                     self._count(shard)
                     drivers[shard.id] = asyncio.create_task(self._drive(shard))
