@@ -8,13 +8,18 @@ committed for every item waiting on its request, fenced by the request's token i
 an online worker's result is. Lines a batch did not run go back to the queue (or, with
 `on_expired: online`, are sent online under their leases). The worker ends when no request
 waits and every shard is collected (other workers' too: it takes them over if they die).
+
+A later stage of a chain gets its requests as the stages before it hand items on: it cuts
+only full shards while more may come, a partial one after `batch.gather_s` seconds with no
+new request or once the stages before it can hand nothing more on, and it does not end
+before then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import openai
 
@@ -43,9 +48,15 @@ class BatchWork:
     def __init__(self, stage: Stage, store: PostgresStore, client: openai.AsyncOpenAI,
                  online: OnlineExecutor, origin: str, store_tag: str, lease_s: float,
                  poll_s: float, stop: asyncio.Event, budget: Budget,
-                 progress: RunProgress, detach: bool = False,
-                 wait_for_work: bool = False) -> None:
+                 progress: RunProgress, first: str, detach: bool = False,
+                 wait_for_work: bool = False,
+                 before_done: Callable[[], Awaitable[bool]] | None = None) -> None:
         self._stage = stage
+        self._first = first  # the chain's first stage: where each item's input is kept
+        # whether the stages before this one can hand nothing more on (None: a first
+        # stage, whose requests the plan queued)
+        self._before_done = before_done
+        self._gathering = (0, 0.0)  # requests waiting for a shard, and since when
         self._config = stage.config.batch
         self._store = store
         self._online = online
@@ -82,6 +93,11 @@ class BatchWork:
         """Detached with batches running at the provider: a later run collects them."""
         return self._detach and self.counters.batches_running > 0
 
+    @property
+    def holding(self) -> bool:
+        """Lines of this worker's shards are not yet committed (nor handed on)."""
+        return bool(self._book.line_tokens or self._committing)
+
     async def execute(self) -> None:
         """Drive shards until no request waits and every shard is collected (detached:
         submitted), or a stop."""
@@ -91,14 +107,20 @@ class BatchWork:
         heart = asyncio.create_task(self._beat())
         try:
             while not self._stop.is_set():
-                shard = await self._book.take() or await self._cut()
+                later = self._before_done is not None  # more requests may come
+                shard = await self._book.take() or await self._cut(whole=later)
+                if shard is None:
+                    # looked at before what is left: an item handed on meanwhile is counted
+                    ended = self._before_done is None or await self._before_done()
+                    pending, unfinished = await self._book.left()
+                    if pending and (ended or self._gathered(pending)):
+                        shard = await self._cut()
                 if shard is not None:
                     self._count(shard)
                     drivers[shard.id] = asyncio.create_task(self._drive(shard))
                     continue
-                pending, unfinished = await self._book.left()
-                if not drivers and not pending and (not unfinished or self._detach) and (
-                        not self._wait_for_work):
+                if ended and not drivers and not pending and (
+                        not unfinished or self._detach) and not self._wait_for_work:
                     return
                 # a driver ends, or another worker's lease may run out, meanwhile
                 stop = asyncio.create_task(self._stop.wait())
@@ -123,9 +145,17 @@ class BatchWork:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _cut(self) -> Shard | None:
+    def _gathered(self, pending: int) -> bool:
+        """Whether `pending` requests have waited `gather_s` with no new one coming."""
+        now = asyncio.get_running_loop().time()
+        if pending != self._gathering[0]:
+            self._gathering = (pending, now)
+        return now - self._gathering[1] >= self._config.gather_s
+
+    async def _cut(self, whole: bool = False) -> Shard | None:
         """A new shard from the queue: at most `max_requests_per_batch` lines,
-        `max_bytes_per_batch` bytes and `max_enqueued_tokens` tokens."""
+        `max_bytes_per_batch` bytes and `max_enqueued_tokens` tokens (`whole`: only a
+        full one)."""
         config = self._config
 
         def fits(rows: list[tuple[str, str]]) -> int:
@@ -140,7 +170,8 @@ class BatchWork:
             return len(rows)
 
         return await self._book.cut(self._url, self._store.run_id,
-                                    config.max_requests_per_batch, fits, self._worst_cost)
+                                    config.max_requests_per_batch, fits, self._worst_cost,
+                                    whole)
 
     async def _drive(self, shard: Shard) -> None:
         """Walk one shard as far as this worker goes; send again what its batch did not run."""
@@ -220,12 +251,12 @@ class BatchWork:
                 "batch_lines.batch WHERE batches.batch_id = %s AND batch_lines.state = "
                 "'pending'", (batch_id,), raw=True)]
             for found in await self._store.shards.waiting_on(
-                    self._stage.name, self._origin, keys, self._stage.name):
+                    self._stage.name, self._origin, keys, self._first):
                 self._waiting.setdefault(found[2], []).append(found)
         if key in self._waiting:
             return self._waiting.pop(key)
         return await self._store.shards.waiting_on(self._stage.name, self._origin, [key],
-                                                   self._stage.name)
+                                                   self._first)
 
     def _may_spend(self, worst_usd: float) -> bool:
         """Whether a batch that may cost `worst_usd` fits `max_cost_usd` (what every worker

@@ -68,7 +68,7 @@ class QueueExecutor:
 
 async def plan_pipeline(config: PipelineConfig, options: RunOptions) -> PlanSummary:
     """Record the items of `config` in its PostgreSQL store and queue their requests."""
-    check_shape(config)
+    check_shape(config, options)
     progress = RunProgress(simulated=options.simulate)
     breaker = Breaker(config.run_keys.stop_after_failures)
     stages = [Stage(config, index, progress, breaker) for index in range(len(config.chain))]

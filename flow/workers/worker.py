@@ -1,10 +1,12 @@
 """`flow worker`: one process that claims queued requests, sends them and commits results.
 
 It needs the store's URL, the API key and the pipeline file (for its post steps and limits),
-not the input: the requests are in the store. Each stage of the chain is a `Lane`: it takes
-that stage's requests in batches under leases and sends them through the same
-`OnlineExecutor` as a run, its pace behind the limit all workers share (stages on one model
-share one). Each result is committed for every item waiting on its request, fenced by the
+not the input: the requests are in the store. Every stage runs at once, each its own way:
+an online stage is a `Lane`: it takes that stage's requests in batches under leases and
+sends them through the same `OnlineExecutor` as a run, its pace behind the limit all
+workers share (stages on one model share one); a batch stage cuts its requests into shards
+(`batching.py`), a later one only once the stages before it can hand nothing more on or its
+shard is full. Each result is committed for every item waiting on its request, fenced by the
 lease: a result whose lease another worker took is kept as a paid attempt, nothing more.
 An item a commit finishes goes on to the next stage at once (`hand_on.py`): its request is
 queued for any worker. The worker beats its heart while it works, and ends when no request
@@ -18,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,11 +40,13 @@ from flow.run import DETACHED
 from flow.stage import RunContext, Stage
 from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S
 from flow.store.postgres.limits import SharedGate, limit_name
+from flow.store.postgres.shard_leases import open_shards
 from flow.store.postgres.store import PostgresStore
 from flow.store.shards import Waiting
 from flow.workers.batching import BatchWork
 from flow.workers.fingerprint import check_plan
 from flow.workers.hand_on import HandOn
+from flow.workers.nudge import Nudge
 from flow.workers.shared_limiter import SharedLimiter
 
 BUDGET_LOOK_S = 0.05  # near the cap: how often to look whether the calls in flight settled
@@ -67,32 +71,13 @@ class Lane:
     waiting: dict[str, list[Waiting]] = field(default_factory=dict)
 
 
-class Nudge:
-    """A count of changes (work queued, a result committed), and a wait for the next one
-    that misses none made after a look."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._event = asyncio.Event()
-
-    def __call__(self) -> None:
-        self.count += 1
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def after(self, count: int, timeout_s: float) -> None:
-        """Return once the count has passed `count`, or after `timeout_s`."""
-        if self.count == count:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout_s)
-
-
-def check_shape(config: PipelineConfig) -> None:
+def check_shape(config: PipelineConfig, options: RunOptions) -> None:
     """A `ConfigError` for what a shared store does not run (yet)."""
-    if len(config.chain) > 1 and any(stage.executor == "batch" for stage in config.chain):
-        raise ConfigError(f"{config.file}: executor: batch: on a PostgreSQL store a batch stage "
-                          "runs as a pipeline of its own (one `call:` stage); run this chain "
-                          "with executor: online, or on a SQLite `store:`")
+    if options.detach and len(config.chain) > 1 and any(
+            stage.executor == "batch" for stage in config.chain):
+        raise ConfigError(f"{config.file}: --detach: on a PostgreSQL store a chain holding a "
+                          "batch stage runs to its end (its later stages wait on the "
+                          "batches); run it without --detach")
 
 
 class Worker:
@@ -100,7 +85,7 @@ class Worker:
 
     def __init__(self, config: PipelineConfig, options: RunOptions, work: WorkOptions,
                  progress: RunProgress | None = None) -> None:
-        check_shape(config)
+        check_shape(config, options)
         self.config = config
         self.options = options
         self.work = work
@@ -121,9 +106,11 @@ class Worker:
         self._budget = Budget(options.limit, keys.max_cost_usd)
         self._settled = asyncio.Event()
         self._nudge = Nudge()
-        self._clean_at: int | None = None  # the nudge count when nothing was found stranded
+        # for each stage: the nudge count when nothing was found stranded before it
+        self._clean_at: dict[int, int] = {}
         self._ending = asyncio.Lock()
         self._hand_on: HandOn | None = None
+        self._batches: dict[int, BatchWork] = {}  # the batch stages, by their place
         self.rejected = 0
 
     def request_stop(self) -> None:
@@ -177,24 +164,27 @@ class Worker:
             hand_on.start()
             heart = asyncio.create_task(self._beat(store))
             counters: list[ExecutorCounters] = [executor.counters for executor in executors]
-            batches: BatchWork | None = None
             try:
-                if self.stages[0].config.executor == "batch":  # shards cut from the queue
-                    batches = BatchWork(self.stages[0], store, clients[0], executors[0],
-                                        self._origin, await store.store_id(),
-                                        self.work.lease_s, self.work.poll_s, self._stop,
-                                        self._budget, self.progress, self.options.detach,
-                                        self.work.wait_for_work)
+                await hand_on.find_stranded()  # left by a worker killed before handing on
+                store_tag = await store.store_id()
+                runs = []
+                for index, (executor, lane) in enumerate(zip(executors, self._lanes)):
+                    if lane.stage.config.executor != "batch":
+                        runs.append(executor.execute(self._claimed(store, lane),
+                                                     self._deliver(store, lane)))
+                        continue
+                    # shards cut from the queue, beside the other stages' lanes
+                    batches = self._batches[index] = BatchWork(
+                        lane.stage, store, clients[index], executor, self._origin, store_tag,
+                        self.work.lease_s, self.work.poll_s, self._stop, self._budget,
+                        self.progress, self._names[0], self.options.detach,
+                        self.work.wait_for_work, self._before(store, index) if index else None)
                     counters.append(batches.counters)
-                    await batches.execute()
-                else:
-                    await hand_on.find_stranded()  # left by a worker killed before handing on
-                    await _all_or_none([executor.execute(self._claimed(store, lane),
-                                                         self._deliver(store, lane))
-                                        for executor, lane in zip(executors, self._lanes)])
-                    await hand_on.close()
-                    if hand_on.failure is not None:
-                        raise hand_on.failure
+                    runs.append(self._drive(batches))
+                await _all_or_none(runs)
+                await hand_on.close()
+                if hand_on.failure is not None:
+                    raise hand_on.failure
             except FatalCallError as e:
                 fatal = e
             finally:
@@ -218,7 +208,7 @@ class Worker:
                 state, message = "stopped", self._budget.reached
             elif self._stop.is_set():
                 state, message = "interrupted", "stopped on request: leases given back"
-            elif batches is not None and batches.detached:
+            elif any(batches.detached for batches in self._batches.values()):
                 state, message = "detached", DETACHED
         except BaseException as e:
             state, message = "stopped", f"{type(e).__name__}: {e}"
@@ -230,6 +220,13 @@ class Worker:
         if fatal is not None:
             raise fatal
         return RunSummary(state, self.progress, store.run_id, str(url), message)
+
+    async def _drive(self, batches: BatchWork) -> None:
+        """Run a batch stage; then the stages waiting for it to end look again at once."""
+        try:
+            await batches.execute()
+        finally:
+            self._nudge()
 
     async def _claimed(self, store: PostgresStore, lane: Lane) -> AsyncIterator[Call]:
         """The requests of `lane`'s stage this worker leases, batch after batch, until none
@@ -268,28 +265,49 @@ class Worker:
         """Whether this worker is done: no request free or leased at any stage, none of its
         own in flight or being handed on, and no item left behind by a worker killed
         before it handed it on (those found are handed on now)."""
+        return await self._quiet(store, len(self.stages)) and not self.work.wait_for_work
+
+    def _before(self, store: PostgresStore, index: int) -> Callable[[], Awaitable[bool]]:
+        """Whether the stages before `index` can hand nothing more on."""
+        async def before() -> bool:
+            return await self._quiet(store, index)
+        return before
+
+    async def _quiet(self, store: PostgresStore, index: int) -> bool:
+        """Whether the stages before `index` are done: no request of theirs free or leased,
+        no batch of theirs uncollected, none of this worker's in flight or being handed on,
+        and no item left behind by a worker killed before it handed it on (those found are
+        handed on now)."""
         hand_on = self._hand_on
         assert hand_on is not None
         if hand_on.failure is not None:
             raise hand_on.failure
-        # one lane at a time: another lane that looks while items found are being handed
-        # on must see this worker busy, not end its stage
+        names = self._names[:index]
+        # one look at a time: another stage that looks while items found are being handed
+        # on must see this worker busy, not end
         async with self._ending:
-            if not self._idle():
+            if not self._idle(index):
                 return False
-            free, leased = await store.queue.left(self._origin, self._names)
-            if free or leased or not self._idle():
+            free, leased = await store.queue.left(self._origin, names)
+            if free or leased or not self._idle(index):
                 return False
-            if len(self.stages) > 1 and self._clean_at != self._nudge.count:
+            if any(place < index for place in self._batches) and await open_shards(
+                    store, self._origin, names):
+                return False
+            if len(self.stages) > 1 and self._clean_at.get(index) != self._nudge.count:
                 count = self._nudge.count
                 if await hand_on.find_stranded():
                     return False
-                self._clean_at = count
-            return not self.work.wait_for_work
+                self._clean_at[index] = count
+            return True
 
-    def _idle(self) -> bool:
+    def _idle(self, index: int) -> bool:
+        """Nothing this worker handed on is being planned, and it holds no request of the
+        stages before `index`."""
         assert self._hand_on is not None
-        return self._hand_on.idle and not any(lane.leases for lane in self._lanes)
+        return self._hand_on.idle and not any(lane.leases for lane in self._lanes[:index]) and (
+            not any(batches.holding for place, batches in self._batches.items()
+                    if place < index))
 
     async def _may_send(self, lane: Lane, call: Call) -> bool:
         """Count `call` as sent, or (stopping, over budget, --limit) not. Spend that the

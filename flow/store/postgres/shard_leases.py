@@ -102,10 +102,19 @@ HEARTBEAT_SQL = """
     UPDATE batches SET lease_until = clock_timestamp() + make_interval(secs => %s)
     WHERE worker = %s AND state <> 'collected'"""
 RELEASE_SQL = "UPDATE batches SET worker = NULL, lease_until = NULL WHERE token = ANY(%s)"
+OPEN_SQL = """
+    SELECT COUNT(*) FROM batches WHERE state <> 'collected' AND origin = %s
+        AND stage = ANY(%s)"""
 LEFT_SQL = f"""
     SELECT (SELECT COUNT(*) FROM work WHERE {WAITING}),
            (SELECT COUNT(*) FROM batches WHERE state <> 'collected'
                 AND origin = %(origin)s AND stage = %(stage)s)"""
+
+
+async def open_shards(store: PostgresStore, origin: str, stages: Sequence[str]) -> int:
+    """How many shards of these stages are not yet collected, whoever holds them."""
+    ((count,),) = await store._query(OPEN_SQL, (origin, list(stages)), raw=True)
+    return int(count)
 
 
 class ShardLostError(StoreError):
@@ -132,9 +141,10 @@ class SharedShards:
 
     async def cut(self, endpoint: str, run_id: int, most: int,
                   keep: Callable[[list[tuple[str, str]]], int],
-                  worst_cost: Callable[[str], float]) -> Shard | None:
+                  worst_cost: Callable[[str], float], whole: bool = False) -> Shard | None:
         """A new shard of up to `most` requests from the queue, `planned` and leased to this
-        worker (`keep`: how many of the oldest fit one batch); None: the queue is empty."""
+        worker (`keep`: how many of the oldest fit one batch); None: the queue is empty, or
+        (`whole`: more requests may still come) holds less than one full batch."""
         params = {"origin": self._origin, "stage": self._stage, "worker": self.worker,
                   "lease_s": self.lease_s}
         await self.hold_alive()  # before it holds a shard: others see it alive
@@ -146,6 +156,8 @@ class SharedShards:
             if not rows:
                 return None
             lines = rows[:max(1, keep(rows))]
+            if whole and len(lines) == len(rows) < most:
+                return None
             cursor = await db.execute(LEASE_LINES_SQL, {**params,
                                                         "keys": [key for key, _ in lines]})
             tokens = {str(key): int(token) for key, token in await cursor.fetchall()}
