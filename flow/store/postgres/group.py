@@ -23,7 +23,7 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
                       run_id: int) -> None:
     """In one transaction: fence the group's leases, then write its replies (numbered from
     the sequence), attempts and outputs. A result whose lease another worker holds is
-    marked `rejected` and keeps only its paid reply; one whose earlier commit landed (its
+    marked `rejected` and keeps only its paid reply (no vector); one whose earlier commit landed (its
     connection broke before the answer came) is not written again."""
     tokens = [s.lease for s in group if s.lease is not None]
     replies = sum(1 for s in group if s.response is not None)
@@ -48,6 +48,8 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
             if settled.lease is not None and settled.lease not in accepted:
                 settled.rejected = True
                 settled.outputs, settled.reassign = [], []
+                if settled.response is not None:  # kept as paid; the item's vector is
+                    settled.response.vector = None  # the one the lease's holder stores
         for sql, params in q.group_writes(group_rows(written, run_id, ids)):
             await db.execute(sql, params)
         # a sync again before the commit: a worker paused with its rows written (and locked)
