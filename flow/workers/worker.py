@@ -3,9 +3,11 @@
 It needs the store's URL, the API key and the pipeline file (for its post steps and limits),
 not the input: the requests are in the store. It takes requests in batches under leases,
 beats its heart while it works, and sends through the same `OnlineExecutor` as a run, its
-pace behind the limit all workers share. Each result is committed for every item waiting on
-its request, fenced by the lease: a result whose lease another worker took is kept as a
-paid attempt, nothing more. It ends when no request is left, or on a stop; leases of
+pace behind the limit all workers share; an embeddings stage's through the `PackingExecutor`
+(each queued request is one item's input: a claim's inputs go `inputs_per_request` to a
+request, each item's result committed under its own lease). Each result is committed for
+every item waiting on its request, fenced by the lease: a result whose lease another worker
+took is kept as a paid attempt, nothing more. It ends when no request is left, or on a stop; leases of
 requests it never sent are given back.
 """
 
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 from flow.budget import Breaker, Budget, Verdict
@@ -25,6 +27,7 @@ from flow.endpoints import endpoint_origin
 from flow.errors import ConfigError, FatalCallError, StoreError
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
+from flow.execute.packing import FLUSH, PackingExecutor, packed_config
 from flow.plan import RunOptions
 from flow.prices import estimate_call_usd
 from flow.progress import RunProgress, RunSummary
@@ -44,7 +47,7 @@ BUDGET_LOOK_S = 0.05  # near the cap: how often to look whether the calls in fli
 class WorkOptions:
     """How a worker takes work."""
 
-    claim: int = 0  # requests per claim; 0: the stage's concurrency
+    claim: int = 0  # requests per claim; 0: the stage's concurrency (times its packs' inputs)
     lease_s: float = 30.0  # a lease lasts this long without a heartbeat
     poll_s: float = 1.0  # with nothing to claim but leases held by others: look again after
     wait_for_work: bool = False  # with nothing left at all: wait for more, not end
@@ -115,12 +118,16 @@ class Worker:
             gate = SharedGate(store._query, limit_name(self._origin, api_key, config.model),
                               config.rpm, config.tpm)
             limiter = SharedLimiter(gate, config.rpm, config.tpm, self.stage.reserve)
-            executor = OnlineExecutor(config, client, limiter,
-                                      [api_key, *config.secrets()], self._stop)
-            self.stage.send_reasks_with(executor.call)
+            online = OnlineExecutor(packed_config(config) if self._packs else config, client,
+                                    limiter, [api_key, *config.secrets()], self._stop)
+            self.stage.send_reasks_with(online.call)
             heart = asyncio.create_task(self._beat(store))
             try:
-                await executor.execute(self._claimed(store), self._deliver(store))
+                if self._packs:
+                    await PackingExecutor(config, online).execute(self._claimed(store),
+                                                                  self._deliver(store))
+                else:
+                    await online.execute(_calls(self._claimed(store)), self._deliver(store))
             except FatalCallError as e:
                 fatal = e
             finally:
@@ -130,7 +137,7 @@ class Worker:
                     await store.queue.release(list(self._leases.values()))
                 await limiter.close()
                 await client.close()
-                self.progress.observe([executor.counters], limiter.stats())
+                self.progress.observe([online.counters], limiter.stats())
             self.rejected = store.rejected
             if fatal is None and self._breaker.tripped is not None:
                 fatal = FatalCallError(self._breaker.tripped)
@@ -151,10 +158,17 @@ class Worker:
             raise fatal
         return RunSummary(state, self.progress, store.run_id, str(url), message)
 
-    async def _claimed(self, store: PostgresStore) -> AsyncIterator[Call]:
-        """The requests this worker leases, batch after batch, until none is left."""
+    @property
+    def _packs(self) -> bool:
+        """Whether the stage's requests are packed, many to a request (embeddings)."""
+        return self.stage.config.endpoint == "embeddings"
+
+    async def _claimed(self, store: PostgresStore) -> AsyncIterator[Call | None]:
+        """The requests this worker leases, batch after batch, until none is left; a
+        `FLUSH` after each batch when packing (what is gathered goes, not waiting for more)."""
         stage = self.stage
-        size = self.work.claim or stage.config.concurrency
+        size = self.work.claim or stage.config.concurrency * (
+            stage.config.inputs_per_request if self._packs else 1)
         while not self._stop.is_set():
             if self._budget.cap_usd is not None:
                 # every worker's spend counts: what the others paid is in the store
@@ -182,6 +196,8 @@ class Worker:
                     return
                 self._leases[item.key] = item.token
                 yield call
+            if self._packs:
+                yield FLUSH
 
     async def _may_send(self, call: Call) -> bool:
         """Count `call` as sent, or (stopping, over budget, --limit) not. Spend that the
@@ -226,3 +242,10 @@ class Worker:
         if self._breaker.tripped is not None and not self._stop.is_set():
             self.progress.stopping = "items keep failing the same way"
             self._stop.set()
+
+
+async def _calls(claimed: AsyncIterable[Call | None]) -> AsyncIterator[Call]:
+    """The calls of a source that yields no `FLUSH` (it does only when packing)."""
+    async for call in claimed:
+        if call is not None:
+            yield call
