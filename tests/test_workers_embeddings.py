@@ -23,8 +23,11 @@ import pytest
 from conftest import API_KEY, Pipeline
 
 from flow.config import load_config
+from flow.config.store_url import store_url
 from flow.plan import RunOptions
+from flow.records import OutputRecord, ResponseRecord, Settled, Usage, utc_now
 from flow.simulator import SimulatorThread
+from flow.store.postgres.store import PostgresStore
 from flow.workers.worker import Worker, WorkOptions
 
 pytestmark = pytest.mark.slow
@@ -160,3 +163,43 @@ def test_an_input_too_long_or_refused_fails_alone_on_a_shared_store(
     ((vectors,),) = _rows_of(postgres_url, "SELECT COUNT(*) FROM vectors")
     assert vectors == 18
     assert _rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'") == [(0,)]
+
+
+def test_a_late_result_keeps_its_paid_reply_but_not_its_vector(
+        make_pipeline: Any, postgres_url: str, simulator: SimulatorThread) -> None:
+    pipeline = _pipeline(make_pipeline, simulator, _rows(1), store=postgres_url)
+    assert pipeline.cli("plan") == 0
+    ((origin, key, request),) = _rows_of(postgres_url, "SELECT origin, request_key, request "
+                                                       "FROM work")
+
+    def result(lease: int, vector: bytes) -> Settled:
+        now = utc_now()
+        reply = ResponseRecord(key, origin, "text-embedding-3-small", request, "{}", Usage(5),
+                               0.0001, 1, 1.0, now, now, vector=vector)
+        output = OutputRecord("e00000", key, "done", "", json.dumps({"dimensions": 1}))
+        return Settled("call", origin, key, now, reply, [], [output], lease=lease)
+
+    async def race() -> None:
+        url = store_url(load_config(pipeline.file).store)
+        late, taker = await PostgresStore.open(url), await PostgresStore.open(url)
+        try:
+            for store in (late, taker):
+                await store.start_run(pipeline.file, origin, "test")
+            (paused,) = await late.queue.claim(origin, ["call"], 1, 30)
+            # its lease runs out while it is paused: another worker takes the request
+            with psycopg.connect(postgres_url, autocommit=True) as db:
+                db.execute("UPDATE work SET lease_until = now() - interval '1 second'")
+            (taken,) = await taker.queue.claim(origin, ["call"], 1, 30)
+            await taker.save(result(taken.token, b"\x00\x00\x80\x3f"))  # 1.0
+            await late.save(result(paused.token, b"\x00\x00\x00\x40"))  # 2.0, refused
+        finally:
+            await late.close()
+            await taker.close()
+        assert (late.rejected, taker.rejected) == (1, 0)
+
+    asyncio.run(race())
+    # both replies paid and kept; one vector, the lease holder's, and the item made from it
+    assert _rows_of(postgres_url, "SELECT COUNT(*) FROM responses") == [(2,)]
+    assert _rows_of(postgres_url, "SELECT vector FROM vectors") == [(b"\x00\x00\x80\x3f",)]
+    assert _rows_of(postgres_url, "SELECT COUNT(*) FROM results JOIN vectors ON "
+                                  "vectors.response_id = results.response_id") == [(1,)]
