@@ -23,7 +23,7 @@ import pytest
 from conftest import API_KEY, Pipeline
 
 from flow.config import load_config
-from flow.config.store_url import store_url
+from flow.config.store_url import StoreURL, store_url
 from flow.plan import RunOptions
 from flow.records import OutputRecord, ResponseRecord, Settled, Usage, utc_now
 from flow.simulator import SimulatorThread
@@ -203,3 +203,33 @@ def test_a_late_result_keeps_its_paid_reply_but_not_its_vector(
     assert _rows_of(postgres_url, "SELECT vector FROM vectors") == [(b"\x00\x00\x80\x3f",)]
     assert _rows_of(postgres_url, "SELECT COUNT(*) FROM results JOIN vectors ON "
                                   "vectors.response_id = results.response_id") == [(1,)]
+
+
+def test_a_group_of_vectors_larger_than_the_sockets_buffer_is_committed(
+        postgres_url: str) -> None:
+    # 300 vectors of 1,536 floats: 1.8 MB in one group's rows, more than a socket takes at
+    # once (the commit once waited for good on results the server could not yet send)
+    vectors = [bytes([i % 256]) * 6144 for i in range(300)]
+
+    def result(index: int) -> Settled:
+        now, key = utc_now(), f"key{index}"
+        reply = ResponseRecord(key, "origin", "text-embedding-3-small", "{}", "{}", Usage(5),
+                               0.0001, 1, 1.0, now, now, vector=vectors[index])
+        return Settled("call", "origin", key, now, reply, [], [])
+
+    async def save() -> None:
+        store = await PostgresStore.open(StoreURL(postgres_url))
+        try:
+            await store.start_run(Path("pipeline.yaml"), "origin", "test")
+            # saved at once: one group (or a few), as a worker's packed replies come; a
+            # commit that never returns fails the test rather than hang it
+            await asyncio.wait_for(asyncio.gather(*(store.save(result(i))
+                                                    for i in range(300))), 60)
+        finally:
+            await asyncio.wait_for(store.close(), 60)
+
+    asyncio.run(save())
+    stored = _rows_of(postgres_url, "SELECT vector FROM vectors JOIN responses ON "
+                                    "responses.id = vectors.response_id ORDER BY "
+                                    "substr(responses.request_key, 4)::int")
+    assert [vector for (vector,) in stored] == vectors

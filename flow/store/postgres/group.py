@@ -2,8 +2,9 @@
 
 The group's commit is pipelined (psycopg's pipeline mode): the transaction's start, the
 fence of its leases and the reply ids from the sequence go in one flight; the rows in a
-second, the commit in a third. Six round trips a group, one after another, had held the store's
-throughput to the latency of the connection, not to the work the server does.
+second (flushed whole however large, `write_group`), the commit in a third. Six round trips
+a group, one after another, had held the store's throughput to the latency of the
+connection, not to the work the server does.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
                 settled.outputs, settled.reassign = [], []
                 if settled.response is not None:  # kept as paid; the item's vector is
                     settled.response.vector = None  # the one the lease's holder stores
-        for sql, params in q.group_writes(group_rows(written, run_id, ids)):
-            await db.execute(sql, params)
-        # a sync again before the commit: a worker paused with its rows written (and locked)
-        # is then seen idle in its transaction and ended, as after the fence
-        await pipeline.sync()
+        # the rows in a pipeline of their own, whose end is a sync again before the commit:
+        # a worker paused with its rows written (and locked) is then seen idle in its
+        # transaction and ended, as after the fence. Not `pipeline.sync()`: that flushes
+        # once, and with more rows than the socket's buffer takes (a group of vectors, or
+        # of long replies: a few hundred KB) it waited for results the server could not
+        # send, the rest of the rows unsent; leaving a pipeline flushes until all is sent
+        async with db.pipeline():
+            for sql, params in q.group_writes(group_rows(written, run_id, ids)):
+                await db.execute(sql, params)
