@@ -309,7 +309,7 @@ def m005_sqlite_json() -> list[str]:
     ]
 
 
-def m006_vectors() -> list[str]:
+def m007_vectors() -> list[str]:
     """`vectors`, as SQLite's `m007_vectors`: one row per embedding reply, its dimensions and
     its little-endian float32 bytes (`bytea`, kept out of line uncompressed: floats do not
     compress, and trying costs a worker's commit); paid for, so never changed."""
@@ -333,7 +333,7 @@ MIGRATIONS = (("m001_tables", m001_tables), ("m002_append_only_responses",
                                               m002_append_only_responses),
               ("m003_views", m003_views), ("m004_work", m004_work),
               ("m005_sqlite_json", m005_sqlite_json),
-              ("m006_vectors", m006_vectors))
+              ("m007_vectors", m007_vectors))
 READS_NEED = "m005_sqlite_json"  # the read commands' SQL needs this migration
 
 
