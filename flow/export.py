@@ -72,7 +72,7 @@ def export_results(path: Path | StoreURL, out: Path | None, stream: IO[str], fmt
         # the `id` column holds the id field already; no column twice
         picked = [_field(f, stages) for f in dict.fromkeys(fields) if f != id_field]
         keyed = len(stages) > 1 or any(f.stage is not None for f in picked)
-        dimensions = [] if isinstance(path, StoreURL) else vector_dimensions(db, chosen)
+        dimensions = vector_dimensions(db, chosen)
         if fmt == "parquet":
             return _write_parquet(db, path, out, picked, only, stages[0], chosen, dimensions)
         sql = (_chain_export_sql(fmt, picked, only, stages[0], chosen, bool(dimensions))

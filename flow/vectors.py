@@ -18,6 +18,12 @@ EMBEDDING = "embedding"  # the key or column that holds an item's vector in an e
 # the stored vector of a row of the `results` view
 VECTOR_OF_RESULT = ("(SELECT vector FROM vectors WHERE vectors.response_id = "
                     "results.response_id)")
+# whether the store has `vectors` (a store from before embeddings has not): a failed read
+# would end a PostgreSQL reader's transaction, so it is looked up, not tried
+HAS_VECTORS_SQLITE = ("SELECT COUNT(*) FROM sqlite_master "
+                      "WHERE type = 'table' AND name = 'vectors'")
+HAS_VECTORS_POSTGRES = ("SELECT COUNT(*) FROM information_schema.tables "
+                        "WHERE table_name = 'vectors' AND table_schema = current_schema()")
 
 
 def vector_summary(db: Any, response_id: int) -> dict[str, Any] | None:
@@ -33,12 +39,12 @@ def vector_summary(db: Any, response_id: int) -> dict[str, Any] | None:
 
 def vector_dimensions(db: Any, stage: str) -> list[int]:
     """The sizes of the vectors a stage's outputs were made from (none: not embeddings)."""
-    try:
-        found = db.execute("SELECT DISTINCT vectors.dimensions FROM outputs JOIN vectors "
-                           "ON vectors.response_id = outputs.response_id "
-                           "WHERE outputs.stage = ? ORDER BY 1", (stage,)).fetchall()
-    except sqlite3.OperationalError:  # a store from before embeddings: no `vectors`
+    has = HAS_VECTORS_SQLITE if isinstance(db, sqlite3.Connection) else HAS_VECTORS_POSTGRES
+    if not db.execute(has).fetchone()[0]:  # a store from before embeddings
         return []
+    found = db.execute("SELECT DISTINCT vectors.dimensions FROM outputs JOIN vectors "
+                       "ON vectors.response_id = outputs.response_id "
+                       "WHERE outputs.stage = ? ORDER BY 1", (stage,)).fetchall()
     return [dimensions for (dimensions,) in found]
 
 

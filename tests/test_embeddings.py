@@ -254,9 +254,3 @@ def test_a_later_stage_cannot_read_an_embeddings_stage(tmp_path: Path, capsys: A
     assert "stages[1].messages[0].content: reads 'vec', an embeddings stage" in \
         capsys.readouterr().err
 
-
-def test_embeddings_on_postgres_are_refused(make_pipeline: Any, capsys: Any) -> None:
-    pipeline = _pipeline(make_pipeline, None, _rows(2))
-    pipeline.config["store"] = "postgresql://flow@localhost/flow"
-    assert pipeline.run() == 2
-    assert "embeddings are stored in a SQLite store only" in capsys.readouterr().err

@@ -1,8 +1,7 @@
 """What each endpoint asks of a stage, beyond the keys' own types.
 
 `chat` and `responses` render `messages`; `embeddings` renders one `input` text per item and
-makes a vector, not text: no post step, no schema, no later stage reading its output, and
-(for now) no PostgreSQL store.
+makes a vector, not text: no post step, no schema, no later stage reading its output.
 """
 
 from __future__ import annotations
@@ -46,9 +45,6 @@ def check_endpoints(config: PipelineConfig, file: Path) -> None:
             raise ConfigError(f"{where}.schema: an embeddings stage makes a vector, not JSON; "
                               "remove schema:")
         _check_dimensions(stage.model, stage.params.get("dimensions"), f"{where}.params")
-        if not isinstance(config.store, Path):
-            raise ConfigError(f"{file}: store: embeddings are stored in a SQLite store only, "
-                              "for now; give store: a file name (results.db)")
         _check_readers(config, index, file)
 
 

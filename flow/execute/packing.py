@@ -11,6 +11,10 @@ add up to the request's cost. A request refused as a whole (400, 413, 422) is sp
 halves and sent again, down to the one input at fault, which fails alone with the server's
 reason (a request refused for a reason of its own, not an input's, is thus refused about
 twice per item before every item fails with it: config checks what it can first).
+
+A source that knows no more calls are coming for now (a worker whose claim is all handed
+out, with the rest of the queue held by others) yields `FLUSH`: the calls gathered so far
+go as they are, rather than wait for calls that may come only once they are sent.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from flow.tokens import count_text_tokens
 SPLIT_STATUS = frozenset({400, 413, 422})  # the request as a whole was refused
 VECTOR_BYTES_MAX = 3072 * 4 * 4 // 3 + 64  # the largest vector, in base64 JSON
 COUNT_OVER = 512  # an input longer than this many bytes is counted with the tokenizer
+FLUSH = None  # yielded by a source between calls: send what is gathered, do not wait
+_END = Call("", {}, "")  # the source has no call left
 
 
 def packed_config(config: CallConfig) -> CallConfig:
@@ -52,9 +58,9 @@ class PackingExecutor:
         """The online executor's counts (attempts are requests, in flight are items)."""
         return self._online.counters
 
-    async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
+    async def execute(self, calls: AsyncIterable[Call | None], deliver: Deliver) -> None:
         """Pack the calls and send them with `concurrency` workers; each item's result is
-        delivered once its request's reply is in."""
+        delivered once its request's reply is in. A `FLUSH` in `calls` ends a pack."""
         source = aiter(calls)
         turn = asyncio.Lock()
 
@@ -82,16 +88,20 @@ class PackingExecutor:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _gather(self, source: AsyncIterable[Call], deliver: Deliver) -> list[Call] | None:
-        """The next pack: calls in order while they fit; None when no call is left."""
+    async def _gather(self, source: AsyncIterable[Call | None],
+                      deliver: Deliver) -> list[Call] | None:
+        """The next pack: calls in order while they fit, up to a `FLUSH`; None when no call
+        is left."""
         pack: list[Call] = []
         tokens = 0
         iterator = aiter(source)
         while len(pack) < self._config.inputs_per_request:
-            call = self._held or await anext(iterator, None)
+            call = self._held or await anext(iterator, _END)
             self._held = None
-            if call is None:
+            if call is _END or (call is FLUSH and pack):
                 break
+            if call is None:  # a flush with nothing gathered: wait for the next call
+                continue
             if not call.request["input"]:
                 await deliver(_failed(call, "InputEmptyError", "the input is empty, and an "
                                       "empty text has no embedding; nothing was sent"))

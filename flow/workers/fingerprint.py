@@ -13,6 +13,7 @@ from flow.errors import ConfigError
 from flow.stage import Stage
 
 PLAN_KEY = "plan"
+_REQUEST_KEYS = {"model", "messages", "params", "when"}  # what a stage's requests are made of
 
 
 class InfoStore(Protocol):
@@ -27,8 +28,8 @@ def describe(stages: Sequence[Stage], origin: str) -> dict[str, Any]:
     """The plan's shape: what every worker must agree on."""
     return {"origin": origin, "stages": [{
         "name": stage.name, "model": stage.config.model,
-        "requests": _digest(stage.config.model_dump(
-            mode="json", include={"model", "messages", "params", "when"})),
+        "requests": _digest(stage.config.model_dump(mode="json", include=_REQUEST_KEYS | (
+            {"endpoint", "input"} if stage.config.endpoint == "embeddings" else set()))),
         "post": stage.post.fingerprint, "executor": stage.config.executor}
         for stage in stages]}
 

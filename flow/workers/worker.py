@@ -4,7 +4,9 @@ It needs the store's URL, the API key and the pipeline file (for its post steps 
 not the input: the requests are in the store. Every stage runs at once, each its own way:
 an online stage is a `Lane`: it takes that stage's requests in batches under leases and
 sends them through the same `OnlineExecutor` as a run, its pace behind the limit all
-workers share (stages on one model share one); a batch stage cuts its requests into shards
+workers share (stages on one model share one), an embeddings stage's through the
+`PackingExecutor` (a claim's inputs go `inputs_per_request` to a request, each item's result
+committed under its own lease); a batch stage cuts its requests into shards
 (`batching.py`), a later one only once the stages before it can hand nothing more on or its
 shard is full. Each result is committed for every item waiting on its request, fenced by the
 lease: a result whose lease another worker took is kept as a paid attempt, nothing more.
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,7 @@ from flow.errors import ConfigError, FatalCallError, StoreError
 from flow.execute import ExecutorCounters
 from flow.execute.client import make_client
 from flow.execute.online import OnlineExecutor
+from flow.execute.packing import FLUSH, PackingExecutor, packed_config
 from flow.plan import RunOptions
 from flow.prices import estimate_call_usd
 from flow.progress import RunProgress, RunSummary
@@ -56,7 +59,7 @@ BUDGET_LOOK_S = 0.05  # near the cap: how often to look whether the calls in fli
 class WorkOptions:
     """How a worker takes work."""
 
-    claim: int = 0  # requests per claim; 0: the stage's concurrency
+    claim: int = 0  # requests per claim; 0: the stage's concurrency (times its packs' inputs)
     lease_s: float = 30.0  # a lease lasts this long without a heartbeat
     poll_s: float = 1.0  # with nothing to claim but leases held by others: look again after
     wait_for_work: bool = False  # with nothing left at all: wait for more, not end
@@ -157,8 +160,9 @@ class Worker:
                     gate = SharedGate(store._query, limit_name(self._origin, api_key,
                                                                config.model), rpm, tpm)
                     limiters[config.model] = SharedLimiter(gate, rpm, tpm, stage.reserve)
-                executors.append(OnlineExecutor(config, client, limiters[config.model],
-                                                [api_key, *config.secrets()], self._stop))
+                executors.append(OnlineExecutor(
+                    packed_config(config) if _packs(stage) else config, client,
+                    limiters[config.model], [api_key, *config.secrets()], self._stop))
                 stage.send_reasks_with(executors[-1].call)
             hand_on = self._hand_on = HandOn(self.stages, store, self._origin, self._nudge)
             hand_on.start()
@@ -169,8 +173,12 @@ class Worker:
                 store_tag = await store.store_id()
                 runs = []
                 for index, (executor, lane) in enumerate(zip(executors, self._lanes)):
+                    if _packs(lane.stage):
+                        runs.append(PackingExecutor(lane.stage.config, executor).execute(
+                            self._claimed(store, lane), self._deliver(store, lane)))
+                        continue
                     if lane.stage.config.executor != "batch":
-                        runs.append(executor.execute(self._claimed(store, lane),
+                        runs.append(executor.execute(_calls(self._claimed(store, lane)),
                                                      self._deliver(store, lane)))
                         continue
                     # shards cut from the queue, beside the other stages' lanes
@@ -228,11 +236,14 @@ class Worker:
         finally:
             self._nudge()
 
-    async def _claimed(self, store: PostgresStore, lane: Lane) -> AsyncIterator[Call]:
+    async def _claimed(self, store: PostgresStore, lane: Lane) -> AsyncIterator[Call | None]:
         """The requests of `lane`'s stage this worker leases, batch after batch, until none
-        is left at any stage."""
+        is left at any stage; a `FLUSH` after each batch when packing (what is gathered
+        goes, not waiting for more)."""
         stage = lane.stage
-        size = self.work.claim or stage.config.concurrency
+        packs = _packs(stage)
+        size = self.work.claim or stage.config.concurrency * (
+            stage.config.inputs_per_request if packs else 1)
         while not self._stop.is_set():
             seen = self._nudge.count
             if self._budget.cap_usd is not None:
@@ -260,6 +271,8 @@ class Worker:
                     return
                 lane.leases[item.key] = item.token
                 yield call
+            if packs:
+                yield FLUSH
 
     async def _finished(self, store: PostgresStore) -> bool:
         """Whether this worker is done: no request free or leased at any stage, none of its
@@ -366,3 +379,15 @@ async def _all_or_none(runs: list[Coroutine[Any, Any, None]]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _calls(claimed: AsyncIterable[Call | None]) -> AsyncIterator[Call]:
+    """The calls of a source that yields no `FLUSH` (it does only when packing)."""
+    async for call in claimed:
+        if call is not None:
+            yield call
+
+
+def _packs(stage: Stage) -> bool:
+    """Whether the stage's requests are packed, many to a request (online embeddings)."""
+    return stage.config.endpoint == "embeddings" and stage.config.executor != "batch"

@@ -2,8 +2,9 @@
 
 The group's commit is pipelined (psycopg's pipeline mode): the transaction's start, the
 fence of its leases and the reply ids from the sequence go in one flight; the rows in a
-second, the commit in a third. Six round trips a group, one after another, had held the store's
-throughput to the latency of the connection, not to the work the server does.
+second (flushed whole however large, `write_group`), the commit in a third. Six round trips
+a group, one after another, had held the store's throughput to the latency of the
+connection, not to the work the server does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
                       run_id: int) -> None:
     """In one transaction: fence the group's leases, then write its replies (numbered from
     the sequence), attempts and outputs. A result whose lease another worker holds is
-    marked `rejected` and keeps only its paid reply; one whose earlier commit landed (its
+    marked `rejected` and keeps only its paid reply (no vector); one whose earlier commit landed (its
     connection broke before the answer came) is not written again."""
     tokens = [s.lease for s in group if s.lease is not None]
     replies = sum(1 for s in group if s.response is not None)
@@ -48,11 +49,17 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
             if settled.lease is not None and settled.lease not in accepted:
                 settled.rejected = True
                 settled.outputs, settled.reassign = [], []
+                if settled.response is not None:  # kept as paid; the item's vector is
+                    settled.response.vector = None  # the one the lease's holder stores
         # a batch's line was paid once, with its batch: the worker holding the lease stores it
         written = [s for s in written if not (s.rejected and s.response is not None
                                               and s.response.batch_id is not None)]
-        for sql, params in q.group_writes(group_rows(written, run_id, ids)):
-            await db.execute(sql, params)
-        # a sync again before the commit: a worker paused with its rows written (and locked)
-        # is then seen idle in its transaction and ended, as after the fence
-        await pipeline.sync()
+        # the rows in a pipeline of their own, whose end is a sync again before the commit:
+        # a worker paused with its rows written (and locked) is then seen idle in its
+        # transaction and ended, as after the fence. Not `pipeline.sync()`: that flushes
+        # once, and with more rows than the socket's buffer takes (a group of vectors, or
+        # of long replies: a few hundred KB) it waited for results the server could not
+        # send, the rest of the rows unsent; leaving a pipeline flushes until all is sent
+        async with db.pipeline():
+            for sql, params in q.group_writes(group_rows(written, run_id, ids)):
+                await db.execute(sql, params)

@@ -319,10 +319,31 @@ def m006_batch_leases() -> list[str]:
     ]
 
 
+def m007_vectors() -> list[str]:
+    """`vectors`, as SQLite's `m007_vectors`: one row per embedding reply, its dimensions and
+    its little-endian float32 bytes (`bytea`, kept out of line uncompressed: floats do not
+    compress, and trying costs a worker's commit); paid for, so never changed."""
+    return [
+        """CREATE TABLE vectors (
+            response_id BIGINT PRIMARY KEY REFERENCES responses (id),
+            dimensions INTEGER NOT NULL,
+            vector BYTEA NOT NULL)""",
+        "ALTER TABLE vectors ALTER COLUMN vector SET STORAGE EXTERNAL",
+        """CREATE FUNCTION flow_vectors_never_changed() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN RAISE EXCEPTION 'vectors are paid for: never changed or removed';
+            END $$""",
+        *(f"CREATE TRIGGER vectors_never_{event.lower()} BEFORE {event} ON vectors "
+          f"FOR EACH {'STATEMENT' if event == 'TRUNCATE' else 'ROW'} "
+          "EXECUTE FUNCTION flow_vectors_never_changed()"
+          for event in ("UPDATE", "DELETE", "TRUNCATE")),
+    ]
+
+
 MIGRATIONS = (("m001_tables", m001_tables), ("m002_append_only_responses",
                                               m002_append_only_responses),
               ("m003_views", m003_views), ("m004_work", m004_work),
-              ("m005_sqlite_json", m005_sqlite_json), ("m006_batch_leases", m006_batch_leases))
+              ("m005_sqlite_json", m005_sqlite_json), ("m006_batch_leases", m006_batch_leases),
+              ("m007_vectors", m007_vectors))
 READS_NEED = "m005_sqlite_json"  # the read commands' SQL needs this migration
 
 

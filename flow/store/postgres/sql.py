@@ -69,6 +69,7 @@ ITEM_COLUMNS = (
     ("stage", "text"), ("item_id", "text"), ("row", "int"), ("input", "text"),
     ("request_key", "text"), ("origin", "text"), ("error_class", "text"), ("error", "text"),
     ("skipped", "int"), ("stopped_at", "text"), ("updated_at", "text"))
+VECTOR_COLUMNS = (("response_id", "bigint"), ("dimensions", "int"), ("vector", "bytea"))
 Columns = Sequence[tuple[str, str]]
 
 
@@ -86,6 +87,7 @@ RESPONSES_INSERT = unnest_insert("responses", RESPONSE_COLUMNS)
 ATTEMPTS_INSERT = unnest_insert("attempts", ATTEMPT_COLUMNS)
 OUTPUTS_UPSERT = unnest_insert("outputs", OUTPUT_COLUMNS, upsert=True)
 ITEMS_UPSERT = unnest_insert("items", ITEM_COLUMNS, upsert=True)
+VECTORS_INSERT = unnest_insert("vectors", VECTOR_COLUMNS)
 NEXT_IDS = ("SELECT nextval(pg_get_serial_sequence('responses', 'id')) "
             "FROM generate_series(1, %s)")
 
@@ -113,6 +115,8 @@ def group_writes(rows: GroupRows) -> list[tuple[str, Sequence[Any]]]:
     writes: list[tuple[str, Sequence[Any]]] = []
     if rows.responses:
         writes.append((RESPONSES_INSERT, columns_of(rows.responses, RESPONSE_COLUMNS)))
+    if rows.vectors:  # after their replies: each names its reply
+        writes.append((VECTORS_INSERT, columns_of(rows.vectors, VECTOR_COLUMNS)))
     if rows.attempts:
         writes.append((ATTEMPTS_INSERT, columns_of(rows.attempts, ATTEMPT_COLUMNS)))
     if rows.outputs:
