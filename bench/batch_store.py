@@ -25,22 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pgserver
-import psycopg
 import yaml
 from simulator_process import simulator_process
-from workers import server_cpu_s
+from workers import API_KEY, new_database, server_cpu_s
 
 import flow.workers.batching
 from flow.cli import main as flow_main
-
-API_KEY = "sk-bench-0123456789abcdef"
-
-
-def new_database(server_url: str) -> str:
-    name = f"b{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as db:
-        db.execute(f"CREATE DATABASE {name}")
-    return server_url.replace("/postgres?", f"/{name}?")
 
 
 def pipeline(folder: Path, store: str, base_url: str, per_batch: int) -> Path:

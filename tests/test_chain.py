@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import API_KEY, Pipeline, flow_process, wait_for_requests, write_rows
+from conftest import Pipeline, flow_process, wait_for_requests, write_rows
 
 from flow.cli import main
 from flow.config import load_config
@@ -51,12 +50,6 @@ def chain(folder: Path, base_url: str, items: list[dict[str, Any]],
         ],
     }
     return Pipeline(folder, config)
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
 
 
 def calls(server: SimulatorThread) -> tuple[int, int]:

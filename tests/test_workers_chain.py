@@ -19,7 +19,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import API_KEY, Pipeline, wait_for_requests, write_rows
+from conftest import Pipeline, wait_for_requests, write_rows
+from test_chain import FIRST, SECOND, calls
 
 from flow.config import load_config
 from flow.plan import RunOptions
@@ -29,7 +30,6 @@ from flow.workers.worker import Worker, WorkOptions
 
 pytestmark = pytest.mark.slow
 
-FIRST, SECOND = "gpt-4o-mini", "gpt-4o"  # one model per stage: the server counts each
 QUICK = WorkOptions(poll_s=0.01)  # a worker waiting for another's work looks again at once
 
 
@@ -60,17 +60,6 @@ def chain(folder: Path, store: str, base_url: str, items: list[dict[str, Any]],
         ],
     }
     return Pipeline(folder, config)
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-
-
-def calls(server: SimulatorThread) -> tuple[int, int]:
-    """Requests the server received for each stage so far."""
-    return server.stats.by_model[FIRST], server.stats.by_model[SECOND]
 
 
 def work(pipeline: Pipeline, count: int = 1) -> list[str]:
