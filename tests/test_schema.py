@@ -4,10 +4,11 @@ through the CLI and the `openai` SDK against the simulator."""
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any
 
 import pytest
-from conftest import kill_mid_run, questions
+from conftest import flow_process, kill_mid_run, questions, wait_for_requests
 
 from flow.schema_check import first_mismatch
 from flow.simulator import SimulatorThread
@@ -113,6 +114,29 @@ def test_reasks_count_against_the_call_limit_and_wait_for_the_next_run(
     assert pipeline.query("SELECT COUNT(*) FROM results WHERE status = 'done'") == [(80,)]
     assert pipeline.query("SELECT COUNT(*) - COUNT(DISTINCT request_key) FROM responses") == [
         (0,)]
+
+
+def test_a_stop_ends_the_waits_of_reasks_a_run_sends_before_any_call(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    simulator.config.schema_break_rate = 0.2
+    pipeline = _model_pipeline(make_pipeline, simulator, "grades_stop", 40)
+    pipeline.run("--limit", "40")  # every item asked; the broken replies' re-asks held back
+    broken = simulator.stats.schema_broken
+    assert broken > 1
+    # the next run has only those re-asks to send, one a minute: the first goes, the others
+    # wait for the limiter, and a stop must give them back at once, not after drain_s
+    pipeline.config["call"].update(rpm=1, drain_s=600)
+    child = flow_process(pipeline)
+    wait_for_requests(simulator, 41)
+    child.send_signal(signal.SIGINT)
+    try:
+        child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    assert simulator.stats.requests == 41
+    assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
+        ("done", 40 - broken + 1), ("pending", broken - 1)]
 
 
 def test_a_kill_while_a_reask_is_on_its_way_keeps_the_reply_it_corrects(

@@ -72,11 +72,23 @@ class StageSender:
         return await self.online().call(call)
 
     async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
-        """Send the stage's calls now (`now`), made for the first of them."""
+        """Send the stage's calls now (`now`), made for the first of them. Until then, a
+        stop still ends the waits of re-asks sent meanwhile (as `execute` of the online
+        executor does for its own)."""
         source = aiter(calls)
-        first = await anext(source, None)
-        if first is not None:
-            await self.now().execute(_from(first, source), deliver)
+        waker = asyncio.create_task(self._wake_on_stop())
+        try:
+            first = await anext(source, None)
+            if first is not None:
+                await self.now().execute(_from(first, source), deliver)
+        finally:
+            waker.cancel()
+            await asyncio.gather(waker, return_exceptions=True)
+
+    async def _wake_on_stop(self) -> None:
+        await self._stop.wait()
+        if self._online is not None:
+            await self._online.wake_on_stop()
 
     async def close(self) -> None:
         """Close the client, if one was made."""
