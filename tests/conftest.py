@@ -123,6 +123,16 @@ def flow_process(pipeline: Pipeline, *args: str, env: dict[str, str] | None = No
         env={**os.environ, "OPENAI_API_KEY": API_KEY, **(env or {})})
 
 
+def interrupt(child: subprocess.Popen[str], within_s: float = 30) -> int:
+    """Ctrl-C a flow child process; its exit code, once it has ended within `within_s`."""
+    child.send_signal(signal.SIGINT)
+    try:
+        child.communicate(timeout=within_s)
+    finally:
+        child.kill()
+    return child.returncode
+
+
 def wait_for_requests(server: SimulatorThread, count: int, within_s: float = 30) -> None:
     """Wait until the simulator has received `count` requests."""
     deadline = time.monotonic() + within_s

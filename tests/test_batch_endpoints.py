@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
-import signal
 from typing import Any
 
 import pytest
-from conftest import flow_process, questions, wait_for_requests
+from conftest import flow_process, interrupt, questions, wait_for_requests
 
 from flow.simulator import SimulatorConfig, SimulatorThread
 
@@ -98,12 +97,7 @@ def test_a_stop_ends_the_reasks_waiting_for_the_limiter_at_once(
         "batch": {"max_requests_per_batch": 40, **FAST}})
     child = flow_process(pipeline)
     wait_for_requests(batch_server, 1)
-    child.send_signal(signal.SIGINT)
-    try:
-        child.communicate(timeout=30)
-    finally:
-        child.kill()
-    assert child.returncode == 130
+    assert interrupt(child) == 130
     broken = batch_server.stats.schema_broken
     assert broken > 1 and batch_server.stats.requests == 1
     # every line kept; the broken ones not re-asked are pending, not failed

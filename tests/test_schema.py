@@ -4,11 +4,10 @@ through the CLI and the `openai` SDK against the simulator."""
 from __future__ import annotations
 
 import json
-import signal
 from typing import Any
 
 import pytest
-from conftest import flow_process, kill_mid_run, questions, wait_for_requests
+from conftest import flow_process, interrupt, kill_mid_run, questions, wait_for_requests
 
 from flow.schema_check import first_mismatch
 from flow.simulator import SimulatorThread
@@ -128,12 +127,7 @@ def test_a_stop_ends_the_waits_of_reasks_a_run_sends_before_any_call(
     pipeline.config["call"].update(rpm=1, drain_s=600)
     child = flow_process(pipeline)
     wait_for_requests(simulator, 41)
-    child.send_signal(signal.SIGINT)
-    try:
-        child.communicate(timeout=30)
-    finally:
-        child.kill()
-    assert child.returncode == 130
+    assert interrupt(child) == 130
     assert simulator.stats.requests == 41
     assert pipeline.query("SELECT status, COUNT(*) FROM results GROUP BY status") == [
         ("done", 40 - broken + 1), ("pending", broken - 1)]
