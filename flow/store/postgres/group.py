@@ -9,10 +9,14 @@ connection, not to the work the server does.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
+from flow.config.store_url import StoreURL
+from flow.errors import StoreError
 from flow.records import Settled
 from flow.store.postgres import sql as q
+from flow.store.postgres.connect import connect, reconnect
 from flow.store.postgres.queue import FENCE_SQL, LANDED_SQL
 from flow.store.sqlite_sql import group_rows
 
@@ -63,3 +67,51 @@ async def write_group(db: psycopg.AsyncConnection[Any], group: list[Settled],
         async with db.pipeline():
             for sql, params in q.group_writes(group_rows(written, run_id, ids)):
                 await db.execute(sql, params)
+
+
+class GroupCommits:
+    """The group writer's own connection to the store (claims and look-ups go on beside
+    it), made when first needed; `rejected` counts the results whose lease another worker
+    had taken (kept as attempts, nothing more)."""
+
+    def __init__(self, url: StoreURL, idle_s: float) -> None:
+        self._url = url
+        self._idle_s = idle_s
+        self._db: psycopg.AsyncConnection[Any] | None = None
+        self.rejected = 0
+
+    async def write(self, group: list[Settled], run_id: int, reconnects: bool) -> None:
+        """Write one group in one transaction (`write_group`). A connection lost midway
+        (the server restarted, or ended this session after a pause) is made again and the
+        group written again; a result whose first commit did land is not written twice.
+        `reconnects`: a first connection that fails is waited out too (a worker's)."""
+        import psycopg
+
+        while True:
+            if self._db is None:
+                try:
+                    self._db = await connect(self._url, False, self._idle_s)
+                except StoreError as e:
+                    if not reconnects:
+                        raise
+                    # a server restarting: waited out, as a broken connection is below
+                    self._db = await reconnect(self._url, e, self._idle_s)
+            db = self._db
+            try:
+                await write_group(db, group, run_id)
+                self.rejected += sum(1 for settled in group if settled.rejected)
+                return
+            except psycopg.Error as e:
+                # a connection lost inside the pipeline may not be marked broken yet (its
+                # error is "cannot exit pipeline mode while busy"): any operational error
+                # is taken as a lost connection, which is made again
+                lost = db.broken or db.closed or isinstance(e, psycopg.OperationalError)
+                if not lost:
+                    raise q.store_error(self._url, "cannot write results", e) from None
+                with contextlib.suppress(psycopg.Error):
+                    await db.close()
+                self._db = await reconnect(self._url, e, self._idle_s)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()

@@ -22,7 +22,7 @@ from flow.errors import StoreError, StoreLockedError
 from flow.records import STAGE, ItemRecord, Known, Settled, utc_now
 from flow.store.postgres import sql as q
 from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S, connect, reconnect
-from flow.store.postgres.group import write_group
+from flow.store.postgres.group import GroupCommits
 from flow.store.postgres.queue import WorkQueue
 from flow.store.postgres.schema import browse_sql
 from flow.store.shards import SQLiteShards
@@ -47,13 +47,12 @@ class PostgresStore:
         self._idle_s = idle_s
         self.worker = worker
         self._db = db
-        self._commits: psycopg.AsyncConnection[Any] | None = None  # the group writer's
+        self._commits = GroupCommits(url, idle_s)  # the group writer's own connection
         self._transaction = asyncio.Lock()
         self._writer = GroupWriter(self._commit, lambda e: self._error("cannot write results", e))
         self.run_id = 0
         self.shards = SQLiteShards(self._query, self._write)
         self.queue = WorkQueue(self._query, worker)
-        self.rejected = 0  # results whose lease another worker had taken: kept as attempts
         # a worker reconnects after losing the connection; a planner (whose session holds
         # what it has read) stops, and planning again is safe
         self.worker_session = False
@@ -323,42 +322,11 @@ class PostgresStore:
                 await self.flush()
         finally:
             await self._writer.stop()
-            if self._commits is not None:
-                await self._commits.close()
+            await self._commits.close()
             await self._db.close()
 
     async def _commit(self, group: list[Settled]) -> None:
-        """Write one group in one transaction, on the writer's own connection (claims and
-        look-ups go on beside it): leases fenced first, replies numbered from the sequence.
-        A connection lost midway (the server restarted, or ended this session after a
-        pause) is made again and the group written again; a result whose first commit did
-        land is not written twice."""
-        import psycopg
-
-        while True:
-            if self._commits is None:
-                try:
-                    self._commits = await connect(self.path, False, self._idle_s)
-                except StoreError as e:
-                    if not self.worker_session:
-                        raise
-                    # a server restarting: waited out, as a broken connection is below
-                    self._commits = await reconnect(self.path, e, self._idle_s)
-            db = self._commits
-            try:
-                await write_group(db, group, self.run_id)
-                self.rejected += sum(1 for settled in group if settled.rejected)
-                return
-            except psycopg.Error as e:
-                # a connection lost inside the pipeline may not be marked broken yet (its
-                # error is "cannot exit pipeline mode while busy"): any operational error
-                # is taken as a lost connection, which is made again
-                lost = db.broken or db.closed or isinstance(e, psycopg.OperationalError)
-                if not lost:
-                    raise self._error("cannot write results", e) from None
-                with contextlib.suppress(psycopg.Error):
-                    await db.close()
-                self._commits = await reconnect(self.path, e, self._idle_s)
+        await self._commits.write(group, self.run_id, self.worker_session)
 
     async def _many(self, doing: str, writes: list[tuple[str, list[Any]]]) -> None:
         """Run each (statement, rows) with `executemany`, all in one transaction."""
@@ -371,6 +339,11 @@ class PostgresStore:
                         await cur.executemany(sql, values)
             except psycopg.Error as e:
                 raise self._error(doing, e) from None
+
+    @property
+    def rejected(self) -> int:
+        """Results whose lease another worker had taken: kept as attempts, nothing more."""
+        return self._commits.rejected
 
     @property
     def connection(self) -> object:
