@@ -22,9 +22,8 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from flow.budget import Breaker, Budget, Verdict
 from flow.config import PipelineConfig, check_api_key
@@ -45,10 +44,10 @@ from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S
 from flow.store.postgres.limits import SharedGate, limit_name
 from flow.store.postgres.shard_leases import open_shards
 from flow.store.postgres.store import PostgresStore
-from flow.store.shards import Waiting
 from flow.workers.batching import BatchWork
 from flow.workers.fingerprint import check_plan
 from flow.workers.hand_on import HandOn
+from flow.workers.lanes import Lane, all_or_none, calls_of, packs
 from flow.workers.nudge import Nudge
 from flow.workers.shared_limiter import SharedLimiter
 
@@ -63,15 +62,6 @@ class WorkOptions:
     lease_s: float = 30.0  # a lease lasts this long without a heartbeat
     poll_s: float = 1.0  # with nothing to claim but leases held by others: look again after
     wait_for_work: bool = False  # with nothing left at all: wait for more, not end
-
-
-@dataclass
-class Lane:
-    """One stage's share of a worker: the requests it holds and the items waiting on them."""
-
-    stage: Stage
-    leases: dict[str, int] = field(default_factory=dict)  # request key: fencing token
-    waiting: dict[str, list[Waiting]] = field(default_factory=dict)
 
 
 def check_shape(config: PipelineConfig, options: RunOptions) -> None:
@@ -161,7 +151,7 @@ class Worker:
                                                                config.model), rpm, tpm)
                     limiters[config.model] = SharedLimiter(gate, rpm, tpm, stage.reserve)
                 executors.append(OnlineExecutor(
-                    packed_config(config) if _packs(stage) else config, client,
+                    packed_config(config) if packs(stage) else config, client,
                     limiters[config.model], [api_key, *config.secrets()], self._stop))
                 stage.send_reasks_with(executors[-1].call)
             hand_on = self._hand_on = HandOn(self.stages, store, self._origin, self._nudge)
@@ -173,12 +163,12 @@ class Worker:
                 store_tag = await store.store_id()
                 runs = []
                 for index, (executor, lane) in enumerate(zip(executors, self._lanes)):
-                    if _packs(lane.stage):
+                    if packs(lane.stage):
                         runs.append(PackingExecutor(lane.stage.config, executor).execute(
                             self._claimed(store, lane), self._deliver(store, lane)))
                         continue
                     if lane.stage.config.executor != "batch":
-                        runs.append(executor.execute(_calls(self._claimed(store, lane)),
+                        runs.append(executor.execute(calls_of(self._claimed(store, lane)),
                                                      self._deliver(store, lane)))
                         continue
                     # shards cut from the queue, beside the other stages' lanes
@@ -189,7 +179,7 @@ class Worker:
                         self.work.wait_for_work, self._before(store, index) if index else None)
                     counters.append(batches.counters)
                     runs.append(self._drive(batches))
-                await _all_or_none(runs)
+                await all_or_none(runs)
                 await hand_on.close()
                 if hand_on.failure is not None:
                     raise hand_on.failure
@@ -241,9 +231,9 @@ class Worker:
         is left at any stage; a `FLUSH` after each batch when packing (what is gathered
         goes, not waiting for more)."""
         stage = lane.stage
-        packs = _packs(stage)
+        packing = packs(stage)
         size = self.work.claim or stage.config.concurrency * (
-            stage.config.inputs_per_request if packs else 1)
+            stage.config.inputs_per_request if packing else 1)
         while not self._stop.is_set():
             seen = self._nudge.count
             if self._budget.cap_usd is not None:
@@ -271,7 +261,7 @@ class Worker:
                     return
                 lane.leases[item.key] = item.token
                 yield call
-            if packs:
+            if packing:
                 yield FLUSH
 
     async def _finished(self, store: PostgresStore) -> bool:
@@ -367,27 +357,3 @@ class Worker:
         if self._breaker.tripped is not None and not self._stop.is_set():
             self.progress.stopping = "items keep failing the same way"
             self._halt()
-
-
-async def _all_or_none(runs: list[Coroutine[Any, Any, None]]) -> None:
-    """Run every stage's executor; the first to fail ends the others."""
-    tasks = [asyncio.ensure_future(run) for run in runs]
-    try:
-        for finished in asyncio.as_completed(tasks):
-            await finished
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _calls(claimed: AsyncIterable[Call | None]) -> AsyncIterator[Call]:
-    """The calls of a source that yields no `FLUSH` (it does only when packing)."""
-    async for call in claimed:
-        if call is not None:
-            yield call
-
-
-def _packs(stage: Stage) -> bool:
-    """Whether the stage's requests are packed, many to a request (online embeddings)."""
-    return stage.config.endpoint == "embeddings" and stage.config.executor != "batch"
