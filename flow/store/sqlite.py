@@ -48,6 +48,7 @@ from flow.store.sqlite_sql import (
 from flow.store.sqlite_unchanged import (
     begin_rendering,
     end_rendering,
+    forget,
     mark_seen,
     read_unchanged,
     see_unchanged,
@@ -305,18 +306,8 @@ class SQLiteStore:
         return await self._forget(UNSEEN, [stage])
 
     async def _forget(self, where: str, params: list[Any]) -> int:
-        """Drop the items and outputs `where` picks, crediting the replies they paid for to
-        other items that use them, in one transaction; how many items went."""
-        (count,) = (await self._query(f"SELECT COUNT(*) FROM items WHERE {where}", params))[0]
-        if not count:  # an output is saved only for an item saved before it
-            return 0
-        gone = [reply for (reply,) in await self._query(
-            f"SELECT DISTINCT response_id FROM outputs WHERE {where} AND bought", params)]
-        await self._write("cannot write", [
-            (f"DELETE FROM outputs WHERE {where}", params),
-            (f"DELETE FROM items WHERE {where}", params),
-            *(reassign_payer(list(chunk)) for chunk in _chunks(gone, CHUNK))])
-        return int(count)
+        """Drop the items and outputs `where` picks (`forget`); how many items went."""
+        return int(await self._call("cannot write", forget, where, params))
 
     async def save(self, settled: Settled) -> None:
         """Commit a call's reply and outputs; returns once they are on disk."""

@@ -1,15 +1,22 @@
 """The rows a SQLite store's run has seen, and the SQL that lets it skip rows done and
 unchanged (`flow.unchanged`): ids marked seen (a duplicate id names its first row), the
-render fingerprint each stage's items were keyed under, and a batch of rows marked seen and
-matched against the stored items, each in one hop to the connection's thread."""
+render fingerprint each stage's items were keyed under, a batch of rows marked seen and
+matched against the stored items, and the items no row of the run names dropped, each in
+one hop to the connection's thread."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
-from flow.store.sqlite_sql import MAX_VARIABLES, insert_seen_sql
+from flow.store.sqlite_sql import (
+    MAX_VARIABLES,
+    insert_seen_sql,
+    reassign_payer,
+    run_in_transaction,
+)
 
 # in `store_info`: the render fingerprint every item of the stage was keyed under
 RENDERED_KEY = "rendered:{stage}"
@@ -35,6 +42,23 @@ def mark_seen(db: sqlite3.Connection, rows: Sequence[tuple[str, int]]) -> dict[s
                 f"SELECT item_id, row FROM seen_ids WHERE item_id IN ({marks})", names):
             first[item_id] = row
     return first
+
+
+def forget(db: sqlite3.Connection, where: str, params: list[Any]) -> int:
+    """Drop the items and outputs `where` picks, crediting the replies they paid for to
+    other items that use them, in one transaction; how many items went. On the
+    connection's thread."""
+    ((count,),) = db.execute(f"SELECT COUNT(*) FROM items WHERE {where}", params).fetchall()
+    if not count:  # an output is saved only for an item saved before it
+        return 0
+    gone = [reply for (reply,) in db.execute(
+        f"SELECT DISTINCT response_id FROM outputs WHERE {where} AND bought", params)]
+    step = MAX_VARIABLES // 2
+    run_in_transaction(db, [
+        (f"DELETE FROM outputs WHERE {where}", params),
+        (f"DELETE FROM items WHERE {where}", params),
+        *(reassign_payer(gone[start:start + step]) for start in range(0, len(gone), step))])
+    return int(count)
 
 
 def begin_rendering(db: sqlite3.Connection, stage: str, fingerprint: str) -> bool:
