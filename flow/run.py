@@ -240,10 +240,7 @@ class Run:
             model = stage.config.model
             if model in limiters:
                 continue
-            sharing = [s.config for s in self.stages if s.config.model == model]
-            rpm = min((c.rpm for c in sharing if c.rpm is not None), default=None)
-            tpm = min((c.tpm for c in sharing if c.tpm is not None), default=None)
-            limiters[model] = RateLimiter(rpm, tpm, reserve=stage.reserve)
+            limiters[model] = RateLimiter(*self.config.limits_of(model), reserve=stage.reserve)
         return limiters
 
     async def _conduct(self, executors: list[Executor], senders: list[StageSender],

@@ -254,6 +254,13 @@ class PipelineConfig(_Strict):
             self._chain = [StageConfig(name="call", post=self.post, **dict(self.call))]
         return self._chain
 
+    def limits_of(self, model: str) -> tuple[int | None, int | None]:
+        """The rpm and tpm of the stages on `model`, which share one limit: the lowest each
+        configures."""
+        sharing = [stage for stage in self.chain if stage.model == model]
+        return (min((s.rpm for s in sharing if s.rpm is not None), default=None),
+                min((s.tpm for s in sharing if s.tpm is not None), default=None))
+
     @property
     def run_keys(self) -> StageConfig:
         """The stage whose run-wide keys (endpoint, key, budget, drain) the run reads: the

@@ -19,8 +19,14 @@ LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
 def endpoint_url(base_url: str | None) -> str:
     """The base URL the SDK's client sends to, as it writes it (for the run's record)."""
-    url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    url = _given(base_url)
     return url if url.endswith("/") else url + "/"
+
+
+def _given(base_url: str | None) -> str:
+    """The base URL as the SDK takes it: `call.base_url`, else `OPENAI_BASE_URL`, else
+    OpenAI's."""
+    return base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
 
 
 def endpoint_origin(base_url: str | None, simulated: bool, where: str = "",
@@ -33,7 +39,7 @@ def endpoint_origin(base_url: str | None, simulated: bool, where: str = "",
         return SIMULATED_ORIGIN  # never a real endpoint's name: a simulated reply is no answer
     if endpoint_id:
         return endpoint_id
-    url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    url = _given(base_url).rstrip("/")
     try:
         parts = urlsplit(url)
         credentials = "@" in parts.netloc

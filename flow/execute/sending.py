@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import openai
 
     from flow.execute.online import OnlineExecutor
+    from flow.execute.packing import PackingExecutor
 
 
 class StageSender:
@@ -38,7 +39,7 @@ class StageSender:
         self._counted = counted
         self._client: openai.AsyncOpenAI | None = None
         self._online: OnlineExecutor | None = None
-        self._now: Executor | None = None
+        self._packing: PackingExecutor | None = None
 
     def client(self) -> openai.AsyncOpenAI:
         """The stage's SDK client (the SDK is imported here, the first time)."""
@@ -54,18 +55,20 @@ class StageSender:
             self._online = self._online_for(self._config)
         return self._online
 
-    def now(self) -> Executor:
-        """What sends the stage's calls now: its online executor, or for embeddings one
-        that packs inputs into requests (through an online executor of its own)."""
-        if self._now is None:
-            if self._config.endpoint != "embeddings":
-                self._now = self.online()
-            else:
-                from flow.execute.packing import PackingExecutor, packed_config
+    def packing(self) -> PackingExecutor:
+        """An embeddings stage's executor: inputs packed into requests, sent through an
+        online executor of its own."""
+        if self._packing is None:
+            from flow.execute.packing import PackingExecutor, packed_config
 
-                self._now = PackingExecutor(self._config,
+            self._packing = PackingExecutor(self._config,
                                             self._online_for(packed_config(self._config)))
-        return self._now
+        return self._packing
+
+    def now(self) -> Executor:
+        """What sends the stage's calls now: its online executor, or for embeddings
+        `packing`."""
+        return self.packing() if self._config.endpoint == "embeddings" else self.online()
 
     async def reask(self, call: Call) -> CallResult:
         """Send one re-ask online."""

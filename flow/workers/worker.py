@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from flow.budget import Breaker, Budget, Verdict
 from flow.config import PipelineConfig, check_api_key
 from flow.config.store_url import store_url
-from flow.endpoints import endpoint_origin
+from flow.endpoints import endpoint_origin, endpoint_url
 from flow.errors import ConfigError, FatalCallError, StoreError
 from flow.execute import ExecutorCounters
-from flow.execute.client import make_client
-from flow.execute.online import OnlineExecutor
-from flow.execute.packing import FLUSH, PackingExecutor, packed_config
+from flow.execute.packing import FLUSH
+from flow.execute.sending import StageSender
 from flow.plan import RunOptions
 from flow.prices import estimate_call_usd
 from flow.progress import RunProgress, RunSummary
@@ -133,48 +132,45 @@ class Worker:
         try:
             await check_plan(store, str(self.config.file), self.stages, self._origin)
             base_url = self.options.base_url or keys.base_url
-            clients = [make_client(stage.config, base_url, api_key) for stage in self.stages]
-            await store.start_run(self.config.file, self._origin, str(clients[0].base_url))
+            await store.start_run(self.config.file, self._origin, endpoint_url(base_url))
             context = RunContext(self.config, self.options, store, self._origin, self.progress,
                                  self._budget, self._breaker, self._stop, self._settled,
                                  self._stop_if_tripped)
             limiters: dict[str, SharedLimiter] = {}
-            executors = []
-            for stage, client in zip(self.stages, clients):
+            for stage in self.stages:  # stages on one model share its limit
+                model = stage.config.model
+                if model not in limiters:
+                    rpm, tpm = self.config.limits_of(model)
+                    gate = SharedGate(store._query, limit_name(self._origin, api_key, model),
+                                      rpm, tpm)
+                    limiters[model] = SharedLimiter(gate, rpm, tpm, stage.reserve)
+            counters: list[ExecutorCounters] = []  # each executor's, as it is made
+            senders = [StageSender(stage.config, base_url, api_key,
+                                   limiters[stage.config.model], self._stop, counters)
+                       for stage in self.stages]
+            for stage, sender in zip(self.stages, senders):
                 stage.attach(context)
-                config = stage.config
-                if config.model not in limiters:  # stages on one model share its limit
-                    sharing = [s.config for s in self.stages if s.config.model == config.model]
-                    rpm = min((c.rpm for c in sharing if c.rpm is not None), default=None)
-                    tpm = min((c.tpm for c in sharing if c.tpm is not None), default=None)
-                    gate = SharedGate(store._query, limit_name(self._origin, api_key,
-                                                               config.model), rpm, tpm)
-                    limiters[config.model] = SharedLimiter(gate, rpm, tpm, stage.reserve)
-                executors.append(OnlineExecutor(
-                    packed_config(config) if packs(stage) else config, client,
-                    limiters[config.model], [api_key, *config.secrets()], self._stop))
-                stage.send_reasks_with(executors[-1].call)
+                stage.send_reasks_with(sender.reask)
             hand_on = self._hand_on = HandOn(self.stages, store, self._origin, self._nudge)
             hand_on.start()
             heart = asyncio.create_task(self._beat(store))
-            counters: list[ExecutorCounters] = [executor.counters for executor in executors]
             try:
                 await hand_on.find_stranded()  # left by a worker killed before handing on
                 store_tag = await store.store_id()
                 runs = []
-                for index, (executor, lane) in enumerate(zip(executors, self._lanes)):
+                for index, (sender, lane) in enumerate(zip(senders, self._lanes)):
                     if packs(lane.stage):
-                        runs.append(PackingExecutor(lane.stage.config, executor).execute(
-                            self._claimed(store, lane), self._deliver(store, lane)))
+                        runs.append(sender.packing().execute(self._claimed(store, lane),
+                                                             self._deliver(store, lane)))
                         continue
                     if lane.stage.config.executor != "batch":
-                        runs.append(executor.execute(calls_of(self._claimed(store, lane)),
-                                                     self._deliver(store, lane)))
+                        runs.append(sender.online().execute(
+                            calls_of(self._claimed(store, lane)), self._deliver(store, lane)))
                         continue
                     # shards cut from the queue, beside the other stages' lanes
                     batches = self._batches[index] = BatchWork(
-                        lane.stage, store, clients[index], executor, self._origin, store_tag,
-                        self.work.lease_s, self.work.poll_s, self._stop, self._budget,
+                        lane.stage, store, sender.client(), sender.online(), self._origin,
+                        store_tag, self.work.lease_s, self.work.poll_s, self._stop, self._budget,
                         self.progress, self._names[0], self.options.detach,
                         self.work.wait_for_work, self._before(store, index) if index else None)
                     counters.append(batches.counters)
@@ -194,8 +190,8 @@ class Worker:
                                                for token in lane.leases.values()])
                 for limiter in limiters.values():
                     await limiter.close()
-                for client in clients:
-                    await client.close()
+                for sender in senders:
+                    await sender.close()
                 self.progress.observe(counters, next(iter(limiters.values())).stats())
             self.rejected = store.rejected
             if fatal is None and self._breaker.tripped is not None:
