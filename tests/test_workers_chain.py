@@ -20,7 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Pipeline, wait_for_requests, write_rows
-from test_chain import FIRST, SECOND, calls
+from test_chain import calls, rows
+from test_chain import chain as two_stages
 
 from flow.config import load_config
 from flow.plan import RunOptions
@@ -33,33 +34,16 @@ pytestmark = pytest.mark.slow
 QUICK = WorkOptions(poll_s=0.01)  # a worker waiting for another's work looks again at once
 
 
-def rows(count: int) -> list[dict[str, Any]]:
-    return [{"id": f"q{i:05d}", "question": f"What is {i} plus {i}?", "hard": i % 10 == 0}
-            for i in range(count)]
-
-
 def chain(folder: Path, store: str, base_url: str, items: list[dict[str, Any]],
           **grade: Any) -> Pipeline:
-    """answer (the question the simulator echoes) -> grade, on two models."""
+    """test_chain's pipeline (answer, then grade, on two models) on `store`, 8 requests at a
+    time, each tried 3 times at most."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_rows(folder / "rows.jsonl", items)
-    config = {
-        "store": store,
-        "load": {"path": "rows.jsonl", "id": "id"},
-        "defaults": {"base_url": base_url, "concurrency": 8, "timeout_s": 5,
-                     "retry": {"max_tries": 3, "max_time_s": 30, "first_wait_s": 0,
-                               "max_wait_s": 0}},
-        "stages": [
-            {"name": "answer", "model": FIRST,
-             "messages": [{"role": "user",
-                           "content": "{{ question }}{% if hard %} Think.{% endif %}"}],
-             "post": [{"regex": r"You asked: (?:\[sim:[^\]]*\] )?(.*)"}]},
-            {"name": "grade", "model": SECOND,
-             "messages": [{"role": "user", "content": "Grade: {{ answer.output }}"}],
-             "post": ["strip"], **grade},
-        ],
-    }
-    return Pipeline(folder, config)
+    pipeline = two_stages(folder, base_url, items, **grade)
+    pipeline.config["store"] = store
+    pipeline.config["defaults"].update(concurrency=8, retry={
+        "max_tries": 3, "max_time_s": 30, "first_wait_s": 0, "max_wait_s": 0})
+    return pipeline
 
 
 def work(pipeline: Pipeline, count: int = 1) -> list[str]:
