@@ -239,6 +239,8 @@ class Worker:
             claimed = await store.queue.claim(self._origin, [stage.name], size,
                                               self.work.lease_s, list(lane.leases.values()))
             if not claimed:
+                # a paused worker whose session outlived its lease holds its requests' rows
+                await store.queue.end_stuck(self._origin, [stage.name], self.work.lease_s)
                 if await self._finished(store):
                     return
                 await self._nudge.after(seen, self.work.poll_s)

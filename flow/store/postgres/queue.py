@@ -86,6 +86,17 @@ LEFT_SQL = """
     SELECT COUNT(*) FILTER (WHERE state = 'pending' OR lease_until < clock_timestamp()),
            COUNT(*) FILTER (WHERE state = 'leased' AND lease_until >= clock_timestamp())
     FROM work WHERE state <> 'done' AND origin = %s AND stage = ANY(%s)"""
+# the sessions still holding the row of a request whose lease ran out `grace` seconds ago: a
+# worker paused inside its commit whose session the server has not ended (seen under load:
+# `idle in transaction` past its timeout). Ended, its locks go and the request is claimed;
+# the worker, back, writes its results again and the fence refuses them (kept as attempts)
+STUCK_SQL = """
+    SELECT pg_terminate_backend(locks.pid) FROM work
+    JOIN pg_locks AS locks ON locks.locktype = 'transactionid' AND locks.granted
+        AND locks.transactionid = work.xmax
+    WHERE work.state = 'leased' AND work.origin = %s AND work.stage = ANY(%s)
+        AND work.lease_until < clock_timestamp() - make_interval(secs => %s)
+        AND locks.pid <> pg_backend_pid()"""
 
 
 @dataclass(slots=True)
@@ -148,6 +159,11 @@ class WorkQueue:
         """Give back leases whose requests were not sent (a stop): others may take them."""
         if tokens:
             await self._query(RELEASE_SQL, (list(tokens),), write=True, raw=True)
+
+    async def end_stuck(self, origin: str, stages: Sequence[str], grace_s: float) -> int:
+        """End the sessions that hold requests whose lease ran out `grace_s` ago (`STUCK_SQL`);
+        how many were ended."""
+        return len(await self._query(STUCK_SQL, (origin, list(stages), grace_s), raw=True))
 
     async def left(self, origin: str, stages: Sequence[str]) -> tuple[int, int]:
         """(requests free to claim now, requests leased by live workers)."""
