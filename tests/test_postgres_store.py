@@ -6,12 +6,17 @@ step, failures, `show`, `export` and `status` read the same either way.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from conftest import Pipeline, questions
+
+from flow.config.store_url import StoreURL
+from flow.store.postgres.store import PostgresStore
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +165,35 @@ def test_browse_on_postgres_names_the_view_to_open(
     assert pipeline.cli("browse") == 2
     err = capsys.readouterr().err
     assert "Datasette, which reads SQLite only" in err and "SELECT * FROM browse" in err
+
+
+def test_a_session_holding_a_request_past_its_lease_is_ended(postgres_url: str) -> None:
+    # a worker paused inside its commit: its transaction holds the request's row, past its
+    # lease; another worker ends that session, and the request can be claimed again
+    async def scenario() -> None:
+        store = await PostgresStore.open(StoreURL(postgres_url))
+        paused = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+        try:
+            await store.start_run(Path("pipeline.yaml"), "test", "test")
+            await store.queue.enqueue("call", "test", [("k1", "{}")])
+            (held,) = await store.queue.claim("test", ["call"], 10, 30, [])
+            assert await store.queue.end_stuck("test", ["call"], 0) == 0  # its lease stands
+            await paused.execute("UPDATE work SET lease_until = now() - interval '1 minute'")
+            await paused.execute("BEGIN")
+            await paused.execute("UPDATE work SET state = 'done' WHERE token = %s",
+                                 (held.token,))
+            assert await store.queue.claim("test", ["call"], 10, 30, []) == []  # locked
+            assert await store.queue.end_stuck("test", ["call"], 3600) == 0  # not yet
+            assert await store.queue.end_stuck("test", ["call"], 0) == 1
+            with pytest.raises(psycopg.OperationalError):
+                await paused.execute("COMMIT")
+            for _ in range(500):  # the server ends the session a moment after the signal
+                if (again := await store.queue.claim("test", ["call"], 10, 30, [])):
+                    break
+                await asyncio.sleep(0.01)
+            assert [claimed.key for claimed in again] == ["k1"]
+        finally:
+            await paused.close()
+            await store.close()
+
+    asyncio.run(scenario())
