@@ -7,6 +7,7 @@ step, failures, `show`, `export` and `status` read the same either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 from conftest import Pipeline, questions
 
 from flow.config.store_url import StoreURL
+from flow.errors import StoreError
+from flow.records import Settled, utc_now
 from flow.store.postgres.store import PostgresStore
 
 pytestmark = pytest.mark.slow
@@ -195,5 +198,46 @@ def test_a_session_holding_a_request_past_its_lease_is_ended(postgres_url: str) 
         finally:
             await paused.close()
             await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_whose_store_stays_gone_gives_up_once_not_at_every_statement(
+        postgres_url: str, postgres_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the store dropped for good: the first statement waits RECONNECT_S for it, the ones
+    # after (the group writer's among them) fail at once with the same clear error
+    from flow.store.postgres import connect as connecting
+
+    monkeypatch.setattr(connecting, "RECONNECT_S", 0.2)
+    monkeypatch.setattr(connecting, "RECONNECT_WAIT_S", 0)
+    tries: list[StoreURL] = []
+    connect = connecting.connect
+
+    async def counted(url: StoreURL, *args: Any, **kwargs: Any) -> Any:
+        tries.append(url)
+        return await connect(url, *args, **kwargs)
+
+    async def scenario() -> None:
+        store = await PostgresStore.open(StoreURL(postgres_url))
+        store.worker_session = True
+        monkeypatch.setattr(connecting, "connect", counted)
+        try:
+            await store.start_run(Path("pipeline.yaml"), "test", "test")
+            name = postgres_url.split("?")[0].rsplit("/", 1)[1]
+            with psycopg.connect(postgres_server, autocommit=True) as admin:
+                admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            with pytest.raises(StoreError, match="lost the connection to the store"):
+                await store.queue.heartbeat(30)
+            assert tries  # it did wait for the store, once
+            waited = len(tries)
+            with pytest.raises(StoreError, match="lost the connection to the store"):
+                await store.queue.left("test", ["call"])
+            with pytest.raises(StoreError, match="lost the connection to the store"):
+                await store.save(Settled("call", "test", "k1", utc_now(), None, [], []))
+                await store.flush()
+            assert len(tries) == waited  # no second wait
+        finally:
+            with contextlib.suppress(StoreError):
+                await store.close()
 
     asyncio.run(scenario())

@@ -84,15 +84,29 @@ async def _migrate(db: psycopg.AsyncConnection[Any]) -> None:
             await db.execute("INSERT INTO migrations VALUES (%s, now())", (name,))
 
 
-async def reconnect(url: StoreURL, error: Exception,
-                    idle_s: float = IDLE_IN_TRANSACTION_S) -> psycopg.AsyncConnection[Any]:
-    """A new connection after `error` broke the last, tried for up to `RECONNECT_S` (a
-    server restarting); a `StoreError` naming `error` after that."""
-    deadline = time.monotonic() + RECONNECT_S
-    while True:
-        try:
-            return await connect(url, migrate=False, idle_s=idle_s)
-        except StoreError:
-            if time.monotonic() > deadline:
-                raise store_error(url, "lost the connection to the store", error) from None
-            await asyncio.sleep(RECONNECT_WAIT_S)
+class Reconnects:
+    """A worker's connections to one store, made again after the server went away: each
+    waits up to `RECONNECT_S` for it to come back (a server restarting). Once one has given
+    up, the others do at once: a worker with the store gone for good ends within that
+    wait, not after one such wait for every statement it still has to run."""
+
+    def __init__(self, url: StoreURL, idle_s: float = IDLE_IN_TRANSACTION_S) -> None:
+        self._url = url
+        self._idle_s = idle_s
+        self.lost: StoreError | None = None
+
+    async def connect(self, error: Exception) -> psycopg.AsyncConnection[Any]:
+        """A new connection after `error` broke the last; a `StoreError` naming `error`
+        once the store has stayed away `RECONNECT_S`."""
+        if self.lost is not None:
+            raise self.lost
+        deadline = time.monotonic() + RECONNECT_S
+        while True:
+            try:
+                return await connect(self._url, migrate=False, idle_s=self._idle_s)
+            except StoreError:
+                if time.monotonic() > deadline:
+                    self.lost = store_error(self._url, "lost the connection to the store",
+                                            error)
+                    raise self.lost from None
+                await asyncio.sleep(RECONNECT_WAIT_S)

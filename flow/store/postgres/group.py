@@ -16,7 +16,7 @@ from flow.config.store_url import StoreURL
 from flow.errors import StoreError
 from flow.records import Settled
 from flow.store.postgres import sql as q
-from flow.store.postgres.connect import connect, reconnect
+from flow.store.postgres.connect import Reconnects, connect
 from flow.store.postgres.queue import FENCE_SQL, LANDED_SQL
 from flow.store.sqlite_sql import group_rows
 
@@ -74,9 +74,10 @@ class GroupCommits:
     it), made when first needed; `rejected` counts the results whose lease another worker
     had taken (kept as attempts, nothing more)."""
 
-    def __init__(self, url: StoreURL, idle_s: float) -> None:
+    def __init__(self, url: StoreURL, idle_s: float, reconnects: Reconnects) -> None:
         self._url = url
         self._idle_s = idle_s
+        self._reconnects = reconnects
         self._db: psycopg.AsyncConnection[Any] | None = None
         self.rejected = 0
 
@@ -95,7 +96,7 @@ class GroupCommits:
                     if not reconnects:
                         raise
                     # a server restarting: waited out, as a broken connection is below
-                    self._db = await reconnect(self._url, e, self._idle_s)
+                    self._db = await self._reconnects.connect(e)
             db = self._db
             try:
                 await write_group(db, group, run_id)
@@ -110,7 +111,7 @@ class GroupCommits:
                     raise q.store_error(self._url, "cannot write results", e) from None
                 with contextlib.suppress(psycopg.Error):
                     await db.close()
-                self._db = await reconnect(self._url, e, self._idle_s)
+                self._db = await self._reconnects.connect(e)
 
     async def close(self) -> None:
         if self._db is not None:

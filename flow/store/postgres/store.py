@@ -21,7 +21,7 @@ from flow.config.store_url import StoreURL
 from flow.errors import StoreError, StoreLockedError
 from flow.records import STAGE, ItemRecord, Known, Settled, utc_now
 from flow.store.postgres import sql as q
-from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S, connect, reconnect
+from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S, Reconnects, connect
 from flow.store.postgres.group import GroupCommits
 from flow.store.postgres.queue import WorkQueue
 from flow.store.postgres.schema import browse_sql
@@ -44,10 +44,11 @@ class PostgresStore:
     def __init__(self, url: StoreURL, db: psycopg.AsyncConnection[Any], worker: str,
                  idle_s: float = IDLE_IN_TRANSACTION_S) -> None:
         self.path = url
-        self._idle_s = idle_s
         self.worker = worker
         self._db = db
-        self._commits = GroupCommits(url, idle_s)  # the group writer's own connection
+        self._reconnects = Reconnects(url, idle_s)
+        # the group writer's own connection
+        self._commits = GroupCommits(url, idle_s, self._reconnects)
         self._transaction = asyncio.Lock()
         self._writer = GroupWriter(self._commit, lambda e: self._error("cannot write results", e))
         self.run_id = 0
@@ -383,7 +384,7 @@ class PostgresStore:
                         raise self._error("cannot write" if write else "cannot read",
                                           e) from None
                     # a worker's statements stand alone: taken again on a new connection
-                    self._db = await reconnect(self.path, e, self._idle_s)
+                    self._db = await self._reconnects.connect(e)
 
     def _error(self, doing: str, error: Exception) -> StoreError:
         return q.store_error(self.path, doing, error)
