@@ -62,19 +62,19 @@ def outputs_once(url: str, items: int) -> None:
 def test_three_workers_do_every_item_once_and_a_killed_one_costs_its_flight(
         make_pipeline: Any, postgres_url: str, simulator: Any) -> None:
     simulator.config.latency_ms = 20
-    pipeline = shared(make_pipeline, postgres_url, 2000, simulator.url)
+    pipeline = shared(make_pipeline, postgres_url, 1000, simulator.url)
     assert pipeline.cli("plan") == 0
     started = workers(pipeline, 3, "--lease-s", "2")
-    wait_for_requests(simulator, 500)
+    wait_for_requests(simulator, 250)
     started[0].send_signal(signal.SIGKILL)
     for child in started[1:]:
         _, err = child.communicate(timeout=60)
         assert child.returncode == 0, err
-    outputs_once(postgres_url, 2000)
+    outputs_once(postgres_url, 1000)
     # the killed worker had at most its concurrency in flight: those are sent again
-    assert 2000 <= simulator.stats.requests <= 2000 + 16
+    assert 1000 <= simulator.stats.requests <= 1000 + 16
     ((replies,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM responses")
-    assert replies == 2000  # a reply that came to a dead worker was never committed
+    assert replies == 1000  # a reply that came to a dead worker was never committed
     ((left,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state <> 'done'")
     assert left == 0
 
