@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from flow.simulator import SimulatorThread
 
@@ -105,11 +106,71 @@ def test_not_a_parquet_file_exits_2_naming_it(make_pipeline: Any, simulator: Sim
     assert simulator.stats.requests == 0
 
 
-def test_parquet_without_pyarrow_names_the_extra(make_pipeline: Any, simulator: SimulatorThread,
-                                                 capsys: Any, monkeypatch: Any) -> None:
+def test_parquet_without_its_reader_names_the_extra(make_pipeline: Any, simulator: SimulatorThread,
+                                                    capsys: Any, monkeypatch: Any) -> None:
     pipeline = _parquet_pipeline(make_pipeline, simulator, 3)
-    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if the extra were not installed
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "arro3", None)  # as if the extra were not installed
+    monkeypatch.setitem(sys.modules, "arro3.io", None)
     assert pipeline.run() == 2
     assert "pip install 'flow[parquet]'" in capsys.readouterr().err
     assert simulator.stats.requests == 0
+
+
+def test_every_arrow_type_reads_as_json_holds_it_the_way_pyarrow_reads_it(tmp_path: Path) -> None:
+    # the run's reader (arro3-io) gives each row what pyarrow's own reading gives, as JSON
+    import decimal
+
+    from flow.config import LoadConfig
+    from flow.load.parquet_rows import _json_value, parquet_rows
+
+    utc = datetime.UTC
+    table = pa.table({
+        "i": pa.array([1, None, -3], pa.int64()), "u8": pa.array([1, 2, 255], pa.uint8()),
+        "f": pa.array([1.5, None, -0.25], pa.float32()), "s": ["a", None, "é"],
+        "ls": pa.array(["big", None, ""], pa.large_string()), "b": [True, False, None],
+        "bin": pa.array([b"xy", None, b""], pa.binary()),
+        "d": pa.array([datetime.date(2020, 1, 2), None, datetime.date(1970, 1, 1)]),
+        "ts": pa.array([datetime.datetime(2020, 1, 2, 3, 4, 5), None,
+                        datetime.datetime(2000, 1, 1)], pa.timestamp("us")),
+        "tsz": pa.array([datetime.datetime(2020, 1, 2, 3, 4, 5, tzinfo=utc), None,
+                         datetime.datetime(2000, 1, 1, tzinfo=utc)], pa.timestamp("ms", "UTC")),
+        "tm": pa.array([datetime.time(1, 2, 3), None, datetime.time(0)], pa.time64("us")),
+        "dur": pa.array([datetime.timedelta(seconds=3), None, datetime.timedelta(0)],
+                        pa.duration("ms")),
+        "dec": pa.array([decimal.Decimal("1.25"), None, decimal.Decimal("-7.00")],
+                        pa.decimal128(10, 2)),
+        "l": [[1, 2], [], None], "st": [{"a": 1, "b": "x"}, None, {"a": None, "b": ""}],
+        "m": pa.array([[("k", 1)], [], None], pa.map_(pa.string(), pa.int64())),
+        "dict": pa.array(["x", "y", "x"]).dictionary_encode(),
+    })
+    path = tmp_path / "types.parquet"
+    pq.write_table(table, path, row_group_size=2)
+    rows = list(parquet_rows(LoadConfig(path=path)))
+    expected = [{k: _json_value(v) for k, v in row.items()} for row in table.to_pylist()]
+    assert [(number, fields, error) for number, fields, error, _ in rows] == [
+        (n, fields, None) for n, fields in enumerate(expected, 1)]
+
+
+def test_a_parquet_file_cut_short_or_damaged_is_a_clear_error(tmp_path: Path) -> None:
+    from flow.config import LoadConfig
+    from flow.errors import SourceError
+    from flow.load.parquet_rows import count_parquet_rows, parquet_rows
+
+    whole = tmp_path / "whole.parquet"
+    _write_input(whole, 5000, row_group_size=1000)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(data[:len(data) // 2])
+    for read in (count_parquet_rows, lambda config: list(parquet_rows(config))):
+        with pytest.raises(SourceError, match="cut.parquet: not a Parquet file"):
+            read(LoadConfig(path=cut))
+    # a page of the third row group overwritten: the rows read before it kept, then an error
+    # that says how far the file was read
+    damaged = tmp_path / "damaged.parquet"
+    start = pq.ParquetFile(whole).metadata.row_group(2).column(1).data_page_offset
+    damaged.write_bytes(data[:start] + bytes(64) + data[start + 64:])
+    read: list[Any] = []
+    with pytest.raises(SourceError, match=r"damaged.parquet: cannot read input after row") as e:
+        read.extend(parquet_rows(LoadConfig(path=damaged)))
+    assert 0 < len(read) <= 2000
+    assert f"after row {len(read):,}:" in str(e.value)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from flow.arrow import require_pyarrow
+from flow.arrow import require_parquet_reader
 from flow.config.chain import check_chain, inherit_defaults
 from flow.config.endpoint_check import check_endpoints
 from flow.config.models import PipelineConfig
@@ -106,7 +106,7 @@ def parse_config(text: str, file: Path) -> PipelineConfig:
             "name it .jsonl, .csv, .txt or .parquet, or set load.format"
         )
     if config.load.resolved_format == "parquet":
-        require_pyarrow(f"{file}: load.path {config.load.path.name} (Parquet)")
+        require_parquet_reader(f"{file}: load.path {config.load.path.name} (Parquet)")
     _load_schemas(config, file, base)
     return config
 

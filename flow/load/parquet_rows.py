@@ -1,9 +1,9 @@
 """Rows out of a Parquet file, streamed a row group at a time.
 
-Only one record batch (a part of one row group) is decoded at once, so a file of millions of
-rows reads in flat memory. Values become what JSON can hold, as the store keeps an item's
-input as JSON: dates and times as ISO text, decimals as numbers, bytes as UTF-8 text. A value
-JSON cannot hold (NaN, bytes that are not UTF-8) fails its row alone.
+Only one record batch (a part of one row group) is decoded at once, by arro3-io, so a file of
+millions of rows reads in flat memory (`flow.arrow`). Values become what JSON can hold, as the
+store keeps an item's input as JSON: dates and times as ISO text, decimals as numbers, bytes
+as UTF-8 text. A value JSON cannot hold (NaN, bytes that are not UTF-8) fails its row alone.
 """
 
 from __future__ import annotations
@@ -11,53 +11,85 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from flow.arrow import require_pyarrow
+from flow.arrow import require_parquet_reader
 from flow.config import LoadConfig
 from flow.errors import RowError, SourceError
 from flow.load.lines import Parsed
 
 BATCH_ROWS = 1024  # rows decoded at once: small enough to keep wide rows in few MB
-READ_BUFFER_BYTES = 1 << 20  # a column chunk is read through this buffer, never whole
+MAGIC = b"PAR1"  # a Parquet file begins and ends with it
+COUNT_BATCH_ROWS = 65_536  # counting decodes the file in larger batches, no row made
 
 
 def parquet_rows(config: LoadConfig) -> Iterator[Parsed]:
     """Each row's number (from 1), its fields or the reason it cannot be used."""
-    parquet_file = open_parquet(config)
     number = 0
-    with parquet_file:
-        for batch in parquet_file.iter_batches(batch_size=BATCH_ROWS, use_threads=False):
-            for fields in batch.to_pylist():
-                number += 1
-                try:
-                    yield number, {str(k): _json_value(v) for k, v in fields.items()}, None, None
-                except ValueError as e:
-                    yield number, None, RowError(f"{config.path.name} row {number}: {e}"), None
+    for batch in _batches(config, BATCH_ROWS):
+        names = batch.schema.names
+        for values in zip(*(column.to_pylist() for column in batch.columns)):
+            number += 1
+            try:
+                yield number, {str(k): _json_value(v) for k, v in zip(names, values)}, None, None
+            except ValueError as e:
+                yield number, None, RowError(f"{config.path.name} row {number}: {e}"), None
 
 
 def count_parquet_rows(config: LoadConfig) -> int:
-    """The rows the file holds, from its footer."""
-    with open_parquet(config) as parquet_file:
-        return int(parquet_file.metadata.num_rows)
+    """The rows the file holds."""
+    return sum(batch.num_rows for batch in _batches(config, COUNT_BATCH_ROWS))
 
 
-def open_parquet(config: LoadConfig) -> Any:
-    """The file opened as Parquet (its footer read); a `SourceError` when it is not one."""
-    _, pq = require_pyarrow(f"load.path {config.path.name} (Parquet)")
+def _batches(config: LoadConfig, rows: int) -> Iterator[Any]:
+    """The file's record batches of `rows` rows, one decoded at a time; a `SourceError` for
+    a file that is not Parquet or cannot be read, naming how far it got."""
+    io = require_parquet_reader(f"load.path {config.path.name} (Parquet)")
     path = config.path
+    _check_file(path)
+    try:
+        reader = io.read_parquet(path, batch_size=rows)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read input: {e}") from None
+    except BaseException as e:  # arro3 panics on a footer it cannot parse
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise SourceError(f"{path}: not a Parquet file ({e}); check load.path or set "
+                          "load.format") from None
+    done = 0
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except Exception as e:  # a data page that cannot be decoded
+            where = f" after row {done:,}" if done else ""
+            raise SourceError(f"{path}: cannot read input{where}: {e}") from None
+        done += batch.num_rows
+        yield batch
+
+
+def _check_file(path: Path) -> None:
+    """A `SourceError` unless `path` is a file that begins and ends as Parquet does."""
     if not path.exists():
         raise SourceError(f"{path}: input file not found (load.path)")
     if path.is_dir():
         raise SourceError(f"{path}: is a folder, expected a file (load.path)")
     try:
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+        with path.open("rb") as handle:
+            head = handle.read(len(MAGIC))
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - len(MAGIC)))
+            tail = handle.read(len(MAGIC))
     except OSError as e:
         raise SourceError(f"{path}: cannot read input: {e}") from None
-    except Exception as e:  # pyarrow raises ArrowInvalid for a file that is not Parquet
-        raise SourceError(f"{path}: not a Parquet file ({e}); check load.path or set "
-                          "load.format") from None
+    if size < 3 * len(MAGIC) or head != MAGIC or tail != MAGIC:
+        raise SourceError(f"{path}: not a Parquet file (it does not begin and end with "
+                          f"{MAGIC.decode()}); check load.path or set load.format")
 
 
 def _json_value(value: Any) -> Any:
