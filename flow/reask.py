@@ -1,7 +1,7 @@
 """Re-asking a reply that breaks the stage's schema, quoting what was wrong with it.
 
 A reply that does not match `call.schema` is paid for and kept, and the model is asked again:
-the same request with the reply and the mismatch appended (`schema.reask_messages`). Each
+the same request with the reply and the mismatch appended (`reask_shape.reask_messages`). Each
 re-ask is a request of its own, keyed by its content, sent through the same executor (its
 limiter, its retries). After `call.schema_retries` re-asks the last reply stands: the item
 fails with `SchemaError` naming the mismatch. The waiting items get their output from the
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from flow.endpoints.wire import read_stored_reply
 from flow.keys import canonical_json, key_of_json
 from flow.post import PostProcessor
+from flow.reask_shape import reask_messages
 from flow.records import Call, CallResult, utc_now
-from flow.schema import reask_messages
 
 Send = Callable[[Call], Awaitable[CallResult]]
 Keep = Callable[[CallResult], Awaitable[CallResult]]  # stores a paid reply: its stored form

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from flow.config.store_url import StoreURL
 from flow.endpoints.embeddings import is_item_body
 from flow.errors import ConfigError, StoreError
+from flow.reask_shape import earlier_keys
 from flow.records import STAGE
 from flow.store.read_only import read_only_uri
 from flow.vectors import vector_summary
@@ -297,13 +298,16 @@ def _show_stage(db: Database, stage: str, item_id: str,
     if reply is not None:
         (reply_id, model, request, body, prompt, completion, cost, attempts, latency,
          started, finished, run_id, reply_key) = reply
-        if reply_key != key:  # a re-ask's reply: the replies that broke the schema first
+        asked = json_or_text(request)
+        if reply_key != key and isinstance(asked, dict):
+            # a re-ask's reply: the replies that broke the schema first, each re-ask's too
             item["replies_before_reask"] = [
                 {"response_id": i, "response": json_or_text(b), "cost_usd": c}
+                for earlier in earlier_keys(asked, key)
                 for i, b, c in db.execute("SELECT id, body, cost_usd FROM responses WHERE "
                                           "request_key=? AND origin=? ORDER BY id",
-                                          (key, origin))]
-        item.update(model=model, request=json_or_text(request), response=json_or_text(body),
+                                          (earlier, origin))]
+        item.update(model=model, request=asked, response=json_or_text(body),
                     response_id=reply_id, tokens={"prompt": prompt, "completion": completion},
                     cost_usd=cost, paid_by_this_item=bool(paid) or cost in (None, 0),
                     latency_ms=latency, started_at=started, finished_at=finished)

@@ -27,8 +27,6 @@ from flow.keys import content_key
 from flow.schema_check import first_mismatch
 
 NAME = re.compile(r"[^A-Za-z0-9_-]")
-REASK = ("Your reply did not match the required JSON schema: {error}. "
-         "Reply again with only a JSON object that matches the schema.")
 
 
 @dataclass(frozen=True)
@@ -135,11 +133,3 @@ def _import_model(target: str, base_dir: Path, where: str) -> type[BaseModel]:
         raise ConfigError(f"{where}.python: {module_name}.{class_name} is not a pydantic model "
                           "(a class deriving from pydantic.BaseModel)")
     return model
-
-
-def reask_messages(request: dict[str, Any], reply_text: str, error: str) -> dict[str, Any]:
-    """The request again, with the invalid reply and what was wrong with it appended."""
-    key = "input" if "input" in request else "messages"  # the Responses API's, or chat's
-    messages = [*request[key], {"role": "assistant", "content": reply_text},
-                {"role": "user", "content": REASK.format(error=error)}]
-    return {**request, key: messages}

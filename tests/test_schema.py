@@ -182,6 +182,32 @@ def test_without_reasks_exactly_the_broken_replies_fail_with_schema_error(
     assert all(c == "SchemaError" and "does not match the schema" in e for c, e in failed)
 
 
+def test_show_lists_every_reply_an_exchange_broke_on_with_two_reasks(
+        make_pipeline: Any, simulator: SimulatorThread, capsys: Any) -> None:
+    # every reply breaks, the re-asks' too: each item asks three times
+    simulator.config.schema_break_rate = simulator.config.schema_rebreak_rate = 1.0
+    pipeline = _model_pipeline(make_pipeline, simulator, "grades_twice", 3, schema_retries=2,
+                               stop_after_failures=0)
+    assert pipeline.run() == 1
+    assert simulator.stats.requests == 9
+    capsys.readouterr()
+    assert pipeline.cli("show", "q001") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["error_class"] == "SchemaError"
+    before = shown["replies_before_reask"]
+    asked = shown["request"]["messages"]
+    assert len(before) == 2 and len(asked) == 6  # the question, then two broken replies
+    # each broken reply is the one its re-ask quoted back, in order; all three paid
+    assert [b["response"]["choices"][0]["message"]["content"] for b in before] == [
+        asked[2]["content"], asked[4]["content"]]
+    ids = [b["response_id"] for b in before] + [shown["response_id"]]
+    assert len(set(ids)) == 3
+    (paid,), = pipeline.query(f"SELECT SUM(cost_usd) FROM responses WHERE id IN "
+                              f"({','.join(map(str, ids))})")
+    assert sum(b["cost_usd"] for b in before) + shown["cost_usd"] == pytest.approx(paid)
+    assert paid > 0
+
+
 def test_inline_schema_is_sent_strict_and_checked(make_pipeline: Any,
                                                    simulator: SimulatorThread) -> None:
     pipeline = make_pipeline(base_url=simulator.url, post=[], call={"schema": GRADE_SCHEMA})

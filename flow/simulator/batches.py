@@ -296,7 +296,8 @@ class Batches:
         if fault in TRANSPORT_FAULTS or fault == "malformed":
             return error_reply(500, "server_error", None, "The server had an error while "
                                "processing your request. Sorry about that!")
-        broken = breaks_schema(chat.body, chat.messages, self._config.schema_break_rate)
+        broken = breaks_schema(chat.body, chat.messages, self._config.schema_break_rate,
+                               self._config.schema_rebreak_rate)
         self._stats.schema_broken += broken
         reply = answer(chat, fault, created=self._clock.epoch(at), broken=broken)
         self._stats.tokens += reply.tokens

@@ -32,7 +32,8 @@ class SimulatorConfig:
     malformed_rate: float = 0.0
     truncate_rate: float = 0.0
     filter_rate: float = 0.0
-    schema_break_rate: float = 0.0  # replies that break their json_schema (never a re-ask's)
+    schema_break_rate: float = 0.0  # replies that break their json_schema (a first ask's)
+    schema_rebreak_rate: float = 0.0  # re-asks' replies that break it again
     hang_s: float = 3600.0
     drip_s: float = 0.05
     outages: list[tuple[float, float]] = field(default_factory=list)

@@ -20,7 +20,8 @@ def add_simulator_options(parser: argparse.ArgumentParser, prefix: str) -> None:
               "truncate-rate": "share cut short (finish_reason length)",
               "filter-rate": "share withheld (finish_reason content_filter)",
               "schema-break-rate": "share of json_schema replies that break the schema "
-                                   "(never a re-ask's)"}
+                                   "(a first ask's)",
+              "schema-rebreak-rate": "share of re-asks' replies that break it again"}
     for name, text in floats.items():
         group.add_argument(f"--{prefix}{name}", type=_non_negative_float, default=0.0, help=text)
     group.add_argument(f"--{prefix}rpm", type=positive_int, default=DEFAULT_RPM,
@@ -70,6 +71,7 @@ def simulator_config(args: argparse.Namespace, prefix: str) -> SimulatorConfig:
         hang_rate=get("hang-rate"), malformed_rate=get("malformed-rate"),
         truncate_rate=get("truncate-rate"), filter_rate=get("filter-rate"),
         schema_break_rate=get("schema-break-rate"),
+        schema_rebreak_rate=get("schema-rebreak-rate"),
         outages=get("outage"), batch_s=get("batch-s"), batch_faults=dict(get("batch-fault")),
         batch_token_limit=get("batch-token-limit"), batch_shuffle=not get("no-batch-shuffle"),
         api_key=getattr(args, "api_key", None), seed=getattr(args, "seed", None))

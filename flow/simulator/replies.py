@@ -52,15 +52,17 @@ def compose_reply(body: Mapping[str, Any], messages: list[Any],
     return cut, cap, "length"
 
 
-def breaks_schema(body: Mapping[str, Any], messages: list[Any], rate: float) -> bool:
-    """Whether this request's reply is to break its `json_schema` (`--schema-break-rate`):
-    the same for the same messages, and never for a re-ask (a request that already holds
-    an assistant's reply), as a model told its mistake corrects it."""
-    if rate <= 0 or _schema_of(body.get("response_format")) is None:
+def breaks_schema(body: Mapping[str, Any], messages: list[Any], rate: float,
+                  again_rate: float = 0.0) -> bool:
+    """Whether this request's reply is to break its `json_schema`: the same for the same
+    messages, at `rate` for a first ask (`--schema-break-rate`) and at `again_rate` for a
+    re-ask, a request that already holds an assistant's reply (`--schema-rebreak-rate`:
+    most models told their mistake correct it)."""
+    if _schema_of(body.get("response_format")) is None:
         return False
     if any(isinstance(m, Mapping) and m.get("role") == "assistant" for m in messages):
-        return False
-    return int(content_key(messages)[7:15], 16) / 16**8 < rate
+        rate = again_rate
+    return rate > 0 and int(content_key(messages)[7:15], 16) / 16**8 < rate
 
 
 def draft_replies(body: Mapping[str, Any], messages: list[Any],

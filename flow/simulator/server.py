@@ -190,7 +190,8 @@ class Simulator:
         if refused is not None:
             return self._send(refused)
         marker = read_marker(chat.text, self.stats.by_request[request_key])
-        broken = breaks_schema(chat.body, chat.messages, self.config.schema_break_rate)
+        broken = breaks_schema(chat.body, chat.messages, self.config.schema_break_rate,
+                               self.config.schema_rebreak_rate)
         self.stats.schema_broken += broken
         draft = draft_reply(chat, broken)
         if isinstance(draft, Reply):
