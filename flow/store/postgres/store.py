@@ -65,7 +65,7 @@ class PostgresStore:
         """Connect and migrate; `exclusive`: as the one planner (a second one is refused);
         `idle_s`: a session idle this long inside a transaction is ended by the server."""
         db = await connect(url, idle_s=idle_s)
-        store = cls(url, db, f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(2)}",
+        store = cls(url, db, f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(8)}",
                     idle_s)
         if exclusive:
             # a planner killed a moment ago holds the lock until the server notices that its
