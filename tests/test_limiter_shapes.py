@@ -23,7 +23,7 @@ from flow.tokens import OutputReserve
 
 CONCURRENCY = 200
 LATENCY_S = 0.2
-QUIET_CYCLES = 12  # event loop turns with nothing timed: enough for any chain of wake-ups here
+QUIET_TURNS = 2  # turns of the event loop in a row with nothing ready but the clock's own
 T = TypeVar("T")
 
 
@@ -46,9 +46,14 @@ class VirtualTime:
 
     async def run(self, work: Awaitable[T]) -> T:
         task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
         while not task.done():
-            for _ in range(QUIET_CYCLES):
+            # every task that can run has run: nothing but this one was ready, twice in a
+            # row (the loop's queue of ready callbacks; a wake-up may queue another)
+            quiet = 0
+            while quiet < QUIET_TURNS:
                 await asyncio.sleep(0)
+                quiet = 0 if loop._ready else quiet + 1  # type: ignore[attr-defined]
             if self._timers:
                 when, _, future = heapq.heappop(self._timers)
                 self.now = max(self.now, when)
