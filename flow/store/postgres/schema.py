@@ -11,9 +11,8 @@ never edited.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 
-from flow.records import STAGE
+from flow.store.postgres.browse import browse_sql
 
 MIGRATE_LOCK = 0x666C6F77_0001  # pg_advisory_xact_lock key: migrating ("flow", 1)
 APPEND_ONLY = "responses are paid for: never changed or removed"
@@ -345,41 +344,3 @@ MIGRATIONS = (("m001_tables", m001_tables), ("m002_append_only_responses",
               ("m005_sqlite_json", m005_sqlite_json), ("m006_batch_leases", m006_batch_leases),
               ("m007_vectors", m007_vectors))
 READS_NEED = "m005_sqlite_json"  # the read commands' SQL needs this migration
-
-
-def browse_sql(fields: Sequence[tuple[str, str]], stages: Sequence[str] = (STAGE,)) -> str:
-    """`CREATE VIEW browse`: the last stage's results for reading, each (field, column) of
-    the input after `item_id`, each earlier stage's output beside them (`<stage>_output`)."""
-    extra = "".join(f"\n    items.input::jsonb ->> {_text(field)} AS {_name(column)},"
-                    for field, column in fields)
-    earlier = "".join(f"""
-    (SELECT COALESCE(e.output_text, e.output) FROM results AS e
-     WHERE e.stage = {_text(name)} AND e.item_id = results.item_id AND e.status = 'done')
-        AS {_name(name + '_output')},""" for name in stages[:-1])
-    return f"""CREATE VIEW browse AS
-SELECT
-    results.row,
-    results.item_id,{extra}{earlier}
-    COALESCE(results.output_text, results.output) AS output,
-    results.status,
-    results.truncated,
-    results.error_class,
-    results.error,
-    ROUND(results.cost_usd::numeric, 6)::double precision AS cost_usd,
-    results.prompt_tokens,
-    results.completion_tokens,
-    results.model,
-    results.finished_at,
-    items.input
-FROM results
-JOIN items ON items.stage = {_text(stages[0])} AND items.item_id = results.item_id
-WHERE results.stage = {_text(stages[-1])}
-ORDER BY results.row"""
-
-
-def _text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _name(column: str) -> str:
-    return '"' + column.replace('"', '""') + '"'

@@ -21,10 +21,10 @@ from flow.config.store_url import StoreURL
 from flow.errors import StoreError, StoreLockedError
 from flow.records import STAGE, ItemRecord, Known, Settled, utc_now
 from flow.store.postgres import sql as q
+from flow.store.postgres.browse import browse_sql
 from flow.store.postgres.connect import IDLE_IN_TRANSACTION_S, Reconnects, connect
 from flow.store.postgres.group import GroupCommits
 from flow.store.postgres.queue import WorkQueue
-from flow.store.postgres.schema import browse_sql
 from flow.store.shards import SQLiteShards
 from flow.store.sqlite_sql import FINISH_RUN_SQL, reconcile_sql
 from flow.store.views import SAMPLE_INPUTS_SQL, SAMPLE_ROWS, field_columns, fields_of
