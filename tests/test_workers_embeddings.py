@@ -33,6 +33,7 @@ from flow.workers.worker import Worker, WorkOptions
 pytestmark = pytest.mark.slow
 
 DIMENSIONS = 64  # short vectors: the exports' JSON is quick to write
+WORKERS_END_S = 60  # in-process workers end within this, or the test fails
 EMBED = {"endpoint": "embeddings", "model": "text-embedding-3-small", "input": "{{ text }}",
          "params": {"dimensions": DIMENSIONS}, "inputs_per_request": 50}
 
@@ -54,12 +55,13 @@ def _pipeline(make_pipeline: Any, simulator: SimulatorThread, rows: list[dict[st
 
 
 def _work(pipeline: Pipeline, count: int, lease_s: float = 30.0) -> list[str]:
-    """Run `count` workers in this process until the queue is empty; their end states."""
+    """Run `count` workers in this process until the queue is empty; their end states (a
+    worker that never ends fails the test, rather than hang it)."""
     async def work() -> list[str]:
         workers = [Worker(load_config(pipeline.file), RunOptions(),
                           WorkOptions(lease_s=lease_s, poll_s=0.01)) for _ in range(count)]
-        return [summary.state for summary in
-                await asyncio.gather(*(worker.execute() for worker in workers))]
+        return [summary.state for summary in await asyncio.wait_for(
+            asyncio.gather(*(worker.execute() for worker in workers)), WORKERS_END_S)]
     return asyncio.run(work())
 
 
@@ -233,3 +235,17 @@ def test_a_group_of_vectors_larger_than_the_sockets_buffer_is_committed(
                                     "responses.id = vectors.response_id ORDER BY "
                                     "substr(responses.request_key, 4)::int")
     assert [vector for (vector,) in stored] == vectors
+
+
+def test_a_worker_sends_its_pack_when_the_budget_waits_for_it(
+        make_pipeline: Any, postgres_url: str, simulator: SimulatorThread) -> None:
+    # near the cap the budget waits for the calls in flight to settle before it lets more
+    # go; the calls gathered into a pack count as in flight, so the pack must go (it waited
+    # for them for good, nothing sent)
+    price = {"input_per_1m": 1000, "output_per_1m": 0}  # each input guessed at about $0.02
+    pipeline = _pipeline(make_pipeline, simulator, _rows(40), store=postgres_url,
+                         concurrency=1, max_cost_usd=0.05, price=price)
+    assert pipeline.cli("plan") == 0
+    assert _work(pipeline, 1) == ["stopped"]  # the cap reached, not waited on
+    ((spent, items),) = _rows_of(postgres_url, "SELECT SUM(cost_usd), COUNT(*) FROM responses")
+    assert spent >= 0.05 and 3 < items < 40

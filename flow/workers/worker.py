@@ -252,7 +252,13 @@ class Worker:
                 lane.waiting.setdefault(found[2], []).append(found)
             for index, item in enumerate(claimed):
                 call = Call(item.key, json.loads(item.request_json), item.request_json)
-                if not await self._may_send(lane, call):
+                while (verdict := self._may_send(lane, call)) is Verdict.WAIT:
+                    if packing:
+                        # the calls gathered into a pack are counted in flight: they must
+                        # go, or the budget waits for calls that are never sent
+                        yield FLUSH
+                    await asyncio.sleep(BUDGET_LOOK_S)
+                if verdict is not Verdict.GO:
                     await store.queue.release([c.token for c in claimed[index:]])
                     for unsent in claimed[index:]:
                         lane.waiting.pop(unsent.key, None)
@@ -310,22 +316,20 @@ class Worker:
             not any(batches.holding for place, batches in self._batches.items()
                     if place < index))
 
-    async def _may_send(self, lane: Lane, call: Call) -> bool:
-        """Count `call` as sent, or (stopping, over budget, --limit) not. Spend that the
-        calls in flight may bring to the cap is waited out first."""
+    def _may_send(self, lane: Lane, call: Call) -> Verdict:
+        """Whether `call` may go now (`GO` counts it as sent), must wait for the calls in
+        flight to settle (spend they may bring to the cap), or not go at all (`STOP`:
+        stopping, over budget, --limit)."""
+        if self._stop.is_set():
+            return Verdict.STOP
         estimate = 0.0 if self._budget.cap_usd is None else estimate_call_usd(
             lane.stage.price, call.request_json, lane.stage.reserve.cap)
-        while not self._stop.is_set():
-            verdict = self._budget.take(self.progress.cost_usd, estimate)
-            if verdict is Verdict.GO:
-                return True
-            if verdict is Verdict.STOP:
-                self.progress.stopping = ("budget reached" if self._budget.reached
-                                          else f"--limit {self._budget.limit}")
-                self._halt()
-                break
-            await asyncio.sleep(BUDGET_LOOK_S)
-        return False
+        verdict = self._budget.take(self.progress.cost_usd, estimate)
+        if verdict is Verdict.STOP:
+            self.progress.stopping = ("budget reached" if self._budget.reached
+                                      else f"--limit {self._budget.limit}")
+            self._halt()
+        return verdict
 
     def _deliver(self, store: PostgresStore, lane: Lane):  # type: ignore[no-untyped-def]
         async def deliver(result: CallResult) -> None:
