@@ -30,8 +30,7 @@ from flow.config import PipelineConfig, check_api_key
 from flow.config.store_url import store_url
 from flow.endpoints import endpoint_origin, endpoint_url
 from flow.errors import ConfigError, FatalCallError, StoreError
-from flow.execute import ExecutorCounters
-from flow.execute.packing import FLUSH
+from flow.execute import FLUSH, ExecutorCounters, calls_of
 from flow.execute.sending import StageSender
 from flow.plan import RunOptions
 from flow.prices import estimate_call_usd
@@ -46,7 +45,7 @@ from flow.store.postgres.store import PostgresStore
 from flow.workers.batching import BatchWork
 from flow.workers.fingerprint import check_plan
 from flow.workers.hand_on import HandOn
-from flow.workers.lanes import Lane, all_or_none, calls_of, packs
+from flow.workers.lanes import Lane, all_or_none, packs
 from flow.workers.nudge import Nudge
 from flow.workers.shared_limiter import SharedLimiter
 
