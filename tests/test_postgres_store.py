@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Pipeline, questions
+from conftest import Pipeline, questions, run_within
 
 from flow.config.store_url import StoreURL
 from flow.errors import StoreError
@@ -199,7 +199,7 @@ def test_a_session_holding_a_request_past_its_lease_is_ended(postgres_url: str) 
             await paused.close()
             await store.close()
 
-    asyncio.run(scenario())
+    run_within(scenario())
 
 
 def test_a_worker_whose_store_stays_gone_gives_up_once_not_at_every_statement(
@@ -240,4 +240,4 @@ def test_a_worker_whose_store_stays_gone_gives_up_once_not_at_every_statement(
             with contextlib.suppress(StoreError):
                 await store.close()
 
-    asyncio.run(scenario())
+    run_within(scenario())

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pyarrow.parquet as pq
 import pytest
-from conftest import API_KEY, Pipeline
+from conftest import API_KEY, Pipeline, run_within
 
 from flow.config import load_config
 from flow.config.store_url import StoreURL, store_url
@@ -33,7 +33,6 @@ from flow.workers.worker import Worker, WorkOptions
 pytestmark = pytest.mark.slow
 
 DIMENSIONS = 64  # short vectors: the exports' JSON is quick to write
-WORKERS_END_S = 60  # in-process workers end within this, or the test fails
 EMBED = {"endpoint": "embeddings", "model": "text-embedding-3-small", "input": "{{ text }}",
          "params": {"dimensions": DIMENSIONS}, "inputs_per_request": 50}
 
@@ -55,14 +54,13 @@ def _pipeline(make_pipeline: Any, simulator: SimulatorThread, rows: list[dict[st
 
 
 def _work(pipeline: Pipeline, count: int, lease_s: float = 30.0) -> list[str]:
-    """Run `count` workers in this process until the queue is empty; their end states (a
-    worker that never ends fails the test, rather than hang it)."""
+    """Run `count` workers in this process until the queue is empty; their end states."""
     async def work() -> list[str]:
         workers = [Worker(load_config(pipeline.file), RunOptions(),
                           WorkOptions(lease_s=lease_s, poll_s=0.01)) for _ in range(count)]
-        return [summary.state for summary in await asyncio.wait_for(
-            asyncio.gather(*(worker.execute() for worker in workers)), WORKERS_END_S)]
-    return asyncio.run(work())
+        return [summary.state for summary in
+                await asyncio.gather(*(worker.execute() for worker in workers))]
+    return run_within(work())
 
 
 def _rows_of(url: str, sql: str) -> list[tuple[Any, ...]]:
@@ -199,7 +197,7 @@ def test_a_late_result_keeps_its_paid_reply_but_not_its_vector(
             await taker.close()
         assert (late.rejected, taker.rejected) == (1, 0)
 
-    asyncio.run(race())
+    run_within(race())
     # both replies paid and kept; one vector, the lease holder's, and the item made from it
     assert _rows_of(postgres_url, "SELECT COUNT(*) FROM responses") == [(2,)]
     assert _rows_of(postgres_url, "SELECT vector FROM vectors") == [(b"\x00\x00\x80\x3f",)]
@@ -230,7 +228,7 @@ def test_a_group_of_vectors_larger_than_the_sockets_buffer_is_committed(
         finally:
             await asyncio.wait_for(store.close(), 60)
 
-    asyncio.run(save())
+    run_within(save())
     stored = _rows_of(postgres_url, "SELECT vector FROM vectors JOIN responses ON "
                                     "responses.id = vectors.response_id ORDER BY "
                                     "substr(responses.request_key, 4)::int")
