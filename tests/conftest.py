@@ -30,10 +30,13 @@ def run_within(work: Coroutine[Any, Any, T], within_s: float = ENDS_WITHIN_S) ->
     """`asyncio.run(work)`; a failure, not a wait for good, when it has not ended within
     `within_s` (a worker that never decides it is done, a commit that never returns)."""
     async def bounded() -> T:
+        deadline = asyncio.timeout(within_s)
         try:
-            async with asyncio.timeout(within_s):
+            async with deadline:
                 return await work
         except TimeoutError:
+            if not deadline.expired():
+                raise  # the work's own
             raise AssertionError(f"not ended within {within_s:g} s") from None
 
     return asyncio.run(bounded())
