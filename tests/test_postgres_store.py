@@ -241,3 +241,31 @@ def test_a_worker_whose_store_stays_gone_gives_up_once_not_at_every_statement(
                 await store.close()
 
     run_within(scenario())
+
+
+def test_a_heartbeat_keeps_the_leases_it_can_and_never_waits_for_a_locked_row(
+        postgres_url: str) -> None:
+    # a row locked by a transaction (this worker's own commit of it, another's claim) is
+    # not waited for: the beat held the worker's connection behind it, or deadlocked
+    async def scenario() -> None:
+        store = await PostgresStore.open(StoreURL(postgres_url))
+        commit = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+        try:
+            await store.start_run(Path("pipeline.yaml"), "test", "test")
+            await store.queue.enqueue("call", "test", [("k1", "{}"), ("k2", "{}")])
+            held = {c.key: c.token for c in await store.queue.claim("test", ["call"], 10, 1)}
+            await commit.execute("BEGIN")
+            await commit.execute("UPDATE work SET state = 'done' WHERE token = %s",
+                                 (held["k1"],))
+            async with asyncio.timeout(5):
+                await store.queue.heartbeat(3600)
+            cursor = await commit.execute(
+                "SELECT request_key, lease_until > now() + interval '30 minutes' FROM work "
+                "ORDER BY 1")
+            assert await cursor.fetchall() == [("k1", False), ("k2", True)]
+            await commit.execute("ROLLBACK")
+        finally:
+            await commit.close()
+            await store.close()
+
+    run_within(scenario())

@@ -349,10 +349,12 @@ class Worker:
         return deliver
 
     async def _beat(self, store: PostgresStore) -> None:
-        """Keep this worker's leases while it works."""
+        """Keep this worker's leases while it works; a beat that fails is tried again at
+        the next (a store gone for good ends the worker's other statements)."""
         while True:
             await asyncio.sleep(self.work.lease_s / 3)
-            await store.queue.heartbeat(self.work.lease_s)
+            with contextlib.suppress(StoreError):
+                await store.queue.heartbeat(self.work.lease_s)
 
     def _stop_if_tripped(self) -> None:
         if self._breaker.tripped is not None and not self._stop.is_set():
