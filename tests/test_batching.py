@@ -306,3 +306,23 @@ def test_a_worker_with_another_executor_than_planned_refuses_to_start(
     pipeline.config["call"]["executor"] = "online"
     assert pipeline.cli("worker") == 2
     assert "the executor (planned batch, this file online)" in capsys.readouterr().err
+
+
+def test_a_worker_cuts_a_shard_while_a_plan_holds_the_store(postgres_url: str) -> None:
+    # `flow plan` holds the store's lock while it plans: a worker's cut goes on meanwhile
+    async def scenario() -> None:
+        url = StoreURL(postgres_url)
+        planner = await PostgresStore.open(url, exclusive=True)
+        worker = await PostgresStore.open(url)
+        try:
+            await worker.start_run(Path("pipeline.yaml"), "test", "test")
+            await worker.queue.enqueue("call", "test", [("k1", "{}")])
+            async with asyncio.timeout(5):
+                shard = await SharedShards(worker, "call", "test", lease_s=30).cut(
+                    URL, worker.run_id, 10, len, lambda request: 0.0)
+            assert shard is not None and shard.lines == 1
+        finally:
+            await worker.close()
+            await planner.close()
+
+    run_within(scenario())
