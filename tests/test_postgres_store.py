@@ -18,7 +18,7 @@ from conftest import Pipeline, questions, run_within
 
 from flow.config.store_url import StoreURL
 from flow.errors import StoreError
-from flow.records import Settled, utc_now
+from flow.records import Attempt, Settled, utc_now
 from flow.store.postgres.store import PostgresStore
 
 pytestmark = pytest.mark.slow
@@ -267,5 +267,35 @@ def test_a_heartbeat_keeps_the_leases_it_can_and_never_waits_for_a_locked_row(
         finally:
             await commit.close()
             await store.close()
+
+    run_within(scenario())
+
+
+def test_a_commit_that_fails_alike_on_every_new_connection_gives_up(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an error the server gives every time (out of disk): the group is tried on a new
+    # connection for RECONNECT_S, then fails clearly, where it was tried for good
+    from flow.store.postgres import connect as connecting
+
+    monkeypatch.setattr(connecting, "RECONNECT_S", 0.2)
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                   "BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100'; "
+                   "END $$")
+
+    async def scenario() -> None:
+        store = await PostgresStore.open(StoreURL(postgres_url))
+        store.worker_session = True
+        try:
+            await store.start_run(Path("pipeline.yaml"), "test", "test")
+            await store._query("CREATE TRIGGER disk_full BEFORE INSERT ON attempts FOR EACH ROW "
+                               "EXECUTE FUNCTION full_disk()", (), raw=True)
+            attempt = Attempt(1, utc_now(), 1.0, 500, "error", "boom")
+            with pytest.raises(StoreError, match="could not extend file"):
+                await store.save(Settled("call", "test", "k1", utc_now(), None, [attempt],
+                                         []))
+        finally:
+            with contextlib.suppress(StoreError):
+                await store.close()
 
     run_within(scenario())
