@@ -25,7 +25,7 @@ from flow.config import PipelineConfig, check_api_key
 from flow.config.store_url import sqlite_path
 from flow.endpoints import endpoint_origin, endpoint_url, same_origin
 from flow.errors import ConfigError, FatalCallError
-from flow.execute import Deliver, Executor, ExecutorCounters
+from flow.execute import Deliver, Executor, ExecutorCounters, calls_of
 from flow.execute.sending import StageSender
 from flow.limiter import RateLimiter
 from flow.load import count_rows
@@ -254,7 +254,10 @@ class Run:
             waker = None if executor is sender else asyncio.create_task(
                 sender.online().wake_on_stop())
             try:
-                await executor.execute(stage.calls(), stage.deliver)
+                if executor is sender:  # FLUSHes go to a packing executor
+                    await sender.execute(stage.calls(), stage.deliver)
+                else:
+                    await executor.execute(calls_of(stage.calls()), stage.deliver)
                 await stage.delivery.drain()
             finally:
                 if waker is not None:

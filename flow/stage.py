@@ -23,6 +23,7 @@ from flow.budget import Breaker, Budget, Verdict
 from flow.config import PipelineConfig
 from flow.delivery import Delivery
 from flow.errors import TemplateError
+from flow.execute import FLUSH
 from flow.inbox import Inbox
 from flow.load import Row, read_rows
 from flow.plan import (
@@ -95,6 +96,7 @@ class Stage:
         self._in_flight: dict[str, list[Planned]] = {}
         self._plan_lock = asyncio.Lock()
         self._unchanged = 0  # rows skipped as done and unchanged, this run
+        self._held_back = False  # a call the budget (or a stop) did not let go
         # a batch's items (or a shared queue's) wait in the store, not in memory: they are
         # found by request key when their results come
         self.in_store = self.config.executor == "batch"
@@ -140,8 +142,9 @@ class Stage:
             run.budget.settle()
             run.settled.set()
 
-    async def calls(self) -> AsyncIterator[Call]:
-        """The distinct calls this stage needs, batch after batch.
+    async def calls(self) -> AsyncIterator[Call | None]:
+        """The distinct calls this stage needs, batch after batch; a `FLUSH` (a stage that
+        packs) before it waits for the calls in flight to settle.
 
         The first stage renders batch N+1 while batch N's look-ups run on the store's
         thread; at the input's end it names held rows and forgets items whose rows are gone.
@@ -154,10 +157,10 @@ class Stage:
                 if run.stop_feeding.is_set():
                     return
                 calls = await self._plan(batch)
-                for call in calls:
-                    if not await self._may_send(calls, call):
-                        return
+                async for call in self._sendable(calls):
                     yield call
+                if self._held_back:
+                    return
             return
         await run.store.begin_seen_ids()
         fingerprint = render_fingerprint(run.config.load, self.config)
@@ -171,10 +174,10 @@ class Stage:
                             if rows and not unchanged else None)
                 if planning is not None:
                     calls, planning = await planning, None
-                    for call in calls:
-                        if not await self._may_send(calls, call):
-                            return
+                    async for call in self._sendable(calls):
                         yield call
+                    if self._held_back:
+                        return
                 if rows is None:
                     break
                 if run.stop_feeding.is_set():
@@ -308,6 +311,30 @@ class Stage:
         self.outcomes.count_failed(len(failed))
         return calls, reposts, done, failed
 
+    @property
+    def _packed(self) -> bool:
+        """Whether the calls this stage yields are packed, many to a request, as they come
+        (an embeddings stage that sends them now, not queued or batched)."""
+        return self.config.endpoint == "embeddings" and not self.in_store
+
+    async def _sendable(self, calls: list[Call]) -> AsyncIterator[Call | None]:
+        """`calls`, each once the budget lets it go; `_held_back` once one may not (stopping,
+        over budget), the rest dropped. Before it waits for the calls in flight to settle, a
+        stage that packs yields `FLUSH`: the calls gathered into a pack are counted in
+        flight, and they settle only once their pack goes."""
+        run, _ = self._context()
+        for call in calls:
+            while (verdict := self._take(call)) is Verdict.WAIT:
+                run.settled.clear()
+                if self._packed:
+                    yield FLUSH
+                await run.settled.wait()
+            if verdict is Verdict.STOP:
+                self._held_back = True
+                self._not_sent(calls, call)
+                return
+            yield call
+
     async def _may_send(self, calls: list[Call], call: Call, online: bool = False) -> bool:
         """Count `call` as sent, or (stopping, over budget) drop it and the rest of `calls`.
 
@@ -315,31 +342,43 @@ class Stage:
         settle and look again.
         """
         run, _ = self._context()
-        budget, progress = run.budget, run.progress
-        while not run.stop_feeding.is_set():
-            # a batch's cost is checked against the cap before each create, at batch prices
-            priced = budget.cap_usd is not None and (online or not self.in_store)
-            estimate = 0.0 if not priced else estimate_call_usd(
-                self.price, call.request_json, self.reserve.cap)
-            verdict = budget.take(progress.cost_usd, estimate)
-            if verdict is Verdict.GO:
-                if self.in_store and not online:
-                    # a batch's line is counted as sent, never as in flight: its batch was
-                    # budgeted at its worst, and items that share a request (or a line a batch
-                    # answered before) are not delivered one by one to settle it
-                    budget.settle()
-                return True
-            if verdict is Verdict.STOP:
-                break
+        while (verdict := self._take(call, online)) is Verdict.WAIT:
             run.settled.clear()
             await run.settled.wait()
+        if verdict is Verdict.GO:
+            return True
+        self._not_sent(calls, call)
+        return False
+
+    def _take(self, call: Call, online: bool = False) -> Verdict:
+        """Whether `call` may go now (`GO` counts it as sent), must wait for the calls in
+        flight to settle, or may not go (`STOP`: stopping, over budget)."""
+        run, _ = self._context()
+        if run.stop_feeding.is_set():
+            return Verdict.STOP
+        budget = run.budget
+        # a batch's cost is checked against the cap before each create, at batch prices
+        priced = budget.cap_usd is not None and (online or not self.in_store)
+        estimate = 0.0 if not priced else estimate_call_usd(
+            self.price, call.request_json, self.reserve.cap)
+        verdict = budget.take(run.progress.cost_usd, estimate)
+        if verdict is Verdict.GO and self.in_store and not online:
+            # a batch's line is counted as sent, never as in flight: its batch was
+            # budgeted at its worst, and items that share a request (or a line a batch
+            # answered before) are not delivered one by one to settle it
+            budget.settle()
+        return verdict
+
+    def _not_sent(self, calls: list[Call], call: Call) -> None:
+        """`call` and the rest of `calls` do not go: their items stay pending."""
+        run, _ = self._context()
+        budget, progress = run.budget, run.progress
         if budget.reached is not None:
             progress.stopping = "budget reached"
         elif budget.limit is not None and budget.sent >= budget.limit:
             progress.limited = budget.limit
         for unsent in calls[calls.index(call):]:
             self._in_flight.pop(unsent.key, None)  # their items stay pending
-        return False
 
     def _context(self) -> tuple[RunContext, Planner]:
         assert self._run is not None and self._planner is not None

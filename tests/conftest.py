@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,10 +10,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -21,6 +22,24 @@ from flow.cli import main
 from flow.simulator import SimulatorConfig, SimulatorThread
 
 API_KEY = "sk-test-0123456789abcdef"
+ENDS_WITHIN_S = 60  # in-process work (workers, a store's scenario) ends within this
+T = TypeVar("T")
+
+
+def run_within(work: Coroutine[Any, Any, T], within_s: float = ENDS_WITHIN_S) -> T:
+    """`asyncio.run(work)`; a failure, not a wait for good, when it has not ended within
+    `within_s` (a worker that never decides it is done, a commit that never returns)."""
+    async def bounded() -> T:
+        deadline = asyncio.timeout(within_s)
+        try:
+            async with deadline:
+                return await work
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the work's own
+            raise AssertionError(f"not ended within {within_s:g} s") from None
+
+    return asyncio.run(bounded())
 
 
 @pytest.fixture

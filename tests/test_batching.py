@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Pipeline, flow_process, questions, write_rows
+from conftest import Pipeline, flow_process, questions, run_within, write_rows
 
 from flow.config import load_config
 from flow.config.store_url import StoreURL
@@ -180,7 +180,7 @@ def test_two_workers_share_the_batches_and_create_each_once(
         workers = [Worker(config, RunOptions(), WorkOptions(lease_s=5)) for _ in range(2)]
         return await asyncio.gather(*(worker.execute() for worker in workers))
 
-    summaries = asyncio.run(work())
+    summaries = run_within(work())
     assert [summary.state for summary in summaries] == ["finished"] * 2
     assert sum(summary.progress.done for summary in summaries) == 60
     assert creates(batch_server) == [1] * 6
@@ -215,7 +215,7 @@ def test_a_waiting_worker_batches_what_is_planned_after_it_started(
         worker.request_stop()
         return await working
 
-    assert asyncio.run(work()).state == "interrupted"
+    assert run_within(work()).state == "interrupted"
     assert creates(batch_server) == [1, 1, 1]
     each_item_once(postgres_url, 30)
 
@@ -262,7 +262,7 @@ def test_a_shard_taken_over_fences_out_the_worker_that_lost_it(postgres_url: str
             await first.close()
             await second.close()
 
-    asyncio.run(scenario())
+    run_within(scenario())
     assert rows_of(postgres_url, "SELECT request_key FROM responses") == [("k1",)]
     assert rows_of(postgres_url, "SELECT state FROM batches") == [("planned",)]
     assert rows_of(postgres_url, "SELECT request_key, state FROM batch_lines ORDER BY 1") == [
@@ -294,7 +294,7 @@ def test_a_shard_whose_worker_is_gone_is_taken_before_its_lease_runs_out(
         finally:
             await other.close()
 
-    asyncio.run(scenario())
+    run_within(scenario())
     assert rows_of(postgres_url, "SELECT claims FROM work") == [(2,)]
 
 
@@ -306,3 +306,23 @@ def test_a_worker_with_another_executor_than_planned_refuses_to_start(
     pipeline.config["call"]["executor"] = "online"
     assert pipeline.cli("worker") == 2
     assert "the executor (planned batch, this file online)" in capsys.readouterr().err
+
+
+def test_a_worker_cuts_a_shard_while_a_plan_holds_the_store(postgres_url: str) -> None:
+    # `flow plan` holds the store's lock while it plans: a worker's cut goes on meanwhile
+    async def scenario() -> None:
+        url = StoreURL(postgres_url)
+        planner = await PostgresStore.open(url, exclusive=True)
+        worker = await PostgresStore.open(url)
+        try:
+            await worker.start_run(Path("pipeline.yaml"), "test", "test")
+            await worker.queue.enqueue("call", "test", [("k1", "{}")])
+            async with asyncio.timeout(5):
+                shard = await SharedShards(worker, "call", "test", lease_s=30).cut(
+                    URL, worker.run_id, 10, len, lambda request: 0.0)
+            assert shard is not None and shard.lines == 1
+        finally:
+            await worker.close()
+            await planner.close()
+
+    run_within(scenario())

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import API_KEY, Pipeline, flow_process, questions, write_rows
+from conftest import API_KEY, Pipeline, flow_process, questions, run_within, write_rows
 
 from flow.config import load_config
 from flow.plan import RunOptions
@@ -102,7 +102,7 @@ def test_two_workers_run_a_chain_with_a_batch_stage_as_sqlite_does(
         workers = [Worker(config, RunOptions(), QUICK) for _ in range(2)]
         return [s.state for s in await asyncio.gather(*(w.execute() for w in workers))]
 
-    assert asyncio.run(together()) == ["finished", "finished"]
+    assert run_within(together()) == ["finished", "finished"]
     for stage in ("answer", "grade"):
         assert exported(shared, capsys, stage) == exported(local, capsys, stage)
     each_batch_once(batch_server, postgres_url, len(batch_at))
@@ -154,6 +154,6 @@ def test_a_worker_cancelled_mid_chain_gives_its_shards_to_the_others(
         workers = [Worker(config, RunOptions(), QUICK) for _ in range(2)]
         return [s.state for s in await asyncio.gather(*(w.execute() for w in workers))]
 
-    assert asyncio.run(cancelled_then_finished()) == ["finished", "finished"]
+    assert run_within(cancelled_then_finished()) == ["finished", "finished"]
     each_batch_once(batch_server, postgres_url)
     each_item_once(postgres_url)

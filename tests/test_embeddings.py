@@ -3,6 +3,7 @@ end to end through the CLI and the `openai` SDK against the simulator."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import struct
@@ -15,6 +16,9 @@ import pytest
 from conftest import kill_mid_run
 
 from flow.cli import main
+from flow.config import load_config
+from flow.plan import RunOptions
+from flow.run import run_pipeline
 from flow.simulator import SimulatorConfig, SimulatorThread
 
 EMBED = {"endpoint": "embeddings", "model": "text-embedding-3-small", "input": "{{ text }}",
@@ -254,3 +258,18 @@ def test_a_later_stage_cannot_read_an_embeddings_stage(tmp_path: Path, capsys: A
     assert "stages[1].messages[0].content: reads 'vec', an embeddings stage" in \
         capsys.readouterr().err
 
+
+
+def test_a_pack_goes_when_the_budget_waits_for_the_calls_in_it(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    # near max_cost_usd the budget waits for the calls in flight to settle before more
+    # go; the calls gathered into a pack count as in flight, so the pack must go (the run
+    # waited for good, nothing sent)
+    price = {"input_per_1m": 1000, "output_per_1m": 0}  # each input guessed at $0.015
+    pipeline = _pipeline(make_pipeline, simulator, _rows(40), concurrency=1,
+                         max_cost_usd=0.05, price=price)
+    config = load_config(pipeline.write())
+    summary = asyncio.run(asyncio.wait_for(run_pipeline(config, RunOptions()), 60))
+    assert summary.state == "stopped" and "max_cost_usd" in (summary.message or "")
+    ((spent, replies),) = pipeline.query("SELECT SUM(cost_usd), COUNT(*) FROM responses")
+    assert spent >= 0.05 and 4 < replies < 40

@@ -14,11 +14,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Pipeline, questions
+from conftest import Pipeline, questions, run_within
 
 from flow.config.store_url import StoreURL
 from flow.errors import StoreError
-from flow.records import Settled, utc_now
+from flow.records import Attempt, Settled, utc_now
 from flow.store.postgres.store import PostgresStore
 
 pytestmark = pytest.mark.slow
@@ -199,7 +199,7 @@ def test_a_session_holding_a_request_past_its_lease_is_ended(postgres_url: str) 
             await paused.close()
             await store.close()
 
-    asyncio.run(scenario())
+    run_within(scenario())
 
 
 def test_a_worker_whose_store_stays_gone_gives_up_once_not_at_every_statement(
@@ -240,4 +240,62 @@ def test_a_worker_whose_store_stays_gone_gives_up_once_not_at_every_statement(
             with contextlib.suppress(StoreError):
                 await store.close()
 
-    asyncio.run(scenario())
+    run_within(scenario())
+
+
+def test_a_heartbeat_keeps_the_leases_it_can_and_never_waits_for_a_locked_row(
+        postgres_url: str) -> None:
+    # a row locked by a transaction (this worker's own commit of it, another's claim) is
+    # not waited for: the beat held the worker's connection behind it, or deadlocked
+    async def scenario() -> None:
+        store = await PostgresStore.open(StoreURL(postgres_url))
+        commit = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+        try:
+            await store.start_run(Path("pipeline.yaml"), "test", "test")
+            await store.queue.enqueue("call", "test", [("k1", "{}"), ("k2", "{}")])
+            held = {c.key: c.token for c in await store.queue.claim("test", ["call"], 10, 1)}
+            await commit.execute("BEGIN")
+            await commit.execute("UPDATE work SET state = 'done' WHERE token = %s",
+                                 (held["k1"],))
+            async with asyncio.timeout(5):
+                await store.queue.heartbeat(3600)
+            cursor = await commit.execute(
+                "SELECT request_key, lease_until > now() + interval '30 minutes' FROM work "
+                "ORDER BY 1")
+            assert await cursor.fetchall() == [("k1", False), ("k2", True)]
+            await commit.execute("ROLLBACK")
+        finally:
+            await commit.close()
+            await store.close()
+
+    run_within(scenario())
+
+
+def test_a_commit_that_fails_alike_on_every_new_connection_gives_up(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an error the server gives every time (out of disk): the group is tried on a new
+    # connection for RECONNECT_S, then fails clearly, where it was tried for good
+    from flow.store.postgres import connect as connecting
+
+    monkeypatch.setattr(connecting, "RECONNECT_S", 0.2)
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute("CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                   "BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100'; "
+                   "END $$")
+
+    async def scenario() -> None:
+        store = await PostgresStore.open(StoreURL(postgres_url))
+        store.worker_session = True
+        try:
+            await store.start_run(Path("pipeline.yaml"), "test", "test")
+            await store._query("CREATE TRIGGER disk_full BEFORE INSERT ON attempts FOR EACH ROW "
+                               "EXECUTE FUNCTION full_disk()", (), raw=True)
+            attempt = Attempt(1, utc_now(), 1.0, 500, "error", "boom")
+            with pytest.raises(StoreError, match="could not extend file"):
+                await store.save(Settled("call", "test", "k1", utc_now(), None, [attempt],
+                                         []))
+        finally:
+            with contextlib.suppress(StoreError):
+                await store.close()
+
+    run_within(scenario())

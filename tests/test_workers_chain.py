@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Pipeline, wait_for_requests, write_rows
+from conftest import Pipeline, run_within, wait_for_requests, write_rows
 from test_chain import calls, rows
 from test_chain import chain as two_stages
 
@@ -54,7 +54,7 @@ def work(pipeline: Pipeline, count: int = 1) -> list[str]:
         workers = [Worker(config, RunOptions(), QUICK) for _ in range(count)]
         return [s.state for s in await asyncio.gather(*(w.execute() for w in workers))]
 
-    return asyncio.run(together())
+    return run_within(together())
 
 
 def exported(pipeline: Pipeline, capsys: pytest.CaptureFixture[str],
@@ -196,7 +196,7 @@ def test_a_worker_cancelled_before_it_hands_on_leaves_nothing_to_pay_twice(
             await worker
 
     monkeypatch.setattr(WorkQueue, "enqueue", stuck)
-    asyncio.run(cancelled_once_stage_one_is_done())
+    run_within(cancelled_once_stage_one_is_done())
     monkeypatch.setattr(WorkQueue, "enqueue", enqueue)
     assert calls(simulator) == (20, 0)
     assert pg(postgres_url, "SELECT COUNT(*) FROM work WHERE stage = 'grade'") == [(0,)]

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pyarrow.parquet as pq
 import pytest
-from conftest import API_KEY, Pipeline
+from conftest import API_KEY, Pipeline, run_within
 
 from flow.config import load_config
 from flow.config.store_url import StoreURL, store_url
@@ -60,7 +60,7 @@ def _work(pipeline: Pipeline, count: int, lease_s: float = 30.0) -> list[str]:
                           WorkOptions(lease_s=lease_s, poll_s=0.01)) for _ in range(count)]
         return [summary.state for summary in
                 await asyncio.gather(*(worker.execute() for worker in workers))]
-    return asyncio.run(work())
+    return run_within(work())
 
 
 def _rows_of(url: str, sql: str) -> list[tuple[Any, ...]]:
@@ -197,7 +197,7 @@ def test_a_late_result_keeps_its_paid_reply_but_not_its_vector(
             await taker.close()
         assert (late.rejected, taker.rejected) == (1, 0)
 
-    asyncio.run(race())
+    run_within(race())
     # both replies paid and kept; one vector, the lease holder's, and the item made from it
     assert _rows_of(postgres_url, "SELECT COUNT(*) FROM responses") == [(2,)]
     assert _rows_of(postgres_url, "SELECT vector FROM vectors") == [(b"\x00\x00\x80\x3f",)]
@@ -228,8 +228,22 @@ def test_a_group_of_vectors_larger_than_the_sockets_buffer_is_committed(
         finally:
             await asyncio.wait_for(store.close(), 60)
 
-    asyncio.run(save())
+    run_within(save())
     stored = _rows_of(postgres_url, "SELECT vector FROM vectors JOIN responses ON "
                                     "responses.id = vectors.response_id ORDER BY "
                                     "substr(responses.request_key, 4)::int")
     assert [vector for (vector,) in stored] == vectors
+
+
+def test_a_worker_sends_its_pack_when_the_budget_waits_for_it(
+        make_pipeline: Any, postgres_url: str, simulator: SimulatorThread) -> None:
+    # near the cap the budget waits for the calls in flight to settle before it lets more
+    # go; the calls gathered into a pack count as in flight, so the pack must go (it waited
+    # for them for good, nothing sent)
+    price = {"input_per_1m": 1000, "output_per_1m": 0}  # each input guessed at about $0.02
+    pipeline = _pipeline(make_pipeline, simulator, _rows(40), store=postgres_url,
+                         concurrency=1, max_cost_usd=0.05, price=price)
+    assert pipeline.cli("plan") == 0
+    assert _work(pipeline, 1) == ["stopped"]  # the cap reached, not waited on
+    ((spent, items),) = _rows_of(postgres_url, "SELECT SUM(cost_usd), COUNT(*) FROM responses")
+    assert spent >= 0.05 and 3 < items < 40

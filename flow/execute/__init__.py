@@ -7,13 +7,16 @@ with retries, or a batch file) is its own affair. `online.OnlineExecutor` is the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from flow.records import Call, CallResult
 
 Deliver = Callable[[CallResult], Awaitable[None]]
+# yielded by a source between calls to a packing executor: send what is gathered, do not
+# wait for more (more may come only once those are sent)
+FLUSH = None
 
 
 @dataclass(slots=True)
@@ -44,3 +47,10 @@ class Executor(Protocol):
     async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
         """Send every call of `calls`; await `deliver` with each result before the next."""
         ...
+
+
+async def calls_of(source: AsyncIterable[Call | None]) -> AsyncIterator[Call]:
+    """The calls of a source, without its `FLUSH`es (for an executor that does not pack)."""
+    async for call in source:
+        if call is not None:
+            yield call

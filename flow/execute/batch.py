@@ -87,7 +87,10 @@ class BatchExecutor:
             while True:
                 try:
                     timeout = self._config.gather_s if gathered else None
-                    first = await asyncio.wait_for(queue.get(), timeout)
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a
+                    # cancel that comes with a call
+                    async with asyncio.timeout(timeout):
+                        first = await queue.get()
                 except TimeoutError:
                     for shard in await self._cut(gathered):
                         drivers.add(asyncio.create_task(self._drive(shard, deliver)))

@@ -14,6 +14,7 @@ not run (expired, cancelled) are handed back to be sent again, using no attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -329,10 +330,11 @@ class ShardDriver:
 
     async def _wait(self, seconds: float) -> None:
         """Sleep, or less when the run stops."""
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            pass
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that comes
+        # as the stop is set
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
 
 def _doing(shard: Shard) -> str:

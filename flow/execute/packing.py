@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from flow.config import CallConfig
 from flow.endpoints import embeddings
-from flow.execute import Deliver, ExecutorCounters
+from flow.execute import FLUSH, Deliver, ExecutorCounters
 from flow.execute.online import OnlineExecutor
 from flow.records import Call, CallResult, Reply, Usage, utc_now
 from flow.tokens import count_text_tokens
@@ -33,7 +33,6 @@ from flow.tokens import count_text_tokens
 SPLIT_STATUS = frozenset({400, 413, 422})  # the request as a whole was refused
 VECTOR_BYTES_MAX = 3072 * 4 * 4 // 3 + 64  # the largest vector, in base64 JSON
 COUNT_OVER = 512  # an input longer than this many bytes is counted with the tokenizer
-FLUSH = None  # yielded by a source between calls: send what is gathered, do not wait
 _END = Call("", {}, "")  # the source has no call left
 
 

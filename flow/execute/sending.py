@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING
 
 from flow.config import CallConfig
-from flow.execute import Deliver, Executor, ExecutorCounters
+from flow.execute import Deliver, Executor, ExecutorCounters, calls_of
 from flow.limiter import RateLimiter
 from flow.records import Call, CallResult
 
@@ -74,16 +74,23 @@ class StageSender:
         """Send one re-ask online."""
         return await self.online().call(call)
 
-    async def execute(self, calls: AsyncIterable[Call], deliver: Deliver) -> None:
-        """Send the stage's calls now (`now`), made for the first of them. Until then, a
-        stop still ends the waits of re-asks sent meanwhile (as `execute` of the online
-        executor does for its own)."""
+    async def execute(self, calls: AsyncIterable[Call | None], deliver: Deliver) -> None:
+        """Send the stage's calls now (`now`), made for the first of them; a `FLUSH` in
+        `calls` sends a pack as it is (only the online executor's do not pack). Until
+        then, a stop still ends the waits of re-asks sent meanwhile (as `execute` of the
+        online executor does for its own)."""
         source = aiter(calls)
         waker = asyncio.create_task(self._wake_on_stop())
         try:
-            first = await anext(source, None)
-            if first is not None:
-                await self.now().execute(_from(first, source), deliver)
+            async for first in source:
+                if first is not None:
+                    break
+            else:
+                return
+            if self._config.endpoint == "embeddings":
+                await self.packing().execute(_from(first, source), deliver)
+            else:
+                await self.online().execute(calls_of(_from(first, source)), deliver)
         finally:
             waker.cancel()
             await asyncio.gather(waker, return_exceptions=True)
@@ -107,7 +114,7 @@ class StageSender:
         return online
 
 
-async def _from(first: Call, rest: AsyncIterator[Call]) -> AsyncIterator[Call]:
+async def _from(first: Call, rest: AsyncIterator[Call | None]) -> AsyncIterator[Call | None]:
     yield first
     async for call in rest:
         yield call

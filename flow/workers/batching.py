@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import openai
 
 from flow.budget import Budget
+from flow.errors import StoreError
 from flow.execute import BatchCounters
 from flow.execute.batch_run import BatchRun
 from flow.execute.batch_shard import URLS, ShardDriver
@@ -282,4 +283,5 @@ class BatchWork:
         heartbeat keeps its leases in `work`)."""
         while True:
             await asyncio.sleep(self._book.lease_s / 3)
-            await self._book.heartbeat()
+            with contextlib.suppress(StoreError):  # tried again at the next beat
+                await self._book.heartbeat()

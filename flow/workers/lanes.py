@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from flow.records import Call
 from flow.stage import Stage
 from flow.store.shards import Waiting
 
@@ -31,13 +30,6 @@ async def all_or_none(runs: list[Coroutine[Any, Any, None]]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def calls_of(claimed: AsyncIterable[Call | None]) -> AsyncIterator[Call]:
-    """The calls of a source that yields no `FLUSH` (it does only when packing)."""
-    async for call in claimed:
-        if call is not None:
-            yield call
 
 
 def packs(stage: Stage) -> bool:

@@ -23,5 +23,9 @@ class Nudge:
     async def after(self, count: int, timeout_s: float) -> None:
         """Return once the count has passed `count`, or after `timeout_s`."""
         if self.count == count:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns, and drops a
+            # cancel, when the event is set as the task is cancelled (a worker cancelled
+            # just as a result came went on working, and its canceller waited for good)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._event.wait()

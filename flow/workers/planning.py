@@ -21,7 +21,7 @@ from flow.budget import Breaker, Budget
 from flow.config import PipelineConfig
 from flow.config.store_url import store_url
 from flow.endpoints import endpoint_origin, same_origin
-from flow.execute import Deliver, ExecutorCounters
+from flow.execute import Deliver, ExecutorCounters, calls_of
 from flow.load import count_rows
 from flow.plan import RunOptions
 from flow.progress import RunProgress
@@ -113,7 +113,7 @@ async def plan_pipeline(config: PipelineConfig, options: RunOptions) -> PlanSumm
 async def _queue(stage: Stage, executor: QueueExecutor) -> None:
     """Queue a stage's requests; once it has planned every item, the next stage has them all."""
     try:
-        await executor.execute(stage.calls(), stage.deliver)
+        await executor.execute(calls_of(stage.calls()), stage.deliver)
     finally:
         if stage.inbox is not None:
             await stage.inbox.close()  # stopped early: the stage before never waits

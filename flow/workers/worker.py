@@ -30,8 +30,7 @@ from flow.config import PipelineConfig, check_api_key
 from flow.config.store_url import store_url
 from flow.endpoints import endpoint_origin, endpoint_url
 from flow.errors import ConfigError, FatalCallError, StoreError
-from flow.execute import ExecutorCounters
-from flow.execute.packing import FLUSH
+from flow.execute import FLUSH, ExecutorCounters, calls_of
 from flow.execute.sending import StageSender
 from flow.plan import RunOptions
 from flow.prices import estimate_call_usd
@@ -46,7 +45,7 @@ from flow.store.postgres.store import PostgresStore
 from flow.workers.batching import BatchWork
 from flow.workers.fingerprint import check_plan
 from flow.workers.hand_on import HandOn
-from flow.workers.lanes import Lane, all_or_none, calls_of, packs
+from flow.workers.lanes import Lane, all_or_none, packs
 from flow.workers.nudge import Nudge
 from flow.workers.shared_limiter import SharedLimiter
 
@@ -252,7 +251,13 @@ class Worker:
                 lane.waiting.setdefault(found[2], []).append(found)
             for index, item in enumerate(claimed):
                 call = Call(item.key, json.loads(item.request_json), item.request_json)
-                if not await self._may_send(lane, call):
+                while (verdict := self._may_send(lane, call)) is Verdict.WAIT:
+                    if packing:
+                        # the calls gathered into a pack are counted in flight: they must
+                        # go, or the budget waits for calls that are never sent
+                        yield FLUSH
+                    await asyncio.sleep(BUDGET_LOOK_S)
+                if verdict is not Verdict.GO:
                     await store.queue.release([c.token for c in claimed[index:]])
                     for unsent in claimed[index:]:
                         lane.waiting.pop(unsent.key, None)
@@ -310,22 +315,20 @@ class Worker:
             not any(batches.holding for place, batches in self._batches.items()
                     if place < index))
 
-    async def _may_send(self, lane: Lane, call: Call) -> bool:
-        """Count `call` as sent, or (stopping, over budget, --limit) not. Spend that the
-        calls in flight may bring to the cap is waited out first."""
+    def _may_send(self, lane: Lane, call: Call) -> Verdict:
+        """Whether `call` may go now (`GO` counts it as sent), must wait for the calls in
+        flight to settle (spend they may bring to the cap), or not go at all (`STOP`:
+        stopping, over budget, --limit)."""
+        if self._stop.is_set():
+            return Verdict.STOP
         estimate = 0.0 if self._budget.cap_usd is None else estimate_call_usd(
             lane.stage.price, call.request_json, lane.stage.reserve.cap)
-        while not self._stop.is_set():
-            verdict = self._budget.take(self.progress.cost_usd, estimate)
-            if verdict is Verdict.GO:
-                return True
-            if verdict is Verdict.STOP:
-                self.progress.stopping = ("budget reached" if self._budget.reached
-                                          else f"--limit {self._budget.limit}")
-                self._halt()
-                break
-            await asyncio.sleep(BUDGET_LOOK_S)
-        return False
+        verdict = self._budget.take(self.progress.cost_usd, estimate)
+        if verdict is Verdict.STOP:
+            self.progress.stopping = ("budget reached" if self._budget.reached
+                                      else f"--limit {self._budget.limit}")
+            self._halt()
+        return verdict
 
     def _deliver(self, store: PostgresStore, lane: Lane):  # type: ignore[no-untyped-def]
         async def deliver(result: CallResult) -> None:
@@ -346,10 +349,12 @@ class Worker:
         return deliver
 
     async def _beat(self, store: PostgresStore) -> None:
-        """Keep this worker's leases while it works."""
+        """Keep this worker's leases while it works; a beat that fails is tried again at
+        the next (a store gone for good ends the worker's other statements)."""
         while True:
             await asyncio.sleep(self.work.lease_s / 3)
-            await store.queue.heartbeat(self.work.lease_s)
+            with contextlib.suppress(StoreError):
+                await store.queue.heartbeat(self.work.lease_s)
 
     def _stop_if_tripped(self) -> None:
         if self._breaker.tripped is not None and not self._stop.is_set():

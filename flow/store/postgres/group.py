@@ -10,11 +10,13 @@ connection, not to the work the server does.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TYPE_CHECKING, Any
 
 from flow.config.store_url import StoreURL
 from flow.errors import StoreError
 from flow.records import Settled
+from flow.store.postgres import connect as connecting
 from flow.store.postgres import sql as q
 from flow.store.postgres.connect import Reconnects, connect
 from flow.store.postgres.queue import FENCE_SQL, LANDED_SQL
@@ -85,9 +87,12 @@ class GroupCommits:
         """Write one group in one transaction (`write_group`). A connection lost midway
         (the server restarted, or ended this session after a pause) is made again and the
         group written again; a result whose first commit did land is not written twice.
-        `reconnects`: a first connection that fails is waited out too (a worker's)."""
+        `reconnects`: a first connection that fails is waited out too (a worker's). A group
+        that has failed so for `RECONNECT_S` fails: an error that comes again on every new
+        connection (the server out of disk) is not tried for good."""
         import psycopg
 
+        failing_since: float | None = None
         while True:
             if self._db is None:
                 try:
@@ -111,6 +116,10 @@ class GroupCommits:
                     raise q.store_error(self._url, "cannot write results", e) from None
                 with contextlib.suppress(psycopg.Error):
                     await db.close()
+                self._db = None
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > connecting.RECONNECT_S:
+                    raise q.store_error(self._url, "cannot write results", e) from None
                 self._db = await self._reconnects.connect(e)
 
     async def close(self) -> None:

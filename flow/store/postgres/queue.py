@@ -72,9 +72,15 @@ CLAIM_SQL = """
     FROM picked WHERE work.stage = picked.stage AND work.origin = picked.origin
         AND work.request_key = picked.request_key
     RETURNING work.stage, work.request_key, work.request, work.token"""
+# rows locked by another transaction are skipped, not waited for: this worker's own commit
+# (they are done once it ends; the next beat keeps any it did not end) or another worker's
+# claim (theirs once it ends). Waiting, a beat held the worker's connection behind a slow
+# commit, and could deadlock with it (each locks its rows in its own order)
 HEARTBEAT_SQL = """
     UPDATE work SET lease_until = clock_timestamp() + make_interval(secs => %s)
-    WHERE worker = %s AND state = 'leased'"""
+    WHERE (stage, origin, request_key) IN (
+        SELECT stage, origin, request_key FROM work WHERE worker = %s AND state = 'leased'
+        FOR UPDATE SKIP LOCKED)"""
 RELEASE_SQL = """
     UPDATE work SET state = 'pending', worker = NULL, lease_until = NULL
     WHERE token = ANY(%s) AND state = 'leased'"""

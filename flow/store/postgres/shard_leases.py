@@ -25,7 +25,11 @@ from flow.store.shards import COLUMNS, MUTABLE, SQLiteShards
 if TYPE_CHECKING:
     from flow.store.postgres.store import PostgresStore
 
-CUT_LOCK = 0x666C6F77_0002  # pg_advisory_xact_lock key: cutting a shard ("flow", 2)
+# pg_advisory_xact_lock key: cutting a shard ("flow", 3). Not the planner's store lock
+# ("flow", 2), which a `flow plan` holds while it plans: a cut waited for the whole plan,
+# its worker's connection (its heartbeat too) held meanwhile, and a plan that looked while a
+# cut held it was refused as if another plan ran
+CUT_LOCK = 0x666C6F77_0003
 # pg_try_advisory_lock(ALIVE_LOCK, hashtext(worker)): held by each batch worker's session
 # while it lives, so others see at once when that session is gone
 ALIVE_LOCK = 0x666C6F77
