@@ -91,10 +91,12 @@ class TemplateError(ItemError):
 class RequestError(ItemError):
     """The server refused the request as it is; sending it again cannot help."""
 
-    def __init__(self, message: str, error_class: str, status_code: int) -> None:
+    def __init__(self, message: str, error_class: str, status_code: int,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self._error_class = error_class
         self.status_code = status_code
+        self.param = param  # the part of the request the server named as at fault
 
     @property
     def error_class(self) -> str:

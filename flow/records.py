@@ -114,6 +114,7 @@ class CallResult:
     batch_id: str | None = None  # it came through this Batch API batch (at batch prices)
     stored_id: int | None = None  # a reply the store held already: read, not bought
     vector: bytes | None = None  # an embedding: little-endian float32
+    refused_param: str | None = None  # a refusal's `param`: the part of the request at fault
 
 
 @dataclass(slots=True)

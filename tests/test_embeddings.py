@@ -133,6 +133,20 @@ def test_a_refused_request_is_split_so_the_bad_input_fails_alone(
     assert 1 < simulator.stats.requests <= 1 + 2 * math.ceil(math.log2(10))
 
 
+def test_a_refusal_of_the_request_itself_fails_its_items_at_once_unsplit(
+        make_pipeline: Any, simulator: SimulatorThread) -> None:
+    # a model flow does not know, asked for more dimensions than it has: the server names
+    # `dimensions`, not an input, and every half would be refused the same
+    pipeline = _pipeline(make_pipeline, simulator, _rows(40), model="house-embedder",
+                         params={"dimensions": 4096}, stop_after_failures=0)
+    assert pipeline.run() == 1
+    failed = pipeline.query("SELECT error_class, error FROM results WHERE status = 'failed'")
+    assert len(failed) == 40
+    assert {c for c, _ in failed} == {"BadRequestError"}
+    assert all("'dimensions' must be an integer from 1 to 1536" in e for _, e in failed)
+    assert simulator.stats.requests == 4  # one a pack of 10, where halving sent 76
+
+
 def test_an_input_too_long_or_empty_fails_alone_unsent(make_pipeline: Any,
                                                        simulator: SimulatorThread) -> None:
     rows = _rows(6)

@@ -190,7 +190,7 @@ def classify_status(status: int, body: Any, headers: Mapping[str, str]) -> Excep
                                 retry_after_s(headers))
     if status in RETRY_STATUS or status >= 500:
         return RetryableError(f"{status}: {message}", name, status, retry_after_s(headers))
-    return RequestError(f"{status}: {message}", name, status)
+    return RequestError(f"{status}: {message}", name, status, error_code(body, "param"))
 
 
 def error_message(body: Any) -> str | None:
@@ -206,10 +206,11 @@ def error_message(body: Any) -> str | None:
     return None
 
 
-def error_code(body: Any) -> str | None:
-    """The `code` of an OpenAI error body (`insufficient_quota`, ...)."""
+def error_code(body: Any, field: str = "code") -> str | None:
+    """The `code` of an OpenAI error body (`insufficient_quota`, ...), or another of its
+    text fields (`param`: the part of the request at fault)."""
     inner = body.get("error", body) if isinstance(body, dict) else None
-    code = inner.get("code") if isinstance(inner, dict) else None
+    code = inner.get(field) if isinstance(inner, dict) else None
     return code if isinstance(code, str) else None
 
 

@@ -31,7 +31,7 @@ from flow.endpoints.chat import (
 )
 from flow.endpoints.embeddings import estimate_tokens
 from flow.endpoints.wire import endpoint_named, usage_of_body
-from flow.errors import FatalCallError, ItemError, RateLimitedError, RetryableError
+from flow.errors import FatalCallError, ItemError, RateLimitedError, RequestError, RetryableError
 from flow.execute import Deliver, ExecutorCounters
 from flow.execute.client import post_raw, rate_headers, read_capped, retry_headers
 from flow.limiter import RateLimiter
@@ -172,6 +172,8 @@ class OnlineExecutor:
             result.body = progress.retried_body
         except ItemError as e:
             result.error_class, result.error = e.error_class, self._redact.text(str(e))
+            if isinstance(e, RequestError):
+                result.refused_param = e.param
         else:
             if isinstance(outcome, _Paid):
                 result.body, result.usage = outcome.body, outcome.usage

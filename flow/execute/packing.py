@@ -9,8 +9,9 @@ The reply is split by `index`: each item gets its vector and its share of the re
 tokens (by length, in whole tokens that add up to the request's), so the costs of its items
 add up to the request's cost. A request refused as a whole (400, 413, 422) is split in
 halves and sent again, down to the one input at fault, which fails alone with the server's
-reason (a request refused for a reason of its own, not an input's, is thus refused about
-twice per item before every item fails with it: config checks what it can first).
+reason; unless the refusal names another part of the request than its inputs (its `param`:
+`model`, `dimensions`, ...), a fault every half would share: then each of its items fails
+with it at once, and nothing more is sent for them.
 
 A source that knows no more calls are coming for now (a worker whose claim is all handed
 out, with the rest of the queue held by others) yields `FLUSH`: the calls gathered so far
@@ -133,11 +134,17 @@ class PackingExecutor:
         key = embeddings.pack_key(request_json)
         result = await self._online.call(Call(key, request, request_json))
         status = result.attempts[-1].status_code if result.attempts else None
-        if result.reply is None and status in SPLIT_STATUS and len(pack) > 1:
+        if (result.reply is None and status in SPLIT_STATUS and len(pack) > 1
+                and _inputs_at_fault(result.refused_param)):
             half = len(pack) // 2
             first, second = await asyncio.gather(self.send(pack[:half]), self.send(pack[half:]))
             return first + second
         return _split(result, pack, key)
+
+
+def _inputs_at_fault(param: str | None) -> bool:
+    """Whether a refusal may be some inputs' (`input`, `input[3]`, or not said)."""
+    return param is None or param.split("[", 1)[0].strip("$.") == "input"
 
 
 def _split(result: CallResult, pack: list[Call], key: str) -> list[CallResult]:
