@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -158,6 +159,25 @@ def wait_for_requests(server: SimulatorThread, count: int, within_s: float = 30)
     while server.stats.requests < count and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.stats.requests >= count
+
+
+def wait_for_line(child: subprocess.Popen[str], text: str, within_s: float = 30) -> None:
+    """Read the child's stderr until a line holding `text`; a failure, not a wait for good,
+    when its stderr ends first or no such line comes within `within_s`."""
+    stream = child.stderr
+    assert stream is not None
+    found = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            if text in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(within_s)
+    assert found.is_set(), f"the child printed no line with {text!r} within {within_s:g} s"
 
 
 def kill_mid_run(pipeline: Pipeline, server: SimulatorThread, after_requests: int) -> None:

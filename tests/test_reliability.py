@@ -25,6 +25,7 @@ from conftest import (
     flow_process,
     kill_mid_run,
     questions,
+    wait_for_line,
     wait_for_requests,
 )
 
@@ -60,9 +61,7 @@ def test_second_ctrl_c_stops_at_once_keeping_what_was_received(make_pipeline: An
     with SimulatorThread(SimulatorConfig(hang_rate=1.0)) as server:
         pipeline, child = running_with_every_call_in_flight(make_pipeline, server, 100, 60)
         child.send_signal(signal.SIGINT)
-        assert child.stderr is not None
-        while "stopping" not in child.stderr.readline():
-            pass
+        wait_for_line(child, "stopping")
         child.send_signal(signal.SIGINT)
         assert child.wait(20) == 130
         assert pipeline.query("SELECT state FROM runs") == [("interrupted",)]

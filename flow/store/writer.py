@@ -47,6 +47,8 @@ class GroupWriter:
         self._task: asyncio.Task[None] | None = None
         self.failure: StoreError | None = None
         self.times = CommitTimes()
+        self._writing: list[asyncio.Future[None]] = []  # the waiters of the group in hand
+        self._stopped = False
 
     def start(self) -> None:
         """Start the writer task (on the running event loop)."""
@@ -64,13 +66,23 @@ class GroupWriter:
         await self._enqueue(None)
 
     async def stop(self) -> None:
-        """Stop the writer task; results not yet committed stay uncommitted."""
+        """Stop the writer task; results not yet committed stay uncommitted, and whoever
+        waits for them (or saves later) gets a `StoreError` rather than wait for good."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._stopped = True
+        waiters = list(self._writing)
+        while not self._pending.empty():
+            waiters.append(self._pending.get_nowait()[1])
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(_closed())
 
     async def _enqueue(self, settled: Settled | None) -> None:
         self._raise_failure()
+        if self._stopped:
+            raise _closed()
         done = asyncio.get_running_loop().create_future()
         self._pending.put_nowait((settled, done, time.monotonic()))
         await done
@@ -85,6 +97,7 @@ class GroupWriter:
             group = [await self._pending.get()]
             while len(group) < MAX_GROUP and not self._pending.empty():
                 group.append(self._pending.get_nowait())
+            self._writing = [waiter for _, waiter, _ in group]
             settled = [item for item, _, _ in group if item is not None]
             if settled and self.failure is None:
                 try:
@@ -106,3 +119,7 @@ class GroupWriter:
                 times.wait_max_ms = max(times.wait_max_ms, wait_ms)
                 times.wait_total_ms += wait_ms
                 times.committed += 1
+
+
+def _closed() -> StoreError:
+    return StoreError("the store was closed before these results were committed")
