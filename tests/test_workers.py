@@ -202,8 +202,11 @@ def test_the_budget_counts_every_workers_spend(
         assert "max_cost_usd" in err
     ((spent, replies),) = rows_of(postgres_url, "SELECT SUM(cost_usd), COUNT(*) FROM responses")
     ((most,),) = rows_of(postgres_url, "SELECT MAX(cost_usd) FROM responses")
-    # over the cap by no more than what was in flight when it was reached, in both workers
-    assert 1.0 <= spent <= 1.0 + 2 * 4 * most
+    # over the cap by no more than, in each worker, what was in flight when it was reached
+    # and a claim's worth sent on the total it read before that claim (the other's spend
+    # since is not in it): twice the concurrency each (seen: 8.2 requests' worth, over
+    # the in-flight 8, on a loaded machine)
+    assert 1.0 <= spent <= 1.0 + 2 * 2 * 4 * most
     assert replies < 400
     ((pending,),) = rows_of(postgres_url, "SELECT COUNT(*) FROM work WHERE state = 'pending'")
     assert pending == 400 - replies  # what was not sent waits for a higher cap
