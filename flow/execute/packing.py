@@ -143,8 +143,9 @@ class PackingExecutor:
 
 
 def _inputs_at_fault(param: str | None) -> bool:
-    """Whether a refusal may be some inputs' (`input`, `input[3]`, or not said)."""
-    return param is None or param.split("[", 1)[0].strip("$.") == "input"
+    """Whether a refusal may be some inputs' (`input`, `$.input[3]`, `input.3`, or not
+    said: OpenAI names no param for many refusals)."""
+    return not param or param.lstrip("$.").split("[", 1)[0].split(".", 1)[0] == "input"
 
 
 def _split(result: CallResult, pack: list[Call], key: str) -> list[CallResult]:

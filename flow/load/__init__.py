@@ -105,7 +105,7 @@ def _typed(fields: dict[str, Any], types: Mapping[str, str]) -> dict[str, Any]:
 
 def count_rows(config: LoadConfig) -> int:
     """A fast count of the rows in the input: its lines (for CSV, less the header), or
-    what a Parquet file's footer says."""
+    a Parquet file's rows, read batch by batch."""
     if config.resolved_format == "parquet":
         return count_parquet_rows(config)
     lines = 0

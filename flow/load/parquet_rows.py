@@ -23,7 +23,7 @@ from flow.load.lines import Parsed
 
 BATCH_ROWS = 1024  # rows decoded at once: small enough to keep wide rows in few MB
 MAGIC = b"PAR1"  # a Parquet file begins and ends with it
-COUNT_BATCH_ROWS = 65_536  # counting decodes the file in larger batches, no row made
+FOOTER_TAIL = 8  # the footer's length (4 bytes, little-endian), then MAGIC
 
 
 def parquet_rows(config: LoadConfig) -> Iterator[Parsed]:
@@ -40,8 +40,9 @@ def parquet_rows(config: LoadConfig) -> Iterator[Parsed]:
 
 
 def count_parquet_rows(config: LoadConfig) -> int:
-    """The rows the file holds."""
-    return sum(batch.num_rows for batch in _batches(config, COUNT_BATCH_ROWS))
+    """The rows the file holds, counted batch by batch as they are read (flat memory,
+    wide rows too; a damaged page is found before anything is sent)."""
+    return sum(batch.num_rows for batch in _batches(config, BATCH_ROWS))
 
 
 def _batches(config: LoadConfig, rows: int) -> Iterator[Any]:
@@ -57,8 +58,8 @@ def _batches(config: LoadConfig, rows: int) -> Iterator[Any]:
     except BaseException as e:  # arro3 panics on a footer it cannot parse
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise SourceError(f"{path}: not a Parquet file ({e}); check load.path or set "
-                          "load.format") from None
+        raise SourceError(f"{path}: not a Parquet file (its footer cannot be read); check "
+                          "load.path or set load.format") from None
     done = 0
     while True:
         try:
@@ -83,13 +84,15 @@ def _check_file(path: Path) -> None:
             head = handle.read(len(MAGIC))
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
-            handle.seek(max(0, size - len(MAGIC)))
-            tail = handle.read(len(MAGIC))
+            handle.seek(max(0, size - FOOTER_TAIL))
+            tail = handle.read(FOOTER_TAIL)
     except OSError as e:
         raise SourceError(f"{path}: cannot read input: {e}") from None
-    if size < 3 * len(MAGIC) or head != MAGIC or tail != MAGIC:
-        raise SourceError(f"{path}: not a Parquet file (it does not begin and end with "
-                          f"{MAGIC.decode()}); check load.path or set load.format")
+    footer = int.from_bytes(tail[:4], "little") if len(tail) == FOOTER_TAIL else 0
+    if (size < len(MAGIC) + FOOTER_TAIL or head != MAGIC or tail[4:] != MAGIC
+            or not 0 < footer <= size - len(MAGIC) - FOOTER_TAIL):
+        raise SourceError(f"{path}: not a Parquet file (it does not begin and end as one "
+                          "does); check load.path or set load.format")
 
 
 def _json_value(value: Any) -> Any:

@@ -87,8 +87,9 @@ async def _migrate(db: psycopg.AsyncConnection[Any]) -> None:
 class Reconnects:
     """A worker's connections to one store, made again after the server went away: each
     waits up to `RECONNECT_S` for it to come back (a server restarting). Once one has given
-    up, the others do at once: a worker with the store gone for good ends within that
-    wait, not after one such wait for every statement it still has to run."""
+    up, the others give up too, at once: a worker with the store gone for good ends within
+    that wait, not after one such wait for every statement it still has to run; a later
+    statement still tries once, so a store back by then is used again."""
 
     def __init__(self, url: StoreURL, idle_s: float = IDLE_IN_TRANSACTION_S) -> None:
         self._url = url
@@ -98,15 +99,32 @@ class Reconnects:
     async def connect(self, error: Exception) -> psycopg.AsyncConnection[Any]:
         """A new connection after `error` broke the last; a `StoreError` naming `error`
         once the store has stayed away `RECONNECT_S`."""
-        if self.lost is not None:
-            raise self.lost
         deadline = time.monotonic() + RECONNECT_S
         while True:
+            given_up = self.lost
             try:
-                return await connect(self._url, migrate=False, idle_s=self._idle_s)
+                db = await connect(self._url, migrate=False, idle_s=self._idle_s)
             except StoreError:
+                ran_out = given_up or self.lost  # this store given up, here or meanwhile
+                if ran_out is not None:
+                    raise ran_out from None
                 if time.monotonic() > deadline:
                     self.lost = store_error(self._url, "lost the connection to the store",
                                             error)
                     raise self.lost from None
                 await asyncio.sleep(RECONNECT_WAIT_S)
+                continue
+            self.lost = None  # the store is back
+            return db
+
+    async def again(self, error: Exception, failing_since: float | None,
+                    doing: str) -> psycopg.AsyncConnection[Any]:
+        """A new connection to run a statement again after `error` ended the last: at once
+        the first time (`failing_since` None), then after a pause; a `StoreError` once the
+        statement has failed so since `failing_since` for `RECONNECT_S` (an error that comes
+        on every connection: the server out of disk, a session ended each time)."""
+        if failing_since is not None:
+            if time.monotonic() - failing_since > RECONNECT_S:
+                raise store_error(self._url, doing, error)
+            await asyncio.sleep(RECONNECT_WAIT_S)
+        return await self.connect(error)

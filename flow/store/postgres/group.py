@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from flow.config.store_url import StoreURL
 from flow.errors import StoreError
 from flow.records import Settled
-from flow.store.postgres import connect as connecting
 from flow.store.postgres import sql as q
 from flow.store.postgres.connect import Reconnects, connect
 from flow.store.postgres.queue import FENCE_SQL, LANDED_SQL
@@ -117,10 +116,9 @@ class GroupCommits:
                 with contextlib.suppress(psycopg.Error):
                     await db.close()
                 self._db = None
+                self._db = await self._reconnects.again(e, failing_since,
+                                                        "cannot write results")
                 failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > connecting.RECONNECT_S:
-                    raise q.store_error(self._url, "cannot write results", e) from None
-                self._db = await self._reconnects.connect(e)
 
     async def close(self) -> None:
         if self._db is not None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -374,6 +375,7 @@ class PostgresStore:
         import psycopg
 
         text = sql if raw else q.pyformat(sql)
+        failing_since: float | None = None
         async with self._transaction:
             while True:
                 try:
@@ -383,8 +385,11 @@ class PostgresStore:
                     if not self.worker_session or not (self._db.broken or self._db.closed):
                         raise self._error("cannot write" if write else "cannot read",
                                           e) from None
-                    # a worker's statements stand alone: taken again on a new connection
-                    self._db = await self._reconnects.connect(e)
+                    # a worker's statements stand alone: taken again on a new connection,
+                    # for RECONNECT_S at most (a statement that ends its session each time)
+                    self._db = await self._reconnects.again(
+                        e, failing_since, "cannot write" if write else "cannot read")
+                    failing_since = failing_since or time.monotonic()
 
     def _error(self, doing: str, error: Exception) -> StoreError:
         return q.store_error(self.path, doing, error)
