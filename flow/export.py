@@ -23,7 +23,8 @@ from flow.config.store_url import StoreURL
 from flow.errors import ConfigError
 from flow.export_parquet import JSONColumn, write_parquet
 from flow.records import STAGE
-from flow.report import Database, json_or_text, open_read_only, sql_text, stage_named
+from flow.report import Database, json_or_text, open_read_only, stage_named
+from flow.store.quoting import sql_text
 from flow.vectors import EMBEDDING, VECTOR_OF_RESULT, VectorRows, vector_dimensions
 
 EXPORT_FORMATS = ("jsonl", "csv", "parquet")

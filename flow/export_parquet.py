@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from flow.arrow import require_pyarrow
-from flow.report import Database, sql_text
+from flow.report import Database
+from flow.store.quoting import sql_text
 
 ROWS_PER_GROUP = 100_000
 GROUP_VECTOR_BYTES = 64_000_000  # vectors in one row group at most: 10,416 of 1,536 floats

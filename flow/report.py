@@ -27,6 +27,7 @@ from flow.endpoints.embeddings import is_item_body
 from flow.errors import ConfigError, StoreError
 from flow.reask_shape import earlier_keys
 from flow.records import STAGE
+from flow.store.quoting import sql_text
 from flow.store.read_only import read_only_uri
 from flow.vectors import vector_summary
 
@@ -329,11 +330,6 @@ def _show_stage(db: Database, stage: str, item_id: str,
                              "latency_ms": latency, "status_code": 200, "outcome": "ok",
                              "error": None, "wait_s": None}]
     return item
-
-
-def sql_text(text: str) -> str:
-    """`text` as an SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def json_or_text(text: str | None) -> Any:

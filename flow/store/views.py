@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 from flow.records import STAGE
+from flow.store.quoting import sql_name, sql_text
 from flow.store.sqlite_sql import run_in_transaction
 
 SAMPLE_ROWS = 1000  # rows read for their fields when `browse` is made again
@@ -155,7 +156,7 @@ def m004_truncated_outputs(db: sqlite3.Connection) -> None:
 def browse_view_sql(fields: Sequence[str], stages: Sequence[str] = (STAGE,)) -> str:
     """`CREATE VIEW browse` with a column for each of the input's `fields` after `item_id`:
     the last stage's results, each earlier stage's output beside them (`<stage>_output`)."""
-    extra = "".join(f"\n    items.input ->> {_text(_path(field))} AS {_name(column)},"
+    extra = "".join(f"\n    items.input ->> {sql_text(_path(field))} AS {sql_name(column)},"
                     for field, column in field_columns(fields, stages[:-1]))
     # each earlier stage's current output, looked up by key per row (a join of the `results`
     # view would have SQLite build the whole view first)
@@ -163,26 +164,33 @@ def browse_view_sql(fields: Sequence[str], stages: Sequence[str] = (STAGE,)) -> 
     (SELECT CASE WHEN json_type(o.output) = 'text' THEN o.output ->> '$' ELSE o.output END
      FROM outputs AS o JOIN items AS i ON i.stage = o.stage AND i.item_id = o.item_id
          AND i.request_key = o.request_key AND i.origin = o.origin
-     WHERE o.stage = {_text(name)} AND o.item_id = results.item_id) AS {_name(name + OUTPUT_SUFFIX)},"""
+     WHERE o.stage = {sql_text(name)} AND o.item_id = results.item_id) AS {sql_name(name + OUTPUT_SUFFIX)},"""
                       for name in stages[:-1])
+    return browse_view(extra + earlier, "ROUND(results.cost_usd, 6)", stages)
+
+
+def browse_view(columns: str, cost: str, stages: Sequence[str]) -> str:
+    """`CREATE VIEW browse` over the last of `stages`' results, in input order: `columns`
+    (the input's fields, the earlier stages' outputs) after `item_id`, then the results'
+    own; `cost` is the cost rounded in the store's own SQL."""
     return f"""CREATE VIEW browse AS
 SELECT
     results.row,
-    results.item_id,{extra}{earlier}
+    results.item_id,{columns}
     COALESCE(results.output_text, results.output) AS output,
     results.status,
     results.truncated,
     results.error_class,
     results.error,
-    ROUND(results.cost_usd, 6) AS cost_usd,
+    {cost} AS cost_usd,
     results.prompt_tokens,
     results.completion_tokens,
     results.model,
     results.finished_at,
     items.input
 FROM results
-JOIN items ON items.stage = {_text(stages[0])} AND items.item_id = results.item_id
-WHERE results.stage = {_text(stages[-1])}
+JOIN items ON items.stage = {sql_text(stages[0])} AND items.item_id = results.item_id
+WHERE results.stage = {sql_text(stages[-1])}
 ORDER BY results.row"""
 
 
@@ -256,11 +264,3 @@ def refresh_browse_view(db: sqlite3.Connection, stages: Sequence[str] = (STAGE,)
 
 def _path(field: str) -> str:
     return '$."' + field + '"'
-
-
-def _text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _name(column: str) -> str:
-    return '"' + column.replace('"', '""') + '"'

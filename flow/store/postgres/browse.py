@@ -7,41 +7,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flow.records import STAGE
+from flow.store.quoting import sql_name, sql_text
+from flow.store.views import browse_view
 
 
 def browse_sql(fields: Sequence[tuple[str, str]], stages: Sequence[str] = (STAGE,)) -> str:
     """`CREATE VIEW browse`: the last stage's results for reading, each (field, column) of
     the input after `item_id`, each earlier stage's output beside them (`<stage>_output`)."""
-    extra = "".join(f"\n    items.input::jsonb ->> {_text(field)} AS {_name(column)},"
+    extra = "".join(f"\n    items.input::jsonb ->> {sql_text(field)} AS {sql_name(column)},"
                     for field, column in fields)
     earlier = "".join(f"""
     (SELECT COALESCE(e.output_text, e.output) FROM results AS e
-     WHERE e.stage = {_text(name)} AND e.item_id = results.item_id AND e.status = 'done')
-        AS {_name(name + '_output')},""" for name in stages[:-1])
-    return f"""CREATE VIEW browse AS
-SELECT
-    results.row,
-    results.item_id,{extra}{earlier}
-    COALESCE(results.output_text, results.output) AS output,
-    results.status,
-    results.truncated,
-    results.error_class,
-    results.error,
-    ROUND(results.cost_usd::numeric, 6)::double precision AS cost_usd,
-    results.prompt_tokens,
-    results.completion_tokens,
-    results.model,
-    results.finished_at,
-    items.input
-FROM results
-JOIN items ON items.stage = {_text(stages[0])} AND items.item_id = results.item_id
-WHERE results.stage = {_text(stages[-1])}
-ORDER BY results.row"""
-
-
-def _text(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _name(column: str) -> str:
-    return '"' + column.replace('"', '""') + '"'
+     WHERE e.stage = {sql_text(name)} AND e.item_id = results.item_id AND e.status = 'done')
+        AS {sql_name(name + '_output')},""" for name in stages[:-1])
+    return browse_view(extra + earlier, "ROUND(results.cost_usd::numeric, 6)::double precision",
+                       stages)
