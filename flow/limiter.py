@@ -47,6 +47,7 @@ RATE_WINDOW_S = 10.0
 RECHECK_S = 0.05  # the longest a waiter sleeps before it looks at the pace again
 HOLD_MIN_S = 0.05  # `remaining: 0` holds everyone at least this long
 SECOND_MAX_S = 1.01  # a near miss lengthens the last second by its wait, up to this
+SLIP_S = 0.1  # a 429 whose limit frees within this: a window's edge slipped, not the rate
 BINDS_SHARE = 0.25  # tokens sent at this share of a learned token pace: prompts counted exactly
 BINDS_CHECK_S = 0.25  # how often the share is looked at (a sum over the last few seconds)
 
@@ -224,6 +225,8 @@ class RateLimiter:
             self._soften(now, resumed_at)
         elif retry_after_s is not None and self._near_miss(retry_after_s):
             return  # the last second is counted longer now; the rate was not the problem
+        elif retry_after_s is not None and retry_after_s <= SLIP_S:
+            return  # the pause is all it needs: cut, the rate would take seconds to return
         elif self._below_pace(now):
             # well below the pace: requests bunched, or a 429 the server sends for reasons of
             # its own; the rate is not the problem: keep it, stop the bursts

@@ -312,6 +312,30 @@ async def test_a_near_miss_429_counts_the_second_longer_and_keeps_the_pace() -> 
     assert 159 / (times[-1] - times[0]) >= 16 / 1.002 * 0.99  # not cut below the limit
 
 
+async def test_a_429_whose_window_frees_within_a_tenth_of_a_second_pauses_but_keeps_the_pace(
+        ) -> None:
+    # a sliding window's edge, 60 ms over: waited out, not cut (a cut takes seconds to undo)
+    clock = FakeClock()
+    lim = limiter(clock, tpm=300_000)  # 16 requests of 300 tokens a second
+
+    async def sixteen_after(wait_s: float) -> tuple[float, float]:
+        """(when the first went after the 429, how long the first 17 took)."""
+        await admit(lim, 160, 300)
+        lim.on_rate_limited(wait_s)
+        start = clock.now
+        times = []
+        for _ in range(17):
+            await lim.acquire(300)
+            times.append(clock.now)
+        return times[0] - start, times[16] - times[0]
+
+    first, second = await sixteen_after(0.06)
+    assert 0.06 - 1e-9 <= first <= 0.1 and second <= 1.0 + 1e-6  # paused; the pace it had
+    clock.now += 60
+    first, second = await sixteen_after(0.5)  # frees later: the rate's fault, cut
+    assert first >= 0.5 - 1e-9 and second > 1.1
+
+
 async def test_a_lower_configured_limit_is_kept_whatever_capacity_the_server_reports() -> None:
     clock = FakeClock()
     lim = limiter(clock, rpm=120)
