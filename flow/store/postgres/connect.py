@@ -101,13 +101,11 @@ class Reconnects:
         once the store has stayed away `RECONNECT_S`."""
         deadline = time.monotonic() + RECONNECT_S
         while True:
-            given_up = self.lost
             try:
                 db = await connect(self._url, migrate=False, idle_s=self._idle_s)
             except StoreError:
-                ran_out = given_up or self.lost  # this store given up, here or meanwhile
-                if ran_out is not None:
-                    raise ran_out from None
+                if self.lost is not None:  # given up on, before or meanwhile: no wait
+                    raise self.lost from None
                 if time.monotonic() > deadline:
                     self.lost = store_error(self._url, "lost the connection to the store",
                                             error)
